@@ -1,0 +1,288 @@
+//! MITRE ATT&CK ingestion: fetch a STIX bundle, keep it raw, normalise it into Parquet tables.
+//!
+//! Order of work is what makes bad input harmless: the bundle is fetched, decoded, validated and
+//! fully normalised in memory before anything is written, so a failure leaves the lake untouched.
+//! Then the raw bundle, the tables, and last the `mitre_attack_versions` row (which the
+//! `*_current` views key on) are written, each atomically.
+
+pub mod normalize;
+pub mod stix;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::config::Domain;
+use crate::lake::{Lake, LakeError, Location};
+pub use normalize::{table_schema, table_schemas, PARTITION_COLS};
+
+/// Errors ingesting ATT&CK. Every variant names the input and says what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    /// A local file is missing or unreadable.
+    #[error("cannot read {path}: {source}; pass --from with a STIX bundle (.json or .json.gz), or omit --from to download MITRE's bundle")]
+    ReadFile {
+        /// The path.
+        path: String,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// An HTTP download failed.
+    #[error("downloading {url} failed: {message}; check the URL and network, or pass --from with a local bundle")]
+    Http {
+        /// The URL.
+        url: String,
+        /// What went wrong (status or transport error).
+        message: String,
+    },
+    /// The gzip stream is corrupt or truncated.
+    #[error("{source_name}: not a valid gzip stream ({message}); the file is truncated or corrupt — download it again")]
+    Gzip {
+        /// The input.
+        source_name: String,
+        /// Decoder message.
+        message: String,
+    },
+    /// The bytes are not UTF-8.
+    #[error("{source_name}: not UTF-8 text (first invalid byte at offset {offset}); STIX bundles are UTF-8 JSON — check the file is a bundle and not another encoding")]
+    NotUtf8 {
+        /// The input.
+        source_name: String,
+        /// Byte offset of the first invalid sequence.
+        offset: usize,
+    },
+    /// The JSON is malformed.
+    #[error("{source_name}: invalid JSON: {message}")]
+    Json {
+        /// The input.
+        source_name: String,
+        /// Parser message with line and column.
+        message: String,
+    },
+    /// Valid JSON, but not an ATT&CK STIX bundle.
+    #[error("{source_name}: not a STIX ATT&CK bundle: {reason}; use MITRE's enterprise/mobile/ics-attack.json from attack-stix-data")]
+    NotABundle {
+        /// The input.
+        source_name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A spec version this build does not understand.
+    #[error("{source_name}: unsupported {what}; threatlake reads STIX 2.0/2.1 and ATT&CK data model 3.x — upgrade threatlake for newer bundles")]
+    UnsupportedSpec {
+        /// The input.
+        source_name: String,
+        /// Which version field and value.
+        what: String,
+    },
+    /// The bundle carries no ATT&CK version.
+    #[error("{source_name}: the bundle has no x-mitre-collection with x_mitre_version; pass --attack-version to say which release it is")]
+    NoVersion {
+        /// The input.
+        source_name: String,
+    },
+    /// The ATT&CK version string cannot be used.
+    #[error("{source_name}: ATT&CK version {version:?} is not of the form MAJOR.MINOR")]
+    BadVersion {
+        /// The input.
+        source_name: String,
+        /// The version string.
+        version: String,
+    },
+    /// The bundle's domain cannot be told, or differs from the one asked for.
+    #[error("{source_name}: {message}")]
+    Domain {
+        /// The input.
+        source_name: String,
+        /// Explanation.
+        message: String,
+    },
+    /// Building Arrow batches failed (a bug or an object with unexpected field types).
+    #[error("{source_name}: cannot normalise: {source}")]
+    Normalize {
+        /// The input.
+        source_name: String,
+        /// Arrow error.
+        source: arrow::error::ArrowError,
+    },
+    /// Writing to the lake failed.
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+}
+
+/// What one ingest did.
+#[derive(Debug, Clone)]
+pub struct IngestReport {
+    /// Domain ingested.
+    pub domain: Domain,
+    /// ATT&CK version.
+    pub attack_version: String,
+    /// Rows per table.
+    pub rows: BTreeMap<String, usize>,
+    /// Raw object written (relative to the raw root).
+    pub raw_path: String,
+    /// Time per stage: fetch, decode, parse, normalise, write.
+    pub timings: Vec<(&'static str, Duration)>,
+}
+
+/// Fetch a source: an http(s) URL, a `file://` URL, or a local path.
+pub async fn fetch(source: &str, timeout: Duration) -> Result<Bytes, IngestError> {
+    if source.starts_with("http://") || source.starts_with("https://") {
+        let http = |message: String| IngestError::Http { url: source.to_string(), message };
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .user_agent(concat!("threatlake/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| http(e.to_string()))?;
+        let resp = client.get(source).send().await.map_err(|e| http(e.to_string()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(http(format!("HTTP {status}")));
+        }
+        resp.bytes().await.map_err(|e| http(format!("reading the body: {e}")))
+    } else {
+        let path = source.strip_prefix("file://").unwrap_or(source);
+        tokio::fs::read(path)
+            .await
+            .map(Bytes::from)
+            .map_err(|e| IngestError::ReadFile { path: path.to_string(), source: e })
+    }
+}
+
+/// A bundle decoded, validated and normalised in memory, not yet written.
+pub struct Prepared {
+    /// Domain of the bundle.
+    pub domain: Domain,
+    /// ATT&CK version.
+    pub attack_version: String,
+    /// Tables in write order.
+    pub tables: Vec<(&'static str, arrow::array::RecordBatch)>,
+    raw: Bytes,
+    raw_is_gzip: bool,
+    timings: Vec<(&'static str, Duration)>,
+}
+
+/// Decode, validate and normalise bundle bytes. Nothing is written.
+pub fn prepare(
+    source: &str,
+    bytes: Bytes,
+    expected: Option<Domain>,
+    version_override: Option<&str>,
+) -> Result<Prepared, IngestError> {
+    let mut timings = Vec::new();
+    let t = Instant::now();
+    let json = stix::decode_bytes(source, &bytes)?;
+    timings.push(("decode", t.elapsed()));
+    let t = Instant::now();
+    let bundle = stix::parse_bundle(source, &json)?;
+    drop(json);
+    timings.push(("parse", t.elapsed()));
+
+    let domain = bundle_domain(source, &bundle, expected)?;
+    let collection = bundle.objects.iter().find(|o| o.kind == "x-mitre-collection");
+    let version = match (version_override, collection.and_then(|c| c.x_mitre_version.as_deref())) {
+        (Some(v), _) | (None, Some(v)) => v.to_string(),
+        (None, None) => return Err(IngestError::NoVersion { source_name: source.to_string() }),
+    };
+    if threatlake_udfs::kernels::version_key(&version).is_none() {
+        return Err(IngestError::BadVersion { source_name: source.to_string(), version });
+    }
+
+    let t = Instant::now();
+    let prov = normalize::Provenance {
+        source: source.to_string(),
+        sha256: hex(&Sha256::digest(&bytes)),
+        ingested_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    let tables = normalize::normalize(&bundle, &prov)
+        .map_err(|source_err| IngestError::Normalize { source_name: source.to_string(), source: source_err })?;
+    timings.push(("normalise", t.elapsed()));
+    let raw_is_gzip = bytes.starts_with(&[0x1f, 0x8b]);
+    Ok(Prepared { domain, attack_version: version, tables, raw: bytes, raw_is_gzip, timings })
+}
+
+impl Prepared {
+    /// Write raw bundle, tables, then the version row.
+    pub async fn commit(self, lake: &Lake, raw: &Location) -> Result<IngestReport, IngestError> {
+        let t = Instant::now();
+        let raw_path = format!("attack/{}/{}.json.gz", self.domain, self.attack_version);
+        let gz = if self.raw_is_gzip { self.raw } else { Bytes::from(gzip(&self.raw)) };
+        raw.put_atomic(&raw_path, gz).await?;
+        let partition = [(PARTITION_COLS[0], self.domain.as_str()), (PARTITION_COLS[1], self.attack_version.as_str())];
+        let mut rows = BTreeMap::new();
+        for (name, batch) in &self.tables {
+            lake.replace_partition(name, &partition, batch.schema(), std::slice::from_ref(batch)).await?;
+            rows.insert(name.to_string(), batch.num_rows());
+        }
+        let mut timings = self.timings;
+        timings.push(("write", t.elapsed()));
+        Ok(IngestReport { domain: self.domain, attack_version: self.attack_version, rows, raw_path, timings })
+    }
+}
+
+/// Fetch, prepare and commit one bundle.
+pub async fn ingest(
+    lake: &Lake,
+    raw: &Location,
+    source: &str,
+    expected: Option<Domain>,
+    version_override: Option<&str>,
+    timeout: Duration,
+) -> Result<IngestReport, IngestError> {
+    let t = Instant::now();
+    let bytes = fetch(source, timeout).await?;
+    let fetched = t.elapsed();
+    let source_owned = source.to_string();
+    let version_owned = version_override.map(str::to_string);
+    // Decoding and normalising 45 MB of JSON is CPU work; keep it off the async workers.
+    let prepared = tokio::task::spawn_blocking(move || {
+        prepare(&source_owned, bytes, expected, version_owned.as_deref())
+    })
+    .await
+    .expect("ingest worker panicked")?;
+    let mut report = prepared.commit(lake, raw).await?;
+    report.timings.insert(0, ("fetch", fetched));
+    Ok(report)
+}
+
+fn bundle_domain(source: &str, bundle: &stix::Bundle, expected: Option<Domain>) -> Result<Domain, IngestError> {
+    // The collection and matrices name their domain in x_mitre_domains; fall back to a vote over
+    // attack-patterns for bundles without them.
+    let mut votes: BTreeMap<Domain, usize> = BTreeMap::new();
+    for o in &bundle.objects {
+        if matches!(o.kind.as_str(), "attack-pattern" | "x-mitre-matrix" | "x-mitre-tactic") {
+            for d in &o.x_mitre_domains {
+                if let Some(d) = Domain::parse(d) {
+                    *votes.entry(d).or_default() += 1;
+                }
+            }
+        }
+    }
+    let found = votes.iter().max_by_key(|(_, n)| **n).map(|(d, _)| *d);
+    match (found, expected) {
+        (Some(f), Some(e)) if f != e => Err(IngestError::Domain {
+            source_name: source.to_string(),
+            message: format!("this is a {f} bundle but --domain {e} was given; pass --domain {f} or the {e} bundle"),
+        }),
+        (Some(f), _) => Ok(f),
+        (None, Some(e)) => Ok(e),
+        (None, None) => Err(IngestError::Domain {
+            source_name: source.to_string(),
+            message: "cannot tell the ATT&CK domain (no x_mitre_domains); pass --domain".into(),
+        }),
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 5), flate2::Compression::fast());
+    enc.write_all(data).expect("writing to memory");
+    enc.finish().expect("writing to memory")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,464 @@
+//! Settings: `config/settings.yaml`, overridden by `THREATLAKE_<SECTION>_<KEY>` environment variables,
+//! with secrets (API keys) taken only from the environment or a git-ignored secrets file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, Serializer};
+use serde_yaml_ng::{Mapping, Value};
+
+/// The defaults shipped in the repository; used when no settings file exists at the default path.
+pub const DEFAULT_SETTINGS: &str = include_str!("../config/settings.yaml");
+/// Where settings are read from when neither `--config` nor `THREATLAKE_CONFIG` is given.
+pub const DEFAULT_PATH: &str = "config/settings.yaml";
+/// Environment variables with the `THREATLAKE_` prefix that are not setting overrides.
+const RESERVED_ENV: &[&str] = &["THREATLAKE_CONFIG", "THREATLAKE_LOG"];
+/// Settings that hold secrets: only the environment or the secrets file may set them.
+const SECRET_KEYS: &[(&str, &str)] = &[("otx", "api_key"), ("virustotal", "api_key")];
+
+/// Errors loading settings. Each names the file or variable and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The settings file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File that failed.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML did not parse or did not match the expected keys and types.
+    #[error("invalid config file {path}: {message}")]
+    Invalid {
+        /// File (or `<built-in defaults>`).
+        path: String,
+        /// serde's message, which names the offending key, line and column.
+        message: String,
+    },
+    /// An environment override does not name a known setting.
+    #[error("environment variable {var} does not name a setting (expected THREATLAKE_<SECTION>_<KEY>, sections: {sections})")]
+    UnknownEnv {
+        /// The variable.
+        var: String,
+        /// Known sections.
+        sections: String,
+    },
+    /// A secret was written into the settings file that lives in git.
+    #[error("{path} sets {key}, which is a secret: remove it and set {env} in the environment or put it in {secrets}")]
+    SecretInFile {
+        /// Settings file.
+        path: String,
+        /// `section.key`.
+        key: String,
+        /// The environment variable to use instead.
+        env: String,
+        /// The git-ignored secrets file.
+        secrets: String,
+    },
+}
+
+/// A secret value: never printed, never serialised in clear.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(Option<String>);
+
+impl Secret {
+    /// The secret, for building a request header. Do not log it.
+    pub fn expose(&self) -> Option<&str> {
+        self.0.as_deref().filter(|s| !s.is_empty())
+    }
+    /// Wrap a value (tests, programmatic use).
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(Some(value.into()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.expose().is_some() { "<redacted>" } else { "<unset>" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.expose().is_some() { "<redacted>" } else { "<unset>" })
+    }
+}
+
+/// Effective settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Where data lives.
+    pub lake: LakeSettings,
+    /// ATT&CK sources.
+    pub attack: AttackSettings,
+    /// SQL front-end defaults.
+    pub sql: SqlSettings,
+    /// AlienVault OTX feed.
+    pub otx: OtxSettings,
+    /// VirusTotal v3 feed.
+    pub virustotal: VirusTotalSettings,
+    /// map_technique model.
+    pub mapping: MappingSettings,
+    /// Report output.
+    pub reports: ReportSettings,
+    /// Scheduler daemon.
+    pub schedule: ScheduleSettings,
+    /// SIEM/SOAR targets, by name; their shape is defined by the integrations that read them.
+    #[serde(default)]
+    pub integrations: BTreeMap<String, Value>,
+}
+
+/// `lake:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeSettings {
+    /// Processed Parquet lake (path or URL).
+    pub root: String,
+    /// Raw store (path or URL).
+    pub raw: String,
+    /// Model artifacts (path or URL).
+    pub models: String,
+}
+
+/// The three ATT&CK domains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Domain {
+    /// Enterprise ATT&CK.
+    Enterprise,
+    /// Mobile ATT&CK.
+    Mobile,
+    /// ATT&CK for ICS.
+    Ics,
+}
+
+impl Domain {
+    /// All domains in a fixed order.
+    pub const ALL: [Domain; 3] = [Domain::Enterprise, Domain::Mobile, Domain::Ics];
+
+    /// Short name used in partitions and paths.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Domain::Enterprise => "enterprise",
+            Domain::Mobile => "mobile",
+            Domain::Ics => "ics",
+        }
+    }
+
+    /// The STIX `x_mitre_domains` value.
+    pub fn stix_name(self) -> &'static str {
+        match self {
+            Domain::Enterprise => "enterprise-attack",
+            Domain::Mobile => "mobile-attack",
+            Domain::Ics => "ics-attack",
+        }
+    }
+
+    /// Parse either form (`enterprise` or `enterprise-attack`).
+    pub fn parse(s: &str) -> Option<Domain> {
+        Domain::ALL
+            .into_iter()
+            .find(|d| s.eq_ignore_ascii_case(d.as_str()) || s.eq_ignore_ascii_case(d.stix_name()))
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `attack:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttackSettings {
+    /// Domains ingested by default.
+    pub domains: Vec<Domain>,
+    /// Bundle URL (or path) per domain.
+    pub sources: BTreeMap<Domain, String>,
+    /// Download timeout.
+    pub http_timeout_secs: u64,
+}
+
+/// `sql:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlSettings {
+    /// Default output format name.
+    pub format: String,
+    /// REPL history file; empty disables.
+    pub history_file: String,
+    /// Rows shown by the table format (0 = all).
+    pub max_rows: usize,
+}
+
+/// `otx:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtxSettings {
+    /// API base URL.
+    pub base_url: String,
+    /// Pulses per page.
+    pub page_size: u32,
+    /// From THREATLAKE_OTX_API_KEY or the secrets file only.
+    #[serde(default)]
+    pub api_key: Secret,
+}
+
+/// `virustotal:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirusTotalSettings {
+    /// API base URL.
+    pub base_url: String,
+    /// Token-bucket rate.
+    pub requests_per_minute: u32,
+    /// Requests per day before stopping cleanly.
+    pub daily_budget: u32,
+    /// How long a stored lookup stays fresh.
+    pub cache_ttl_hours: u32,
+    /// From THREATLAKE_VIRUSTOTAL_API_KEY or the secrets file only.
+    #[serde(default)]
+    pub api_key: Secret,
+}
+
+/// `mapping:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSettings {
+    /// Abstain threshold of map_technique.
+    pub threshold: f64,
+    /// Default k.
+    pub top_k: usize,
+    /// Optional pretrained vectors.
+    pub pretrained_vectors: Option<String>,
+}
+
+/// `reports:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSettings {
+    /// Output directory.
+    pub out_dir: String,
+    /// Template directory (user-overridable).
+    pub templates: String,
+}
+
+/// `schedule:` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSettings {
+    /// Minutes between runs; None = manual.
+    pub interval_minutes: Option<u64>,
+}
+
+/// Where the settings came from, for messages.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The settings.
+    pub settings: Settings,
+    /// The settings file, or None for built-in defaults.
+    pub path: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Load settings: explicit path (flag or THREATLAKE_CONFIG) or `config/settings.yaml` if present,
+    /// else built-in defaults; then the secrets file beside it; then environment overrides.
+    pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
+        Self::load_with_env(explicit, std::env::vars())
+    }
+
+    /// [`Settings::load`] with the environment given explicitly (tests).
+    pub fn load_with_env(
+        explicit: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
+        let (path, text) = match explicit {
+            Some(p) => (Some(p.to_path_buf()), read(p)?),
+            None if Path::new(DEFAULT_PATH).is_file() => {
+                (Some(PathBuf::from(DEFAULT_PATH)), read(Path::new(DEFAULT_PATH))?)
+            }
+            None => (None, DEFAULT_SETTINGS.to_string()),
+        };
+        let label = path.as_ref().map_or_else(|| "<built-in defaults>".to_string(), |p| p.display().to_string());
+        let mut value = parse_yaml(&text, &label)?;
+        let secrets_path = path
+            .as_ref()
+            .and_then(|p| p.parent())
+            .unwrap_or(Path::new("config"))
+            .join("secrets.yaml");
+        for (section, key) in SECRET_KEYS {
+            if get(&value, section, key).is_some_and(|v| !v.is_null()) {
+                return Err(ConfigError::SecretInFile {
+                    path: label,
+                    key: format!("{section}.{key}"),
+                    env: env_name(section, key),
+                    secrets: secrets_path.display().to_string(),
+                });
+            }
+        }
+        if secrets_path.is_file() {
+            let secrets = parse_yaml(&read(&secrets_path)?, &secrets_path.display().to_string())?;
+            merge(&mut value, secrets);
+        }
+        apply_env(&mut value, env)?;
+        let settings: Settings = serde_yaml_ng::from_value(value)
+            .map_err(|e| ConfigError::Invalid { path: label.clone(), message: e.to_string() })?;
+        Ok(Loaded { settings, path })
+    }
+
+    /// The effective settings as YAML, secrets redacted.
+    pub fn to_redacted_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+    }
+}
+
+fn read(p: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })
+}
+
+fn parse_yaml(text: &str, label: &str) -> Result<Value, ConfigError> {
+    let v: Value = serde_yaml_ng::from_str(text)
+        .map_err(|e| ConfigError::Invalid { path: label.to_string(), message: e.to_string() })?;
+    match v {
+        Value::Mapping(_) => Ok(v),
+        Value::Null => Ok(Value::Mapping(Mapping::new())),
+        _ => Err(ConfigError::Invalid {
+            path: label.to_string(),
+            message: "the top level must be a mapping of sections (lake:, attack:, …)".into(),
+        }),
+    }
+}
+
+fn get<'a>(v: &'a Value, section: &str, key: &str) -> Option<&'a Value> {
+    v.get(section)?.get(key)
+}
+
+fn env_name(section: &str, key: &str) -> String {
+    format!("THREATLAKE_{}_{}", section.to_uppercase(), key.to_uppercase())
+}
+
+/// Deep-merge `overlay` into `base` (mappings merge, everything else replaces).
+fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn apply_env(value: &mut Value, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    let Value::Mapping(root) = value else { return Ok(()) };
+    let mut sections: Vec<String> = root.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+    // Longest first so a section whose name prefixes another can never steal its variables.
+    sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("THREATLAKE_") && !RESERVED_ENV.contains(&k.as_str()))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let rest = var["THREATLAKE_".len()..].to_lowercase();
+        let section = sections.iter().find(|s| rest.starts_with(&format!("{s}_")));
+        let Some(section) = section else {
+            return Err(ConfigError::UnknownEnv { var, sections: sections.join(", ") });
+        };
+        let key = &rest[section.len() + 1..];
+        let is_secret = SECRET_KEYS.iter().any(|(s, k)| s == section && *k == key);
+        // Secrets stay strings whatever they look like; other values parse as YAML scalars so numbers,
+        // booleans and lists work (`THREATLAKE_ATTACK_DOMAINS='[enterprise]'`).
+        let parsed = if is_secret {
+            Value::String(raw)
+        } else {
+            serde_yaml_ng::from_str(&raw).unwrap_or(Value::String(raw))
+        };
+        let Some(Value::Mapping(sec)) = root.get_mut(section.as_str()) else {
+            return Err(ConfigError::UnknownEnv { var, sections: sections.join(", ") });
+        };
+        sec.insert(Value::String(key.to_string()), parsed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let l = Settings::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(l.settings.lake.root, "data/lake");
+        assert_eq!(l.settings.attack.domains.len(), 3);
+        assert!(l.settings.attack.sources[&Domain::Enterprise].starts_with("https://"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = DEFAULT_SETTINGS.replace("  raw: data/raw", "  rawr: data/raw");
+        let p = write(dir.path(), "s.yaml", &text);
+        let e = Settings::load_with_env(Some(&p), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("rawr") && e.contains("s.yaml"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_and_secrets() {
+        let l = Settings::load_with_env(
+            None,
+            env(&[
+                ("THREATLAKE_LAKE_ROOT", "/tmp/x"),
+                ("THREATLAKE_VIRUSTOTAL_DAILY_BUDGET", "7"),
+                ("THREATLAKE_OTX_API_KEY", "12345"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(l.settings.lake.root, "/tmp/x");
+        assert_eq!(l.settings.virustotal.daily_budget, 7);
+        assert_eq!(l.settings.otx.api_key.expose(), Some("12345"));
+        let shown = l.settings.to_redacted_yaml();
+        assert!(!shown.contains("12345") && shown.contains("<redacted>"), "{shown}");
+        assert!(!format!("{:?}", l.settings).contains("12345"));
+    }
+
+    #[test]
+    fn unknown_env_is_rejected() {
+        let e = Settings::load_with_env(None, env(&[("THREATLAKE_NOPE_X", "1")])).unwrap_err();
+        assert!(e.to_string().contains("THREATLAKE_NOPE_X"));
+    }
+
+    #[test]
+    fn secret_in_settings_file_is_refused_but_allowed_in_secrets_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = DEFAULT_SETTINGS.replace("  page_size: 50", "  page_size: 50\n  api_key: abc");
+        let p = write(dir.path(), "settings.yaml", &bad);
+        let e = Settings::load_with_env(Some(&p), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("THREATLAKE_OTX_API_KEY") && !e.contains("abc"), "{e}");
+
+        let p = write(dir.path(), "settings.yaml", DEFAULT_SETTINGS);
+        write(dir.path(), "secrets.yaml", "virustotal:\n  api_key: s3cr3t\n");
+        let l = Settings::load_with_env(Some(&p), env(&[])).unwrap();
+        assert_eq!(l.settings.virustotal.api_key.expose(), Some("s3cr3t"));
+    }
+}

@@ -1,0 +1,13 @@
+//! threatlake: an embedded analytics engine for threat intelligence mapped to MITRE ATT&CK.
+//!
+//! The library holds the engine (config, lake storage, ATT&CK ingestion, SQL sessions, output
+//! rendering); the `threatlake` binary is a thin command-line layer over it.
+
+pub mod attack;
+pub mod config;
+pub mod lake;
+pub mod sql;
+
+pub use config::{Domain, Settings};
+pub use lake::{Lake, Location};
+pub use sql::Engine;

@@ -1,0 +1,311 @@
+//! The `threatlake` command line: a thin layer over the engine library.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use threatlake::config::{Loaded, Settings};
+use threatlake::sql::output::OutputFormat;
+use threatlake::{Domain, Engine, Lake, Location};
+
+/// threatlake: threat intelligence lake mapped to MITRE ATT&CK.
+#[derive(Debug, Parser)]
+#[command(name = "threatlake", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: GlobalArgs,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Settings file (default: config/settings.yaml, else built-in defaults).
+    #[arg(long, global = true, env = "THREATLAKE_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Lake root for this command (overrides lake.root), e.g. a throwaway directory.
+    #[arg(long, global = true, value_name = "PATH_OR_URL")]
+    lake: Option<String>,
+    /// Raw store for this command (overrides lake.raw).
+    #[arg(long, global = true, value_name = "PATH_OR_URL")]
+    raw: Option<String>,
+    /// More log output (-v info, -vv debug); THREATLAKE_LOG takes a tracing filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load threat intelligence into the lake.
+    #[command(subcommand)]
+    Ingest(IngestCommand),
+    /// Run SQL: an interactive REPL, or -c / -f / stdin in batch.
+    Sql(SqlArgs),
+    /// Inspect settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect the lake.
+    #[command(subcommand)]
+    Lake(LakeCommand),
+    /// Print speed and memory figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum IngestCommand {
+    /// MITRE ATT&CK STIX bundles (default: MITRE's published bundles for the configured domains).
+    Attack {
+        /// Domain to ingest; with --from, checked against the bundle.
+        #[arg(long, value_enum, default_value_t = DomainArg::All)]
+        domain: DomainArg,
+        /// A local .json/.json.gz bundle or an http(s) URL instead of the configured source.
+        #[arg(long, value_name = "PATH_OR_URL")]
+        from: Option<String>,
+        /// ATT&CK release of a bundle that does not state it (no x-mitre-collection).
+        #[arg(long, value_name = "VERSION")]
+        attack_version: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DomainArg {
+    Enterprise,
+    Mobile,
+    Ics,
+    All,
+}
+
+impl DomainArg {
+    fn domain(self) -> Option<Domain> {
+        match self {
+            DomainArg::Enterprise => Some(Domain::Enterprise),
+            DomainArg::Mobile => Some(Domain::Mobile),
+            DomainArg::Ics => Some(Domain::Ics),
+            DomainArg::All => None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct SqlArgs {
+    /// Run this SQL (or backslash command) and exit; repeatable.
+    #[arg(short = 'c', long = "command", value_name = "SQL")]
+    commands: Vec<String>,
+    /// Run the SQL in this file and exit; repeatable.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// Output format (default: sql.format in settings).
+    #[arg(long, value_parser = parse_format)]
+    format: Option<OutputFormat>,
+    /// Rows shown by the table format, 0 = all (default: sql.max_rows).
+    #[arg(long)]
+    maxrows: Option<usize>,
+    /// Do not print "N rows in X s".
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_format(s: &str) -> Result<OutputFormat, String> {
+    s.parse()
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective settings (file + secrets + environment), secrets redacted.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+enum LakeCommand {
+    /// List the tables in the lake with partition columns, file counts and sizes.
+    Tables,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Ingest a bundle into a throwaway lake and time a representative query.
+    Ingest {
+        /// Bundle to ingest.
+        #[arg(long, default_value = "../shared/data/attack/enterprise-attack.json.gz")]
+        from: String,
+        /// Ingest runs.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Query runs.
+        #[arg(long, default_value_t = 20)]
+        query_runs: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_inner(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if cli::repl::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("THREATLAKE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn main_inner(cli: Cli) -> Result<()> {
+    let Loaded { mut settings, .. } = Settings::load(cli.global.config.as_deref())?;
+    if let Some(l) = &cli.global.lake {
+        settings.lake.root = l.clone();
+    }
+    if let Some(r) = &cli.global.raw {
+        settings.lake.raw = r.clone();
+    }
+    match cli.command {
+        Command::Config(ConfigCommand::Show) => {
+            print!("{}", settings.to_redacted_yaml());
+            Ok(())
+        }
+        Command::Ingest(IngestCommand::Attack { domain, from, attack_version }) => {
+            ingest_attack(&settings, domain, from, attack_version).await
+        }
+        Command::Sql(args) => sql(&settings, args).await,
+        Command::Lake(LakeCommand::Tables) => {
+            let lake = Lake::open(&settings.lake.root)?;
+            let tables = lake.tables().await?;
+            if tables.is_empty() {
+                println!("{}: no tables yet; run `threatlake ingest attack`", lake.location);
+            }
+            for (name, t) in tables {
+                println!(
+                    "{name:<32} {:>5} files {:>10.1} KB  partitioned by {}",
+                    t.files,
+                    t.bytes as f64 / 1024.0,
+                    if t.partition_cols.is_empty() { "-".to_string() } else { t.partition_cols.join(", ") }
+                );
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Ingest { from, runs, query_runs }) => {
+            cli::bench::ingest(&from, runs, query_runs).await
+        }
+    }
+}
+
+async fn ingest_attack(
+    settings: &Settings,
+    domain: DomainArg,
+    from: Option<String>,
+    attack_version: Option<String>,
+) -> Result<()> {
+    let lake = Lake::open(&settings.lake.root)?;
+    let raw = Location::open(&settings.lake.raw)?;
+    let timeout = Duration::from_secs(settings.attack.http_timeout_secs);
+    let jobs: Vec<(Option<Domain>, String)> = match (&from, domain.domain()) {
+        (Some(src), d) => vec![(d, src.clone())],
+        (None, Some(d)) => vec![(Some(d), source_for(settings, d)?)],
+        (None, None) => {
+            settings.attack.domains.iter().map(|d| Ok((Some(*d), source_for(settings, *d)?))).collect::<Result<_>>()?
+        }
+    };
+    if attack_version.is_some() && jobs.len() > 1 {
+        bail!("--attack-version applies to one bundle; give --domain or --from as well");
+    }
+    let bar = indicatif::ProgressBar::new(jobs.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} {elapsed}")
+            .expect("static template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    for (d, src) in jobs {
+        bar.set_message(format!("ingesting {}", d.map_or("bundle".to_string(), |d| d.to_string())));
+        let report = threatlake::attack::ingest(&lake, &raw, &src, d, attack_version.as_deref(), timeout)
+            .await
+            .with_context(|| format!("ingest of ATT&CK from {src} failed; the lake is unchanged for this bundle"))?;
+        bar.inc(1);
+        let total: f64 = report.timings.iter().map(|(_, t)| t.as_secs_f64()).sum();
+        let r = |t: &str| report.rows.get(t).copied().unwrap_or(0);
+        bar.suspend(|| {
+            println!(
+                "{} ATT&CK {}: {} techniques, {} tactics, {} groups, {} software, {} campaigns, {} mitigations, {} relationships, {} procedures ({:.1} s; raw kept at {}/{})",
+                report.domain,
+                report.attack_version,
+                r("mitre_attack_techniques"),
+                r("mitre_attack_tactics"),
+                r("mitre_attack_groups"),
+                r("mitre_attack_software"),
+                r("mitre_attack_campaigns"),
+                r("mitre_attack_mitigations"),
+                r("mitre_attack_relationships"),
+                r("mitre_attack_procedures"),
+                total,
+                raw,
+                report.raw_path
+            )
+        });
+    }
+    bar.finish_and_clear();
+    println!("lake: {}", lake.location);
+    Ok(())
+}
+
+fn source_for(settings: &Settings, d: Domain) -> Result<String> {
+    settings
+        .attack
+        .sources
+        .get(&d)
+        .cloned()
+        .with_context(|| format!("no attack.sources.{d} in settings; add the bundle URL or pass --from"))
+}
+
+async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
+    let lake = Lake::open(&settings.lake.root)?;
+    let engine = Engine::open(&lake).await?;
+    let format = match args.format {
+        Some(f) => f,
+        None => settings.sql.format.parse().map_err(|e: String| anyhow::anyhow!("sql.format in settings: {e}"))?,
+    };
+    let mut scripts: Vec<(String, String)> = args.commands.into_iter().map(|c| ("-c".to_string(), c)).collect();
+    for f in &args.files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read SQL file {}", f.display()))?;
+        scripts.push((f.display().to_string(), text));
+    }
+    let interactive = scripts.is_empty() && cli::repl::stdin_is_terminal();
+    if scripts.is_empty() && !interactive {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading SQL from stdin")?;
+        scripts.push(("stdin".to_string(), text));
+    }
+    let session = cli::repl::Session {
+        engine,
+        format,
+        max_rows: args.maxrows.unwrap_or(if interactive { settings.sql.max_rows } else { 0 }),
+        timing: !args.quiet,
+        interactive,
+    };
+    if interactive {
+        let history = (!settings.sql.history_file.is_empty()).then(|| PathBuf::from(&settings.sql.history_file));
+        cli::repl::repl(session, history).await
+    } else {
+        cli::repl::batch(session, scripts).await
+    }
+}

@@ -1,0 +1,179 @@
+//! SQL over the lake: a DataFusion session with every lake table, the shipped views and threatlake's functions.
+
+pub mod output;
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::{DFParser, Statement};
+
+use crate::attack;
+use crate::lake::{Lake, LakeError};
+
+/// Views shipped in `sql/views/`, created on every session in this order (later ones may use earlier ones).
+pub const VIEWS: &[(&str, &str)] = &[
+    ("attack_versions_current", include_str!("../../sql/views/attack_versions_current.sql")),
+    ("attack_techniques_current", include_str!("../../sql/views/attack_techniques_current.sql")),
+    ("attack_tactics_current", include_str!("../../sql/views/attack_tactics_current.sql")),
+    ("attack_technique_tactics", include_str!("../../sql/views/attack_technique_tactics.sql")),
+    ("attack_procedures_current", include_str!("../../sql/views/attack_procedures_current.sql")),
+];
+
+/// Errors opening a session or running SQL.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SqlError {
+    /// Listing the lake failed.
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    /// DataFusion rejected a statement or failed to run it (its message is shown as is).
+    #[error("{0}")]
+    DataFusion(#[from] DataFusionError),
+    /// A shipped view failed to create; a bug, or a lake written by an incompatible version.
+    #[error("creating view {name} from sql/views/{name}.sql: {source}")]
+    View {
+        /// View name.
+        name: String,
+        /// DataFusion's error.
+        source: DataFusionError,
+    },
+}
+
+/// A DataFusion session over one lake.
+pub struct Engine {
+    /// The session; use it for anything not wrapped here.
+    pub ctx: SessionContext,
+    /// The lake it reads.
+    pub lake: Lake,
+}
+
+impl Engine {
+    /// Open a session: register every table in the lake (ATT&CK tables that are absent are
+    /// registered empty, so queries and views work on a fresh lake), functions, then views.
+    pub async fn open(lake: &Lake) -> Result<Self, SqlError> {
+        let config = SessionConfig::new().with_information_schema(true).with_default_catalog_and_schema("threatlake", "lake");
+        let ctx = SessionContext::new_with_config(config);
+        ctx.register_object_store(&lake.location.base_url, lake.location.store.clone());
+        {
+            let state = ctx.state_ref();
+            let mut state = state.write();
+            threatlake_udfs::register_all(&mut *state)?;
+        }
+        let found = lake.tables().await?;
+        for (name, schema) in attack::table_schemas() {
+            let provider: Arc<dyn TableProvider> = match found.get(name) {
+                Some(_) => listing_table(&ctx, lake, name, Some(schema), &attack::PARTITION_COLS).await?,
+                None => empty_table(schema, &attack::PARTITION_COLS)?,
+            };
+            ctx.register_table(name, provider)?;
+        }
+        for (name, info) in &found {
+            if attack::table_schema(name).is_some() {
+                continue;
+            }
+            let cols: Vec<&str> = info.partition_cols.iter().map(String::as_str).collect();
+            let provider = listing_table(&ctx, lake, name, None, &cols).await?;
+            ctx.register_table(name.as_str(), provider)?;
+        }
+        for (name, sql) in VIEWS {
+            ctx.sql(sql).await.map_err(|source| SqlError::View { name: name.to_string(), source })?;
+        }
+        Ok(Self { ctx, lake: lake.clone() })
+    }
+
+    /// Run every statement in `sql` and collect the results of each.
+    pub async fn run(&self, sql: &str) -> Result<Vec<QueryResult>, SqlError> {
+        let mut out = Vec::new();
+        for stmt in parse(sql)? {
+            out.push(self.run_statement(stmt).await?);
+        }
+        Ok(out)
+    }
+
+    /// Run one parsed statement.
+    pub async fn run_statement(&self, stmt: Statement) -> Result<QueryResult, SqlError> {
+        let state = self.ctx.state();
+        let plan = state.statement_to_plan(stmt).await?;
+        let df = self.ctx.execute_logical_plan(plan).await?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.collect().await?;
+        Ok(QueryResult { schema, batches })
+    }
+
+    /// Names of tables and views in the lake schema, sorted, with their kind.
+    pub async fn table_names(&self) -> Vec<(String, &'static str)> {
+        let Some(schema) = self.ctx.catalog("threatlake").and_then(|c| c.schema("lake")) else {
+            return vec![];
+        };
+        let mut names = schema.table_names();
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for n in names {
+            let kind = match schema.table(&n).await.ok().flatten().map(|t| t.table_type()) {
+                Some(datafusion::datasource::TableType::View) => "view",
+                _ => "table",
+            };
+            out.push((n, kind));
+        }
+        out
+    }
+
+    /// The schema of a table or view, if it exists.
+    pub async fn table_schema(&self, name: &str) -> Option<SchemaRef> {
+        self.ctx.table_provider(name).await.ok().map(|t| t.schema())
+    }
+}
+
+/// The result of one statement.
+#[derive(Debug, Clone)]
+pub struct QueryResult {
+    /// Output schema (also for zero rows).
+    pub schema: SchemaRef,
+    /// Result batches.
+    pub batches: Vec<RecordBatch>,
+}
+
+impl QueryResult {
+    /// Total rows.
+    pub fn num_rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
+
+/// Split SQL text into statements (DataFusion's parser, so `;` inside strings is handled).
+pub fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
+    Ok(DFParser::parse_sql(sql)?.into_iter().collect())
+}
+
+async fn listing_table(
+    ctx: &SessionContext,
+    lake: &Lake,
+    name: &str,
+    schema: Option<SchemaRef>,
+    partition_cols: &[&str],
+) -> Result<Arc<dyn TableProvider>, SqlError> {
+    let url = ListingTableUrl::parse(lake.location.dir_url(name))?;
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+        .with_file_extension(".parquet")
+        .with_table_partition_cols(partition_cols.iter().map(|c| (c.to_string(), DataType::Utf8)).collect());
+    let schema = match schema {
+        Some(s) => s,
+        None => options.infer_schema(&ctx.state(), &url).await?,
+    };
+    let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
+fn empty_table(schema: SchemaRef, partition_cols: &[&str]) -> Result<Arc<dyn TableProvider>, SqlError> {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.extend(partition_cols.iter().map(|c| Field::new(*c, DataType::Utf8, false)));
+    let schema = Arc::new(Schema::new(fields));
+    Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?))
+}

@@ -1,0 +1,69 @@
+//! Fixtures shared by the test binaries: where the ATT&CK bundles are and a lake built from them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use threatlake::{Lake, Location};
+
+/// The v18.1 bundles: `$ATTACK_BUNDLES_DIR`, else `../shared/data/attack` beside the checkout.
+pub fn attack_dir() -> PathBuf {
+    let dir = std::env::var_os("ATTACK_BUNDLES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/attack"));
+    assert!(
+        dir.join("enterprise-attack.json.gz").is_file(),
+        "ATT&CK bundles not found in {}; set ATTACK_BUNDLES_DIR to the folder holding enterprise-attack.json.gz",
+        dir.display()
+    );
+    dir
+}
+
+/// Path of one domain's bundle.
+pub fn bundle(domain: &str) -> PathBuf {
+    attack_dir().join(format!("{domain}-attack.json.gz"))
+}
+
+/// A fresh directory under cargo's per-target temp dir (kept for inspection after a failure).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Ingest the given domains into `<dir>/lake` (raw in `<dir>/raw`) through the library.
+pub async fn ingest(dir: &Path, domains: &[&str]) -> Lake {
+    let lake = Lake::open(dir.join("lake").to_str().unwrap()).unwrap();
+    let raw = Location::open(dir.join("raw").to_str().unwrap()).unwrap();
+    for d in domains {
+        let src = bundle(d);
+        threatlake::attack::ingest(&lake, &raw, src.to_str().unwrap(), None, None, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("ingest {d}: {e}"));
+    }
+    lake
+}
+
+/// Every file under `dir` with its size and content hash, sorted: compares "the lake as it was".
+pub fn listing(dir: &Path) -> Vec<(String, u64, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut h);
+                out.push((p.strip_prefix(dir).unwrap().display().to_string(), bytes.len() as u64, h.finish()));
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,0 +1,223 @@
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use threatlake::{Engine, Lake, Location};
+
+use crate::common;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_threatlake"));
+    // A settings file that does not exist here would not matter, but be explicit: built-in defaults.
+    c.env_remove("THREATLAKE_CONFIG").current_dir(env!("CARGO_TARGET_TMPDIR"));
+    c
+}
+
+async fn count(engine: &Engine, sql: &str) -> i64 {
+    let r = engine.run(sql).await.unwrap();
+    let b = &r[0].batches[0];
+    arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0)).value(0)
+}
+
+fn table_counts_sql() -> String {
+    threatlake::attack::table_schemas()
+        .iter()
+        .map(|(t, _)| format!("SELECT '{t}' AS t, count(*) AS n FROM {t}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+        + " ORDER BY t"
+}
+
+async fn all_counts(lake: &Lake) -> Vec<String> {
+    let e = Engine::open(lake).await.unwrap();
+    let r = e.run(&table_counts_sql()).await.unwrap();
+    let text = arrow::util::pretty::pretty_format_batches(&r[0].batches).unwrap().to_string();
+    text.lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reingest_is_idempotent() {
+    let dir = common::scratch("reingest");
+    let lake = common::ingest(&dir, &["ics"]).await;
+    let before = all_counts(&lake).await;
+    let files_before: Vec<String> = common::listing(&dir.join("lake")).into_iter().map(|(p, _, _)| p).collect();
+    common::ingest(&dir, &["ics"]).await;
+    assert_eq!(before, all_counts(&lake).await);
+    let files_after: Vec<String> = common::listing(&dir.join("lake")).into_iter().map(|(p, _, _)| p).collect();
+    assert_eq!(files_before, files_after, "re-ingest must replace files, not add");
+    assert!(before.iter().any(|l| l.contains("mitre_attack_techniques") && l.contains("95")), "{before:?}");
+    assert!(dir.join("raw/attack/ics/18.1.json.gz").is_file());
+}
+
+/// Write the ICS bundle re-labelled as another ATT&CK release, with one technique renamed.
+fn relabelled_ics(path: &Path, version: &str, rename_to: &str) {
+    let gz = std::fs::read(common::bundle("ics")).unwrap();
+    let mut json = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut json).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for o in v["objects"].as_array_mut().unwrap() {
+        if o["type"] == "x-mitre-collection" {
+            o["x_mitre_version"] = version.into();
+        }
+        let is_t0800 = o["type"] == "attack-pattern"
+            && o["external_references"][0]["external_id"] == "T0800";
+        if is_t0800 {
+            o["name"] = rename_to.into();
+        }
+    }
+    std::fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_version_lands_beside_and_current_views_pick_the_newest() {
+    let dir = common::scratch("versions");
+    let lake = common::ingest(&dir, &["ics"]).await;
+    let raw = Location::open(dir.join("raw").to_str().unwrap()).unwrap();
+    let v19 = dir.join("ics-19.0.json");
+    relabelled_ics(&v19, "19.0", "Renamed In 19");
+    let v9 = dir.join("ics-9.0.json");
+    relabelled_ics(&v9, "9.0", "Renamed In 9");
+    for p in [&v19, &v9] {
+        threatlake::attack::ingest(&lake, &raw, p.to_str().unwrap(), None, None, Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    let e = Engine::open(&lake).await.unwrap();
+    assert_eq!(count(&e, "SELECT count(*) FROM mitre_attack_versions WHERE domain = 'ics'").await, 3);
+    assert_eq!(count(&e, "SELECT count(*) FROM mitre_attack_techniques WHERE domain = 'ics'").await, 3 * 95);
+    assert_eq!(count(&e, "SELECT count(*) FROM attack_techniques_current WHERE domain = 'ics'").await, 83);
+    // 19.0 is newest: string order would pick 9.0.
+    let r = e.run("SELECT attack_version FROM attack_versions_current WHERE domain = 'ics'").await.unwrap();
+    let text = arrow::util::pretty::pretty_format_batches(&r[0].batches).unwrap().to_string();
+    assert!(text.contains("19.0") && !text.contains("9.0 "), "{text}");
+    assert_eq!(
+        count(&e, "SELECT count(*) FROM attack_techniques_current WHERE technique_id = 'T0800' AND name = 'Renamed In 19'").await,
+        1
+    );
+    assert!(dir.join("raw/attack/ics/19.0.json.gz").is_file() && dir.join("raw/attack/ics/18.1.json.gz").is_file());
+}
+
+/// A loopback HTTP server that serves `routes` (path -> (status, body)) until `requests` have been
+/// answered or 20 s pass, whichever comes first.
+fn serve(routes: Vec<(&'static str, u16, Vec<u8>)>, requests: usize) -> (String, std::thread::JoinHandle<()>) {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let handle = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut served = 0;
+        while served < requests && std::time::Instant::now() < deadline {
+            let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(200)) else { continue };
+            let (status, body) = routes
+                .iter()
+                .find(|(p, _, _)| *p == req.url())
+                .map(|(_, s, b)| (*s, b.clone()))
+                .unwrap_or((404, b"not found".to_vec()));
+            let _ = req.respond(tiny_http::Response::from_data(body).with_status_code(status));
+            served += 1;
+        }
+    });
+    (addr, handle)
+}
+
+#[test]
+fn ingest_from_loopback_http_and_http_errors_are_clear() {
+    let dir = common::scratch("http");
+    let gz = std::fs::read(common::bundle("ics")).unwrap();
+    let (base, server) = serve(vec![("/ics-attack.json", 200, gz), ("/gone.json", 500, b"boom".to_vec())], 2);
+    let lake = dir.join("lake");
+    let out = bin()
+        .args(["--lake", lake.to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
+        .args(["ingest", "attack", "--domain", "ics", "--from", &format!("{base}/ics-attack.json")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ics ATT&CK 18.1: 95 techniques"));
+    let before = common::listing(&lake);
+    let out = bin()
+        .args(["--lake", lake.to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
+        .args(["ingest", "attack", "--domain", "ics", "--from", &format!("{base}/gone.json")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/gone.json") && err.contains("500"), "{err}");
+    assert_eq!(before, common::listing(&lake));
+    server.join().unwrap();
+}
+
+#[test]
+fn domain_mismatch_is_refused() {
+    let dir = common::scratch("mismatch");
+    let out = bin()
+        .args(["--lake", dir.join("lake").to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
+        .args(["ingest", "attack", "--domain", "mobile", "--from", common::bundle("ics").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("ics bundle") && err.contains("--domain mobile"), "{err}");
+    assert!(common::listing(&dir.join("lake")).is_empty());
+}
+
+/// Bad inputs: each must fail with one clear message naming the file and the problem, and leave the
+/// lake and raw store exactly as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
+    let dir = common::scratch("bad-input");
+    common::ingest(&dir, &["ics"]).await;
+    let before = common::listing(&dir);
+    let bad = common::scratch("bad-input-files");
+
+    let gz = std::fs::read(common::bundle("ics")).unwrap();
+    let truncated = bad.join("truncated.json.gz");
+    std::fs::write(&truncated, &gz[..gz.len() / 2]).unwrap();
+
+    let not_bundle = bad.join("not-a-bundle.json");
+    std::fs::write(&not_bundle, br#"{"type": "report", "name": "hello"}"#).unwrap();
+
+    let array = bad.join("array.json");
+    std::fs::write(&array, b"[1, 2, 3]").unwrap();
+
+    let spec = bad.join("future-spec.json");
+    std::fs::write(
+        &spec,
+        br#"{"type":"bundle","id":"bundle--1","objects":[{"type":"attack-pattern","spec_version":"3.0","id":"attack-pattern--1","name":"x"}]}"#,
+    )
+    .unwrap();
+
+    let not_utf8 = bad.join("latin1.json");
+    let mut f = std::fs::File::create(&not_utf8).unwrap();
+    f.write_all(b"{\"type\":\"bundle\",\"objects\":[{\"type\":\"attack-pattern\",\"name\":\"caf\xe9\"}]}").unwrap();
+
+    let truncated_json = bad.join("truncated.json");
+    std::fs::write(&truncated_json, br#"{"type":"bundle","objects":[{"type":"attack-pattern","#).unwrap();
+
+    let missing = bad.join("does-not-exist.json");
+
+    let cases: Vec<(&Path, &[&str])> = vec![
+        (&truncated, &["gzip", "truncated"]),
+        (&not_bundle, &["not a STIX ATT&CK bundle", "\"report\""]),
+        (&array, &["not a STIX ATT&CK bundle"]),
+        (&spec, &["unsupported", "3.0"]),
+        (&not_utf8, &["not UTF-8", "offset"]),
+        (&truncated_json, &["truncated"]),
+        (&missing, &["cannot read", "No such file"]),
+    ];
+    for (path, needles) in cases {
+        let out = bin()
+            .args(["--lake", dir.join("lake").to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
+            .args(["ingest", "attack", "--from", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} should fail", path.display());
+        assert!(err.contains(path.to_str().unwrap()), "message must name the file: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{}: expected {n:?} in: {err}", path.display());
+        }
+        assert_eq!(err.trim().lines().count(), 1, "one clear message: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(before, common::listing(&dir), "lake changed after {}", path.display());
+    }
+}

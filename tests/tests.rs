@@ -1,0 +1,10 @@
+//! Integration tests: one binary, one module per area.
+
+mod common;
+
+mod it {
+    /// `threatlake` CLI output, snapshot-tested (insta-cmd) per output format and for `\d`.
+    mod cli;
+    /// Ingest behaviour: idempotence, versions, HTTP sources, bad input leaving the lake untouched.
+    mod ingest;
+}
