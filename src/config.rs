@@ -77,13 +77,21 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.expose().is_some() { "<redacted>" } else { "<unset>" })
+        f.write_str(if self.expose().is_some() {
+            "<redacted>"
+        } else {
+            "<unset>"
+        })
     }
 }
 
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if self.expose().is_some() { "<redacted>" } else { "<unset>" })
+        s.serialize_str(if self.expose().is_some() {
+            "<redacted>"
+        } else {
+            "<unset>"
+        })
     }
 }
 
@@ -279,12 +287,16 @@ impl Settings {
     ) -> Result<Loaded, ConfigError> {
         let (path, text) = match explicit {
             Some(p) => (Some(p.to_path_buf()), read(p)?),
-            None if Path::new(DEFAULT_PATH).is_file() => {
-                (Some(PathBuf::from(DEFAULT_PATH)), read(Path::new(DEFAULT_PATH))?)
-            }
+            None if Path::new(DEFAULT_PATH).is_file() => (
+                Some(PathBuf::from(DEFAULT_PATH)),
+                read(Path::new(DEFAULT_PATH))?,
+            ),
             None => (None, DEFAULT_SETTINGS.to_string()),
         };
-        let label = path.as_ref().map_or_else(|| "<built-in defaults>".to_string(), |p| p.display().to_string());
+        let label = path.as_ref().map_or_else(
+            || "<built-in defaults>".to_string(),
+            |p| p.display().to_string(),
+        );
         let mut value = parse_yaml(&text, &label)?;
         let secrets_path = path
             .as_ref()
@@ -306,24 +318,33 @@ impl Settings {
             merge(&mut value, secrets);
         }
         apply_env(&mut value, env)?;
-        let settings: Settings = serde_yaml_ng::from_value(value)
-            .map_err(|e| ConfigError::Invalid { path: label.clone(), message: e.to_string() })?;
+        let settings: Settings =
+            serde_yaml_ng::from_value(value).map_err(|e| ConfigError::Invalid {
+                path: label.clone(),
+                message: e.to_string(),
+            })?;
         Ok(Loaded { settings, path })
     }
 
     /// The effective settings as YAML, secrets redacted.
     pub fn to_redacted_yaml(&self) -> String {
-        serde_yaml_ng::to_string(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+        serde_yaml_ng::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
     }
 }
 
 fn read(p: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })
+    std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+        path: p.to_path_buf(),
+        source,
+    })
 }
 
 fn parse_yaml(text: &str, label: &str) -> Result<Value, ConfigError> {
-    let v: Value = serde_yaml_ng::from_str(text)
-        .map_err(|e| ConfigError::Invalid { path: label.to_string(), message: e.to_string() })?;
+    let v: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
+        path: label.to_string(),
+        message: e.to_string(),
+    })?;
     match v {
         Value::Mapping(_) => Ok(v),
         Value::Null => Ok(Value::Mapping(Mapping::new())),
@@ -339,7 +360,11 @@ fn get<'a>(v: &'a Value, section: &str, key: &str) -> Option<&'a Value> {
 }
 
 fn env_name(section: &str, key: &str) -> String {
-    format!("THREATLAKE_{}_{}", section.to_uppercase(), key.to_uppercase())
+    format!(
+        "THREATLAKE_{}_{}",
+        section.to_uppercase(),
+        key.to_uppercase()
+    )
 }
 
 /// Deep-merge `overlay` into `base` (mappings merge, everything else replaces).
@@ -359,9 +384,17 @@ fn merge(base: &mut Value, overlay: Value) {
     }
 }
 
-fn apply_env(value: &mut Value, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
-    let Value::Mapping(root) = value else { return Ok(()) };
-    let mut sections: Vec<String> = root.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+fn apply_env(
+    value: &mut Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let Value::Mapping(root) = value else {
+        return Ok(());
+    };
+    let mut sections: Vec<String> = root
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_string))
+        .collect();
     // Longest first so a section whose name prefixes another can never steal its variables.
     sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
     let mut vars: Vec<(String, String)> = env
@@ -373,7 +406,10 @@ fn apply_env(value: &mut Value, env: impl IntoIterator<Item = (String, String)>)
         let rest = var["THREATLAKE_".len()..].to_lowercase();
         let section = sections.iter().find(|s| rest.starts_with(&format!("{s}_")));
         let Some(section) = section else {
-            return Err(ConfigError::UnknownEnv { var, sections: sections.join(", ") });
+            return Err(ConfigError::UnknownEnv {
+                var,
+                sections: sections.join(", "),
+            });
         };
         let key = &rest[section.len() + 1..];
         let is_secret = SECRET_KEYS.iter().any(|(s, k)| s == section && *k == key);
@@ -385,7 +421,10 @@ fn apply_env(value: &mut Value, env: impl IntoIterator<Item = (String, String)>)
             serde_yaml_ng::from_str(&raw).unwrap_or(Value::String(raw))
         };
         let Some(Value::Mapping(sec)) = root.get_mut(section.as_str()) else {
-            return Err(ConfigError::UnknownEnv { var, sections: sections.join(", ") });
+            return Err(ConfigError::UnknownEnv {
+                var,
+                sections: sections.join(", "),
+            });
         };
         sec.insert(Value::String(key.to_string()), parsed);
     }
@@ -397,7 +436,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -419,7 +461,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let text = DEFAULT_SETTINGS.replace("  raw: data/raw", "  rawr: data/raw");
         let p = write(dir.path(), "s.yaml", &text);
-        let e = Settings::load_with_env(Some(&p), env(&[])).unwrap_err().to_string();
+        let e = Settings::load_with_env(Some(&p), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rawr") && e.contains("s.yaml"), "{e}");
     }
 
@@ -438,7 +482,10 @@ mod tests {
         assert_eq!(l.settings.virustotal.daily_budget, 7);
         assert_eq!(l.settings.otx.api_key.expose(), Some("12345"));
         let shown = l.settings.to_redacted_yaml();
-        assert!(!shown.contains("12345") && shown.contains("<redacted>"), "{shown}");
+        assert!(
+            !shown.contains("12345") && shown.contains("<redacted>"),
+            "{shown}"
+        );
         assert!(!format!("{:?}", l.settings).contains("12345"));
     }
 
@@ -453,11 +500,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bad = DEFAULT_SETTINGS.replace("  page_size: 50", "  page_size: 50\n  api_key: abc");
         let p = write(dir.path(), "settings.yaml", &bad);
-        let e = Settings::load_with_env(Some(&p), env(&[])).unwrap_err().to_string();
-        assert!(e.contains("THREATLAKE_OTX_API_KEY") && !e.contains("abc"), "{e}");
+        let e = Settings::load_with_env(Some(&p), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("THREATLAKE_OTX_API_KEY") && !e.contains("abc"),
+            "{e}"
+        );
 
         let p = write(dir.path(), "settings.yaml", DEFAULT_SETTINGS);
-        write(dir.path(), "secrets.yaml", "virustotal:\n  api_key: s3cr3t\n");
+        write(
+            dir.path(),
+            "secrets.yaml",
+            "virustotal:\n  api_key: s3cr3t\n",
+        );
         let l = Settings::load_with_env(Some(&p), env(&[])).unwrap();
         assert_eq!(l.settings.virustotal.api_key.expose(), Some("s3cr3t"));
     }

@@ -84,7 +84,10 @@ impl std::fmt::Display for Location {
 impl Location {
     /// Open a location: a local path (relative to the working directory) or a `file://` URL.
     pub fn open(spec: &str) -> Result<Self, LakeError> {
-        let err = |reason: String| LakeError::Location { spec: spec.to_string(), reason };
+        let err = |reason: String| LakeError::Location {
+            spec: spec.to_string(),
+            reason,
+        };
         if spec.trim().is_empty() {
             return Err(err("empty path".into()));
         }
@@ -99,7 +102,10 @@ impl Location {
         };
         let abs = absolute(&local).map_err(|e| err(e.to_string()))?;
         if abs.exists() && !abs.is_dir() {
-            return Err(err(format!("{} exists and is not a directory", abs.display())));
+            return Err(err(format!(
+                "{} exists and is not a directory",
+                abs.display()
+            )));
         }
         let root = Path::from_absolute_path(&abs).map_err(|e| err(e.to_string()))?;
         Ok(Self {
@@ -112,7 +118,9 @@ impl Location {
 
     /// Object path of `rel` (a `/`-separated path) under the root.
     pub fn path(&self, rel: &str) -> Path {
-        rel.split('/').filter(|s| !s.is_empty()).fold(self.root.clone(), |p, s| p.join(s))
+        rel.split('/')
+            .filter(|s| !s.is_empty())
+            .fold(self.root.clone(), |p, s| p.join(s))
     }
 
     /// URL of a directory under the root, with trailing slash, as DataFusion's listing tables want it.
@@ -130,7 +138,10 @@ impl Location {
             let path = path.to_string();
             move |source| LakeError::Store { path, source }
         };
-        self.store.put(&staging, PutPayload::from(bytes)).await.map_err(store_err(&staging))?;
+        self.store
+            .put(&staging, PutPayload::from(bytes))
+            .await
+            .map_err(store_err(&staging))?;
         if let Err(e) = self.store.rename(&staging, &target).await {
             // Leave nothing half-done behind; the original error is what the user needs.
             let _ = self.store.delete(&staging).await;
@@ -142,8 +153,18 @@ impl Location {
     /// Read a whole object.
     pub async fn get(&self, rel: &str) -> Result<Bytes, LakeError> {
         let p = self.path(rel);
-        let r = self.store.get(&p).await.map_err(|source| LakeError::Store { path: p.to_string(), source })?;
-        r.bytes().await.map_err(|source| LakeError::Store { path: p.to_string(), source })
+        let r = self
+            .store
+            .get(&p)
+            .await
+            .map_err(|source| LakeError::Store {
+                path: p.to_string(),
+                source,
+            })?;
+        r.bytes().await.map_err(|source| LakeError::Store {
+            path: p.to_string(),
+            source,
+        })
     }
 
     /// Every object under `rel` (recursively); an absent directory is empty, not an error.
@@ -152,7 +173,10 @@ impl Location {
         match self.store.list(Some(&p)).try_collect::<Vec<_>>().await {
             Ok(v) => Ok(v),
             Err(object_store::Error::NotFound { .. }) => Ok(vec![]),
-            Err(source) => Err(LakeError::Store { path: p.to_string(), source }),
+            Err(source) => Err(LakeError::Store {
+                path: p.to_string(),
+                source,
+            }),
         }
     }
 
@@ -167,7 +191,11 @@ impl Location {
 /// `Path::from_absolute_path` needs an absolute, normalised path: resolve symlinks and `..` on the
 /// part that exists and append the rest.
 fn absolute(p: &std::path::Path) -> std::io::Result<PathBuf> {
-    let joined = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) };
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
     let mut existing = joined.as_path();
     let mut tail = Vec::new();
     while !existing.exists() {
@@ -207,7 +235,9 @@ pub struct Lake {
 impl Lake {
     /// Open a lake root (see [`Location::open`]).
     pub fn open(spec: &str) -> Result<Self, LakeError> {
-        Ok(Self { location: Location::open(spec)? })
+        Ok(Self {
+            location: Location::open(spec)?,
+        })
     }
 
     /// Replace one partition of `table` with `batches`, atomically: the new file is staged, renamed
@@ -230,7 +260,10 @@ impl Lake {
                     .store
                     .delete(&obj.location)
                     .await
-                    .map_err(|source| LakeError::Store { path: obj.location.to_string(), source })?;
+                    .map_err(|source| LakeError::Store {
+                        path: obj.location.to_string(),
+                        source,
+                    })?;
             }
         }
         Ok(())
@@ -241,12 +274,16 @@ impl Lake {
         let mut out: BTreeMap<String, TableInfo> = BTreeMap::new();
         for obj in self.location.list("").await? {
             let parts = self.location.relative_parts(&obj.location);
-            let [table, middle @ .., file] = parts.as_slice() else { continue };
+            let [table, middle @ .., file] = parts.as_slice() else {
+                continue;
+            };
             if table.starts_with(['_', '.']) || !file.ends_with(".parquet") {
                 continue;
             }
-            let cols: Vec<String> =
-                middle.iter().filter_map(|m| m.split_once('=').map(|(k, _)| k.to_string())).collect();
+            let cols: Vec<String> = middle
+                .iter()
+                .filter_map(|m| m.split_once('=').map(|(k, _)| k.to_string()))
+                .collect();
             let e = out.entry(table.clone()).or_insert_with(|| TableInfo {
                 partition_cols: cols.clone(),
                 files: 0,
@@ -263,9 +300,14 @@ impl Lake {
 pub fn partition_dir(table: &str, partition: &[(&str, &str)]) -> Result<String, LakeError> {
     let mut dir = table.to_string();
     for (k, v) in partition {
-        let ok = !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        let ok = !v.is_empty()
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !ok {
-            return Err(LakeError::PartitionValue { column: k.to_string(), value: v.to_string() });
+            return Err(LakeError::PartitionValue {
+                column: k.to_string(),
+                value: v.to_string(),
+            });
         }
         dir.push_str(&format!("/{k}={v}"));
     }
@@ -273,8 +315,15 @@ pub fn partition_dir(table: &str, partition: &[(&str, &str)]) -> Result<String, 
 }
 
 /// Encode batches as one zstd-compressed Parquet file in memory.
-pub fn encode_parquet(label: &str, schema: SchemaRef, batches: &[RecordBatch]) -> Result<Bytes, LakeError> {
-    let perr = |source| LakeError::Parquet { path: label.to_string(), source };
+pub fn encode_parquet(
+    label: &str,
+    schema: SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Bytes, LakeError> {
+    let perr = |source| LakeError::Parquet {
+        path: label.to_string(),
+        source,
+    };
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(perr)?))
         .set_created_by(format!("threatlake {}", env!("CARGO_PKG_VERSION")))
@@ -299,11 +348,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
-        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![1, 2]))]).unwrap();
+        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![1, 2]))])
+            .unwrap();
         for _ in 0..2 {
-            lake.replace_partition("t", &[("domain", "enterprise"), ("v", "1.0")], schema.clone(), &[b.clone()])
-                .await
-                .unwrap();
+            lake.replace_partition(
+                "t",
+                &[("domain", "enterprise"), ("v", "1.0")],
+                schema.clone(),
+                std::slice::from_ref(&b),
+            )
+            .await
+            .unwrap();
         }
         let tables = lake.tables().await.unwrap();
         assert_eq!(tables["t"].files, 1);

@@ -131,7 +131,10 @@ enum BenchCommand {
     /// Ingest a bundle into a throwaway lake and time a representative query.
     Ingest {
         /// Bundle to ingest.
-        #[arg(long, default_value = "../shared/data/attack/enterprise-attack.json.gz")]
+        #[arg(
+            long,
+            default_value = "../shared/data/attack/enterprise-attack.json.gz"
+        )]
         from: String,
         /// Ingest runs.
         #[arg(long, default_value_t = 3)]
@@ -145,7 +148,10 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.global.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -170,7 +176,10 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("THREATLAKE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn main_inner(cli: Cli) -> Result<()> {
@@ -186,29 +195,40 @@ async fn main_inner(cli: Cli) -> Result<()> {
             print!("{}", settings.to_redacted_yaml());
             Ok(())
         }
-        Command::Ingest(IngestCommand::Attack { domain, from, attack_version }) => {
-            ingest_attack(&settings, domain, from, attack_version).await
-        }
+        Command::Ingest(IngestCommand::Attack {
+            domain,
+            from,
+            attack_version,
+        }) => ingest_attack(&settings, domain, from, attack_version).await,
         Command::Sql(args) => sql(&settings, args).await,
         Command::Lake(LakeCommand::Tables) => {
             let lake = Lake::open(&settings.lake.root)?;
             let tables = lake.tables().await?;
             if tables.is_empty() {
-                println!("{}: no tables yet; run `threatlake ingest attack`", lake.location);
+                println!(
+                    "{}: no tables yet; run `threatlake ingest attack`",
+                    lake.location
+                );
             }
             for (name, t) in tables {
                 println!(
                     "{name:<32} {:>5} files {:>10.1} KB  partitioned by {}",
                     t.files,
                     t.bytes as f64 / 1024.0,
-                    if t.partition_cols.is_empty() { "-".to_string() } else { t.partition_cols.join(", ") }
+                    if t.partition_cols.is_empty() {
+                        "-".to_string()
+                    } else {
+                        t.partition_cols.join(", ")
+                    }
                 );
             }
             Ok(())
         }
-        Command::Bench(BenchCommand::Ingest { from, runs, query_runs }) => {
-            cli::bench::ingest(&from, runs, query_runs).await
-        }
+        Command::Bench(BenchCommand::Ingest {
+            from,
+            runs,
+            query_runs,
+        }) => cli::bench::ingest(&from, runs, query_runs).await,
     }
 }
 
@@ -224,9 +244,12 @@ async fn ingest_attack(
     let jobs: Vec<(Option<Domain>, String)> = match (&from, domain.domain()) {
         (Some(src), d) => vec![(d, src.clone())],
         (None, Some(d)) => vec![(Some(d), source_for(settings, d)?)],
-        (None, None) => {
-            settings.attack.domains.iter().map(|d| Ok((Some(*d), source_for(settings, *d)?))).collect::<Result<_>>()?
-        }
+        (None, None) => settings
+            .attack
+            .domains
+            .iter()
+            .map(|d| Ok((Some(*d), source_for(settings, *d)?)))
+            .collect::<Result<_>>()?,
     };
     if attack_version.is_some() && jobs.len() > 1 {
         bail!("--attack-version applies to one bundle; give --domain or --from as well");
@@ -237,10 +260,18 @@ async fn ingest_attack(
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     for (d, src) in jobs {
-        bar.set_message(format!("ingesting {}", d.map_or("bundle".to_string(), |d| d.to_string())));
-        let report = threatlake::attack::ingest(&lake, &raw, &src, d, attack_version.as_deref(), timeout)
-            .await
-            .with_context(|| format!("ingest of ATT&CK from {src} failed; the lake is unchanged for this bundle"))?;
+        bar.set_message(format!(
+            "ingesting {}",
+            d.map_or("bundle".to_string(), |d| d.to_string())
+        ));
+        let report =
+            threatlake::attack::ingest(&lake, &raw, &src, d, attack_version.as_deref(), timeout)
+                .await
+                .with_context(|| {
+                    format!(
+                        "ingest of ATT&CK from {src} failed; the lake is unchanged for this bundle"
+                    )
+                })?;
         bar.inc(1);
         let total: f64 = report.timings.iter().map(|(_, t)| t.as_secs_f64()).sum();
         let r = |t: &str| report.rows.get(t).copied().unwrap_or(0);
@@ -269,12 +300,9 @@ async fn ingest_attack(
 }
 
 fn source_for(settings: &Settings, d: Domain) -> Result<String> {
-    settings
-        .attack
-        .sources
-        .get(&d)
-        .cloned()
-        .with_context(|| format!("no attack.sources.{d} in settings; add the bundle URL or pass --from"))
+    settings.attack.sources.get(&d).cloned().with_context(|| {
+        format!("no attack.sources.{d} in settings; add the bundle URL or pass --from")
+    })
 }
 
 async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
@@ -282,28 +310,43 @@ async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
     let engine = Engine::open(&lake).await?;
     let format = match args.format {
         Some(f) => f,
-        None => settings.sql.format.parse().map_err(|e: String| anyhow::anyhow!("sql.format in settings: {e}"))?,
+        None => settings
+            .sql
+            .format
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("sql.format in settings: {e}"))?,
     };
-    let mut scripts: Vec<(String, String)> = args.commands.into_iter().map(|c| ("-c".to_string(), c)).collect();
+    let mut scripts: Vec<(String, String)> = args
+        .commands
+        .into_iter()
+        .map(|c| ("-c".to_string(), c))
+        .collect();
     for f in &args.files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read SQL file {}", f.display()))?;
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read SQL file {}", f.display()))?;
         scripts.push((f.display().to_string(), text));
     }
     let interactive = scripts.is_empty() && cli::repl::stdin_is_terminal();
     if scripts.is_empty() && !interactive {
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading SQL from stdin")?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading SQL from stdin")?;
         scripts.push(("stdin".to_string(), text));
     }
     let session = cli::repl::Session {
         engine,
         format,
-        max_rows: args.maxrows.unwrap_or(if interactive { settings.sql.max_rows } else { 0 }),
+        max_rows: args.maxrows.unwrap_or(if interactive {
+            settings.sql.max_rows
+        } else {
+            0
+        }),
         timing: !args.quiet,
         interactive,
     };
     if interactive {
-        let history = (!settings.sql.history_file.is_empty()).then(|| PathBuf::from(&settings.sql.history_file));
+        let history = (!settings.sql.history_file.is_empty())
+            .then(|| PathBuf::from(&settings.sql.history_file));
         cli::repl::repl(session, history).await
     } else {
         cli::repl::batch(session, scripts).await

@@ -25,8 +25,14 @@ impl sqllogictest::AsyncDB for Db {
     type ColumnType = DefaultColumnType;
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DbError> {
-        let results = self.engine.run(sql).await.map_err(|e| DbError(e.to_string()))?;
-        let Some(r) = results.into_iter().last() else { return Ok(DBOutput::StatementComplete(0)) };
+        let results = self
+            .engine
+            .run(sql)
+            .await
+            .map_err(|e| DbError(e.to_string()))?;
+        let Some(r) = results.into_iter().last() else {
+            return Ok(DBOutput::StatementComplete(0));
+        };
         let is_query = sql.trim_start().to_lowercase().starts_with("select")
             || sql.trim_start().to_lowercase().starts_with("with");
         if !is_query {
@@ -38,23 +44,31 @@ impl sqllogictest::AsyncDB for Db {
             .iter()
             .map(|f| match f.data_type() {
                 t if t.is_integer() => DefaultColumnType::Integer,
-                DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) => {
-                    DefaultColumnType::FloatingPoint
-                }
+                DataType::Float16
+                | DataType::Float32
+                | DataType::Float64
+                | DataType::Decimal128(..) => DefaultColumnType::FloatingPoint,
                 _ => DefaultColumnType::Text,
             })
             .collect();
         let opts = FormatOptions::default().with_null("NULL");
         let mut rows = Vec::new();
         for b in &r.batches {
-            let fmts: Vec<_> =
-                b.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).unwrap()).collect();
+            let fmts: Vec<_> = b
+                .columns()
+                .iter()
+                .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).unwrap())
+                .collect();
             for i in 0..b.num_rows() {
                 rows.push(
                     fmts.iter()
                         .map(|f| {
                             let s = f.value(i).to_string();
-                            if s.is_empty() { "(empty)".to_string() } else { s }
+                            if s.is_empty() {
+                                "(empty)".to_string()
+                            } else {
+                                s
+                            }
                         })
                         .collect(),
                 );
@@ -69,18 +83,29 @@ impl sqllogictest::AsyncDB for Db {
 fn main() {
     let complete = std::env::args().any(|a| a == "--complete");
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let failed = rt.block_on(async move {
         let t = Instant::now();
         let dir = common::scratch("slt");
         let lake = common::ingest(&dir, &["enterprise", "mobile", "ics"]).await;
-        eprintln!("slt fixture: ingested 3 ATT&CK domains in {:.1} s", t.elapsed().as_secs_f64());
-        let mut files: Vec<PathBuf> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slt"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "slt"))
-            .filter(|p| filter.as_ref().is_none_or(|f| p.to_string_lossy().contains(f.as_str())))
-            .collect();
+        eprintln!(
+            "slt fixture: ingested 3 ATT&CK domains in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slt"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+                .filter(|p| {
+                    filter
+                        .as_ref()
+                        .is_none_or(|f| p.to_string_lossy().contains(f.as_str()))
+                })
+                .collect();
         files.sort();
         assert!(!files.is_empty(), "no .slt files found");
         let mut failed = 0;
@@ -88,7 +113,13 @@ fn main() {
             let lake: Lake = lake.clone();
             let mut runner = sqllogictest::Runner::new(move || {
                 let lake = lake.clone();
-                async move { Ok::<_, DbError>(Db { engine: Engine::open(&lake).await.map_err(|e| DbError(e.to_string()))? }) }
+                async move {
+                    Ok::<_, DbError>(Db {
+                        engine: Engine::open(&lake)
+                            .await
+                            .map_err(|e| DbError(e.to_string()))?,
+                    })
+                }
             });
             let name = f.file_name().unwrap().to_string_lossy().to_string();
             let result = if complete {
@@ -103,7 +134,10 @@ fn main() {
                     .await
                     .map_err(|e| e.to_string())
             } else {
-                runner.run_file_async(&f).await.map_err(|e| e.display(true).to_string())
+                runner
+                    .run_file_async(&f)
+                    .await
+                    .map_err(|e| e.display(true).to_string())
             };
             match result {
                 Ok(()) => eprintln!("ok   {name}"),

@@ -131,24 +131,36 @@ pub struct IngestReport {
 /// Fetch a source: an http(s) URL, a `file://` URL, or a local path.
 pub async fn fetch(source: &str, timeout: Duration) -> Result<Bytes, IngestError> {
     if source.starts_with("http://") || source.starts_with("https://") {
-        let http = |message: String| IngestError::Http { url: source.to_string(), message };
+        let http = |message: String| IngestError::Http {
+            url: source.to_string(),
+            message,
+        };
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .user_agent(concat!("threatlake/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| http(e.to_string()))?;
-        let resp = client.get(source).send().await.map_err(|e| http(e.to_string()))?;
+        let resp = client
+            .get(source)
+            .send()
+            .await
+            .map_err(|e| http(e.to_string()))?;
         let status = resp.status();
         if !status.is_success() {
             return Err(http(format!("HTTP {status}")));
         }
-        resp.bytes().await.map_err(|e| http(format!("reading the body: {e}")))
+        resp.bytes()
+            .await
+            .map_err(|e| http(format!("reading the body: {e}")))
     } else {
         let path = source.strip_prefix("file://").unwrap_or(source);
         tokio::fs::read(path)
             .await
             .map(Bytes::from)
-            .map_err(|e| IngestError::ReadFile { path: path.to_string(), source: e })
+            .map_err(|e| IngestError::ReadFile {
+                path: path.to_string(),
+                source: e,
+            })
     }
 }
 
@@ -182,13 +194,26 @@ pub fn prepare(
     timings.push(("parse", t.elapsed()));
 
     let domain = bundle_domain(source, &bundle, expected)?;
-    let collection = bundle.objects.iter().find(|o| o.kind == "x-mitre-collection");
-    let version = match (version_override, collection.and_then(|c| c.x_mitre_version.as_deref())) {
+    let collection = bundle
+        .objects
+        .iter()
+        .find(|o| o.kind == "x-mitre-collection");
+    let version = match (
+        version_override,
+        collection.and_then(|c| c.x_mitre_version.as_deref()),
+    ) {
         (Some(v), _) | (None, Some(v)) => v.to_string(),
-        (None, None) => return Err(IngestError::NoVersion { source_name: source.to_string() }),
+        (None, None) => {
+            return Err(IngestError::NoVersion {
+                source_name: source.to_string(),
+            })
+        }
     };
     if threatlake_udfs::kernels::version_key(&version).is_none() {
-        return Err(IngestError::BadVersion { source_name: source.to_string(), version });
+        return Err(IngestError::BadVersion {
+            source_name: source.to_string(),
+            version,
+        });
     }
 
     let t = Instant::now();
@@ -197,11 +222,21 @@ pub fn prepare(
         sha256: hex(&Sha256::digest(&bytes)),
         ingested_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
-    let tables = normalize::normalize(&bundle, &prov)
-        .map_err(|source_err| IngestError::Normalize { source_name: source.to_string(), source: source_err })?;
+    let tables =
+        normalize::normalize(&bundle, &prov).map_err(|source_err| IngestError::Normalize {
+            source_name: source.to_string(),
+            source: source_err,
+        })?;
     timings.push(("normalise", t.elapsed()));
     let raw_is_gzip = bytes.starts_with(&[0x1f, 0x8b]);
-    Ok(Prepared { domain, attack_version: version, tables, raw: bytes, raw_is_gzip, timings })
+    Ok(Prepared {
+        domain,
+        attack_version: version,
+        tables,
+        raw: bytes,
+        raw_is_gzip,
+        timings,
+    })
 }
 
 impl Prepared {
@@ -209,17 +244,36 @@ impl Prepared {
     pub async fn commit(self, lake: &Lake, raw: &Location) -> Result<IngestReport, IngestError> {
         let t = Instant::now();
         let raw_path = format!("attack/{}/{}.json.gz", self.domain, self.attack_version);
-        let gz = if self.raw_is_gzip { self.raw } else { Bytes::from(gzip(&self.raw)) };
+        let gz = if self.raw_is_gzip {
+            self.raw
+        } else {
+            Bytes::from(gzip(&self.raw))
+        };
         raw.put_atomic(&raw_path, gz).await?;
-        let partition = [(PARTITION_COLS[0], self.domain.as_str()), (PARTITION_COLS[1], self.attack_version.as_str())];
+        let partition = [
+            (PARTITION_COLS[0], self.domain.as_str()),
+            (PARTITION_COLS[1], self.attack_version.as_str()),
+        ];
         let mut rows = BTreeMap::new();
         for (name, batch) in &self.tables {
-            lake.replace_partition(name, &partition, batch.schema(), std::slice::from_ref(batch)).await?;
+            lake.replace_partition(
+                name,
+                &partition,
+                batch.schema(),
+                std::slice::from_ref(batch),
+            )
+            .await?;
             rows.insert(name.to_string(), batch.num_rows());
         }
         let mut timings = self.timings;
         timings.push(("write", t.elapsed()));
-        Ok(IngestReport { domain: self.domain, attack_version: self.attack_version, rows, raw_path, timings })
+        Ok(IngestReport {
+            domain: self.domain,
+            attack_version: self.attack_version,
+            rows,
+            raw_path,
+            timings,
+        })
     }
 }
 
@@ -248,12 +302,19 @@ pub async fn ingest(
     Ok(report)
 }
 
-fn bundle_domain(source: &str, bundle: &stix::Bundle, expected: Option<Domain>) -> Result<Domain, IngestError> {
+fn bundle_domain(
+    source: &str,
+    bundle: &stix::Bundle,
+    expected: Option<Domain>,
+) -> Result<Domain, IngestError> {
     // The collection and matrices name their domain in x_mitre_domains; fall back to a vote over
     // attack-patterns for bundles without them.
     let mut votes: BTreeMap<Domain, usize> = BTreeMap::new();
     for o in &bundle.objects {
-        if matches!(o.kind.as_str(), "attack-pattern" | "x-mitre-matrix" | "x-mitre-tactic") {
+        if matches!(
+            o.kind.as_str(),
+            "attack-pattern" | "x-mitre-matrix" | "x-mitre-tactic"
+        ) {
             for d in &o.x_mitre_domains {
                 if let Some(d) = Domain::parse(d) {
                     *votes.entry(d).or_default() += 1;
@@ -278,7 +339,10 @@ fn bundle_domain(source: &str, bundle: &stix::Bundle, expected: Option<Domain>) 
 
 fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 5), flate2::Compression::fast());
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 5),
+        flate2::Compression::fast(),
+    );
     enc.write_all(data).expect("writing to memory");
     enc.finish().expect("writing to memory")
 }

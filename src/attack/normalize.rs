@@ -185,15 +185,21 @@ pub fn table_schemas() -> Vec<(&'static str, SchemaRef)> {
 
 /// The file schema of one ATT&CK table.
 pub fn table_schema(name: &str) -> Option<SchemaRef> {
-    table_schemas().into_iter().find(|(n, _)| *n == name).map(|(_, s)| s)
+    table_schemas()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| s)
 }
 
-static CITATION: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\(Citation:\s*").expect("static regex"));
-static MD_LINK: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\[([^\]\[]+)\]\((?:https?://|/)[^)\s]*\)").expect("static regex"));
+static CITATION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\(Citation:\s*").expect("static regex"));
+static MD_LINK: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\[([^\]\[]+)\]\((?:https?://|/)[^)\s]*\)").expect("static regex")
+});
 static CODE_TAG: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"</?code>").expect("static regex"));
 static SPACES: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[ \t]{2,}").expect("static regex"));
-static SPACE_PUNCT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r" +([.,;:])").expect("static regex"));
+static SPACE_PUNCT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r" +([.,;:])").expect("static regex"));
 
 /// Clean ATT&CK prose: drop `(Citation: …)` markers (returned separately, in order, de-duplicated),
 /// reduce markdown links to their text and `<code>` tags to their content, tidy spaces.
@@ -364,16 +370,24 @@ pub struct Provenance {
     pub ingested_at: String,
 }
 
-fn to_batch<S: Serialize>(schema: &SchemaRef, rows: &[S]) -> Result<RecordBatch, arrow::error::ArrowError> {
+fn to_batch<S: Serialize>(
+    schema: &SchemaRef,
+    rows: &[S],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
         .with_batch_size(rows.len().max(1))
         .build_decoder()?;
     decoder.serialize(rows)?;
-    Ok(decoder.flush()?.unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+    Ok(decoder
+        .flush()?
+        .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
 }
 
 fn rel_ends(r: &StixObject) -> (&str, &str) {
-    (r.source_ref.as_deref().unwrap_or(""), r.target_ref.as_deref().unwrap_or(""))
+    (
+        r.source_ref.as_deref().unwrap_or(""),
+        r.target_ref.as_deref().unwrap_or(""),
+    )
 }
 
 /// The STIX type prefix of an id (`attack-pattern--…` → `attack-pattern`).
@@ -386,12 +400,17 @@ fn opt(s: &Option<String>) -> Option<&str> {
 }
 
 fn clean_opt(s: &Option<String>) -> Option<String> {
-    s.as_deref().map(|d| clean_text(d).0).filter(|d| !d.is_empty())
+    s.as_deref()
+        .map(|d| clean_text(d).0)
+        .filter(|d| !d.is_empty())
 }
 
 /// Normalise a bundle into `(table name, batch)` pairs, in the order they should be written.
 /// `mitre_attack_versions` comes last: its row is what makes a version visible to the current views.
-pub fn normalize(bundle: &Bundle, prov: &Provenance) -> Result<Vec<(&'static str, RecordBatch)>, arrow::error::ArrowError> {
+pub fn normalize(
+    bundle: &Bundle,
+    prov: &Provenance,
+) -> Result<Vec<(&'static str, RecordBatch)>, arrow::error::ArrowError> {
     let objs = &bundle.objects;
     let by_id: HashMap<&str, &StixObject> = objs.iter().map(|o| (o.id.as_str(), o)).collect();
     let rels: Vec<&StixObject> = objs.iter().filter(|o| o.kind == "relationship").collect();
@@ -422,7 +441,11 @@ pub fn normalize(bundle: &Bundle, prov: &Provenance) -> Result<Vec<(&'static str
     // Detection text: the legacy x_mitre_detection field where MITRE still fills it, else (v18+)
     // the detection strategies that `detects` the technique and the analytics they reference.
     let detection_text = |o: &StixObject| -> Option<String> {
-        if let Some(d) = o.x_mitre_detection.as_deref().filter(|d| !d.trim().is_empty()) {
+        if let Some(d) = o
+            .x_mitre_detection
+            .as_deref()
+            .filter(|d| !d.trim().is_empty())
+        {
             return Some(clean_text(d).0);
         }
         let strategies = detections.get(o.id.as_str())?;
@@ -480,13 +503,17 @@ pub fn normalize(bundle: &Bundle, prov: &Provenance) -> Result<Vec<(&'static str
 
     // Matrix order: position in the matrix that lists the tactic.
     // The main matrix (most tactics) wins for tactics listed in several (Mobile has two).
-    let mut matrices: Vec<&StixObject> =
-        objs.iter().filter(|o| o.kind == "x-mitre-matrix" && !o.is_revoked() && !o.is_deprecated()).collect();
+    let mut matrices: Vec<&StixObject> = objs
+        .iter()
+        .filter(|o| o.kind == "x-mitre-matrix" && !o.is_revoked() && !o.is_deprecated())
+        .collect();
     matrices.sort_by_key(|m| std::cmp::Reverse(m.tactic_refs.len()));
     let mut order: HashMap<&str, (&str, i32)> = HashMap::new();
     for m in matrices {
         for (i, t) in m.tactic_refs.iter().enumerate() {
-            order.entry(t.as_str()).or_insert((m.name.as_deref().unwrap_or(""), i as i32 + 1));
+            order
+                .entry(t.as_str())
+                .or_insert((m.name.as_deref().unwrap_or(""), i as i32 + 1));
         }
     }
     let tactics: Vec<TacticRow> = objs
@@ -514,21 +541,25 @@ pub fn normalize(bundle: &Bundle, prov: &Provenance) -> Result<Vec<(&'static str
 
     fn entity(o: &StixObject) -> EntityRow<'_> {
         EntityRow {
-        stix_id: &o.id,
-        name: o.name.as_deref().unwrap_or(""),
-        description: clean_opt(&o.description),
-        url: o.url(),
-        revoked: o.is_revoked(),
-        deprecated: o.is_deprecated(),
-        created: opt(&o.created),
-        modified: opt(&o.modified),
-        version: opt(&o.x_mitre_version),
-        ..Default::default()
+            stix_id: &o.id,
+            name: o.name.as_deref().unwrap_or(""),
+            description: clean_opt(&o.description),
+            url: o.url(),
+            revoked: o.is_revoked(),
+            deprecated: o.is_deprecated(),
+            created: opt(&o.created),
+            modified: opt(&o.modified),
+            version: opt(&o.x_mitre_version),
+            ..Default::default()
         }
     }
     let of_kind = |k: &'static str| objs.iter().filter(move |o| o.kind == k);
     let groups: Vec<EntityRow> = of_kind("intrusion-set")
-        .map(|o| EntityRow { group_id: o.attack_id(), aliases: o.aliases.iter().map(String::as_str).collect(), ..entity(o) })
+        .map(|o| EntityRow {
+            group_id: o.attack_id(),
+            aliases: o.aliases.iter().map(String::as_str).collect(),
+            ..entity(o)
+        })
         .collect();
     let software: Vec<EntityRow> = objs
         .iter()
@@ -550,8 +581,12 @@ pub fn normalize(bundle: &Bundle, prov: &Provenance) -> Result<Vec<(&'static str
             ..entity(o)
         })
         .collect();
-    let mitigations: Vec<EntityRow> =
-        of_kind("course-of-action").map(|o| EntityRow { mitigation_id: o.attack_id(), ..entity(o) }).collect();
+    let mitigations: Vec<EntityRow> = of_kind("course-of-action")
+        .map(|o| EntityRow {
+            mitigation_id: o.attack_id(),
+            ..entity(o)
+        })
+        .collect();
 
     let mut relationships = Vec::with_capacity(rels.len());
     let mut procedures = Vec::new();
@@ -568,7 +603,12 @@ pub fn normalize(bundle: &Bundle, prov: &Provenance) -> Result<Vec<(&'static str
         if rel_type == "uses" && stix_type(t) == "attack-pattern" {
             let urls = citations
                 .iter()
-                .map(|c| r.external_references.iter().find(|e| &e.source_name == c).and_then(|e| e.url.as_deref()))
+                .map(|c| {
+                    r.external_references
+                        .iter()
+                        .find(|e| &e.source_name == c)
+                        .and_then(|e| e.url.as_deref())
+                })
                 .collect();
             procedures.push(ProcedureRow {
                 relationship_id: &r.id,
@@ -621,15 +661,42 @@ pub fn normalize(bundle: &Bundle, prov: &Provenance) -> Result<Vec<(&'static str
     let schemas: HashMap<&str, SchemaRef> = table_schemas().into_iter().collect();
     let s = |n: &str| &schemas[n];
     Ok(vec![
-        ("mitre_attack_techniques", to_batch(s("mitre_attack_techniques"), &techniques)?),
-        ("mitre_attack_tactics", to_batch(s("mitre_attack_tactics"), &tactics)?),
-        ("mitre_attack_groups", to_batch(s("mitre_attack_groups"), &groups)?),
-        ("mitre_attack_software", to_batch(s("mitre_attack_software"), &software)?),
-        ("mitre_attack_campaigns", to_batch(s("mitre_attack_campaigns"), &campaigns)?),
-        ("mitre_attack_mitigations", to_batch(s("mitre_attack_mitigations"), &mitigations)?),
-        ("mitre_attack_relationships", to_batch(s("mitre_attack_relationships"), &relationships)?),
-        ("mitre_attack_procedures", to_batch(s("mitre_attack_procedures"), &procedures)?),
-        ("mitre_attack_versions", to_batch(s("mitre_attack_versions"), &versions)?),
+        (
+            "mitre_attack_techniques",
+            to_batch(s("mitre_attack_techniques"), &techniques)?,
+        ),
+        (
+            "mitre_attack_tactics",
+            to_batch(s("mitre_attack_tactics"), &tactics)?,
+        ),
+        (
+            "mitre_attack_groups",
+            to_batch(s("mitre_attack_groups"), &groups)?,
+        ),
+        (
+            "mitre_attack_software",
+            to_batch(s("mitre_attack_software"), &software)?,
+        ),
+        (
+            "mitre_attack_campaigns",
+            to_batch(s("mitre_attack_campaigns"), &campaigns)?,
+        ),
+        (
+            "mitre_attack_mitigations",
+            to_batch(s("mitre_attack_mitigations"), &mitigations)?,
+        ),
+        (
+            "mitre_attack_relationships",
+            to_batch(s("mitre_attack_relationships"), &relationships)?,
+        ),
+        (
+            "mitre_attack_procedures",
+            to_batch(s("mitre_attack_procedures"), &procedures)?,
+        ),
+        (
+            "mitre_attack_versions",
+            to_batch(s("mitre_attack_versions"), &versions)?,
+        ),
     ])
 }
 
@@ -643,7 +710,10 @@ mod tests {
             " [Explosive](https://attack.mitre.org/software/S0569) has run <code>whoami</code> .(Citation: CheckPoint Volatile Cedar March 2015)(Citation: Foo (2019)) ",
         );
         assert_eq!(t, "Explosive has run whoami.");
-        assert_eq!(c, vec!["CheckPoint Volatile Cedar March 2015", "Foo (2019)"]);
+        assert_eq!(
+            c,
+            vec!["CheckPoint Volatile Cedar March 2015", "Foo (2019)"]
+        );
     }
 
     #[test]

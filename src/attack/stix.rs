@@ -72,9 +72,11 @@ pub struct StixObject {
 impl StixObject {
     /// The ATT&CK reference (`mitre-attack`, `mitre-mobile-attack`, `mitre-ics-attack`), if any.
     pub fn attack_ref(&self) -> Option<&ExternalReference> {
-        self.external_references
-            .iter()
-            .find(|r| r.source_name.starts_with("mitre-") && r.source_name.ends_with("attack") && r.external_id.is_some())
+        self.external_references.iter().find(|r| {
+            r.source_name.starts_with("mitre-")
+                && r.source_name.ends_with("attack")
+                && r.external_id.is_some()
+        })
     }
     /// ATT&CK id like T1059.001, G0082, S0061, TA0006.
     pub fn attack_id(&self) -> Option<&str> {
@@ -118,16 +120,21 @@ const MAX_ATTACK_SPEC_MAJOR: u32 = 3;
 pub fn decode_bytes(source: &str, bytes: &[u8]) -> Result<Vec<u8>, IngestError> {
     let data = if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(bytes.len() * 6);
-        flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out).map_err(|e| IngestError::Gzip {
-            source_name: source.to_string(),
-            message: e.to_string(),
-        })?;
+        flate2::read::MultiGzDecoder::new(bytes)
+            .read_to_end(&mut out)
+            .map_err(|e| IngestError::Gzip {
+                source_name: source.to_string(),
+                message: e.to_string(),
+            })?;
         out
     } else {
         bytes.to_vec()
     };
     if let Err(e) = std::str::from_utf8(&data) {
-        return Err(IngestError::NotUtf8 { source_name: source.to_string(), offset: e.valid_up_to() });
+        return Err(IngestError::NotUtf8 {
+            source_name: source.to_string(),
+            offset: e.valid_up_to(),
+        });
     }
     Ok(data)
 }
@@ -139,11 +146,14 @@ pub fn parse_bundle(source: &str, json: &[u8]) -> Result<Bundle, IngestError> {
         match e.classify() {
             Category::Eof => IngestError::Json {
                 source_name: source.to_string(),
-                message: format!("the JSON ends early ({e}); the file is truncated — download it again"),
+                message: format!(
+                    "the JSON ends early ({e}); the file is truncated — download it again"
+                ),
             },
-            Category::Syntax | Category::Io => {
-                IngestError::Json { source_name: source.to_string(), message: e.to_string() }
-            }
+            Category::Syntax | Category::Io => IngestError::Json {
+                source_name: source.to_string(),
+                message: e.to_string(),
+            },
             Category::Data => IngestError::NotABundle {
                 source_name: source.to_string(),
                 reason: format!("unexpected JSON shape: {e}"),
@@ -165,17 +175,31 @@ pub fn parse_bundle(source: &str, json: &[u8]) -> Result<Bundle, IngestError> {
             reason: "it has no \"objects\" array".into(),
         });
     };
-    if let Some(v) = raw.spec_version.as_deref().filter(|v| !STIX_VERSIONS.contains(v)) {
+    if let Some(v) = raw
+        .spec_version
+        .as_deref()
+        .filter(|v| !STIX_VERSIONS.contains(v))
+    {
         return Err(unsupported(source, format!("bundle spec_version \"{v}\"")));
     }
     for o in &objects {
-        if let Some(v) = o.spec_version.as_deref().filter(|v| !STIX_VERSIONS.contains(v)) {
-            return Err(unsupported(source, format!("spec_version \"{v}\" on {}", o.id)));
+        if let Some(v) = o
+            .spec_version
+            .as_deref()
+            .filter(|v| !STIX_VERSIONS.contains(v))
+        {
+            return Err(unsupported(
+                source,
+                format!("spec_version \"{v}\" on {}", o.id),
+            ));
         }
         if let Some(v) = o.x_mitre_attack_spec_version.as_deref() {
             let major = v.split('.').next().and_then(|m| m.parse::<u32>().ok());
             if major.is_none_or(|m| m > MAX_ATTACK_SPEC_MAJOR) {
-                return Err(unsupported(source, format!("x_mitre_attack_spec_version \"{v}\" on {}", o.id)));
+                return Err(unsupported(
+                    source,
+                    format!("x_mitre_attack_spec_version \"{v}\" on {}", o.id),
+                ));
             }
         }
     }
@@ -189,5 +213,8 @@ pub fn parse_bundle(source: &str, json: &[u8]) -> Result<Bundle, IngestError> {
 }
 
 fn unsupported(source: &str, what: String) -> IngestError {
-    IngestError::UnsupportedSpec { source_name: source.to_string(), what }
+    IngestError::UnsupportedSpec {
+        source_name: source.to_string(),
+        what,
+    }
 }

@@ -30,15 +30,24 @@ pub async fn ingest(from: &str, runs: usize, query_runs: usize) -> Result<()> {
     let lake = Lake::open(dir.path().join("lake").to_str().expect("utf-8 temp path"))?;
     let raw = Location::open(dir.path().join("raw").to_str().expect("utf-8 temp path"))?;
     let size = std::fs::metadata(from).map(|m| m.len()).unwrap_or(0);
-    println!("bench ingest: {from} ({:.1} MB on disk), {runs} run(s), build: {}", size as f64 / 1e6, build_kind());
+    println!(
+        "bench ingest: {from} ({:.1} MB on disk), {runs} run(s), build: {}",
+        size as f64 / 1e6,
+        build_kind()
+    );
     let mut walls = Vec::new();
     for i in 0..runs.max(1) {
         let t = Instant::now();
-        let report = threatlake::attack::ingest(&lake, &raw, from, None, None, Duration::from_secs(600)).await?;
+        let report =
+            threatlake::attack::ingest(&lake, &raw, from, None, None, Duration::from_secs(600))
+                .await?;
         let wall = t.elapsed();
         walls.push(wall);
-        let stages: Vec<String> =
-            report.timings.iter().map(|(n, d)| format!("{n} {:.0} ms", d.as_secs_f64() * 1e3)).collect();
+        let stages: Vec<String> = report
+            .timings
+            .iter()
+            .map(|(n, d)| format!("{n} {:.0} ms", d.as_secs_f64() * 1e3))
+            .collect();
         println!(
             "  run {}: {:.3} s wall ({}) — {} techniques, {} procedures",
             i + 1,

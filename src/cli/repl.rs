@@ -39,15 +39,25 @@ pub const INFO: &[(&str, &str, &str)] = &[
     ("\\?", "", "list commands"),
     ("\\d", "", "list tables and views"),
     ("\\d", "NAME", "describe a table or view"),
-    ("\\format", "[table|csv|tsv|json|ndjson|markdown]", "show or set the output format"),
-    ("\\timing", "[on|off]", "show or set the 'N rows in X s' line"),
+    (
+        "\\format",
+        "[table|csv|tsv|json|ndjson|markdown]",
+        "show or set the output format",
+    ),
+    (
+        "\\timing",
+        "[on|off]",
+        "show or set the 'N rows in X s' line",
+    ),
 ];
 
 impl FromStr for Command {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim().trim_end_matches(';').trim();
-        let (cmd, arg) = s.split_once(char::is_whitespace).map_or((s, ""), |(c, a)| (c, a.trim()));
+        let (cmd, arg) = s
+            .split_once(char::is_whitespace)
+            .map_or((s, ""), |(c, a)| (c, a.trim()));
         match (cmd, arg) {
             ("\\q" | "\\quit", "") => Ok(Command::Quit),
             ("\\?" | "\\h" | "\\help", "") => Ok(Command::Help),
@@ -100,7 +110,11 @@ impl Session {
             self.print(&result)?;
             if self.timing {
                 let n = result.num_rows();
-                let line = format!("{n} row{} in {:.3} s", if n == 1 { "" } else { "s" }, start.elapsed().as_secs_f64());
+                let line = format!(
+                    "{n} row{} in {:.3} s",
+                    if n == 1 { "" } else { "s" },
+                    start.elapsed().as_secs_f64()
+                );
                 if self.interactive {
                     println!("{line}");
                 } else {
@@ -123,13 +137,20 @@ impl Session {
         match cmd {
             Command::Quit => return Ok(Flow::Quit),
             Command::Help => {
-                let rows: Vec<String> = INFO.iter().map(|(c, a, _)| format!("{c} {a}").trim().to_string()).collect();
+                let rows: Vec<String> = INFO
+                    .iter()
+                    .map(|(c, a, _)| format!("{c} {a}").trim().to_string())
+                    .collect();
                 let descr: Vec<&str> = INFO.iter().map(|(_, _, d)| *d).collect();
-                self.print(&string_table(&["command", "description"], vec![rows, descr.iter().map(|s| s.to_string()).collect()]))?;
+                self.print(&string_table(
+                    &["command", "description"],
+                    vec![rows, descr.iter().map(|s| s.to_string()).collect()],
+                ))?;
             }
             Command::ListTables => {
                 let tables = self.engine.table_names().await;
-                let (names, kinds): (Vec<String>, Vec<String>) = tables.into_iter().map(|(n, k)| (n, k.to_string())).unzip();
+                let (names, kinds): (Vec<String>, Vec<String>) =
+                    tables.into_iter().map(|(n, k)| (n, k.to_string())).unzip();
                 self.print(&string_table(&["name", "type"], vec![names, kinds]))?;
             }
             Command::DescribeTable(name) => {
@@ -142,7 +163,10 @@ impl Session {
                     cols[1].push(f.data_type().to_string());
                     cols[2].push(if f.is_nullable() { "YES" } else { "NO" }.to_string());
                 }
-                self.print(&string_table(&["column_name", "data_type", "is_nullable"], cols))?;
+                self.print(&string_table(
+                    &["column_name", "data_type", "is_nullable"],
+                    cols,
+                ))?;
             }
             Command::Format(None) => println!("format: {}", self.format.name()),
             Command::Format(Some(f)) => self.format = f,
@@ -154,25 +178,79 @@ impl Session {
 }
 
 fn string_table(names: &[&str], cols: Vec<Vec<String>>) -> QueryResult {
-    let schema = Arc::new(Schema::new(names.iter().map(|n| Field::new(*n, DataType::Utf8, false)).collect::<Vec<_>>()));
-    let arrays = cols.into_iter().map(|c| Arc::new(StringArray::from(c)) as _).collect();
+    let schema = Arc::new(Schema::new(
+        names
+            .iter()
+            .map(|n| Field::new(*n, DataType::Utf8, false))
+            .collect::<Vec<_>>(),
+    ));
+    let arrays = cols
+        .into_iter()
+        .map(|c| Arc::new(StringArray::from(c)) as _)
+        .collect();
     let batch = RecordBatch::try_new(schema.clone(), arrays).expect("columns match schema");
-    QueryResult { schema, batches: vec![batch] }
+    QueryResult {
+        schema,
+        batches: vec![batch],
+    }
 }
 
 /// True if the error chain is a closed stdout, which ends output quietly.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<OutputError>().is_some_and(OutputError::is_broken_pipe)
-            || c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        c.downcast_ref::<OutputError>()
+            .is_some_and(OutputError::is_broken_pipe)
+            || c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
 
 const KEYWORDS: &[&str] = &[
-    "SELECT", "FROM", "WHERE", "GROUP", "BY", "ORDER", "LIMIT", "JOIN", "LEFT", "RIGHT", "INNER", "OUTER", "ON", "USING",
-    "AS", "AND", "OR", "NOT", "IN", "IS", "NULL", "LIKE", "ILIKE", "DISTINCT", "COUNT", "HAVING", "UNION", "ALL", "WITH",
-    "CASE", "WHEN", "THEN", "ELSE", "END", "DESC", "ASC", "CREATE", "VIEW", "EXPLAIN", "DESCRIBE", "SHOW", "TABLES",
-    "UNNEST", "ARRAY_TO_STRING", "CARDINALITY",
+    "SELECT",
+    "FROM",
+    "WHERE",
+    "GROUP",
+    "BY",
+    "ORDER",
+    "LIMIT",
+    "JOIN",
+    "LEFT",
+    "RIGHT",
+    "INNER",
+    "OUTER",
+    "ON",
+    "USING",
+    "AS",
+    "AND",
+    "OR",
+    "NOT",
+    "IN",
+    "IS",
+    "NULL",
+    "LIKE",
+    "ILIKE",
+    "DISTINCT",
+    "COUNT",
+    "HAVING",
+    "UNION",
+    "ALL",
+    "WITH",
+    "CASE",
+    "WHEN",
+    "THEN",
+    "ELSE",
+    "END",
+    "DESC",
+    "ASC",
+    "CREATE",
+    "VIEW",
+    "EXPLAIN",
+    "DESCRIBE",
+    "SHOW",
+    "TABLES",
+    "UNNEST",
+    "ARRAY_TO_STRING",
+    "CARDINALITY",
 ];
 
 /// rustyline helper: completion of tables, columns, keywords and commands; statements end at `;`.
@@ -199,7 +277,12 @@ impl ReplHelper {
 
 impl Completer for ReplHelper {
     type Candidate = String;
-    fn complete(&self, line: &str, pos: usize, _ctx: &Context<'_>) -> rustyline::Result<(usize, Vec<String>)> {
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _ctx: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<String>)> {
         let start = line[..pos]
             .char_indices()
             .rev()
@@ -210,7 +293,12 @@ impl Completer for ReplHelper {
             return Ok((pos, vec![]));
         }
         let lower = prefix.to_lowercase();
-        let hits = self.words.iter().filter(|w| w.to_lowercase().starts_with(&lower)).cloned().collect();
+        let hits = self
+            .words
+            .iter()
+            .filter(|w| w.to_lowercase().starts_with(&lower))
+            .cloned()
+            .collect();
         Ok((start, hits))
     }
 }
@@ -222,7 +310,11 @@ impl Validator for ReplHelper {
             || input.starts_with('\\')
             || input.ends_with(';')
             || matches!(input, "quit" | "exit");
-        Ok(if complete { ValidationResult::Valid(None) } else { ValidationResult::Incomplete })
+        Ok(if complete {
+            ValidationResult::Valid(None)
+        } else {
+            ValidationResult::Incomplete
+        })
     }
 }
 
@@ -234,7 +326,10 @@ pub async fn repl(mut session: Session, history: Option<std::path::PathBuf>) -> 
     if let Some(h) = &history {
         let _ = rl.load_history(h);
     }
-    println!("threatlake SQL on {} — statements end with ';', \\? for help, \\q to quit", session.engine.lake.location);
+    println!(
+        "threatlake SQL on {} — statements end with ';', \\? for help, \\q to quit",
+        session.engine.lake.location
+    );
     loop {
         match rl.readline("threatlake> ") {
             Ok(line) => {
@@ -294,7 +389,6 @@ pub fn stdin_is_terminal() -> bool {
     std::io::stdin().is_terminal()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,8 +396,14 @@ mod tests {
     #[test]
     fn commands_parse_and_every_help_entry_parses() {
         assert_eq!("\\d".parse::<Command>().unwrap(), Command::ListTables);
-        assert_eq!("\\d  mitre_attack_techniques ".parse::<Command>().unwrap(), Command::DescribeTable("mitre_attack_techniques".into()));
-        assert_eq!("\\format csv".parse::<Command>().unwrap(), Command::Format(Some(OutputFormat::Csv)));
+        assert_eq!(
+            "\\d  mitre_attack_techniques ".parse::<Command>().unwrap(),
+            Command::DescribeTable("mitre_attack_techniques".into())
+        );
+        assert_eq!(
+            "\\format csv".parse::<Command>().unwrap(),
+            Command::Format(Some(OutputFormat::Csv))
+        );
         assert!("\\format xml".parse::<Command>().is_err());
         assert!("\\nope".parse::<Command>().is_err());
         for (c, a, _) in INFO {

@@ -8,7 +8,9 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -19,11 +21,26 @@ use crate::lake::{Lake, LakeError};
 
 /// Views shipped in `sql/views/`, created on every session in this order (later ones may use earlier ones).
 pub const VIEWS: &[(&str, &str)] = &[
-    ("attack_versions_current", include_str!("../../sql/views/attack_versions_current.sql")),
-    ("attack_techniques_current", include_str!("../../sql/views/attack_techniques_current.sql")),
-    ("attack_tactics_current", include_str!("../../sql/views/attack_tactics_current.sql")),
-    ("attack_technique_tactics", include_str!("../../sql/views/attack_technique_tactics.sql")),
-    ("attack_procedures_current", include_str!("../../sql/views/attack_procedures_current.sql")),
+    (
+        "attack_versions_current",
+        include_str!("../../sql/views/attack_versions_current.sql"),
+    ),
+    (
+        "attack_techniques_current",
+        include_str!("../../sql/views/attack_techniques_current.sql"),
+    ),
+    (
+        "attack_tactics_current",
+        include_str!("../../sql/views/attack_tactics_current.sql"),
+    ),
+    (
+        "attack_technique_tactics",
+        include_str!("../../sql/views/attack_technique_tactics.sql"),
+    ),
+    (
+        "attack_procedures_current",
+        include_str!("../../sql/views/attack_procedures_current.sql"),
+    ),
 ];
 
 /// Errors opening a session or running SQL.
@@ -33,9 +50,10 @@ pub enum SqlError {
     /// Listing the lake failed.
     #[error(transparent)]
     Lake(#[from] LakeError),
-    /// DataFusion rejected a statement or failed to run it (its message is shown as is).
+    /// DataFusion rejected a statement or failed to run it (its message is shown as is, once:
+    /// not chained as a source, since DataFusion's message already includes its causes).
     #[error("{0}")]
-    DataFusion(#[from] DataFusionError),
+    DataFusion(Box<DataFusionError>),
     /// A shipped view failed to create; a bug, or a lake written by an incompatible version.
     #[error("creating view {name} from sql/views/{name}.sql: {source}")]
     View {
@@ -44,6 +62,12 @@ pub enum SqlError {
         /// DataFusion's error.
         source: DataFusionError,
     },
+}
+
+impl From<DataFusionError> for SqlError {
+    fn from(e: DataFusionError) -> Self {
+        SqlError::DataFusion(Box::new(e))
+    }
 }
 
 /// A DataFusion session over one lake.
@@ -58,7 +82,9 @@ impl Engine {
     /// Open a session: register every table in the lake (ATT&CK tables that are absent are
     /// registered empty, so queries and views work on a fresh lake), functions, then views.
     pub async fn open(lake: &Lake) -> Result<Self, SqlError> {
-        let config = SessionConfig::new().with_information_schema(true).with_default_catalog_and_schema("threatlake", "lake");
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("threatlake", "lake");
         let ctx = SessionContext::new_with_config(config);
         ctx.register_object_store(&lake.location.base_url, lake.location.store.clone());
         {
@@ -69,7 +95,9 @@ impl Engine {
         let found = lake.tables().await?;
         for (name, schema) in attack::table_schemas() {
             let provider: Arc<dyn TableProvider> = match found.get(name) {
-                Some(_) => listing_table(&ctx, lake, name, Some(schema), &attack::PARTITION_COLS).await?,
+                Some(_) => {
+                    listing_table(&ctx, lake, name, Some(schema), &attack::PARTITION_COLS).await?
+                }
                 None => empty_table(schema, &attack::PARTITION_COLS)?,
             };
             ctx.register_table(name, provider)?;
@@ -83,9 +111,15 @@ impl Engine {
             ctx.register_table(name.as_str(), provider)?;
         }
         for (name, sql) in VIEWS {
-            ctx.sql(sql).await.map_err(|source| SqlError::View { name: name.to_string(), source })?;
+            ctx.sql(sql).await.map_err(|source| SqlError::View {
+                name: name.to_string(),
+                source,
+            })?;
         }
-        Ok(Self { ctx, lake: lake.clone() })
+        Ok(Self {
+            ctx,
+            lake: lake.clone(),
+        })
     }
 
     /// Run every statement in `sql` and collect the results of each.
@@ -109,14 +143,24 @@ impl Engine {
 
     /// Names of tables and views in the lake schema, sorted, with their kind.
     pub async fn table_names(&self) -> Vec<(String, &'static str)> {
-        let Some(schema) = self.ctx.catalog("threatlake").and_then(|c| c.schema("lake")) else {
+        let Some(schema) = self
+            .ctx
+            .catalog("threatlake")
+            .and_then(|c| c.schema("lake"))
+        else {
             return vec![];
         };
         let mut names = schema.table_names();
         names.sort();
         let mut out = Vec::with_capacity(names.len());
         for n in names {
-            let kind = match schema.table(&n).await.ok().flatten().map(|t| t.table_type()) {
+            let kind = match schema
+                .table(&n)
+                .await
+                .ok()
+                .flatten()
+                .map(|t| t.table_type())
+            {
                 Some(datafusion::datasource::TableType::View) => "view",
                 _ => "table",
             };
@@ -162,18 +206,32 @@ async fn listing_table(
     let url = ListingTableUrl::parse(lake.location.dir_url(name))?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
-        .with_table_partition_cols(partition_cols.iter().map(|c| (c.to_string(), DataType::Utf8)).collect());
+        .with_table_partition_cols(
+            partition_cols
+                .iter()
+                .map(|c| (c.to_string(), DataType::Utf8))
+                .collect(),
+        );
     let schema = match schema {
         Some(s) => s,
         None => options.infer_schema(&ctx.state(), &url).await?,
     };
-    let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(schema);
     Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
-fn empty_table(schema: SchemaRef, partition_cols: &[&str]) -> Result<Arc<dyn TableProvider>, SqlError> {
+fn empty_table(
+    schema: SchemaRef,
+    partition_cols: &[&str],
+) -> Result<Arc<dyn TableProvider>, SqlError> {
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.extend(partition_cols.iter().map(|c| Field::new(*c, DataType::Utf8, false)));
+    fields.extend(
+        partition_cols
+            .iter()
+            .map(|c| Field::new(*c, DataType::Utf8, false)),
+    );
     let schema = Arc::new(Schema::new(fields));
     Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?))
 }

@@ -53,10 +53,13 @@ impl OutputFormat {
 impl FromStr for OutputFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        OutputFormat::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
-            let names: Vec<&str> = OutputFormat::ALL.iter().map(|f| f.name()).collect();
-            format!("unknown format '{s}'; choose one of {}", names.join(", "))
-        })
+        OutputFormat::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<&str> = OutputFormat::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown format '{s}'; choose one of {}", names.join(", "))
+            })
     }
 }
 
@@ -98,7 +101,9 @@ pub fn write(
         OutputFormat::Csv => write_delimited(out, schema, batches, b','),
         OutputFormat::Tsv => write_delimited(out, schema, batches, b'\t'),
         OutputFormat::Json => {
-            let mut w = arrow::json::WriterBuilder::new().with_explicit_nulls(true).build::<_, arrow::json::writer::JsonArray>(&mut *out);
+            let mut w = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::JsonArray>(&mut *out);
             for b in batches {
                 w.write(b)?;
             }
@@ -108,7 +113,9 @@ pub fn write(
             Ok(())
         }
         OutputFormat::Ndjson => {
-            let mut w = arrow::json::WriterBuilder::new().with_explicit_nulls(true).build::<_, arrow::json::writer::LineDelimited>(&mut *out);
+            let mut w = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::LineDelimited>(&mut *out);
             for b in batches {
                 w.write(b)?;
             }
@@ -119,7 +126,12 @@ pub fn write(
     }
 }
 
-fn write_table(out: &mut dyn Write, schema: &SchemaRef, batches: &[RecordBatch], max_rows: usize) -> Result<(), OutputError> {
+fn write_table(
+    out: &mut dyn Write,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    max_rows: usize,
+) -> Result<(), OutputError> {
     let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let shown: Vec<RecordBatch> = if max_rows > 0 && total > max_rows {
         let mut left = max_rows;
@@ -139,7 +151,10 @@ fn write_table(out: &mut dyn Write, schema: &SchemaRef, batches: &[RecordBatch],
     let text = arrow::util::pretty::pretty_format_batches_with_schema(schema.clone(), &shown)?;
     writeln!(out, "{text}")?;
     if shown.iter().map(RecordBatch::num_rows).sum::<usize>() < total {
-        writeln!(out, "({max_rows} of {total} rows shown; use \\format csv or LIMIT to see more)")?;
+        writeln!(
+            out,
+            "({max_rows} of {total} rows shown; use \\format csv or LIMIT to see more)"
+        )?;
     }
     Ok(())
 }
@@ -147,28 +162,60 @@ fn write_table(out: &mut dyn Write, schema: &SchemaRef, batches: &[RecordBatch],
 /// CSV/TSV through arrow-csv. Nested columns (lists, structs) are rendered as text first since CSV has
 /// no nesting, and text cells that a spreadsheet would run as a formula are neutralised: intel text
 /// is attacker-controlled.
-fn write_delimited(out: &mut dyn Write, schema: &SchemaRef, batches: &[RecordBatch], delimiter: u8) -> Result<(), OutputError> {
+fn write_delimited(
+    out: &mut dyn Write,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    delimiter: u8,
+) -> Result<(), OutputError> {
     let flat_schema = flatten_schema(schema);
-    let mut w = arrow::csv::WriterBuilder::new().with_header(true).with_delimiter(delimiter).build(&mut *out);
-    if batches.is_empty() {
-        w.write(&RecordBatch::new_empty(flat_schema.clone()))?;
-    }
-    for b in batches {
+    let empty = [RecordBatch::new_empty(schema.clone())];
+    let batches = if batches.is_empty() {
+        &empty[..]
+    } else {
+        batches
+    };
+    // arrow-csv folds I/O errors into strings; encode each batch in memory and write it ourselves so
+    // a closed pipe stays recognisable as one.
+    let mut buf = Vec::new();
+    for (i, b) in batches.iter().enumerate() {
+        buf.clear();
+        let mut w = arrow::csv::WriterBuilder::new()
+            .with_header(i == 0)
+            .with_delimiter(delimiter)
+            .build(&mut buf);
         w.write(&flatten_batch(&flat_schema, b, true)?)?;
+        drop(w);
+        out.write_all(&buf)?;
     }
     Ok(())
 }
 
-fn write_markdown(out: &mut dyn Write, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(), OutputError> {
-    let esc = |s: &str| s.replace('\\', "\\\\").replace('|', "\\|").replace('\n', "<br>");
+fn write_markdown(
+    out: &mut dyn Write,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<(), OutputError> {
+    let esc = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('|', "\\|")
+            .replace('\n', "<br>")
+    };
     let names: Vec<String> = schema.fields().iter().map(|f| esc(f.name())).collect();
     writeln!(out, "| {} |", names.join(" | "))?;
     writeln!(out, "|{}", " --- |".repeat(names.len()))?;
     let opts = FormatOptions::default().with_null("NULL");
     for b in batches {
-        let fmts = b.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &opts)).collect::<Result<Vec<_>, _>>()?;
+        let fmts = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
+            .collect::<Result<Vec<_>, _>>()?;
         for row in 0..b.num_rows() {
-            let cells: Vec<String> = fmts.iter().map(|f| esc(&f.value(row).to_string())).collect();
+            let cells: Vec<String> = fmts
+                .iter()
+                .map(|f| esc(&f.value(row).to_string()))
+                .collect();
             writeln!(out, "| {} |", cells.join(" | "))?;
         }
     }
@@ -178,7 +225,13 @@ fn write_markdown(out: &mut dyn Write, schema: &SchemaRef, batches: &[RecordBatc
 fn is_nested(dt: &DataType) -> bool {
     matches!(
         dt,
-        DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(_, _) | DataType::Struct(_) | DataType::Map(_, _) | DataType::ListView(_) | DataType::LargeListView(_)
+        DataType::List(_)
+            | DataType::LargeList(_)
+            | DataType::FixedSizeList(_, _)
+            | DataType::Struct(_)
+            | DataType::Map(_, _)
+            | DataType::ListView(_)
+            | DataType::LargeListView(_)
     )
 }
 
@@ -186,13 +239,23 @@ fn flatten_schema(schema: &SchemaRef) -> SchemaRef {
     let fields: Vec<Field> = schema
         .fields()
         .iter()
-        .map(|f| if is_nested(f.data_type()) { Field::new(f.name(), DataType::Utf8, true) } else { f.as_ref().clone() })
+        .map(|f| {
+            if is_nested(f.data_type()) {
+                Field::new(f.name(), DataType::Utf8, true)
+            } else {
+                f.as_ref().clone()
+            }
+        })
         .collect();
     Arc::new(Schema::new(fields))
 }
 
 /// Render nested columns as text and (optionally) neutralise spreadsheet formulas in text columns.
-fn flatten_batch(flat: &SchemaRef, b: &RecordBatch, neutralise: bool) -> Result<RecordBatch, ArrowError> {
+fn flatten_batch(
+    flat: &SchemaRef,
+    b: &RecordBatch,
+    neutralise: bool,
+) -> Result<RecordBatch, ArrowError> {
     let opts = FormatOptions::default();
     let cols: Vec<ArrayRef> = b
         .columns()
@@ -200,12 +263,24 @@ fn flatten_batch(flat: &SchemaRef, b: &RecordBatch, neutralise: bool) -> Result<
         .map(|c| -> Result<ArrayRef, ArrowError> {
             if is_nested(c.data_type()) {
                 let f = ArrayFormatter::try_new(c.as_ref(), &opts)?;
-                let v: StringArray =
-                    (0..c.len()).map(|i| c.is_valid(i).then(|| neutralise_formula(&f.value(i).to_string()))).collect();
+                let v: StringArray = (0..c.len())
+                    .map(|i| {
+                        c.is_valid(i)
+                            .then(|| neutralise_formula(&f.value(i).to_string()))
+                    })
+                    .collect();
                 Ok(Arc::new(v))
-            } else if neutralise && matches!(c.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+            } else if neutralise
+                && matches!(
+                    c.data_type(),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                )
+            {
                 let s = arrow::compute::cast(c, &DataType::Utf8)?;
-                let s = s.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+                let s = s
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("cast to Utf8");
                 let v: StringArray = s.iter().map(|x| x.map(neutralise_formula)).collect();
                 let v: ArrayRef = Arc::new(v);
                 arrow::compute::cast(&v, c.data_type())
@@ -234,7 +309,11 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("t", DataType::Utf8, true)]));
         let b = RecordBatch::try_new(
             schema.clone(),
-            vec![Arc::new(StringArray::from(vec![Some("=HYPERLINK(\"http://x\")"), Some("a|b"), None]))],
+            vec![Arc::new(StringArray::from(vec![
+                Some("=HYPERLINK(\"http://x\")"),
+                Some("a|b"),
+                None,
+            ]))],
         )
         .unwrap();
         (schema, b)
@@ -267,7 +346,13 @@ mod tests {
 
     #[test]
     fn formats_parse() {
-        assert_eq!("NDJSON".parse::<OutputFormat>().unwrap(), OutputFormat::Ndjson);
-        assert!("xml".parse::<OutputFormat>().unwrap_err().contains("markdown"));
+        assert_eq!(
+            "NDJSON".parse::<OutputFormat>().unwrap(),
+            OutputFormat::Ndjson
+        );
+        assert!("xml"
+            .parse::<OutputFormat>()
+            .unwrap_err()
+            .contains("markdown"));
     }
 }

@@ -38,9 +38,16 @@ pub async fn ingest(dir: &Path, domains: &[&str]) -> Lake {
     let raw = Location::open(dir.join("raw").to_str().unwrap()).unwrap();
     for d in domains {
         let src = bundle(d);
-        threatlake::attack::ingest(&lake, &raw, src.to_str().unwrap(), None, None, Duration::from_secs(60))
-            .await
-            .unwrap_or_else(|e| panic!("ingest {d}: {e}"));
+        threatlake::attack::ingest(
+            &lake,
+            &raw,
+            src.to_str().unwrap(),
+            None,
+            None,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("ingest {d}: {e}"));
     }
     lake
 }
@@ -51,7 +58,9 @@ pub fn listing(dir: &Path) -> Vec<(String, u64, u64)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -60,7 +69,11 @@ pub fn listing(dir: &Path) -> Vec<(String, u64, u64)> {
                 let bytes = std::fs::read(&p).unwrap();
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 bytes.hash(&mut h);
-                out.push((p.strip_prefix(dir).unwrap().display().to_string(), bytes.len() as u64, h.finish()));
+                out.push((
+                    p.strip_prefix(dir).unwrap().display().to_string(),
+                    bytes.len() as u64,
+                    h.finish(),
+                ));
             }
         }
     }

@@ -12,8 +12,18 @@ fn lake() -> &'static PathBuf {
     LAKE.get_or_init(|| {
         let dir = common::scratch("cli-lake");
         let status = Command::new(env!("CARGO_BIN_EXE_threatlake"))
-            .args(["--lake", dir.join("lake").to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
-            .args(["ingest", "attack", "--from", common::bundle("ics").to_str().unwrap()])
+            .args([
+                "--lake",
+                dir.join("lake").to_str().unwrap(),
+                "--raw",
+                dir.join("raw").to_str().unwrap(),
+            ])
+            .args([
+                "ingest",
+                "attack",
+                "--from",
+                common::bundle("ics").to_str().unwrap(),
+            ])
             .status()
             .unwrap();
         assert!(status.success());
@@ -30,7 +40,8 @@ fn sql(args: &[&str]) -> Command {
     c
 }
 
-const QUERY: &str = "SELECT technique_id, name, tactics, is_subtechnique FROM attack_techniques_current \
+const QUERY: &str =
+    "SELECT technique_id, name, tactics, is_subtechnique FROM attack_techniques_current \
                      WHERE domain = 'ics' ORDER BY technique_id LIMIT 3";
 
 macro_rules! snapshot {
@@ -90,9 +101,17 @@ fn sql_error_names_the_problem_and_fails() {
 fn sql_file_and_format_command() {
     let dir = common::scratch("cli-sql-file");
     let f = dir.join("q.sql");
-    std::fs::write(&f, "\\format csv\nSELECT domain,\n  count(*) AS n\nFROM attack_tactics_current\nGROUP BY 1;\n").unwrap();
+    std::fs::write(
+        &f,
+        "\\format csv\nSELECT domain,\n  count(*) AS n\nFROM attack_tactics_current\nGROUP BY 1;\n",
+    )
+    .unwrap();
     let out = sql(&["-f", f.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "domain,n\nics,12\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 row in"));
 }
@@ -101,11 +120,16 @@ fn sql_file_and_format_command() {
 fn closed_pipe_is_not_an_error() {
     use std::io::Read;
     use std::process::Stdio;
-    let mut child = sql(&["--format", "csv", "-c", "SELECT * FROM mitre_attack_relationships"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = sql(&[
+        "--format",
+        "csv",
+        "-c",
+        "SELECT * FROM mitre_attack_relationships",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut first = [0u8; 16];
     stdout.read_exact(&mut first).unwrap();
@@ -113,7 +137,10 @@ fn closed_pipe_is_not_an_error() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -128,5 +155,8 @@ fn config_show_redacts_secrets() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("root: /srv/lake"), "{text}");
-    assert!(!text.contains("super-secret-otx-key") && text.contains("<redacted>"), "{text}");
+    assert!(
+        !text.contains("super-secret-otx-key") && text.contains("<redacted>"),
+        "{text}"
+    );
 }

@@ -10,7 +10,8 @@ use crate::common;
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_threatlake"));
     // A settings file that does not exist here would not matter, but be explicit: built-in defaults.
-    c.env_remove("THREATLAKE_CONFIG").current_dir(env!("CARGO_TARGET_TMPDIR"));
+    c.env_remove("THREATLAKE_CONFIG")
+        .current_dir(env!("CARGO_TARGET_TMPDIR"));
     c
 }
 
@@ -32,7 +33,9 @@ fn table_counts_sql() -> String {
 async fn all_counts(lake: &Lake) -> Vec<String> {
     let e = Engine::open(lake).await.unwrap();
     let r = e.run(&table_counts_sql()).await.unwrap();
-    let text = arrow::util::pretty::pretty_format_batches(&r[0].batches).unwrap().to_string();
+    let text = arrow::util::pretty::pretty_format_batches(&r[0].batches)
+        .unwrap()
+        .to_string();
     text.lines().map(str::to_string).collect()
 }
 
@@ -41,12 +44,26 @@ async fn reingest_is_idempotent() {
     let dir = common::scratch("reingest");
     let lake = common::ingest(&dir, &["ics"]).await;
     let before = all_counts(&lake).await;
-    let files_before: Vec<String> = common::listing(&dir.join("lake")).into_iter().map(|(p, _, _)| p).collect();
+    let files_before: Vec<String> = common::listing(&dir.join("lake"))
+        .into_iter()
+        .map(|(p, _, _)| p)
+        .collect();
     common::ingest(&dir, &["ics"]).await;
     assert_eq!(before, all_counts(&lake).await);
-    let files_after: Vec<String> = common::listing(&dir.join("lake")).into_iter().map(|(p, _, _)| p).collect();
-    assert_eq!(files_before, files_after, "re-ingest must replace files, not add");
-    assert!(before.iter().any(|l| l.contains("mitre_attack_techniques") && l.contains("95")), "{before:?}");
+    let files_after: Vec<String> = common::listing(&dir.join("lake"))
+        .into_iter()
+        .map(|(p, _, _)| p)
+        .collect();
+    assert_eq!(
+        files_before, files_after,
+        "re-ingest must replace files, not add"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|l| l.contains("mitre_attack_techniques") && l.contains("95")),
+        "{before:?}"
+    );
     assert!(dir.join("raw/attack/ics/18.1.json.gz").is_file());
 }
 
@@ -60,8 +77,8 @@ fn relabelled_ics(path: &Path, version: &str, rename_to: &str) {
         if o["type"] == "x-mitre-collection" {
             o["x_mitre_version"] = version.into();
         }
-        let is_t0800 = o["type"] == "attack-pattern"
-            && o["external_references"][0]["external_id"] == "T0800";
+        let is_t0800 =
+            o["type"] == "attack-pattern" && o["external_references"][0]["external_id"] == "T0800";
         if is_t0800 {
             o["name"] = rename_to.into();
         }
@@ -79,35 +96,80 @@ async fn second_version_lands_beside_and_current_views_pick_the_newest() {
     let v9 = dir.join("ics-9.0.json");
     relabelled_ics(&v9, "9.0", "Renamed In 9");
     for p in [&v19, &v9] {
-        threatlake::attack::ingest(&lake, &raw, p.to_str().unwrap(), None, None, Duration::from_secs(30))
-            .await
-            .unwrap();
+        threatlake::attack::ingest(
+            &lake,
+            &raw,
+            p.to_str().unwrap(),
+            None,
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
     }
     let e = Engine::open(&lake).await.unwrap();
-    assert_eq!(count(&e, "SELECT count(*) FROM mitre_attack_versions WHERE domain = 'ics'").await, 3);
-    assert_eq!(count(&e, "SELECT count(*) FROM mitre_attack_techniques WHERE domain = 'ics'").await, 3 * 95);
-    assert_eq!(count(&e, "SELECT count(*) FROM attack_techniques_current WHERE domain = 'ics'").await, 83);
+    assert_eq!(
+        count(
+            &e,
+            "SELECT count(*) FROM mitre_attack_versions WHERE domain = 'ics'"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        count(
+            &e,
+            "SELECT count(*) FROM mitre_attack_techniques WHERE domain = 'ics'"
+        )
+        .await,
+        3 * 95
+    );
+    assert_eq!(
+        count(
+            &e,
+            "SELECT count(*) FROM attack_techniques_current WHERE domain = 'ics'"
+        )
+        .await,
+        83
+    );
     // 19.0 is newest: string order would pick 9.0.
-    let r = e.run("SELECT attack_version FROM attack_versions_current WHERE domain = 'ics'").await.unwrap();
-    let text = arrow::util::pretty::pretty_format_batches(&r[0].batches).unwrap().to_string();
-    assert!(text.contains("19.0") && !text.contains("9.0 "), "{text}");
+    assert_eq!(
+        count(&e, "SELECT count(*) FROM attack_versions_current WHERE domain = 'ics' AND attack_version = '19.0'").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &e,
+            "SELECT count(*) FROM attack_versions_current WHERE domain = 'ics'"
+        )
+        .await,
+        1
+    );
     assert_eq!(
         count(&e, "SELECT count(*) FROM attack_techniques_current WHERE technique_id = 'T0800' AND name = 'Renamed In 19'").await,
         1
     );
-    assert!(dir.join("raw/attack/ics/19.0.json.gz").is_file() && dir.join("raw/attack/ics/18.1.json.gz").is_file());
+    assert!(
+        dir.join("raw/attack/ics/19.0.json.gz").is_file()
+            && dir.join("raw/attack/ics/18.1.json.gz").is_file()
+    );
 }
 
 /// A loopback HTTP server that serves `routes` (path -> (status, body)) until `requests` have been
 /// answered or 20 s pass, whichever comes first.
-fn serve(routes: Vec<(&'static str, u16, Vec<u8>)>, requests: usize) -> (String, std::thread::JoinHandle<()>) {
+fn serve(
+    routes: Vec<(&'static str, u16, Vec<u8>)>,
+    requests: usize,
+) -> (String, std::thread::JoinHandle<()>) {
     let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", server.server_addr().to_ip().unwrap());
     let handle = std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let mut served = 0;
         while served < requests && std::time::Instant::now() < deadline {
-            let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(200)) else { continue };
+            let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
             let (status, body) = routes
                 .iter()
                 .find(|(p, _, _)| *p == req.url())
@@ -124,19 +186,53 @@ fn serve(routes: Vec<(&'static str, u16, Vec<u8>)>, requests: usize) -> (String,
 fn ingest_from_loopback_http_and_http_errors_are_clear() {
     let dir = common::scratch("http");
     let gz = std::fs::read(common::bundle("ics")).unwrap();
-    let (base, server) = serve(vec![("/ics-attack.json", 200, gz), ("/gone.json", 500, b"boom".to_vec())], 2);
+    let (base, server) = serve(
+        vec![
+            ("/ics-attack.json", 200, gz),
+            ("/gone.json", 500, b"boom".to_vec()),
+        ],
+        2,
+    );
     let lake = dir.join("lake");
     let out = bin()
-        .args(["--lake", lake.to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
-        .args(["ingest", "attack", "--domain", "ics", "--from", &format!("{base}/ics-attack.json")])
+        .args([
+            "--lake",
+            lake.to_str().unwrap(),
+            "--raw",
+            dir.join("raw").to_str().unwrap(),
+        ])
+        .args([
+            "ingest",
+            "attack",
+            "--domain",
+            "ics",
+            "--from",
+            &format!("{base}/ics-attack.json"),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ics ATT&CK 18.1: 95 techniques"));
     let before = common::listing(&lake);
     let out = bin()
-        .args(["--lake", lake.to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
-        .args(["ingest", "attack", "--domain", "ics", "--from", &format!("{base}/gone.json")])
+        .args([
+            "--lake",
+            lake.to_str().unwrap(),
+            "--raw",
+            dir.join("raw").to_str().unwrap(),
+        ])
+        .args([
+            "ingest",
+            "attack",
+            "--domain",
+            "ics",
+            "--from",
+            &format!("{base}/gone.json"),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -150,13 +246,28 @@ fn ingest_from_loopback_http_and_http_errors_are_clear() {
 fn domain_mismatch_is_refused() {
     let dir = common::scratch("mismatch");
     let out = bin()
-        .args(["--lake", dir.join("lake").to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
-        .args(["ingest", "attack", "--domain", "mobile", "--from", common::bundle("ics").to_str().unwrap()])
+        .args([
+            "--lake",
+            dir.join("lake").to_str().unwrap(),
+            "--raw",
+            dir.join("raw").to_str().unwrap(),
+        ])
+        .args([
+            "ingest",
+            "attack",
+            "--domain",
+            "mobile",
+            "--from",
+            common::bundle("ics").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("ics bundle") && err.contains("--domain mobile"), "{err}");
+    assert!(
+        err.contains("ics bundle") && err.contains("--domain mobile"),
+        "{err}"
+    );
     assert!(common::listing(&dir.join("lake")).is_empty());
 }
 
@@ -188,10 +299,17 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
 
     let not_utf8 = bad.join("latin1.json");
     let mut f = std::fs::File::create(&not_utf8).unwrap();
-    f.write_all(b"{\"type\":\"bundle\",\"objects\":[{\"type\":\"attack-pattern\",\"name\":\"caf\xe9\"}]}").unwrap();
+    f.write_all(
+        b"{\"type\":\"bundle\",\"objects\":[{\"type\":\"attack-pattern\",\"name\":\"caf\xe9\"}]}",
+    )
+    .unwrap();
 
     let truncated_json = bad.join("truncated.json");
-    std::fs::write(&truncated_json, br#"{"type":"bundle","objects":[{"type":"attack-pattern","#).unwrap();
+    std::fs::write(
+        &truncated_json,
+        br#"{"type":"bundle","objects":[{"type":"attack-pattern","#,
+    )
+    .unwrap();
 
     let missing = bad.join("does-not-exist.json");
 
@@ -206,18 +324,35 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
     ];
     for (path, needles) in cases {
         let out = bin()
-            .args(["--lake", dir.join("lake").to_str().unwrap(), "--raw", dir.join("raw").to_str().unwrap()])
+            .args([
+                "--lake",
+                dir.join("lake").to_str().unwrap(),
+                "--raw",
+                dir.join("raw").to_str().unwrap(),
+            ])
             .args(["ingest", "attack", "--from", path.to_str().unwrap()])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{} should fail", path.display());
-        assert!(err.contains(path.to_str().unwrap()), "message must name the file: {err}");
+        assert!(
+            err.contains(path.to_str().unwrap()),
+            "message must name the file: {err}"
+        );
         for n in needles {
-            assert!(err.contains(n), "{}: expected {n:?} in: {err}", path.display());
+            assert!(
+                err.contains(n),
+                "{}: expected {n:?} in: {err}",
+                path.display()
+            );
         }
         assert_eq!(err.trim().lines().count(), 1, "one clear message: {err}");
         assert!(!err.contains("panicked"), "{err}");
-        assert_eq!(before, common::listing(&dir), "lake changed after {}", path.display());
+        assert_eq!(
+            before,
+            common::listing(&dir),
+            "lake changed after {}",
+            path.display()
+        );
     }
 }

@@ -24,7 +24,11 @@ mod tests {
     fn function_names_are_unique() {
         let mut seen = HashSet::new();
         for f in all_functions() {
-            assert!(seen.insert(f.name().to_string()), "duplicate function name {}", f.name());
+            assert!(
+                seen.insert(f.name().to_string()),
+                "duplicate function name {}",
+                f.name()
+            );
             for alias in f.aliases() {
                 assert!(seen.insert(alias.clone()), "duplicate alias {alias}");
             }
