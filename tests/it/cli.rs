@@ -160,3 +160,40 @@ fn config_show_redacts_secrets() {
         "{text}"
     );
 }
+
+/// The interactive REPL in a real pseudo-terminal: multi-line statements, timing line, an error that
+/// keeps the session alive, tab completion, backslash commands, history written on exit.
+#[test]
+fn repl_in_a_pty() {
+    let dir = common::scratch("cli-repl");
+    let history = dir.join("history.txt");
+    let mut cmd = sql(&[]);
+    cmd.env("THREATLAKE_SQL_HISTORY_FILE", history.to_str().unwrap())
+        .env("TERM", "xterm");
+    let mut p = rexpect::session::spawn_command(cmd, Some(20_000)).unwrap();
+    p.exp_string("threatlake>").unwrap();
+    p.send_line("SELECT count(*) AS n").unwrap();
+    p.send_line("FROM attack_techniques_current;").unwrap();
+    p.exp_string("83").unwrap();
+    p.exp_string("1 row in").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    p.send_line("SELECT no_such_column FROM mitre_attack_tactics;")
+        .unwrap();
+    p.exp_string("No field named no_such_column").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    // Tab completes a table name.
+    p.send("SELECT count(*) FROM attack_tactics_cur\t").unwrap();
+    p.send_line(";").unwrap();
+    p.exp_string("12").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    p.send_line("\\format csv").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    p.send_line("SELECT tactic_id FROM attack_tactics_current WHERE matrix_order = 1;")
+        .unwrap();
+    p.exp_string("tactic_id\r\nTA0108").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    p.send_line("\\q").unwrap();
+    p.exp_eof().unwrap();
+    let h = std::fs::read_to_string(&history).unwrap();
+    assert!(h.contains("FROM attack_techniques_current;"), "{h}");
+}

@@ -191,7 +191,7 @@ fn ingest_from_loopback_http_and_http_errors_are_clear() {
             ("/ics-attack.json", 200, gz),
             ("/gone.json", 500, b"boom".to_vec()),
         ],
-        2,
+        3,
     );
     let lake = dir.join("lake");
     let out = bin()
@@ -209,6 +209,28 @@ fn ingest_from_loopback_http_and_http_errors_are_clear() {
             "--from",
             &format!("{base}/ics-attack.json"),
         ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ics ATT&CK 18.1: 95 techniques"));
+    // The default path (no --from): the configured per-domain source URLs, here pointed at loopback.
+    let out = bin()
+        .env("THREATLAKE_ATTACK_DOMAINS", "[ics]")
+        .env(
+            "THREATLAKE_ATTACK_SOURCES",
+            format!("{{ics: '{base}/ics-attack.json'}}"),
+        )
+        .args([
+            "--lake",
+            lake.to_str().unwrap(),
+            "--raw",
+            dir.join("raw").to_str().unwrap(),
+        ])
+        .args(["ingest", "attack"])
         .output()
         .unwrap();
     assert!(
