@@ -238,6 +238,8 @@ pub struct VirusTotalSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingSettings {
+    /// Domain whose newest model the SQL functions use.
+    pub domain: Domain,
     /// Abstain threshold of map_technique.
     pub threshold: f64,
     /// Default k.

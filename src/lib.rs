@@ -6,6 +6,7 @@
 pub mod attack;
 pub mod config;
 pub mod lake;
+pub mod mapping;
 pub mod sql;
 
 pub use config::{Domain, Settings};

@@ -51,9 +51,99 @@ enum Command {
     /// Inspect the lake.
     #[command(subcommand)]
     Lake(LakeCommand),
+    /// Build and evaluate ATT&CK mapping models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Name the ATT&CK techniques behind text (top-k with scores and evidence).
+    Map(MapArgs),
     /// Print speed and memory figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Fit the mapper on the newest ATT&CK release of a domain and save it under lake.models.
+    Build {
+        /// Domain to learn.
+        #[arg(long, value_enum, default_value_t = SingleDomain::Enterprise)]
+        domain: SingleDomain,
+        /// General-English vectors to mix in (overrides mapping.pretrained_vectors).
+        #[arg(long, value_name = "PATH")]
+        pretrained: Option<String>,
+        /// Ignore mapping.pretrained_vectors.
+        #[arg(long)]
+        no_pretrained: bool,
+    },
+    /// Measure a model: on a labelled file, or on a hold-out of ATT&CK's own procedures.
+    Eval {
+        /// JSON lines {"text": …, "labels": ["T…"]}.
+        #[arg(long, value_name = "FILE", conflicts_with = "holdout")]
+        input: Option<PathBuf>,
+        /// Hold out the procedures of a random share of groups/software/campaigns, train on the rest,
+        /// and compare variants and a TF-IDF + LR baseline side by side.
+        #[arg(long)]
+        holdout: bool,
+        /// Share of sources held out.
+        #[arg(long, default_value_t = 0.2)]
+        fraction: f64,
+        /// Seed of the hold-out split.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Pretrained vectors for the hold-out variant with them.
+        #[arg(long, value_name = "PATH")]
+        pretrained: Option<String>,
+        /// Model directory (default: newest for the domain).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Domain.
+        #[arg(long, value_enum, default_value_t = SingleDomain::Enterprise)]
+        domain: SingleDomain,
+    },
+}
+
+#[derive(Debug, Args)]
+struct MapArgs {
+    /// Text to map.
+    text: Option<String>,
+    /// File of texts: .jsonl (a "text" field per line), .csv (a "text" column) or one text per line.
+    #[arg(long, value_name = "FILE")]
+    input: Option<PathBuf>,
+    /// Techniques per text.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Output: text (with evidence) or jsonl ({"row": N, "techniques": [{"technique_id", "score"}…]}).
+    #[arg(long, value_enum, default_value_t = MapFormat::Text)]
+    format: MapFormat,
+    /// Model directory (default: newest for the domain).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Domain.
+    #[arg(long, value_enum, default_value_t = SingleDomain::Enterprise)]
+    domain: SingleDomain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MapFormat {
+    Text,
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SingleDomain {
+    Enterprise,
+    Mobile,
+    Ics,
+}
+
+impl From<SingleDomain> for Domain {
+    fn from(d: SingleDomain) -> Domain {
+        match d {
+            SingleDomain::Enterprise => Domain::Enterprise,
+            SingleDomain::Mobile => Domain::Mobile,
+            SingleDomain::Ics => Domain::Ics,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +218,15 @@ enum LakeCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// `SELECT map_technique(text)` over N sentence-length rows through DataFusion.
+    Map {
+        /// Rows.
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        /// Timed runs.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Ingest a bundle into a throwaway lake and time a representative query.
     Ingest {
         /// Bundle to ingest.
@@ -224,6 +323,26 @@ async fn main_inner(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Model(ModelCommand::Build { domain, pretrained, no_pretrained }) => {
+            cli::model::build(&settings, domain.into(), pretrained, no_pretrained).await
+        }
+        Command::Model(ModelCommand::Eval { input, holdout, fraction, seed, pretrained, model, domain }) => {
+            match (input, holdout) {
+                (Some(i), false) => cli::model::eval_file(&settings, model.as_deref(), domain.into(), &i),
+                (None, true) => cli::model::eval_holdout(&settings, domain.into(), fraction, seed, pretrained).await,
+                _ => bail!("give --input FILE (labelled JSON lines) or --holdout"),
+            }
+        }
+        Command::Map(a) => cli::model::map(
+            &settings,
+            a.model.as_deref(),
+            a.domain.into(),
+            a.text,
+            a.input,
+            a.top,
+            a.format == MapFormat::Jsonl,
+        ),
+        Command::Bench(BenchCommand::Map { rows, runs }) => cli::bench::map(&settings, rows, runs).await,
         Command::Bench(BenchCommand::Ingest {
             from,
             runs,
@@ -307,7 +426,7 @@ fn source_for(settings: &Settings, d: Domain) -> Result<String> {
 
 async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
     let lake = Lake::open(&settings.lake.root)?;
-    let engine = Engine::open(&lake).await?;
+    let engine = Engine::open_with(&lake, &threatlake::sql::EngineOptions::from_settings(settings)).await?;
     let format = match args.format {
         Some(f) => f,
         None => settings

@@ -2,6 +2,7 @@
 
 pub mod output;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -15,6 +16,8 @@ use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement};
+
+use threatlake_udfs::LazyMapper;
 
 use crate::attack;
 use crate::lake::{Lake, LakeError};
@@ -70,6 +73,34 @@ impl From<DataFusionError> for SqlError {
     }
 }
 
+/// Where the mapping functions find their model.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Directory holding `<domain>-<version>/` model artifacts.
+    pub models_root: PathBuf,
+    /// Domain whose newest model `map_technique` uses.
+    pub mapping_domain: String,
+    /// Abstain threshold of `map_technique`.
+    pub threshold: f64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { models_root: PathBuf::from("data/models"), mapping_domain: "enterprise".into(), threshold: 0.35 }
+    }
+}
+
+impl EngineOptions {
+    /// Options from settings.
+    pub fn from_settings(s: &crate::Settings) -> Self {
+        Self {
+            models_root: PathBuf::from(&s.lake.models),
+            mapping_domain: s.mapping.domain.to_string(),
+            threshold: s.mapping.threshold,
+        }
+    }
+}
+
 /// A DataFusion session over one lake.
 pub struct Engine {
     /// The session; use it for anything not wrapped here.
@@ -82,6 +113,17 @@ impl Engine {
     /// Open a session: register every table in the lake (ATT&CK tables that are absent are
     /// registered empty, so queries and views work on a fresh lake), functions, then views.
     pub async fn open(lake: &Lake) -> Result<Self, SqlError> {
+        Self::open_with(lake, &EngineOptions::default()).await
+    }
+
+    /// [`Engine::open`] with explicit mapping options.
+    pub async fn open_with(lake: &Lake, options: &EngineOptions) -> Result<Self, SqlError> {
+        let mapper = Arc::new(LazyMapper::new(&options.models_root, &options.mapping_domain, options.threshold));
+        Self::open_with_mapper(lake, mapper).await
+    }
+
+    /// [`Engine::open`] with a given (possibly already loaded) mapping model.
+    pub async fn open_with_mapper(lake: &Lake, mapper: Arc<LazyMapper>) -> Result<Self, SqlError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("threatlake", "lake");
@@ -90,7 +132,7 @@ impl Engine {
         {
             let state = ctx.state_ref();
             let mut state = state.write();
-            threatlake_udfs::register_all(&mut *state)?;
+            threatlake_udfs::register_all(&mut *state, mapper)?;
         }
         let found = lake.tables().await?;
         for (name, schema) in attack::table_schemas() {

@@ -1,8 +1,10 @@
 //! DataFusion `ScalarUDFImpl` adapters: argument checks and scalar/array dispatch around the kernels.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{ArrayRef, AsArray, StringArray};
+use datafusion::error::DataFusionError;
 use arrow::datatypes::DataType;
 use datafusion::common::{exec_err, Result, ScalarValue};
 use datafusion::logical_expr::registry::FunctionRegistry;
@@ -11,6 +13,8 @@ use datafusion::logical_expr::{
 };
 
 use crate::kernels;
+use crate::mapper::{self, Mapper};
+use crate::mapping_kernels;
 
 type Kernel = fn(&StringArray) -> ArrayRef;
 
@@ -73,17 +77,144 @@ impl ScalarUDFImpl for StringKernelUdf {
     }
 }
 
-/// Every DataFusion function of this crate.
-pub fn all_functions() -> Vec<ScalarUDF> {
+/// The mapping model a session's functions use, loaded on first use (sessions that never map
+/// never pay for it) and shared by all four functions.
+#[derive(Debug)]
+pub struct LazyMapper {
+    models_root: PathBuf,
+    domain: String,
+    threshold: f64,
+    cell: OnceLock<Result<Arc<Mapper>, String>>,
+}
+
+impl LazyMapper {
+    /// The newest model for `domain` under `models_root`, loaded when first needed.
+    pub fn new(models_root: impl Into<PathBuf>, domain: impl Into<String>, threshold: f64) -> Self {
+        Self { models_root: models_root.into(), domain: domain.into(), threshold, cell: OnceLock::new() }
+    }
+
+    /// An already-loaded model.
+    pub fn loaded(m: Arc<Mapper>, threshold: f64) -> Self {
+        let cell = OnceLock::new();
+        let _ = cell.set(Ok(m.clone()));
+        Self { models_root: m.path.clone().unwrap_or_default(), domain: m.model.domain.clone(), threshold, cell }
+    }
+
+    /// The model, or a message that says how to get one.
+    pub fn get(&self) -> Result<Arc<Mapper>, DataFusionError> {
+        self.cell
+            .get_or_init(|| {
+                let dir = mapper::find_latest(&self.models_root, &self.domain).ok_or_else(|| {
+                    format!(
+                        "no {} mapping model in {}; run `threatlake model build --domain {}` first",
+                        self.domain,
+                        self.models_root.display(),
+                        self.domain
+                    )
+                })?;
+                Mapper::load(&dir).map(Arc::new).map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(DataFusionError::Execution)
+    }
+
+    /// Abstain threshold of `map_technique`.
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum MapKind {
+    MapTechnique,
+    MapTechniques,
+    TechniqueScore,
+    ExplainMapping,
+}
+
+#[derive(Debug)]
+struct MappingUdf {
+    kind: MapKind,
+    signature: Signature,
+    mapper: Arc<LazyMapper>,
+}
+
+impl PartialEq for MappingUdf {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && Arc::ptr_eq(&self.mapper, &other.mapper)
+    }
+}
+impl Eq for MappingUdf {}
+impl std::hash::Hash for MappingUdf {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.kind.hash(state);
+        (Arc::as_ptr(&self.mapper) as usize).hash(state);
+    }
+}
+
+impl ScalarUDFImpl for MappingUdf {
+    fn name(&self) -> &str {
+        match self.kind {
+            MapKind::MapTechnique => "map_technique",
+            MapKind::MapTechniques => "map_techniques",
+            MapKind::TechniqueScore => "technique_score",
+            MapKind::ExplainMapping => "explain_mapping",
+        }
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(match self.kind {
+            MapKind::MapTechnique | MapKind::ExplainMapping => DataType::Utf8,
+            MapKind::MapTechniques => mapping_kernels::ranked_list_type(),
+            MapKind::TechniqueScore => DataType::Float64,
+        })
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let text = arrow::compute::cast(&arrays[0], &DataType::Utf8)?;
+        let text = text.as_string::<i32>();
+        let m = self.mapper.get()?;
+        let ext = |e: mapping_kernels::KernelError| DataFusionError::Execution(e.to_string());
+        let out = match self.kind {
+            MapKind::MapTechnique => mapping_kernels::map_technique(&m, text, self.mapper.threshold()),
+            MapKind::ExplainMapping => mapping_kernels::explain_mapping(&m, text, self.mapper.threshold()),
+            MapKind::MapTechniques => {
+                let k = arrow::compute::cast(&arrays[1], &DataType::Int64)
+                    .map_err(|e| DataFusionError::Execution(format!("map_techniques: k must be an integer ({e})")))?;
+                mapping_kernels::map_techniques(&m, text, k.as_primitive()).map_err(ext)?
+            }
+            MapKind::TechniqueScore => {
+                let ids = arrow::compute::cast(&arrays[1], &DataType::Utf8)?;
+                mapping_kernels::technique_score(&m, text, ids.as_string::<i32>()).map_err(ext)?
+            }
+        };
+        Ok(ColumnarValue::Array(out))
+    }
+}
+
+/// Every DataFusion function of this crate; the mapping functions use `mapper`.
+pub fn all_functions(mapper: Arc<LazyMapper>) -> Vec<ScalarUDF> {
+    let mapping = |kind, args| {
+        ScalarUDF::from(MappingUdf { kind, signature: Signature::any(args, Volatility::Immutable), mapper: mapper.clone() })
+    };
     vec![
         ScalarUDF::from(StringKernelUdf::new(0, DataType::Int64)),
         ScalarUDF::from(StringKernelUdf::new(1, DataType::Utf8)),
+        mapping(MapKind::MapTechnique, 1),
+        mapping(MapKind::MapTechniques, 2),
+        mapping(MapKind::TechniqueScore, 2),
+        mapping(MapKind::ExplainMapping, 1),
     ]
 }
 
 /// Register every function on a DataFusion registry (a `SessionContext` or `SessionState`).
-pub fn register_all(registry: &mut dyn FunctionRegistry) -> Result<()> {
-    for f in all_functions() {
+pub fn register_all(registry: &mut dyn FunctionRegistry, mapper: Arc<LazyMapper>) -> Result<()> {
+    for f in all_functions(mapper) {
         registry.register_udf(Arc::new(f))?;
     }
     Ok(())

@@ -3,19 +3,16 @@
 //! Kernels (`kernels`) take and return Arrow arrays and know nothing about any SQL engine, so the
 //! same code serves DataFusion (`datafusion` adapters here) and, later, DuckDB.
 
+#[cfg(feature = "datafusion")]
 pub mod datafusion_adapter;
 pub mod kernels;
+pub mod mapper;
+pub mod mapping_kernels;
 
-use datafusion::logical_expr::ScalarUDF;
+#[cfg(feature = "datafusion")]
+pub use datafusion_adapter::{all_functions, register_all, LazyMapper};
 
-pub use datafusion_adapter::register_all;
-
-/// Every scalar function this crate provides, ready to register on a DataFusion session.
-pub fn all_functions() -> Vec<ScalarUDF> {
-    datafusion_adapter::all_functions()
-}
-
-#[cfg(test)]
+#[cfg(all(test, feature = "datafusion"))]
 mod tests {
     use super::*;
     use std::collections::HashSet;
@@ -23,7 +20,7 @@ mod tests {
     #[test]
     fn function_names_are_unique() {
         let mut seen = HashSet::new();
-        for f in all_functions() {
+        for f in all_functions(std::sync::Arc::new(LazyMapper::new("/nonexistent", "enterprise", 0.5))) {
             assert!(
                 seen.insert(f.name().to_string()),
                 "duplicate function name {}",

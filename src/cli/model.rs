@@ -1,0 +1,269 @@
+//! `threatlake model build|eval` and `threatlake map`: CLI over the mapping engine.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use threatlake::mapping;
+use threatlake::{Domain, Engine, Lake, Settings};
+use threatlake_udfs::mapper::eval::{self, Baseline, Labelled, Metrics};
+use threatlake_udfs::mapper::{self, Mapper, MapperParams, Scratch};
+
+/// Resolve the model directory: explicit, else the newest for the domain.
+pub fn resolve_model(settings: &Settings, model: Option<&Path>, domain: Domain) -> Result<PathBuf> {
+    if let Some(m) = model {
+        return Ok(m.to_path_buf());
+    }
+    let root = Path::new(&settings.lake.models);
+    mapper::find_latest(root, domain.as_str()).with_context(|| {
+        format!("no {domain} mapping model in {}; run `threatlake model build --domain {domain}` first", root.display())
+    })
+}
+
+/// `model build`.
+pub async fn build(settings: &Settings, domain: Domain, pretrained: Option<String>, no_pretrained: bool) -> Result<()> {
+    let lake = Lake::open(&settings.lake.root)?;
+    let engine = Engine::open(&lake).await?;
+    let pre = if no_pretrained { None } else { pretrained.or_else(|| settings.mapping.pretrained_vectors.clone()) };
+    if let Some(p) = &pre {
+        if !Path::new(p).is_file() {
+            bail!("pretrained vectors {p} not found; fix mapping.pretrained_vectors or pass --no-pretrained");
+        }
+    }
+    let t = Instant::now();
+    let report = mapping::build_model(
+        &engine,
+        domain,
+        Path::new(&settings.lake.models),
+        pre.as_deref().map(Path::new),
+        MapperParams::default(),
+    )
+    .await?;
+    let m = &report.manifest;
+    let stages: Vec<String> = report.timings.iter().map(|(n, d)| format!("{n} {:.1} s", d.as_secs_f64())).collect();
+    println!(
+        "model {} ATT&CK {}: {} techniques, {} training texts, {} prototypes, {} words × {} dims{} — {:.1} MB in {:.1} s ({})",
+        m.domain,
+        m.attack_version,
+        m.techniques,
+        m.units,
+        m.prototypes,
+        m.words,
+        m.dims,
+        m.pretrained.as_ref().map(|p| format!(" (+ {p})")).unwrap_or_default(),
+        report.bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64(),
+        stages.join(", ")
+    );
+    println!("saved to {}", report.dir.display());
+    Ok(())
+}
+
+/// Read texts from a file: JSON lines with a `text` field (.jsonl/.ndjson/.json), CSV with a `text`
+/// column (.csv), else one text per line.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    let name = path.to_string_lossy().to_lowercase();
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
+    let reader = std::io::BufReader::new(file);
+    if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json") {
+        let mut out = Vec::new();
+        for (i, line) in reader.lines().enumerate() {
+            let line = line.with_context(|| format!("{} line {}: not UTF-8 text", path.display(), i + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .with_context(|| format!("{} line {}: not JSON; expected {{\"text\": \"…\"}} per line", path.display(), i + 1))?;
+            let text = v.get("text").and_then(|t| t.as_str()).with_context(|| {
+                format!("{} line {}: no string field \"text\"", path.display(), i + 1)
+            })?;
+            out.push(text.to_string());
+        }
+        Ok(out)
+    } else if name.ends_with(".csv") {
+        let mut rdr = std::io::BufReader::new(std::fs::File::open(path)?);
+        let (schema, _) = arrow::csv::reader::Format::default()
+            .with_header(true)
+            .infer_schema(&mut rdr, Some(1000))
+            .with_context(|| format!("{}: not a CSV file with a header", path.display()))?;
+        let idx = schema
+            .index_of("text")
+            .map_err(|_| anyhow::anyhow!("{}: no \"text\" column (columns: {:?})", path.display(), schema.fields().iter().map(|f| f.name()).collect::<Vec<_>>()))?;
+        let file = std::fs::File::open(path)?;
+        let schema = Arc::new(arrow::datatypes::Schema::new(
+            schema.fields().iter().map(|f| arrow::datatypes::Field::new(f.name(), arrow::datatypes::DataType::Utf8, true)).collect::<Vec<_>>(),
+        ));
+        let csv = arrow::csv::ReaderBuilder::new(schema).with_header(true).build(file)?;
+        let mut out = Vec::new();
+        for b in csv {
+            let b = b.with_context(|| format!("reading {}", path.display()))?;
+            let col = arrow::array::AsArray::as_string::<i32>(b.column(idx));
+            out.extend(col.iter().map(|t| t.unwrap_or("").to_string()));
+        }
+        Ok(out)
+    } else {
+        reader
+            .lines()
+            .enumerate()
+            .map(|(i, l)| l.with_context(|| format!("{} line {}: not UTF-8 text", path.display(), i + 1)))
+            .collect()
+    }
+}
+
+/// JSON line of one mapped row, in exactly the documented shape.
+pub fn jsonl_line(row: usize, ranked: &[(String, f64)]) -> String {
+    let items: Vec<String> = ranked
+        .iter()
+        .map(|(id, score)| {
+            format!("{{\"technique_id\": {}, \"score\": {}}}", serde_json::to_string(id).expect("string"), round4(*score))
+        })
+        .collect();
+    format!("{{\"row\": {row}, \"techniques\": [{}]}}", items.join(", "))
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+/// `map`.
+pub fn map(
+    settings: &Settings,
+    model: Option<&Path>,
+    domain: Domain,
+    text: Option<String>,
+    input: Option<PathBuf>,
+    top: usize,
+    jsonl: bool,
+) -> Result<()> {
+    let dir = resolve_model(settings, model, domain)?;
+    let m = Mapper::load(&dir)?;
+    let texts = match (text, input) {
+        (Some(t), None) => vec![t],
+        (None, Some(p)) => read_texts(&p)?,
+        (Some(_), Some(_)) => bail!("give either TEXT or --input FILE, not both"),
+        (None, None) => bail!("give a TEXT to map or --input FILE"),
+    };
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let rows = threatlake_udfs::mapping_kernels::par_top_k(&m, &texts, top);
+    for (i, ranked) in rows.iter().enumerate() {
+        if jsonl {
+            let r: Vec<(String, f64)> =
+                ranked.iter().map(|x| (m.model.techniques[x.technique].id.clone(), x.score)).collect();
+            writeln!(out, "{}", jsonl_line(i, &r))?;
+        } else {
+            if texts.len() > 1 {
+                writeln!(out, "row {i}: {}", texts[i].chars().take(100).collect::<String>())?;
+            }
+            for (rank, x) in ranked.iter().enumerate() {
+                let t = &m.model.techniques[x.technique];
+                writeln!(out, "{:>2}. {:<10} {:.3}  {} [{}]", rank + 1, t.id, x.score, t.name, t.tactics.join(", "))?;
+            }
+            let mut s = Scratch::default();
+            if let Some(e) = m.model.explain(&m.vectors, &texts[i], settings.mapping.threshold, &mut s) {
+                writeln!(out, "    evidence: {e}")?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn read_labelled(path: &Path) -> Result<Vec<Labelled>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: Labelled = serde_json::from_str(line).with_context(|| {
+            format!("{} line {}: expected {{\"text\": \"…\", \"labels\": [\"T…\"]}}", path.display(), i + 1)
+        })?;
+        out.push(l);
+    }
+    if out.is_empty() {
+        bail!("{} has no labelled lines", path.display());
+    }
+    Ok(out)
+}
+
+fn print_metrics_header() {
+    println!("{:<34} {:>6} {:>7} {:>11} {:>9} {:>8} {:>7}", "method", "n", "top1", "top1_parent", "recall@5", "mrr@10", "fit s");
+}
+
+fn print_metrics(name: &str, m: &Metrics, fit_s: f64) {
+    println!(
+        "{:<34} {:>6} {:>7.3} {:>11.3} {:>9.3} {:>8.3} {:>7.1}",
+        name, m.n, m.top1, m.top1_parent, m.recall_at_5, m.mrr_at_10, fit_s
+    );
+}
+
+fn rank_with(m: &Mapper, test: &[Labelled]) -> Vec<Vec<String>> {
+    let texts: Vec<String> = test.iter().map(|l| l.text.clone()).collect();
+    threatlake_udfs::mapping_kernels::par_top_k(m, &texts, 10)
+        .into_iter()
+        .map(|r| r.into_iter().map(|x| m.model.techniques[x.technique].id.clone()).collect())
+        .collect()
+}
+
+/// `model eval --input FILE`.
+pub fn eval_file(settings: &Settings, model: Option<&Path>, domain: Domain, input: &Path) -> Result<()> {
+    let dir = resolve_model(settings, model, domain)?;
+    let m = Mapper::load(&dir)?;
+    let test = read_labelled(input)?;
+    let metrics = eval::evaluate(&rank_with(&m, &test), &test.iter().map(|l| l.labels.clone()).collect::<Vec<_>>());
+    println!("model      {}", dir.display());
+    println!("n          {}", metrics.n);
+    println!("top1       {:.4}", metrics.top1);
+    println!("top1_parent {:.4}", metrics.top1_parent);
+    println!("recall@5   {:.4}", metrics.recall_at_5);
+    println!("mrr@10     {:.4}", metrics.mrr_at_10);
+    Ok(())
+}
+
+/// `model eval --holdout`: leakage-free development evaluation with ablations and the baseline.
+pub async fn eval_holdout(settings: &Settings, domain: Domain, fraction: f64, seed: u64, pretrained: Option<String>) -> Result<()> {
+    let lake = Lake::open(&settings.lake.root)?;
+    let engine = Engine::open(&lake).await?;
+    let set = mapping::training_set(&engine, domain).await?;
+    let (train, test) = eval::holdout(&set, fraction, seed);
+    println!(
+        "hold-out: {domain} ATT&CK {}: {:.0}% of groups/software/campaigns held out (seed {seed}); train {} procedures, test {} texts (names stripped)",
+        set.attack_version,
+        fraction * 100.0,
+        train.examples.len(),
+        test.len()
+    );
+    let labels: Vec<Vec<String>> = test.iter().map(|l| l.labels.clone()).collect();
+    print_metrics_header();
+    let base = MapperParams::default();
+    let mut variants: Vec<(String, MapperParams, bool)> = vec![
+        ("threatlake (fused)".into(), base.clone(), false),
+        ("  - embeddings".into(), base.clone().weights(threatlake_udfs::mapper::FusionWeights { embedding: 0.0, ..base.weights }), false),
+        ("  - k-means (1 prototype)".into(), base.clone().max_prototypes(1), false),
+        ("  + PCA whitening".into(), base.clone().whiten(true), false),
+        ("  embeddings only".into(), base.clone().weights(threatlake_udfs::mapper::FusionWeights { centroid: 0.0, knn: 0.0, name: 0.0, ..base.weights }), false),
+    ];
+    let pre_path = pretrained.or_else(|| settings.mapping.pretrained_vectors.clone());
+    if pre_path.is_some() {
+        variants.push(("  + pretrained vectors".into(), base.clone(), true));
+    }
+    let pre = match &pre_path {
+        Some(p) => Some(mapping::load_pretrained(Path::new(p), &train)?),
+        None => None,
+    };
+    for (name, params, use_pre) in variants {
+        let t = Instant::now();
+        let m = Mapper::build(params, &train, if use_pre { pre.as_ref() } else { None })?;
+        let fit_s = t.elapsed().as_secs_f64();
+        print_metrics(&name, &eval::evaluate(&rank_with(&m, &test), &labels), fit_s);
+    }
+    let t = Instant::now();
+    let b = tokio::task::spawn_blocking(move || Baseline::fit(&train, 8, seed)).await?;
+    let fit_s = t.elapsed().as_secs_f64();
+    let ranked: Vec<Vec<String>> = test.iter().map(|l| b.rank(&l.text, 10)).collect();
+    print_metrics("baseline TF-IDF + LR", &eval::evaluate(&ranked, &labels), fit_s);
+    Ok(())
+}

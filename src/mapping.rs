@@ -1,0 +1,204 @@
+//! Mapping models from the lake: collect ATT&CK training text with SQL, fit, save a versioned artifact.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::prelude::{col, lit};
+use regex::Regex;
+use threatlake_udfs::mapper::{self, text, Example, Manifest, Mapper, MapperError, MapperParams, Pretrained, TechniqueInfo, TrainingSet};
+
+use crate::config::Domain;
+use crate::sql::{Engine, SqlError};
+
+/// Errors building or finding a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MappingError {
+    /// Reading training data failed.
+    #[error("reading training data: {0}")]
+    Sql(#[from] SqlError),
+    /// No ATT&CK data for the domain.
+    #[error("the lake has no ATT&CK {0} techniques; run `threatlake ingest attack --domain {0}` first")]
+    NoData(Domain),
+    /// Fitting, saving or loading failed.
+    #[error(transparent)]
+    Mapper(#[from] MapperError),
+}
+
+async fn collect(engine: &Engine, table: &str, domain: Domain, cols: &[&str]) -> Result<Vec<RecordBatch>, MappingError> {
+    let df = engine
+        .ctx
+        .table(table)
+        .await
+        .map_err(SqlError::from)?
+        .filter(col("domain").eq(lit(domain.as_str())))
+        .map_err(SqlError::from)?
+        .select_columns(cols)
+        .map_err(SqlError::from)?;
+    Ok(df.collect().await.map_err(SqlError::from)?)
+}
+
+fn strings(b: &RecordBatch, i: usize) -> Vec<Option<String>> {
+    let a = arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).expect("text column");
+    a.as_string::<i32>().iter().map(|s| s.map(str::to_string)).collect()
+}
+
+fn lists(b: &RecordBatch, i: usize) -> Vec<Vec<String>> {
+    let l = b.column(i).as_list::<i32>();
+    (0..l.len())
+        .map(|r| {
+            if l.is_null(r) {
+                return vec![];
+            }
+            let v = l.value(r);
+            v.as_string::<i32>().iter().flatten().map(str::to_string).collect()
+        })
+        .collect()
+}
+
+/// The training set of a domain's newest release: active techniques with their description and
+/// detection text, procedure examples with actor/software names removed, revoked-id redirects.
+pub async fn training_set(engine: &Engine, domain: Domain) -> Result<TrainingSet, MappingError> {
+    let mut set = TrainingSet { domain: domain.to_string(), ..Default::default() };
+    let cols = ["technique_id", "name", "tactics", "description", "detection", "attack_version"];
+    for b in collect(engine, "attack_techniques_current", domain, &cols).await? {
+        let (id, name, desc, det, ver) = (strings(&b, 0), strings(&b, 1), strings(&b, 3), strings(&b, 4), strings(&b, 5));
+        let tactics = lists(&b, 2);
+        for r in 0..b.num_rows() {
+            set.attack_version = ver[r].clone().unwrap_or_default();
+            set.techniques.push(TechniqueInfo {
+                id: id[r].clone().unwrap_or_default(),
+                name: name[r].clone().unwrap_or_default(),
+                tactics: tactics[r].clone(),
+                description: desc[r].clone().unwrap_or_default(),
+                detection: det[r].clone().unwrap_or_default(),
+            });
+        }
+    }
+    if set.techniques.is_empty() {
+        return Err(MappingError::NoData(domain));
+    }
+    set.techniques.sort_by(|a, b| a.id.cmp(&b.id));
+
+    // Revoked ids of the same release point at their replacement.
+    let cols = ["technique_id", "revoked_by", "attack_version"];
+    for b in collect(engine, "mitre_attack_techniques", domain, &cols).await? {
+        let (id, by, ver) = (strings(&b, 0), strings(&b, 1), strings(&b, 2));
+        for r in 0..b.num_rows() {
+            if let (Some(i), Some(by)) = (&id[r], &by[r]) {
+                if ver[r].as_deref() == Some(set.attack_version.as_str()) {
+                    set.revoked.push((i.clone(), by.clone()));
+                }
+            }
+        }
+    }
+    set.revoked.sort();
+
+    // Names and aliases of every group, software and campaign, to strip from procedure text: the
+    // mapper must learn what was done, not who did it.
+    let mut names: HashMap<String, Vec<String>> = HashMap::new();
+    for table in ["mitre_attack_groups", "mitre_attack_software", "mitre_attack_campaigns"] {
+        for b in collect(engine, table, domain, &["stix_id", "name", "aliases"]).await? {
+            let (id, name) = (strings(&b, 0), strings(&b, 1));
+            let aliases = lists(&b, 2);
+            for r in 0..b.num_rows() {
+                let e = names.entry(id[r].clone().unwrap_or_default()).or_default();
+                e.extend(name[r].clone());
+                e.extend(aliases[r].iter().cloned());
+            }
+        }
+    }
+    let mut strippers: HashMap<String, Option<Regex>> = HashMap::new();
+    let cols = ["technique_id", "description", "source_ref", "relationship_id"];
+    let mut rows: Vec<(String, String, String, String)> = Vec::new();
+    for b in collect(engine, "attack_procedures_current", domain, &cols).await? {
+        let (t, d, s, rid) = (strings(&b, 0), strings(&b, 1), strings(&b, 2), strings(&b, 3));
+        for r in 0..b.num_rows() {
+            if let (Some(t), Some(d), Some(s), Some(rid)) = (&t[r], &d[r], &s[r], &rid[r]) {
+                rows.push((rid.clone(), t.clone(), d.clone(), s.clone()));
+            }
+        }
+    }
+    rows.sort();
+    for (_, technique, description, source) in rows {
+        let re = strippers.entry(source.clone()).or_insert_with(|| name_regex(names.get(&source)));
+        let text = match re {
+            Some(re) => re.replace_all(&description, "").split_whitespace().collect::<Vec<_>>().join(" "),
+            None => description,
+        };
+        set.examples.push(Example { technique, text, source });
+    }
+    Ok(set)
+}
+
+fn name_regex(names: Option<&Vec<String>>) -> Option<Regex> {
+    let mut names: Vec<&String> = names?.iter().filter(|n| n.chars().count() >= 3).collect();
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    names.dedup();
+    if names.is_empty() {
+        return None;
+    }
+    let alt: Vec<String> = names.iter().map(|n| regex::escape(n)).collect();
+    Regex::new(&format!(r"(?i)\b(?:{})(?:'s)?\b", alt.join("|"))).ok()
+}
+
+/// Load general-English vectors restricted to the words of the training set.
+pub fn load_pretrained(path: &Path, set: &TrainingSet) -> Result<Pretrained, MappingError> {
+    let mut words: HashSet<String> = HashSet::new();
+    let mut toks = Vec::new();
+    for (_, t) in mapper::algorithm::training_texts(set) {
+        text::tokens(&t, &mut toks);
+        words.extend(toks.drain(..));
+    }
+    Ok(Pretrained::load(path, &|w: &str| words.contains(&w.to_lowercase()))?)
+}
+
+/// What `model build` did.
+#[derive(Debug)]
+pub struct BuildReport {
+    /// Model directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Wall time of reading, fitting and saving.
+    pub timings: Vec<(&'static str, Duration)>,
+    /// Bytes on disk.
+    pub bytes: u64,
+}
+
+/// Build and save the model for `domain` under `models_root/<domain>-<version>/`.
+pub async fn build_model(
+    engine: &Engine,
+    domain: Domain,
+    models_root: &Path,
+    pretrained: Option<&Path>,
+    params: MapperParams,
+) -> Result<BuildReport, MappingError> {
+    let mut timings = Vec::new();
+    let t = Instant::now();
+    let set = training_set(engine, domain).await?;
+    timings.push(("read lake", t.elapsed()));
+    let t = Instant::now();
+    let pre = pretrained.map(|p| load_pretrained(p, &set)).transpose()?;
+    if pre.is_some() {
+        timings.push(("load pretrained", t.elapsed()));
+    }
+    let t = Instant::now();
+    let (m, set) = tokio::task::spawn_blocking(move || {
+        let m = Mapper::build(params, &set, pre.as_ref());
+        (m, set)
+    })
+    .await
+    .expect("model build worker panicked");
+    let m = m?;
+    timings.push(("fit", t.elapsed()));
+    let t = Instant::now();
+    let dir = mapper::model_dir(models_root, domain.as_str(), &set.attack_version);
+    let manifest = m.manifest(pretrained.map(|p| p.display().to_string()));
+    m.save(&dir, &manifest)?;
+    timings.push(("save", t.elapsed()));
+    let bytes = std::fs::read_dir(&dir).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
+    Ok(BuildReport { dir, manifest, timings, bytes })
+}

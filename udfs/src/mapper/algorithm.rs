@@ -1,0 +1,661 @@
+//! Fitting and scoring of the ATT&CK mapper: lexical evidence (TF-IDF centroids, nearest example,
+//! technique names and ids) fused with embedding evidence (SIF sentence vectors over finalfusion word
+//! vectors, PCA-projected, against k-means prototypes per technique).
+
+use std::collections::HashMap;
+
+use linfa::prelude::*;
+use linfa_clustering::KMeans;
+use linfa_reduction::Pca;
+use ndarray::{Array2, Axis};
+use rand::SeedableRng;
+use rand_xoshiro::Xoshiro256Plus;
+use serde::{Deserialize, Serialize};
+
+use super::embed::{self, WordVectors};
+use super::hyperparams::ValidParams;
+use super::text::{self, Analyzer};
+use super::MapperError;
+
+/// A technique the mapper can name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TechniqueInfo {
+    /// ATT&CK id (T1059.001).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Tactic shortnames.
+    pub tactics: Vec<String>,
+    /// Description (prose).
+    pub description: String,
+    /// Detection text.
+    pub detection: String,
+}
+
+/// One labelled piece of text (a procedure example).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Example {
+    /// Technique id it describes.
+    pub technique: String,
+    /// The text (actor and software names already removed).
+    pub text: String,
+    /// Who the procedure is about (group, software or campaign id): the unit of the dev hold-out.
+    pub source: String,
+}
+
+/// Everything the mapper learns from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainingSet {
+    /// ATT&CK domain.
+    pub domain: String,
+    /// ATT&CK release.
+    pub attack_version: String,
+    /// Active techniques and sub-techniques.
+    pub techniques: Vec<TechniqueInfo>,
+    /// Procedure examples.
+    pub examples: Vec<Example>,
+    /// Revoked id → replacement id.
+    pub revoked: Vec<(String, String)>,
+}
+
+/// Kind of a training unit (for explanations).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum UnitKind {
+    /// The technique name.
+    Name,
+    /// A description sentence.
+    Description,
+    /// A detection sentence.
+    Detection,
+    /// A procedure example.
+    Procedure,
+}
+
+/// Fitted model (everything but the word vectors, which live in the finalfusion file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Model {
+    /// Domain and release it was built from.
+    pub domain: String,
+    /// ATT&CK release.
+    pub attack_version: String,
+    /// Parameters used.
+    pub params: ValidParams,
+    /// Techniques, indexed by position.
+    pub techniques: Vec<TechniqueMeta>,
+    /// Revoked id → replacement id.
+    pub revoked: HashMap<String, String>,
+    terms: HashMap<String, u32>,
+    idf: Vec<f32>,
+    centroid_postings: Vec<Vec<(u16, f32)>>,
+    unit_postings: Vec<Vec<(u32, f32)>>,
+    unit_tech: Vec<u16>,
+    unit_kind: Vec<UnitKind>,
+    unit_text: Vec<String>,
+    name_postings: Vec<Vec<u16>>,
+    name_len: Vec<u16>,
+    word_prob: HashMap<String, f32>,
+    proj: Vec<f32>,
+    proj_offset: Vec<f32>,
+    proj_in: usize,
+    proj_out: usize,
+    prototypes: Vec<f32>,
+    proto_tech: Vec<u16>,
+}
+
+/// Public facts about a technique.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TechniqueMeta {
+    /// ATT&CK id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Tactic shortnames.
+    pub tactics: Vec<String>,
+}
+
+/// One ranked technique.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked {
+    /// Index into [`Model::techniques`].
+    pub technique: usize,
+    /// Calibrated score in [0, 1].
+    pub score: f64,
+}
+
+/// Per-component scores of a technique (for explanations and ablations).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Components {
+    /// TF-IDF centroid cosine.
+    pub centroid: f32,
+    /// Best single-example cosine.
+    pub knn: f32,
+    /// Best prototype cosine.
+    pub embedding: f32,
+    /// Name matched (0/1).
+    pub name: f32,
+    /// Id mentioned (0/1).
+    pub id: f32,
+}
+
+/// Reusable per-thread buffers so scoring a row allocates little.
+#[derive(Default)]
+pub struct Scratch {
+    tokens: Vec<String>,
+    qvec: Vec<(u32, f32)>,
+    unit_acc: Vec<f32>,
+    touched: Vec<u32>,
+    centroid: Vec<f32>,
+    knn: Vec<f32>,
+    knn_unit: Vec<u32>,
+    emb: Vec<f32>,
+    name_hits: Vec<u16>,
+    ids: Vec<f32>,
+    fused: Vec<f32>,
+    sent: Vec<f32>,
+    word: Vec<f32>,
+    projected: Vec<f32>,
+}
+
+impl Scratch {
+    /// Calibrated score of technique `t` from the last [`Model::score`] call.
+    pub fn fused_score(&self, t: usize) -> f64 {
+        self.fused.get(t).copied().unwrap_or(0.0) as f64
+    }
+}
+
+struct Unit {
+    tech: usize,
+    kind: UnitKind,
+    text: String,
+}
+
+/// The labelled texts a model learns from (technique index, text): names, description and detection
+/// sentences, and procedure examples. Baselines train on exactly the same texts.
+pub fn training_texts(set: &TrainingSet) -> Vec<(usize, String)> {
+    let tech_index: HashMap<&str, usize> = set.techniques.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
+    units_of(set, &tech_index).into_iter().map(|u| (u.tech, u.text)).collect()
+}
+
+fn units_of(set: &TrainingSet, tech_index: &HashMap<&str, usize>) -> Vec<Unit> {
+    let mut units = Vec::new();
+    for (i, t) in set.techniques.iter().enumerate() {
+        units.push(Unit { tech: i, kind: UnitKind::Name, text: t.name.clone() });
+        for s in text::sentences(&t.description) {
+            units.push(Unit { tech: i, kind: UnitKind::Description, text: s.to_string() });
+        }
+        for s in text::sentences(&t.detection).take(24) {
+            units.push(Unit { tech: i, kind: UnitKind::Detection, text: s.to_string() });
+        }
+    }
+    let revoked: HashMap<&str, &str> = set.revoked.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    for e in &set.examples {
+        let id = revoked.get(e.technique.as_str()).copied().unwrap_or(e.technique.as_str());
+        if let Some(&i) = tech_index.get(id) {
+            if !e.text.trim().is_empty() {
+                units.push(Unit { tech: i, kind: UnitKind::Procedure, text: e.text.clone() });
+            }
+        }
+    }
+    units
+}
+
+fn normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Fit a model. Deterministic for a given training set and parameters.
+pub fn fit(
+    params: &ValidParams,
+    set: &TrainingSet,
+    pretrained: Option<&embed::Pretrained>,
+) -> Result<(Model, WordVectors), MapperError> {
+    if set.techniques.is_empty() {
+        return Err(MapperError::NoTraining("no active techniques".into()));
+    }
+    if set.techniques.len() > u16::MAX as usize {
+        return Err(MapperError::NoTraining("too many techniques".into()));
+    }
+    let tech_index: HashMap<&str, usize> = set.techniques.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
+    let units = units_of(set, &tech_index);
+    let analyzer = Analyzer::default();
+    let (mut scratch, mut terms_buf) = (Vec::new(), Vec::new());
+
+    // Lexical: vocabulary, IDF over units, unit TF-IDF vectors.
+    let mut terms: HashMap<String, u32> = HashMap::new();
+    let mut unit_terms: Vec<Vec<(u32, f32)>> = Vec::with_capacity(units.len());
+    let mut unit_tokens: Vec<Vec<String>> = Vec::with_capacity(units.len());
+    let mut df: Vec<u32> = Vec::new();
+    for u in &units {
+        analyzer.terms(&u.text, &mut scratch, &mut terms_buf);
+        unit_tokens.push(scratch.clone());
+        let mut counts: HashMap<u32, f32> = HashMap::new();
+        for t in &terms_buf {
+            let next = terms.len() as u32;
+            let id = *terms.entry(t.clone()).or_insert(next);
+            if id as usize == df.len() {
+                df.push(0);
+            }
+            *counts.entry(id).or_default() += 1.0;
+        }
+        for id in counts.keys() {
+            df[*id as usize] += 1;
+        }
+        let mut v: Vec<(u32, f32)> = counts.into_iter().collect();
+        v.sort_by_key(|(id, _)| *id);
+        unit_terms.push(v);
+    }
+    let n_units = units.len() as f32;
+    let idf: Vec<f32> = df.iter().map(|d| ((n_units + 1.0) / (*d as f32 + 1.0)).ln() + 1.0).collect();
+    for v in &mut unit_terms {
+        for (id, tf) in v.iter_mut() {
+            *tf = (1.0 + tf.ln()) * idf[*id as usize];
+        }
+        let n = v.iter().map(|(_, w)| w * w).sum::<f32>().sqrt();
+        if n > 0.0 {
+            v.iter_mut().for_each(|(_, w)| *w /= n);
+        }
+    }
+
+    // Inverted index over units (nearest example) and over technique centroids.
+    let mut unit_postings: Vec<Vec<(u32, f32)>> = vec![Vec::new(); terms.len()];
+    let mut centroid_acc: Vec<HashMap<u32, f32>> = vec![HashMap::new(); set.techniques.len()];
+    for (ui, v) in unit_terms.iter().enumerate() {
+        for &(id, w) in v {
+            unit_postings[id as usize].push((ui as u32, w));
+            *centroid_acc[units[ui].tech].entry(id).or_default() += w;
+        }
+    }
+    let mut centroid_postings: Vec<Vec<(u16, f32)>> = vec![Vec::new(); terms.len()];
+    for (ti, acc) in centroid_acc.into_iter().enumerate() {
+        let mut v: Vec<(u32, f32)> = acc.into_iter().collect();
+        v.sort_by_key(|(id, _)| *id);
+        let n = v.iter().map(|(_, w)| w * w).sum::<f32>().sqrt();
+        for (id, w) in v {
+            let w = w / n;
+            if w >= 0.005 {
+                centroid_postings[id as usize].push((ti as u16, w));
+            }
+        }
+    }
+
+    // Names: a technique whose every name term appears in the text gets the name bonus.
+    let mut name_postings: Vec<Vec<u16>> = vec![Vec::new(); terms.len()];
+    let mut name_len = Vec::with_capacity(set.techniques.len());
+    for (ti, t) in set.techniques.iter().enumerate() {
+        analyzer.terms(&t.name, &mut scratch, &mut terms_buf);
+        terms_buf.sort();
+        terms_buf.dedup();
+        let ids: Vec<u32> = terms_buf.iter().filter_map(|t| terms.get(t).copied()).collect();
+        name_len.push(ids.len() as u16);
+        for id in ids {
+            name_postings[id as usize].push(ti as u16);
+        }
+    }
+
+    // Word vectors (finalfusion, with subword n-grams) from the word × technique association.
+    let word_vectors = embed::train(params, &units.iter().map(|u| u.tech).collect::<Vec<_>>(), &unit_tokens, set.techniques.len(), pretrained)?;
+    let word_prob = word_vectors.probabilities.clone();
+
+    // Sentence vectors for every unit, then PCA of that space.
+    let dim_in = word_vectors.dims();
+    let mut sents = Array2::<f64>::zeros((units.len(), dim_in));
+    let mut sent = vec![0f32; dim_in];
+    let mut word = vec![0f32; dim_in];
+    for (i, toks) in unit_tokens.iter().enumerate() {
+        sif_embed(&word_vectors, &word_prob, params.sif_a, toks, &mut sent, &mut word);
+        for (j, x) in sent.iter().enumerate() {
+            sents[[i, j]] = *x as f64;
+        }
+    }
+    let keep = params.sentence_dims.min(dim_in - 1).min(units.len().saturating_sub(1)).max(2);
+    let pca = Pca::params(keep).whiten(params.whiten).fit(&DatasetBase::from(sents.clone())).map_err(|e| MapperError::Fit(format!("PCA: {e}")))?;
+    // Recover the affine map of the fitted PCA: f(x) = (x - mean) E^T = x E^T + f(0).
+    let zero = pca.predict(&Array2::<f64>::zeros((1, dim_in)));
+    let eye = pca.predict(&Array2::<f64>::eye(dim_in));
+    let drop = params.drop_components.min(keep - 1);
+    let proj_out = keep - drop;
+    let mut proj = vec![0f32; dim_in * proj_out];
+    for i in 0..dim_in {
+        for j in 0..proj_out {
+            proj[i * proj_out + j] = (eye[[i, j + drop]] - zero[[0, j + drop]]) as f32;
+        }
+    }
+    let proj_offset: Vec<f32> = (0..proj_out).map(|j| zero[[0, j + drop]] as f32).collect();
+
+    let mut projected = Array2::<f64>::zeros((units.len(), proj_out));
+    let mut out = vec![0f32; proj_out];
+    for i in 0..units.len() {
+        let row: Vec<f32> = sents.row(i).iter().map(|x| *x as f32).collect();
+        project(&proj, &proj_offset, proj_out, &row, &mut out);
+        for (j, x) in out.iter().enumerate() {
+            projected[[i, j]] = *x as f64;
+        }
+    }
+
+    // Prototypes: k-means over each technique's unit vectors (one centroid per way of describing it).
+    let mut by_tech: Vec<Vec<usize>> = vec![Vec::new(); set.techniques.len()];
+    for (i, u) in units.iter().enumerate() {
+        by_tech[u.tech].push(i);
+    }
+    let mut prototypes = Vec::new();
+    let mut proto_tech = Vec::new();
+    for (ti, members) in by_tech.iter().enumerate() {
+        let k = (members.len() / params.examples_per_prototype).clamp(1, params.max_prototypes);
+        let data = projected.select(Axis(0), members);
+        let centroids: Array2<f64> = if k == 1 {
+            data.mean_axis(Axis(0)).expect("non-empty").insert_axis(Axis(0))
+        } else {
+            let rng = Xoshiro256Plus::seed_from_u64(params.seed ^ (ti as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let model = KMeans::params_with_rng(k, rng)
+                .max_n_iterations(50)
+                .tolerance(1e-4)
+                .n_runs(2)
+                .fit(&DatasetBase::from(data.clone()))
+                .map_err(|e| MapperError::Fit(format!("k-means for {}: {e}", set.techniques[ti].id)))?;
+            model.centroids().clone()
+        };
+        for c in centroids.rows() {
+            let mut v: Vec<f32> = c.iter().map(|x| *x as f32).collect();
+            normalize(&mut v);
+            prototypes.extend_from_slice(&v);
+            proto_tech.push(ti as u16);
+        }
+    }
+
+    let model = Model {
+        domain: set.domain.clone(),
+        attack_version: set.attack_version.clone(),
+        params: params.clone(),
+        techniques: set
+            .techniques
+            .iter()
+            .map(|t| TechniqueMeta { id: t.id.clone(), name: t.name.clone(), tactics: t.tactics.clone() })
+            .collect(),
+        revoked: set.revoked.iter().cloned().collect(),
+        terms,
+        idf,
+        centroid_postings,
+        unit_postings,
+        unit_tech: units.iter().map(|u| u.tech as u16).collect(),
+        unit_kind: units.iter().map(|u| u.kind).collect(),
+        unit_text: units.iter().map(|u| u.text.clone()).collect(),
+        name_postings,
+        name_len,
+        word_prob,
+        proj,
+        proj_offset,
+        proj_in: dim_in,
+        proj_out,
+        prototypes,
+        proto_tech,
+    };
+    Ok((model, word_vectors))
+}
+
+fn project(proj: &[f32], offset: &[f32], out_dims: usize, x: &[f32], out: &mut [f32]) {
+    out.copy_from_slice(offset);
+    for (i, xi) in x.iter().enumerate() {
+        if *xi == 0.0 {
+            continue;
+        }
+        let row = &proj[i * out_dims..(i + 1) * out_dims];
+        for (o, p) in out.iter_mut().zip(row) {
+            *o += xi * p;
+        }
+    }
+    normalize(out);
+}
+
+/// SIF-weighted mean of word vectors (`a / (a + p(w))`), stopwords skipped.
+fn sif_embed(wv: &WordVectors, prob: &HashMap<String, f32>, a: f32, tokens: &[String], out: &mut [f32], word: &mut [f32]) {
+    out.iter_mut().for_each(|x| *x = 0.0);
+    let mut total = 0.0;
+    for t in tokens {
+        if t.len() < 2 || text::is_stopword(t) || t.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if !wv.embedding_into(t, word) {
+            continue;
+        }
+        let p = prob.get(t.as_str()).copied().unwrap_or(0.0);
+        let w = a / (a + p);
+        for (o, x) in out.iter_mut().zip(word.iter()) {
+            *o += w * x;
+        }
+        total += w;
+    }
+    if total > 0.0 {
+        out.iter_mut().for_each(|x| *x /= total);
+    }
+}
+
+impl Model {
+    /// Index of a technique id (revoked ids resolve to their replacement).
+    pub fn technique_index(&self, id: &str) -> Option<usize> {
+        let id = id.trim();
+        let id = self.revoked.get(id).map(String::as_str).unwrap_or(id);
+        self.techniques.iter().position(|t| t.id == id)
+    }
+
+    /// Fused and calibrated scores for every technique, left in `scratch.fused` (calibrated).
+    pub fn score(&self, wv: &WordVectors, input: &str, s: &mut Scratch) {
+        let n_tech = self.techniques.len();
+        let p = &self.params;
+        for v in [&mut s.centroid, &mut s.knn, &mut s.emb, &mut s.ids, &mut s.fused] {
+            v.clear();
+            v.resize(n_tech, 0.0);
+        }
+        s.knn_unit.clear();
+        s.knn_unit.resize(n_tech, u32::MAX);
+        s.name_hits.clear();
+        s.name_hits.resize(n_tech, 0);
+
+        // Query TF-IDF over known terms.
+        text::tokens(input, &mut s.tokens);
+        let analyzer = analyzer();
+        s.touched.clear();
+        for t in &s.tokens {
+            if let Some(term) = analyzer.term(t) {
+                if let Some(&id) = self.terms.get(&term) {
+                    s.touched.push(id);
+                }
+            }
+        }
+        // Sort + run-length: linear-ithmic even for a megabyte of text.
+        s.touched.sort_unstable();
+        s.qvec.clear();
+        for chunk in s.touched.chunk_by(|a, b| a == b) {
+            let (id, tf) = (chunk[0], chunk.len() as f32);
+            s.qvec.push((id, (1.0 + tf.ln()) * self.idf[id as usize]));
+        }
+        let qn = s.qvec.iter().map(|(_, w)| w * w).sum::<f32>().sqrt();
+        if qn > 0.0 {
+            s.qvec.iter_mut().for_each(|(_, w)| *w /= qn);
+        }
+
+        // Centroids, names, nearest example.
+        s.unit_acc.resize(self.unit_tech.len(), 0.0);
+        s.touched.clear();
+        for &(id, qw) in &s.qvec {
+            for &(t, w) in &self.centroid_postings[id as usize] {
+                s.centroid[t as usize] += qw * w;
+            }
+            for &t in &self.name_postings[id as usize] {
+                s.name_hits[t as usize] += 1;
+            }
+            for &(u, w) in &self.unit_postings[id as usize] {
+                let acc = &mut s.unit_acc[u as usize];
+                if *acc == 0.0 {
+                    s.touched.push(u);
+                }
+                *acc += qw * w;
+            }
+        }
+        for &u in &s.touched {
+            let t = self.unit_tech[u as usize] as usize;
+            let v = s.unit_acc[u as usize];
+            if v > s.knn[t] {
+                s.knn[t] = v;
+                s.knn_unit[t] = u;
+            }
+            s.unit_acc[u as usize] = 0.0;
+        }
+
+        // Explicit technique ids in the text ("T1059.001", "t1003").
+        let bytes = input.as_bytes();
+        let mut i = 0;
+        while i + 5 <= bytes.len() {
+            let boundary = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+            if boundary && (bytes[i] == b'T' || bytes[i] == b't') && bytes[i + 1..i + 5].iter().all(u8::is_ascii_digit) {
+                let mut end = i + 5;
+                if end + 4 <= bytes.len() && bytes[end] == b'.' && bytes[end + 1..end + 4].iter().all(u8::is_ascii_digit) {
+                    end += 4;
+                }
+                if end == bytes.len() || !bytes[end].is_ascii_alphanumeric() {
+                    let id = input[i..end].to_ascii_uppercase();
+                    if let Some(t) = self.technique_index(&id) {
+                        s.ids[t] = 1.0;
+                    }
+                }
+                i = end;
+            } else {
+                i += 1;
+            }
+        }
+
+        // Embedding evidence against prototypes.
+        if p.weights.embedding > 0.0 && !s.qvec.is_empty() {
+            s.sent.resize(self.proj_in, 0.0);
+            s.word.resize(self.proj_in, 0.0);
+            s.projected.resize(self.proj_out, 0.0);
+            sif_embed(wv, &self.word_prob, p.sif_a, &s.tokens, &mut s.sent, &mut s.word);
+            project(&self.proj, &self.proj_offset, self.proj_out, &s.sent, &mut s.projected);
+            s.emb.iter_mut().for_each(|x| *x = -1.0);
+            for (k, proto) in self.prototypes.chunks_exact(self.proj_out).enumerate() {
+                let d: f32 = proto.iter().zip(&s.projected).map(|(a, b)| a * b).sum();
+                let t = self.proto_tech[k] as usize;
+                if d > s.emb[t] {
+                    s.emb[t] = d;
+                }
+            }
+            s.emb.iter_mut().for_each(|x| *x = x.max(0.0));
+        }
+
+        let w = p.weights;
+        let (scale, bias) = p.calibration;
+        let has_text = !s.qvec.is_empty();
+        for t in 0..n_tech {
+            let name = if self.name_len[t] > 0 && s.name_hits[t] == self.name_len[t] { 1.0 } else { 0.0 };
+            let fused = w.centroid * s.centroid[t]
+                + w.knn * s.knn[t]
+                + w.embedding * s.emb[t]
+                + w.name * name
+                + w.id * s.ids[t];
+            s.fused[t] = if has_text || s.ids[t] > 0.0 { sigmoid(scale * fused + bias) } else { 0.0 };
+        }
+    }
+
+    /// Top `k` techniques for a text, best first (ties broken by technique id for determinism).
+    pub fn top_k(&self, wv: &WordVectors, input: &str, k: usize, s: &mut Scratch) -> Vec<Ranked> {
+        self.score(wv, input, s);
+        let mut idx: Vec<usize> = (0..self.techniques.len()).collect();
+        let k = k.min(idx.len());
+        if k == 0 {
+            return vec![];
+        }
+        let cmp = |a: &usize, b: &usize| {
+            s.fused[*b].total_cmp(&s.fused[*a]).then_with(|| self.techniques[*a].id.cmp(&self.techniques[*b].id))
+        };
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, cmp);
+            idx.truncate(k);
+        }
+        idx.sort_by(cmp);
+        idx.into_iter().map(|t| Ranked { technique: t, score: s.fused[t] as f64 }).collect()
+    }
+
+    /// Component scores of one technique for the last [`Model::score`] call.
+    pub fn components(&self, t: usize, s: &Scratch) -> Components {
+        Components {
+            centroid: s.centroid[t],
+            knn: s.knn[t],
+            embedding: s.emb[t],
+            name: if self.name_len[t] > 0 && s.name_hits[t] == self.name_len[t] { 1.0 } else { 0.0 },
+            id: s.ids[t],
+        }
+    }
+
+    /// Human-readable evidence for the best match of `input`, or None when nothing matched.
+    pub fn explain(&self, wv: &WordVectors, input: &str, threshold: f64, s: &mut Scratch) -> Option<String> {
+        let top = self.top_k(wv, input, 1, s).into_iter().next()?;
+        if top.score <= 0.0 {
+            return None;
+        }
+        let t = top.technique;
+        let c = self.components(t, s);
+        // Query terms that weigh most in this technique's centroid.
+        let mut contrib: Vec<(f32, &str)> = Vec::new();
+        let inverse: HashMap<u32, &str> = s
+            .qvec
+            .iter()
+            .filter_map(|(id, _)| self.terms.iter().find(|(_, v)| **v == *id).map(|(k, _)| (*id, k.as_str())))
+            .collect();
+        for &(id, qw) in &s.qvec {
+            if let Some(&(_, w)) = self.centroid_postings[id as usize].iter().find(|(tt, _)| *tt as usize == t) {
+                contrib.push((qw * w, inverse.get(&id).copied().unwrap_or("?")));
+            }
+        }
+        contrib.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        let terms: Vec<&str> = contrib.iter().take(6).map(|(_, t)| *t).collect();
+        let tm = &self.techniques[t];
+        let mut out = format!(
+            "{} {} (score {:.2}{}): terms [{}]",
+            tm.id,
+            tm.name,
+            top.score,
+            if top.score < threshold { ", below threshold" } else { "" },
+            terms.join(", ")
+        );
+        if c.name > 0.0 {
+            out.push_str("; names the technique");
+        }
+        if c.id > 0.0 {
+            out.push_str("; cites its id");
+        }
+        out.push_str(&format!("; lexical {:.2}, nearest example {:.2}, embedding {:.2}", c.centroid, c.knn, c.embedding));
+        let u = s.knn_unit[t];
+        if u != u32::MAX {
+            let kind = match self.unit_kind[u as usize] {
+                UnitKind::Name => "name",
+                UnitKind::Description => "description",
+                UnitKind::Detection => "detection",
+                UnitKind::Procedure => "procedure",
+            };
+            let text: String = self.unit_text[u as usize].chars().take(160).collect();
+            out.push_str(&format!("; nearest {kind}: \"{text}\""));
+        }
+        Some(out)
+    }
+
+    /// Number of k-means prototypes (for reports).
+    pub fn prototype_count(&self) -> usize {
+        self.proto_tech.len()
+    }
+
+    /// Number of training units (names, sentences, procedures).
+    pub fn unit_count(&self) -> usize {
+        self.unit_tech.len()
+    }
+}
+
+fn analyzer() -> &'static Analyzer {
+    static A: std::sync::OnceLock<Analyzer> = std::sync::OnceLock::new();
+    A.get_or_init(Analyzer::default)
+}

@@ -1,0 +1,171 @@
+//! The ATT&CK mapping engine behind `map_technique`: a fitted [`Model`] plus finalfusion
+//! [`WordVectors`], saved as a versioned artifact directory and loaded once per process.
+
+pub mod algorithm;
+pub mod embed;
+pub mod eval;
+pub mod hyperparams;
+pub mod text;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub use algorithm::{fit, Example, Model, Ranked, Scratch, TechniqueInfo, TrainingSet};
+pub use embed::{Pretrained, WordVectors};
+pub use hyperparams::{FusionWeights, MapperParams, ValidParams};
+
+/// Errors building, saving, loading or using a mapping model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MapperError {
+    /// Parameters failed validation.
+    #[error("invalid mapper parameters: {0}")]
+    Params(String),
+    /// Not enough training data.
+    #[error("cannot build a mapping model: {0}; ingest ATT&CK first (`threatlake ingest attack`)")]
+    NoTraining(String),
+    /// A fitting step (PCA, k-means) failed.
+    #[error("fitting the mapping model failed: {0}")]
+    Fit(String),
+    /// Reading or writing model files failed.
+    #[error("model file {0}: {1}")]
+    Io(String, String),
+    /// No model where one was expected.
+    #[error("no mapping model found in {0}; run `threatlake model build` first")]
+    NotFound(String),
+    /// A model file from another threatlake version.
+    #[error("model in {path} has format {found}, this build reads {expected}; rebuild it with `threatlake model build`")]
+    Format {
+        /// Model directory.
+        path: String,
+        /// Its format version.
+        found: u32,
+        /// Ours.
+        expected: u32,
+    },
+}
+
+/// Bumped whenever the on-disk model changes shape.
+pub const FORMAT_VERSION: u32 = 1;
+const MODEL_FILE: &str = "model.bin";
+const VECTORS_FILE: &str = "embeddings.fifu";
+const MANIFEST_FILE: &str = "manifest.json";
+
+/// A model ready to score text.
+#[derive(Debug)]
+pub struct Mapper {
+    /// Fitted parameters and indexes.
+    pub model: Model,
+    /// Word vectors.
+    pub vectors: WordVectors,
+    /// Where it was loaded from, if anywhere.
+    pub path: Option<PathBuf>,
+}
+
+/// Summary written beside the model (`manifest.json`) and printed by the CLI.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// On-disk format version.
+    pub format: u32,
+    /// Domain.
+    pub domain: String,
+    /// ATT&CK release the model was built from.
+    pub attack_version: String,
+    /// Techniques it can name.
+    pub techniques: usize,
+    /// Training texts (names, sentences, procedures).
+    pub units: usize,
+    /// k-means prototypes.
+    pub prototypes: usize,
+    /// Word-vector vocabulary size and dimensions.
+    pub words: usize,
+    /// Dimensions of the word vectors.
+    pub dims: usize,
+    /// Whether general-English vectors were mixed in.
+    pub pretrained: Option<String>,
+}
+
+impl Mapper {
+    /// Fit on a training set.
+    pub fn build(params: MapperParams, set: &TrainingSet, pretrained: Option<&Pretrained>) -> Result<Self, MapperError> {
+        let params = params.check()?;
+        let (model, vectors) = fit(&params, set, pretrained)?;
+        Ok(Self { model, vectors, path: None })
+    }
+
+    /// Manifest describing this model.
+    pub fn manifest(&self, pretrained: Option<String>) -> Manifest {
+        Manifest {
+            format: FORMAT_VERSION,
+            domain: self.model.domain.clone(),
+            attack_version: self.model.attack_version.clone(),
+            techniques: self.model.techniques.len(),
+            units: self.model.unit_count(),
+            prototypes: self.model.prototype_count(),
+            words: self.vectors.words(),
+            dims: self.vectors.dims(),
+            pretrained,
+        }
+    }
+
+    /// Save into `dir` (created if needed): files are written under temporary names and renamed, so
+    /// a reader never loads half a model.
+    pub fn save(&self, dir: &Path, manifest: &Manifest) -> Result<(), MapperError> {
+        let io = |p: &Path, e: std::io::Error| MapperError::Io(p.display().to_string(), e.to_string());
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let tmp = |name: &str| dir.join(format!(".{name}.tmp"));
+        let model = bincode::serialize(&(FORMAT_VERSION, &self.model))
+            .map_err(|e| MapperError::Io(dir.display().to_string(), e.to_string()))?;
+        std::fs::write(tmp(MODEL_FILE), model).map_err(|e| io(&tmp(MODEL_FILE), e))?;
+        self.vectors.save(&tmp(VECTORS_FILE))?;
+        let m = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+        std::fs::write(tmp(MANIFEST_FILE), m).map_err(|e| io(&tmp(MANIFEST_FILE), e))?;
+        // The manifest goes last: its presence marks a complete model.
+        for name in [MODEL_FILE, VECTORS_FILE, MANIFEST_FILE] {
+            std::fs::rename(tmp(name), dir.join(name)).map_err(|e| io(&dir.join(name), e))?;
+        }
+        Ok(())
+    }
+
+    /// Load a model directory written by [`Mapper::save`].
+    pub fn load(dir: &Path) -> Result<Self, MapperError> {
+        if !dir.join(MANIFEST_FILE).is_file() {
+            return Err(MapperError::NotFound(dir.display().to_string()));
+        }
+        let p = dir.join(MODEL_FILE);
+        let bytes = std::fs::read(&p).map_err(|e| MapperError::Io(p.display().to_string(), e.to_string()))?;
+        let (format, model): (u32, Model) = bincode::deserialize(&bytes)
+            .map_err(|e| MapperError::Io(p.display().to_string(), format!("{e}; rebuild with `threatlake model build`")))?;
+        if format != FORMAT_VERSION {
+            return Err(MapperError::Format { path: dir.display().to_string(), found: format, expected: FORMAT_VERSION });
+        }
+        let probabilities: HashMap<String, f32> = HashMap::new();
+        let vectors = WordVectors::load(&dir.join(VECTORS_FILE), probabilities)?;
+        Ok(Self { model, vectors, path: Some(dir.to_path_buf()) })
+    }
+
+    /// Top-k techniques of one text.
+    pub fn top_k(&self, text: &str, k: usize, scratch: &mut Scratch) -> Vec<Ranked> {
+        self.model.top_k(&self.vectors, text, k, scratch)
+    }
+}
+
+/// The model directory for a domain and release under a models root: `<root>/<domain>-<version>`.
+pub fn model_dir(root: &Path, domain: &str, attack_version: &str) -> PathBuf {
+    root.join(format!("{domain}-{attack_version}"))
+}
+
+/// The newest model for `domain` under `root` (numeric release order), if any.
+pub fn find_latest(root: &Path, domain: &str) -> Option<PathBuf> {
+    let prefix = format!("{domain}-");
+    let mut best: Option<(i64, PathBuf)> = None;
+    for e in std::fs::read_dir(root).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(v) = name.strip_prefix(&prefix) else { continue };
+        let Some(key) = crate::kernels::version_key(v) else { continue };
+        if e.path().join(MANIFEST_FILE).is_file() && best.as_ref().is_none_or(|(k, _)| key > *k) {
+            best = Some((key, e.path()));
+        }
+    }
+    best.map(|(_, p)| p)
+}

@@ -1,0 +1,178 @@
+//! Arrow kernels of the mapping functions (`map_technique`, `map_techniques`, `technique_score`,
+//! `explain_mapping`): a batch in, an array out, rows scored in parallel with one scratch per thread.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, Float64Array, Int64Array, ListArray, StringArray, StructArray,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Fields};
+use rayon::prelude::*;
+
+use crate::mapper::{Mapper, Scratch};
+
+/// Errors a mapping kernel reports for bad arguments.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// `k` out of range.
+    #[error("map_techniques: k must be between 0 and {max}, got {k}")]
+    InvalidK {
+        /// The k given.
+        k: i64,
+        /// Largest allowed.
+        max: usize,
+    },
+    /// A technique id the model does not know.
+    #[error("technique_score: unknown technique id '{id}' (the model for ATT&CK {domain} {version} has no such active or revoked technique)")]
+    UnknownTechnique {
+        /// The id given.
+        id: String,
+        /// Model domain.
+        domain: String,
+        /// Model release.
+        version: String,
+    },
+}
+
+/// Rows per parallel task: large enough to amortise scheduling, small enough to balance 2+ cores.
+const CHUNK: usize = 256;
+
+fn par_rows<T: Send>(n: usize, f: impl Fn(usize, &mut Scratch) -> T + Sync) -> Vec<T> {
+    let chunks: Vec<Vec<T>> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut scratch = Scratch::default();
+            (c * CHUNK..((c + 1) * CHUNK).min(n)).map(|i| f(i, &mut scratch)).collect()
+        })
+        .collect();
+    chunks.into_iter().flatten().collect()
+}
+
+/// Best technique id per text, or NULL when the text is NULL/empty or the best score is below `threshold`.
+pub fn map_technique(m: &Mapper, texts: &StringArray, threshold: f64) -> ArrayRef {
+    let out: Vec<Option<String>> = par_rows(texts.len(), |i, s| {
+        if texts.is_null(i) {
+            return None;
+        }
+        let top = m.top_k(texts.value(i), 1, s).into_iter().next()?;
+        (top.score >= threshold && top.score > 0.0).then(|| m.model.techniques[top.technique].id.clone())
+    });
+    Arc::new(StringArray::from(out))
+}
+
+/// The struct type of one `map_techniques` entry.
+pub fn ranked_struct_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("technique_id", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("tactics", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false),
+        Field::new("score", DataType::Float64, false),
+    ])
+}
+
+/// The return type of `map_techniques`.
+pub fn ranked_list_type() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Struct(ranked_struct_fields()), true)))
+}
+
+/// Top-k per text as `List<Struct<technique_id, name, tactics, score>>`; `ks` holds k per row
+/// (broadcast a scalar by passing one value). NULL text or NULL k gives NULL.
+pub fn map_techniques(m: &Mapper, texts: &StringArray, ks: &Int64Array) -> Result<ArrayRef, KernelError> {
+    let max = m.model.techniques.len();
+    for k in ks.iter().flatten() {
+        if k < 0 || k as usize > 10_000 {
+            return Err(KernelError::InvalidK { k, max });
+        }
+    }
+    let k_at = |i: usize| if ks.len() == 1 { (!ks.is_null(0)).then(|| ks.value(0)) } else { (!ks.is_null(i)).then(|| ks.value(i)) };
+    let rows = par_rows(texts.len(), |i, s| {
+        let k = k_at(i)?;
+        if texts.is_null(i) {
+            return None;
+        }
+        Some(m.top_k(texts.value(i), k as usize, s))
+    });
+    let (mut ids, mut names, mut scores) = (Vec::new(), Vec::new(), Vec::new());
+    let mut tactic_values: Vec<&str> = Vec::new();
+    let mut tactic_offsets: Vec<i32> = vec![0];
+    let mut offsets: Vec<i32> = vec![0];
+    let mut valid = Vec::with_capacity(rows.len());
+    for r in &rows {
+        valid.push(r.is_some());
+        for x in r.iter().flatten() {
+            let t = &m.model.techniques[x.technique];
+            ids.push(t.id.as_str());
+            names.push(t.name.as_str());
+            scores.push(x.score);
+            tactic_values.extend(t.tactics.iter().map(String::as_str));
+            tactic_offsets.push(tactic_values.len() as i32);
+        }
+        offsets.push(ids.len() as i32);
+    }
+    let tactics = ListArray::new(
+        Arc::new(Field::new("item", DataType::Utf8, true)),
+        OffsetBuffer::new(tactic_offsets.into()),
+        Arc::new(StringArray::from(tactic_values)),
+        None,
+    );
+    let entries = StructArray::new(
+        ranked_struct_fields(),
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(StringArray::from(names)),
+            Arc::new(tactics),
+            Arc::new(Float64Array::from(scores)),
+        ],
+        None,
+    );
+    let list = ListArray::new(
+        Arc::new(Field::new("item", DataType::Struct(ranked_struct_fields()), true)),
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(entries),
+        Some(valid.into()),
+    );
+    Ok(Arc::new(list))
+}
+
+/// Calibrated score of one technique per text (ids broadcast like `ks` above); NULL in, NULL out.
+pub fn technique_score(m: &Mapper, texts: &StringArray, ids: &StringArray) -> Result<ArrayRef, KernelError> {
+    let mut resolved: Vec<Option<usize>> = Vec::with_capacity(ids.len());
+    for id in ids.iter() {
+        resolved.push(match id {
+            None => None,
+            Some(id) => Some(m.model.technique_index(id).ok_or_else(|| KernelError::UnknownTechnique {
+                id: id.to_string(),
+                domain: m.model.domain.clone(),
+                version: m.model.attack_version.clone(),
+            })?),
+        });
+    }
+    let at = |i: usize| if resolved.len() == 1 { resolved[0] } else { resolved[i] };
+    let out: Vec<Option<f64>> = par_rows(texts.len(), |i, s| {
+        let t = at(i)?;
+        if texts.is_null(i) {
+            return None;
+        }
+        m.model.score(&m.vectors, texts.value(i), s);
+        Some(s.fused_score(t))
+    });
+    Ok(Arc::new(Float64Array::from(out)))
+}
+
+/// Evidence for the best match per text; NULL for NULL text or when nothing matched.
+pub fn explain_mapping(m: &Mapper, texts: &StringArray, threshold: f64) -> ArrayRef {
+    let out: Vec<Option<String>> = par_rows(texts.len(), |i, s| {
+        if texts.is_null(i) {
+            return None;
+        }
+        m.model.explain(&m.vectors, texts.value(i), threshold, s)
+    });
+    Arc::new(StringArray::from(out))
+}
+
+/// Top-k for plain strings (CLI batch mapping and evaluation), in parallel, input order kept.
+pub fn par_top_k(m: &Mapper, texts: &[String], k: usize) -> Vec<Vec<crate::mapper::Ranked>> {
+    par_rows(texts.len(), |i, s| m.top_k(&texts[i], k, s))
+}
