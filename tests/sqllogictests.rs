@@ -95,6 +95,22 @@ fn main() {
             "slt fixture: ingested 3 ATT&CK domains in {:.1} s",
             t.elapsed().as_secs_f64()
         );
+        let t = Instant::now();
+        let engine = Engine::open(&lake).await.unwrap();
+        let report = threatlake::mapping::build_model(
+            &engine,
+            threatlake::Domain::Enterprise,
+            &dir.join("models"),
+            None,
+            threatlake_udfs::mapper::MapperParams::default(),
+        )
+        .await
+        .unwrap();
+        let mapper = std::sync::Arc::new(threatlake_udfs::LazyMapper::loaded(
+            std::sync::Arc::new(threatlake_udfs::mapper::Mapper::load(&report.dir).unwrap()),
+            0.35,
+        ));
+        eprintln!("slt fixture: built the enterprise model in {:.1} s", t.elapsed().as_secs_f64());
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slt"))
                 .unwrap()
@@ -111,14 +127,14 @@ fn main() {
         let mut failed = 0;
         for f in files {
             let lake: Lake = lake.clone();
+            let mapper = mapper.clone();
             let mut runner = sqllogictest::Runner::new(move || {
-                let lake = lake.clone();
+                let (lake, mapper) = (lake.clone(), mapper.clone());
                 async move {
-                    Ok::<_, DbError>(Db {
-                        engine: Engine::open(&lake)
-                            .await
-                            .map_err(|e| DbError(e.to_string()))?,
-                    })
+                    let engine = Engine::open_with_mapper(&lake, mapper)
+                        .await
+                        .map_err(|e| DbError(e.to_string()))?;
+                    Ok::<_, DbError>(Db { engine })
                 }
             });
             let name = f.file_name().unwrap().to_string_lossy().to_string();

@@ -240,11 +240,13 @@ pub async fn eval_holdout(settings: &Settings, domain: Domain, fraction: f64, se
     print_metrics_header();
     let base = MapperParams::default();
     let mut variants: Vec<(String, MapperParams, bool)> = vec![
-        ("threatlake (fused)".into(), base.clone(), false),
+        ("threatlake (learned fusion)".into(), base.clone(), false),
+        ("  fixed fusion weights".into(), base.clone().learn_fusion(false), false),
+        ("  - classifier evidence".into(), MapperParams { lr_epochs: 0, weights: threatlake_udfs::mapper::FusionWeights { lr: 0.0, ..base.weights }, ..base.clone() }, false),
         ("  - embeddings".into(), base.clone().weights(threatlake_udfs::mapper::FusionWeights { embedding: 0.0, ..base.weights }), false),
         ("  - k-means (1 prototype)".into(), base.clone().max_prototypes(1), false),
         ("  + PCA whitening".into(), base.clone().whiten(true), false),
-        ("  embeddings only".into(), base.clone().weights(threatlake_udfs::mapper::FusionWeights { centroid: 0.0, knn: 0.0, name: 0.0, ..base.weights }), false),
+        ("  embeddings only".into(), base.clone().weights(threatlake_udfs::mapper::FusionWeights { centroid: 0.0, knn: 0.0, name: 0.0, lr: 0.0, ..base.weights }), false),
     ];
     let pre_path = pretrained.or_else(|| settings.mapping.pretrained_vectors.clone());
     if pre_path.is_some() {

@@ -197,3 +197,102 @@ fn repl_in_a_pty() {
     let h = std::fs::read_to_string(&history).unwrap();
     assert!(h.contains("FROM attack_techniques_current;"), "{h}");
 }
+
+/// An ICS model built through the CLI on the ICS lake (small, so quick in debug builds).
+fn ics_models() -> &'static PathBuf {
+    static MODELS: OnceLock<PathBuf> = OnceLock::new();
+    MODELS.get_or_init(|| {
+        let models = common::scratch("cli-models");
+        let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
+            .current_dir(env!("CARGO_TARGET_TMPDIR"))
+            .env("THREATLAKE_LAKE_MODELS", &models)
+            .args(["--lake", lake().to_str().unwrap(), "model", "build", "--domain", "ics"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("model ics ATT&CK 18.1: 83 techniques"), "{text}");
+        assert!(models.join("ics-18.1/manifest.json").is_file());
+        models
+    })
+}
+
+fn mapper_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_threatlake"));
+    c.current_dir(env!("CARGO_TARGET_TMPDIR"))
+        .env("THREATLAKE_LAKE_MODELS", ics_models())
+        .args(["--lake", lake().to_str().unwrap()])
+        .args(args);
+    c
+}
+
+#[test]
+fn map_jsonl_lines_have_the_documented_shape() {
+    let dir = common::scratch("cli-map-jsonl");
+    let input = dir.join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\": \"The malware modified the PLC ladder logic program to change the process\"}\n\
+         {\"text\": \"\"}\n\
+         {\"text\": \"Operators lost view of the HMI screens during the attack\"}\n",
+    )
+    .unwrap();
+    let out = mapper_cmd(&["map", "--domain", "ics", "--input", input.to_str().unwrap(), "--top", "3", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3);
+    let shape = regex::Regex::new(
+        r#"^\{"row": (\d+), "techniques": \[\{"technique_id": "T\d{4}(\.\d{3})?", "score": [0-9.e-]+\}(, \{"technique_id": "T\d{4}(\.\d{3})?", "score": [0-9.e-]+\}){2}\]\}$"#,
+    )
+    .unwrap();
+    for (i, l) in lines.iter().enumerate() {
+        let c = shape.captures(l).unwrap_or_else(|| panic!("line {i} has the wrong shape: {l}"));
+        assert_eq!(c[1].parse::<usize>().unwrap(), i);
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let scores: Vec<f64> = v["techniques"].as_array().unwrap().iter().map(|t| t["score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {l}");
+    }
+    assert!(lines[0].contains("\"technique_id\": \"T0889\"") || lines[0].contains("\"technique_id\": \"T0821\""), "{}", lines[0]);
+}
+
+#[test]
+fn model_eval_reports_metrics() {
+    let dir = common::scratch("cli-model-eval");
+    let input = dir.join("labelled.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\": \"The attackers modified the controller program to alter the physical process\", \"labels\": [\"T0889\"]}\n\
+         {\"text\": \"brute forced the default credentials of the engineering workstation\", \"labels\": [\"T0812\", \"T0859\"]}\n",
+    )
+    .unwrap();
+    let out = mapper_cmd(&["model", "eval", "--domain", "ics", "--input", input.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for key in ["n          2", "top1 ", "top1_parent", "recall@5", "mrr@10"] {
+        assert!(text.contains(key), "{key} missing in {text}");
+    }
+}
+
+#[test]
+fn map_without_a_model_says_how_to_build_one() {
+    let empty = common::scratch("cli-no-models");
+    let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
+        .env("THREATLAKE_LAKE_MODELS", &empty)
+        .args(["--lake", lake().to_str().unwrap(), "map", "dumped lsass"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("threatlake model build"));
+    let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
+        .env("THREATLAKE_LAKE_MODELS", &empty)
+        .args(["--lake", lake().to_str().unwrap(), "sql", "-c", "SELECT map_technique('dumped lsass')"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `threatlake model build --domain enterprise` first"));
+}

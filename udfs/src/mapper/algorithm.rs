@@ -100,6 +100,8 @@ pub struct Model {
     proj_out: usize,
     prototypes: Vec<f32>,
     proto_tech: Vec<u16>,
+    lr_postings: Vec<Vec<(u16, f32)>>,
+    lr_bias: Vec<f32>,
 }
 
 /// Public facts about a technique.
@@ -135,6 +137,8 @@ pub struct Components {
     pub name: f32,
     /// Id mentioned (0/1).
     pub id: f32,
+    /// Softmax classifier probability.
+    pub lr: f32,
 }
 
 /// Reusable per-thread buffers so scoring a row allocates little.
@@ -150,6 +154,7 @@ pub struct Scratch {
     emb: Vec<f32>,
     name_hits: Vec<u16>,
     ids: Vec<f32>,
+    lr: Vec<f32>,
     fused: Vec<f32>,
     sent: Vec<f32>,
     word: Vec<f32>,
@@ -211,7 +216,128 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// Fit a model. Deterministic for a given training set and parameters.
+///
+/// With `learn_fusion`, the evidence weights and the calibration are learned first: a model is fitted
+/// on the procedures of 80% of the sources, the other 20% are scored, and a logistic regression of
+/// "is this candidate a correct label" on the per-technique evidence gives both the weights (its
+/// coefficients) and calibrated probabilities (its output). Then the model is refitted on everything.
 pub fn fit(
+    params: &ValidParams,
+    set: &TrainingSet,
+    pretrained: Option<&embed::Pretrained>,
+) -> Result<(Model, WordVectors), MapperError> {
+    let mut params = params.clone();
+    if params.learn_fusion {
+        if let Some((weights, bias)) = learn_fusion(&params, set, pretrained)? {
+            params.0.weights = weights;
+            params.0.calibration = (1.0, bias);
+        }
+    }
+    fit_once(&params, set, pretrained)
+}
+
+/// Evidence of one candidate: centroid, knn, embedding, name, id.
+fn features(c: &Components) -> [f32; 6] {
+    [c.centroid, c.knn, c.embedding, c.name, c.id, c.lr]
+}
+
+fn learn_fusion(
+    params: &ValidParams,
+    set: &TrainingSet,
+    pretrained: Option<&embed::Pretrained>,
+) -> Result<Option<(super::FusionWeights, f32)>, MapperError> {
+    use rayon::prelude::*;
+    let (train, test) = super::eval::holdout(set, 0.2, params.seed);
+    if test.len() < 50 || train.examples.is_empty() {
+        return Ok(None);
+    }
+    let mut inner = params.clone();
+    inner.0.learn_fusion = false;
+    let (model, wv) = fit_once(&inner, &train, pretrained)?;
+    // Candidates: the top 20 under the default weights plus every true label.
+    let rows: Vec<Vec<([f32; 6], f32)>> = test
+        .par_iter()
+        .map(|l| {
+            let mut s = Scratch::default();
+            let mut cands: Vec<usize> = model.top_k(&wv, &l.text, 20, &mut s).into_iter().map(|r| r.technique).collect();
+            let labels: Vec<usize> = l.labels.iter().filter_map(|id| model.technique_index(id)).collect();
+            for t in &labels {
+                if !cands.contains(t) {
+                    cands.push(*t);
+                }
+            }
+            cands.into_iter().map(|t| (features(&model.components(t, &s)), if labels.contains(&t) { 1.0 } else { 0.0 })).collect()
+        })
+        .collect();
+    // A component switched off in the parameters (weight 0) stays off: it is masked out of the fit.
+    let pw = params.weights;
+    let mask = [pw.centroid, pw.knn, pw.embedding, pw.name, pw.id, if params.lr_epochs > 0 { pw.lr } else { 0.0 }]
+        .map(|w| if w > 0.0 { 1.0 } else { 0.0 });
+    let data: Vec<([f32; 6], f32)> = rows
+        .into_iter()
+        .flatten()
+        .map(|(x, y)| (std::array::from_fn(|j| x[j] * mask[j]), y))
+        .collect();
+    let (w, b) = logistic(&data, 400, 1e-3);
+    let weights = super::FusionWeights {
+        centroid: w[0].max(0.0),
+        knn: w[1].max(0.0),
+        embedding: w[2].max(0.0),
+        name: w[3].max(0.0),
+        id: w[4].max(0.0),
+        lr: w[5].max(0.0),
+    };
+    Ok(Some((weights, b)))
+}
+
+/// Number of evidence features.
+const F: usize = 6;
+
+/// Binary logistic regression by full-batch gradient descent with feature standardisation (five
+/// features and a few tens of thousands of rows: a dedicated solver would not pay for itself).
+/// Returns weights and bias on the original feature scale.
+fn logistic(data: &[([f32; F], f32)], iters: usize, l2: f64) -> ([f32; F], f32) {
+    let n = data.len().max(1) as f64;
+    let mut mean = [0f64; F];
+    let mut sd = [0f64; F];
+    for (x, _) in data {
+        for j in 0..F {
+            mean[j] += x[j] as f64 / n;
+        }
+    }
+    for (x, _) in data {
+        for j in 0..F {
+            sd[j] += (x[j] as f64 - mean[j]).powi(2) / n;
+        }
+    }
+    let sd: Vec<f64> = sd.iter().map(|v| v.sqrt().max(1e-6)).collect();
+    let (mut w, mut b) = ([0f64; F], 0f64);
+    let lr = 0.5;
+    for _ in 0..iters {
+        let (mut gw, mut gb) = ([0f64; F], 0f64);
+        for (x, y) in data {
+            let z: f64 = b + (0..F).map(|j| w[j] * (x[j] as f64 - mean[j]) / sd[j]).sum::<f64>();
+            let g = 1.0 / (1.0 + (-z).exp()) - *y as f64;
+            for j in 0..F {
+                gw[j] += g * (x[j] as f64 - mean[j]) / sd[j];
+            }
+            gb += g;
+        }
+        for j in 0..F {
+            w[j] -= lr * (gw[j] / n + l2 * w[j]);
+        }
+        b -= lr * gb / n;
+    }
+    let mut out = [0f32; F];
+    let mut bias = b;
+    for j in 0..F {
+        out[j] = (w[j] / sd[j]) as f32;
+        bias -= w[j] * mean[j] / sd[j];
+    }
+    (out, bias as f32)
+}
+
+fn fit_once(
     params: &ValidParams,
     set: &TrainingSet,
     pretrained: Option<&embed::Pretrained>,
@@ -283,6 +409,23 @@ pub fn fit(
                 centroid_postings[id as usize].push((ti as u16, w));
             }
         }
+    }
+
+    // Discriminative evidence: a softmax classifier over the same TF-IDF vectors, kept sparse.
+    let n_tech = set.techniques.len();
+    let mut lr_postings: Vec<Vec<(u16, f32)>> = vec![Vec::new(); terms.len()];
+    let mut lr_bias = vec![0f32; n_tech];
+    if params.lr_epochs > 0 {
+        let rows: Vec<(usize, Vec<(u32, f32)>)> = unit_terms.iter().zip(&units).map(|(v, u)| (u.tech, v.clone())).collect();
+        let (w, b) = super::eval::train_softmax(&rows, terms.len(), n_tech, params.lr_epochs, params.seed);
+        for (f, postings) in lr_postings.iter_mut().enumerate() {
+            for (c, &x) in w[f * n_tech..(f + 1) * n_tech].iter().enumerate() {
+                if x.abs() >= 0.02 {
+                    postings.push((c as u16, x));
+                }
+            }
+        }
+        lr_bias = b;
     }
 
     // Names: a technique whose every name term appears in the text gets the name bonus.
@@ -395,6 +538,8 @@ pub fn fit(
         proj_out,
         prototypes,
         proto_tech,
+        lr_postings,
+        lr_bias,
     };
     Ok((model, word_vectors))
 }
@@ -448,7 +593,7 @@ impl Model {
     pub fn score(&self, wv: &WordVectors, input: &str, s: &mut Scratch) {
         let n_tech = self.techniques.len();
         let p = &self.params;
-        for v in [&mut s.centroid, &mut s.knn, &mut s.emb, &mut s.ids, &mut s.fused] {
+        for v in [&mut s.centroid, &mut s.knn, &mut s.emb, &mut s.ids, &mut s.lr, &mut s.fused] {
             v.clear();
             v.resize(n_tech, 0.0);
         }
@@ -508,6 +653,17 @@ impl Model {
             s.unit_acc[u as usize] = 0.0;
         }
 
+        // Discriminative classifier (only when the text has known terms; else it would echo priors).
+        if !s.qvec.is_empty() && p.weights.lr > 0.0 {
+            s.lr.copy_from_slice(&self.lr_bias);
+            for &(id, qw) in &s.qvec {
+                for &(t, w) in &self.lr_postings[id as usize] {
+                    s.lr[t as usize] += qw * w;
+                }
+            }
+            super::eval::softmax(&mut s.lr);
+        }
+
         // Explicit technique ids in the text ("T1059.001", "t1003").
         let bytes = input.as_bytes();
         let mut i = 0;
@@ -557,7 +713,8 @@ impl Model {
                 + w.knn * s.knn[t]
                 + w.embedding * s.emb[t]
                 + w.name * name
-                + w.id * s.ids[t];
+                + w.id * s.ids[t]
+                + w.lr * s.lr[t];
             s.fused[t] = if has_text || s.ids[t] > 0.0 { sigmoid(scale * fused + bias) } else { 0.0 };
         }
     }
@@ -589,6 +746,7 @@ impl Model {
             embedding: s.emb[t],
             name: if self.name_len[t] > 0 && s.name_hits[t] == self.name_len[t] { 1.0 } else { 0.0 },
             id: s.ids[t],
+            lr: s.lr[t],
         }
     }
 
@@ -629,7 +787,10 @@ impl Model {
         if c.id > 0.0 {
             out.push_str("; cites its id");
         }
-        out.push_str(&format!("; lexical {:.2}, nearest example {:.2}, embedding {:.2}", c.centroid, c.knn, c.embedding));
+        out.push_str(&format!(
+            "; lexical {:.2}, nearest example {:.2}, embedding {:.2}, classifier {:.2}",
+            c.centroid, c.knn, c.embedding, c.lr
+        ));
         let u = s.knn_unit[t];
         if u != u32::MAX {
             let kind = match self.unit_kind[u as usize] {

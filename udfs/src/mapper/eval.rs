@@ -164,37 +164,9 @@ impl Baseline {
         for (_, v) in rows.iter_mut() {
             b.weigh(v);
         }
-        let k = b.classes.len();
-        b.weights = vec![0.0; b.terms.len() * k];
-        let mut order: Vec<usize> = (0..rows.len()).collect();
-        let mut rng = Xoshiro256Plus::seed_from_u64(seed);
-        let mut probs = vec![0f32; k];
-        let l2 = 1e-6f32;
-        for epoch in 0..epochs {
-            order.shuffle(&mut rng);
-            let lr = 0.5 / (1.0 + epoch as f32);
-            for &r in &order {
-                let (class, x) = &rows[r];
-                probs.copy_from_slice(&b.bias);
-                for &(i, xi) in x {
-                    let w = &b.weights[i as usize * k..(i as usize + 1) * k];
-                    for (p, wj) in probs.iter_mut().zip(w) {
-                        *p += xi * wj;
-                    }
-                }
-                softmax(&mut probs);
-                probs[*class] -= 1.0;
-                for (bj, g) in b.bias.iter_mut().zip(&probs) {
-                    *bj -= lr * g;
-                }
-                for &(i, xi) in x {
-                    let w = &mut b.weights[i as usize * k..(i as usize + 1) * k];
-                    for (wj, g) in w.iter_mut().zip(&probs) {
-                        *wj -= lr * (g * xi + l2 * *wj);
-                    }
-                }
-            }
-        }
+        let (weights, bias) = train_softmax(&rows, b.terms.len(), b.classes.len(), epochs, seed);
+        b.weights = weights;
+        b.bias = bias;
         b
     }
 
@@ -216,7 +188,52 @@ impl Baseline {
     }
 }
 
-fn softmax(v: &mut [f32]) {
+/// Multinomial logistic regression on sparse rows `(class, [(feature, value)])` by SGD with a
+/// decaying step and light L2; returns a dense `features × classes` weight matrix and class biases.
+/// Shared by the baseline and the mapper's discriminative evidence so both learn the same way.
+pub fn train_softmax(
+    rows: &[(usize, Vec<(u32, f32)>)],
+    n_features: usize,
+    k: usize,
+    epochs: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut weights = vec![0f32; n_features * k];
+    let mut bias = vec![0f32; k];
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    let mut rng = Xoshiro256Plus::seed_from_u64(seed);
+    let mut probs = vec![0f32; k];
+    let l2 = 1e-6f32;
+    for epoch in 0..epochs {
+        order.shuffle(&mut rng);
+        let lr = 0.5 / (1.0 + epoch as f32);
+        for &r in &order {
+            let (class, x) = &rows[r];
+            probs.copy_from_slice(&bias);
+            for &(i, xi) in x {
+                let w = &weights[i as usize * k..(i as usize + 1) * k];
+                for (p, wj) in probs.iter_mut().zip(w) {
+                    *p += xi * wj;
+                }
+            }
+            softmax(&mut probs);
+            probs[*class] -= 1.0;
+            for (bj, g) in bias.iter_mut().zip(&probs) {
+                *bj -= lr * g;
+            }
+            for &(i, xi) in x {
+                let w = &mut weights[i as usize * k..(i as usize + 1) * k];
+                for (wj, g) in w.iter_mut().zip(&probs) {
+                    *wj -= lr * (g * xi + l2 * *wj);
+                }
+            }
+        }
+    }
+    (weights, bias)
+}
+
+/// In-place softmax.
+pub fn softmax(v: &mut [f32]) {
     let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for x in v.iter_mut() {

@@ -17,6 +17,8 @@ pub struct FusionWeights {
     pub name: f32,
     /// The text names the technique id (T1059.001).
     pub id: f32,
+    /// Probability from the discriminative TF-IDF softmax classifier.
+    pub lr: f32,
 }
 
 /// Parameters of [`super::fit`].
@@ -46,8 +48,13 @@ pub struct MapperParams {
     pub calibration: (f32, f32),
     /// Seed for k-means and PCA.
     pub seed: u64,
+    /// SGD epochs of the softmax classifier (0 = no discriminative evidence).
+    pub lr_epochs: usize,
     /// Weight of the general-English vectors appended to the domain vectors (when given).
     pub pretrained_weight: f32,
+    /// Learn the fusion weights and calibration from an internal hold-out of procedure sources
+    /// (logistic regression on per-technique evidence); else use `weights` and `calibration` as given.
+    pub learn_fusion: bool,
 }
 
 impl Default for MapperParams {
@@ -62,10 +69,12 @@ impl Default for MapperParams {
             min_count: 2,
             ngram_range: (3, 6),
             sif_a: 1e-3,
-            weights: FusionWeights { centroid: 1.0, knn: 0.6, embedding: 0.5, name: 0.25, id: 1.0 },
+            weights: FusionWeights { centroid: 1.0, knn: 0.6, embedding: 0.5, name: 0.25, id: 1.0, lr: 1.0 },
+            lr_epochs: 8,
             calibration: (9.0, -5.0),
             seed: 42,
             pretrained_weight: 0.5,
+            learn_fusion: true,
         }
     }
 }
@@ -84,6 +93,11 @@ impl MapperParams {
     /// Set the most prototypes per technique (1 = no clustering, one centroid).
     pub fn max_prototypes(mut self, n: usize) -> Self {
         self.max_prototypes = n;
+        self
+    }
+    /// Learn fusion weights and calibration from an internal hold-out.
+    pub fn learn_fusion(mut self, on: bool) -> Self {
+        self.learn_fusion = on;
         self
     }
     /// Whiten the sentence PCA.
@@ -114,7 +128,7 @@ impl MapperParams {
             return bad("sif_a must be positive");
         }
         let w = self.weights;
-        if [w.centroid, w.knn, w.embedding, w.name, w.id].iter().any(|x| !x.is_finite() || *x < 0.0) {
+        if [w.centroid, w.knn, w.embedding, w.name, w.id, w.lr].iter().any(|x| !x.is_finite() || *x < 0.0) {
             return bad("fusion weights must be finite and non-negative");
         }
         Ok(ValidParams(self))

@@ -1,0 +1,141 @@
+//! Mapper behaviour on a small synthetic ATT&CK-like training set: fitting, determinism, save/load,
+//! the Arrow kernels, argument errors and hostile input.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Int64Array, StringArray};
+use threatlake_udfs::mapper::{Example, Mapper, MapperParams, Scratch, TechniqueInfo, TrainingSet};
+use threatlake_udfs::mapping_kernels as k;
+
+const TOPICS: &[(&str, &str, &str, &[&str])] = &[
+    ("T1059.001", "PowerShell", "execution", &["powershell", "script", "encoded", "command", "invoke", "iex"]),
+    ("T1003.001", "LSASS Memory", "credential-access", &["lsass", "memory", "dump", "credentials", "mimikatz", "procdump"]),
+    ("T1053.005", "Scheduled Task", "persistence", &["scheduled", "task", "schtasks", "trigger", "logon", "create"]),
+    ("T1486", "Data Encrypted for Impact", "impact", &["encrypt", "files", "ransom", "note", "extension", "drives"]),
+    ("T1566.001", "Spearphishing Attachment", "initial-access", &["email", "attachment", "macro", "document", "lure", "victims"]),
+    ("T1041", "Exfiltration Over C2 Channel", "exfiltration", &["exfiltrate", "channel", "upload", "archive", "stolen", "server"]),
+];
+
+fn training_set() -> TrainingSet {
+    let mut set = TrainingSet { domain: "test".into(), attack_version: "1.0".into(), ..Default::default() };
+    for (i, (id, name, tactic, words)) in TOPICS.iter().enumerate() {
+        set.techniques.push(TechniqueInfo {
+            id: id.to_string(),
+            name: name.to_string(),
+            tactics: vec![tactic.to_string()],
+            description: format!(
+                "Adversaries may use {} to {} the {}. This involves {} and {} on the host.",
+                words[0], words[1], words[2], words[3], words[4]
+            ),
+            detection: format!("Monitor for {} and {} events.", words[1], words[5]),
+        });
+        for j in 0..30 {
+            let w = |k: usize| words[(j + k) % words.len()];
+            set.examples.push(Example {
+                technique: id.to_string(),
+                text: format!("The group used {} with {} and {} during operation {}.", w(0), w(1), w(3), j % 7),
+                source: format!("source-{}", (i * 30 + j) % 23),
+            });
+        }
+    }
+    set.revoked.push(("T1086".into(), "T1059.001".into()));
+    set
+}
+
+fn params() -> MapperParams {
+    MapperParams { word_dims: 5, sentence_dims: 4, drop_components: 0, ..MapperParams::default() }
+}
+
+fn build() -> Mapper {
+    Mapper::build(params(), &training_set(), None).expect("fit")
+}
+
+#[test]
+fn maps_clear_text_and_is_deterministic() {
+    let a = build();
+    let b = build();
+    let mut s = Scratch::default();
+    let text = "dumped lsass memory with procdump to get credentials";
+    let ra = a.top_k(text, 3, &mut s);
+    let rb = b.top_k(text, 3, &mut s);
+    assert_eq!(a.model.techniques[ra[0].technique].id, "T1003.001");
+    assert_eq!(ra, rb, "same input and training data must give the same output");
+    assert!(ra.windows(2).all(|w| w[0].score >= w[1].score));
+    assert!(ra.iter().all(|r| (0.0..=1.0).contains(&r.score)));
+}
+
+#[test]
+fn unseen_tokens_get_subword_vectors() {
+    let m = build();
+    let mut v = vec![0f32; m.vectors.dims()];
+    // "schtasks.exe" never occurs in training; its n-grams do (from "schtasks").
+    assert!(m.vectors.embedding_into("schtasks.exe", &mut v));
+    assert!(v.iter().any(|x| *x != 0.0));
+    assert!(!m.vectors.embedding_into("qqqq", &mut v));
+}
+
+#[test]
+fn save_and_load_round_trip() {
+    let m = build();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = m.manifest(None);
+    m.save(dir.path(), &manifest).unwrap();
+    let loaded = Mapper::load(dir.path()).unwrap();
+    let mut s = Scratch::default();
+    for t in ["encrypt files and leave a ransom note", "macro in an email attachment", "nothing relevant here"] {
+        assert_eq!(m.top_k(t, 6, &mut s), loaded.top_k(t, 6, &mut s), "{t}");
+    }
+    assert!(Mapper::load(&dir.path().join("missing")).unwrap_err().to_string().contains("threatlake model build"));
+}
+
+#[test]
+fn kernels_handle_nulls_k_and_unknown_ids() {
+    let m = build();
+    let texts = StringArray::from(vec![Some("schtasks create a scheduled task at logon"), None, Some("")]);
+    let best = k::map_technique(&m, &texts, 0.0);
+    let best = best.as_string::<i32>();
+    assert_eq!(best.value(0), "T1053.005");
+    assert!(best.is_null(1) && best.is_null(2), "NULL and empty text abstain");
+
+    let ranked = k::map_techniques(&m, &texts, &Int64Array::from(vec![2])).unwrap();
+    let ranked = ranked.as_list::<i32>();
+    assert_eq!(ranked.value(0).len(), 2);
+    assert!(ranked.is_null(1));
+    let zero = k::map_techniques(&m, &texts, &Int64Array::from(vec![0])).unwrap();
+    assert_eq!(zero.as_list::<i32>().value(0).len(), 0);
+    let e = k::map_techniques(&m, &texts, &Int64Array::from(vec![-3])).unwrap_err();
+    assert!(e.to_string().contains("k must be between 0"), "{e}");
+
+    let e = k::technique_score(&m, &texts, &StringArray::from(vec!["T9999"])).unwrap_err();
+    assert!(e.to_string().contains("unknown technique id 'T9999'"), "{e}");
+    let revoked = k::technique_score(&m, &texts, &StringArray::from(vec!["T1086"])).unwrap();
+    let current = k::technique_score(&m, &texts, &StringArray::from(vec!["T1059.001"])).unwrap();
+    assert_eq!(revoked.as_primitive::<arrow::datatypes::Float64Type>().value(0), current.as_primitive::<arrow::datatypes::Float64Type>().value(0));
+
+    let ex = k::explain_mapping(&m, &texts, 0.5);
+    assert!(ex.as_string::<i32>().value(0).starts_with("T1053.005 Scheduled Task"));
+}
+
+#[test]
+fn megabyte_of_hostile_text_is_fine() {
+    let m = Arc::new(build());
+    let mut big = String::with_capacity(1 << 20);
+    let mut i = 0u32;
+    while big.len() < (1 << 20) {
+        big.push_str(&format!("<script>alert({i})</script> =HYPERLINK(\"x\") \u{202e}token{i} encrypt files "));
+        i += 1;
+    }
+    let texts = StringArray::from(vec![big.as_str()]);
+    let out = k::map_techniques(&m, &texts, &Int64Array::from(vec![3])).unwrap();
+    let first = out.as_list::<i32>().value(0);
+    let ids = first.as_struct().column(0).as_string::<i32>().value(0).to_string();
+    assert_eq!(ids, "T1486");
+}
+
+#[test]
+fn invalid_params_are_rejected_before_fitting() {
+    let e = MapperParams { sentence_dims: 500, ..MapperParams::default() }.check().unwrap_err();
+    assert!(e.to_string().contains("sentence_dims"));
+    let e = Mapper::build(MapperParams::default(), &TrainingSet::default(), None).unwrap_err();
+    assert!(e.to_string().contains("ingest ATT&CK first"));
+}
