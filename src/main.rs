@@ -323,16 +323,28 @@ async fn main_inner(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Model(ModelCommand::Build { domain, pretrained, no_pretrained }) => {
-            cli::model::build(&settings, domain.into(), pretrained, no_pretrained).await
-        }
-        Command::Model(ModelCommand::Eval { input, holdout, fraction, seed, pretrained, model, domain }) => {
-            match (input, holdout) {
-                (Some(i), false) => cli::model::eval_file(&settings, model.as_deref(), domain.into(), &i),
-                (None, true) => cli::model::eval_holdout(&settings, domain.into(), fraction, seed, pretrained).await,
-                _ => bail!("give --input FILE (labelled JSON lines) or --holdout"),
+        Command::Model(ModelCommand::Build {
+            domain,
+            pretrained,
+            no_pretrained,
+        }) => cli::model::build(&settings, domain.into(), pretrained, no_pretrained).await,
+        Command::Model(ModelCommand::Eval {
+            input,
+            holdout,
+            fraction,
+            seed,
+            pretrained,
+            model,
+            domain,
+        }) => match (input, holdout) {
+            (Some(i), false) => {
+                cli::model::eval_file(&settings, model.as_deref(), domain.into(), &i)
             }
-        }
+            (None, true) => {
+                cli::model::eval_holdout(&settings, domain.into(), fraction, seed, pretrained).await
+            }
+            _ => bail!("give --input FILE (labelled JSON lines) or --holdout"),
+        },
         Command::Map(a) => cli::model::map(
             &settings,
             a.model.as_deref(),
@@ -342,7 +354,9 @@ async fn main_inner(cli: Cli) -> Result<()> {
             a.top,
             a.format == MapFormat::Jsonl,
         ),
-        Command::Bench(BenchCommand::Map { rows, runs }) => cli::bench::map(&settings, rows, runs).await,
+        Command::Bench(BenchCommand::Map { rows, runs }) => {
+            cli::bench::map(&settings, rows, runs).await
+        }
         Command::Bench(BenchCommand::Ingest {
             from,
             runs,
@@ -426,7 +440,11 @@ fn source_for(settings: &Settings, d: Domain) -> Result<String> {
 
 async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
     let lake = Lake::open(&settings.lake.root)?;
-    let engine = Engine::open_with(&lake, &threatlake::sql::EngineOptions::from_settings(settings)).await?;
+    let engine = Engine::open_with(
+        &lake,
+        &threatlake::sql::EngineOptions::from_settings(settings),
+    )
+    .await?;
     let format = match args.format {
         Some(f) => f,
         None => settings

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::prelude::{col, lit};
 use regex::Regex;
-use threatlake_udfs::mapper::{self, text, Example, Manifest, Mapper, MapperError, MapperParams, Pretrained, TechniqueInfo, TrainingSet};
+use threatlake_udfs::mapper::{
+    self, text, Example, Manifest, Mapper, MapperError, MapperParams, Pretrained, TechniqueInfo,
+    TrainingSet,
+};
 
 use crate::config::Domain;
 use crate::sql::{Engine, SqlError};
@@ -20,14 +23,21 @@ pub enum MappingError {
     #[error("reading training data: {0}")]
     Sql(#[from] SqlError),
     /// No ATT&CK data for the domain.
-    #[error("the lake has no ATT&CK {0} techniques; run `threatlake ingest attack --domain {0}` first")]
+    #[error(
+        "the lake has no ATT&CK {0} techniques; run `threatlake ingest attack --domain {0}` first"
+    )]
     NoData(Domain),
     /// Fitting, saving or loading failed.
     #[error(transparent)]
     Mapper(#[from] MapperError),
 }
 
-async fn collect(engine: &Engine, table: &str, domain: Domain, cols: &[&str]) -> Result<Vec<RecordBatch>, MappingError> {
+async fn collect(
+    engine: &Engine,
+    table: &str,
+    domain: Domain,
+    cols: &[&str],
+) -> Result<Vec<RecordBatch>, MappingError> {
     let df = engine
         .ctx
         .table(table)
@@ -41,8 +51,12 @@ async fn collect(engine: &Engine, table: &str, domain: Domain, cols: &[&str]) ->
 }
 
 fn strings(b: &RecordBatch, i: usize) -> Vec<Option<String>> {
-    let a = arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).expect("text column");
-    a.as_string::<i32>().iter().map(|s| s.map(str::to_string)).collect()
+    let a =
+        arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).expect("text column");
+    a.as_string::<i32>()
+        .iter()
+        .map(|s| s.map(str::to_string))
+        .collect()
 }
 
 fn lists(b: &RecordBatch, i: usize) -> Vec<Vec<String>> {
@@ -53,7 +67,11 @@ fn lists(b: &RecordBatch, i: usize) -> Vec<Vec<String>> {
                 return vec![];
             }
             let v = l.value(r);
-            v.as_string::<i32>().iter().flatten().map(str::to_string).collect()
+            v.as_string::<i32>()
+                .iter()
+                .flatten()
+                .map(str::to_string)
+                .collect()
         })
         .collect()
 }
@@ -61,10 +79,26 @@ fn lists(b: &RecordBatch, i: usize) -> Vec<Vec<String>> {
 /// The training set of a domain's newest release: active techniques with their description and
 /// detection text, procedure examples with actor/software names removed, revoked-id redirects.
 pub async fn training_set(engine: &Engine, domain: Domain) -> Result<TrainingSet, MappingError> {
-    let mut set = TrainingSet { domain: domain.to_string(), ..Default::default() };
-    let cols = ["technique_id", "name", "tactics", "description", "detection", "attack_version"];
+    let mut set = TrainingSet {
+        domain: domain.to_string(),
+        ..Default::default()
+    };
+    let cols = [
+        "technique_id",
+        "name",
+        "tactics",
+        "description",
+        "detection",
+        "attack_version",
+    ];
     for b in collect(engine, "attack_techniques_current", domain, &cols).await? {
-        let (id, name, desc, det, ver) = (strings(&b, 0), strings(&b, 1), strings(&b, 3), strings(&b, 4), strings(&b, 5));
+        let (id, name, desc, det, ver) = (
+            strings(&b, 0),
+            strings(&b, 1),
+            strings(&b, 3),
+            strings(&b, 4),
+            strings(&b, 5),
+        );
         let tactics = lists(&b, 2);
         for r in 0..b.num_rows() {
             set.attack_version = ver[r].clone().unwrap_or_default();
@@ -99,7 +133,11 @@ pub async fn training_set(engine: &Engine, domain: Domain) -> Result<TrainingSet
     // Names and aliases of every group, software and campaign, to strip from procedure text: the
     // mapper must learn what was done, not who did it.
     let mut names: HashMap<String, Vec<String>> = HashMap::new();
-    for table in ["mitre_attack_groups", "mitre_attack_software", "mitre_attack_campaigns"] {
+    for table in [
+        "mitre_attack_groups",
+        "mitre_attack_software",
+        "mitre_attack_campaigns",
+    ] {
         for b in collect(engine, table, domain, &["stix_id", "name", "aliases"]).await? {
             let (id, name) = (strings(&b, 0), strings(&b, 1));
             let aliases = lists(&b, 2);
@@ -111,10 +149,20 @@ pub async fn training_set(engine: &Engine, domain: Domain) -> Result<TrainingSet
         }
     }
     let mut strippers: HashMap<String, Option<Regex>> = HashMap::new();
-    let cols = ["technique_id", "description", "source_ref", "relationship_id"];
+    let cols = [
+        "technique_id",
+        "description",
+        "source_ref",
+        "relationship_id",
+    ];
     let mut rows: Vec<(String, String, String, String)> = Vec::new();
     for b in collect(engine, "attack_procedures_current", domain, &cols).await? {
-        let (t, d, s, rid) = (strings(&b, 0), strings(&b, 1), strings(&b, 2), strings(&b, 3));
+        let (t, d, s, rid) = (
+            strings(&b, 0),
+            strings(&b, 1),
+            strings(&b, 2),
+            strings(&b, 3),
+        );
         for r in 0..b.num_rows() {
             if let (Some(t), Some(d), Some(s), Some(rid)) = (&t[r], &d[r], &s[r], &rid[r]) {
                 rows.push((rid.clone(), t.clone(), d.clone(), s.clone()));
@@ -123,12 +171,22 @@ pub async fn training_set(engine: &Engine, domain: Domain) -> Result<TrainingSet
     }
     rows.sort();
     for (_, technique, description, source) in rows {
-        let re = strippers.entry(source.clone()).or_insert_with(|| name_regex(names.get(&source)));
+        let re = strippers
+            .entry(source.clone())
+            .or_insert_with(|| name_regex(names.get(&source)));
         let text = match re {
-            Some(re) => re.replace_all(&description, "").split_whitespace().collect::<Vec<_>>().join(" "),
+            Some(re) => re
+                .replace_all(&description, "")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
             None => description,
         };
-        set.examples.push(Example { technique, text, source });
+        set.examples.push(Example {
+            technique,
+            text,
+            source,
+        });
     }
     Ok(set)
 }
@@ -152,7 +210,9 @@ pub fn load_pretrained(path: &Path, set: &TrainingSet) -> Result<Pretrained, Map
         text::tokens(&t, &mut toks);
         words.extend(toks.drain(..));
     }
-    Ok(Pretrained::load(path, &|w: &str| words.contains(&w.to_lowercase()))?)
+    Ok(Pretrained::load(path, &|w: &str| {
+        words.contains(&w.to_lowercase())
+    })?)
 }
 
 /// What `model build` did.
@@ -199,6 +259,18 @@ pub async fn build_model(
     let manifest = m.manifest(pretrained.map(|p| p.display().to_string()));
     m.save(&dir, &manifest)?;
     timings.push(("save", t.elapsed()));
-    let bytes = std::fs::read_dir(&dir).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
-    Ok(BuildReport { dir, manifest, timings, bytes })
+    let bytes = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok(BuildReport {
+        dir,
+        manifest,
+        timings,
+        bytes,
+    })
 }

@@ -108,9 +108,12 @@ fn main() {
         .unwrap();
         let mapper = std::sync::Arc::new(threatlake_udfs::LazyMapper::loaded(
             std::sync::Arc::new(threatlake_udfs::mapper::Mapper::load(&report.dir).unwrap()),
-            0.35,
+            threatlake::sql::EngineOptions::default().threshold,
         ));
-        eprintln!("slt fixture: built the enterprise model in {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "slt fixture: built the enterprise model in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slt"))
                 .unwrap()

@@ -100,7 +100,11 @@ pub async fn map(settings: &threatlake::Settings, rows: usize, runs: usize) -> R
     use datafusion::datasource::MemTable;
 
     let lake = Lake::open(&settings.lake.root)?;
-    let engine = Engine::open_with(&lake, &threatlake::sql::EngineOptions::from_settings(settings)).await?;
+    let engine = Engine::open_with(
+        &lake,
+        &threatlake::sql::EngineOptions::from_settings(settings),
+    )
+    .await?;
     let r = engine
         .run("SELECT description FROM attack_procedures_current WHERE domain = 'enterprise' ORDER BY relationship_id")
         .await?;
@@ -109,37 +113,63 @@ pub async fn map(settings: &threatlake::Settings, rows: usize, runs: usize) -> R
         let a = arrow::array::AsArray::as_string::<i32>(b.column(0));
         source.extend(a.iter().flatten().map(str::to_string));
     }
-    anyhow::ensure!(!source.is_empty(), "no procedures in the lake; run `threatlake ingest attack` first");
+    anyhow::ensure!(
+        !source.is_empty(),
+        "no procedures in the lake; run `threatlake ingest attack` first"
+    );
     let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, true)]));
     let parts = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts];
     let mut bytes = 0usize;
     for (p, start) in (0..rows).step_by(8192).enumerate() {
-        let texts: Vec<&str> = (start..(start + 8192).min(rows)).map(|i| source[i % source.len()].as_str()).collect();
+        let texts: Vec<&str> = (start..(start + 8192).min(rows))
+            .map(|i| source[i % source.len()].as_str())
+            .collect();
         bytes += texts.iter().map(|t| t.len()).sum::<usize>();
         let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(texts))])?;
         partitions[p % parts].push(b);
     }
-    engine.ctx.register_table("bench_texts", Arc::new(MemTable::try_new(schema, partitions)?))?;
+    engine.ctx.register_table(
+        "bench_texts",
+        Arc::new(MemTable::try_new(schema, partitions)?),
+    )?;
     println!(
         "bench map: {rows} rows ({:.0} chars/row avg), {parts} partitions, build: {}",
         bytes as f64 / rows as f64,
         build_kind()
     );
     let t = Instant::now();
-    engine.run("SELECT map_technique('warm-up: load the model')").await?;
-    println!("model load (first call): {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    engine
+        .run("SELECT map_technique('warm-up: load the model')")
+        .await?;
+    println!(
+        "model load (first call): {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let mut times = Vec::new();
     for _ in 0..runs.max(1) {
         let t = Instant::now();
-        let r = engine.run("SELECT map_technique(text) AS t FROM bench_texts").await?;
+        let r = engine
+            .run("SELECT map_technique(text) AS t FROM bench_texts")
+            .await?;
         let el = t.elapsed();
-        anyhow::ensure!(r[0].num_rows() == rows, "expected {rows} rows, got {}", r[0].num_rows());
+        anyhow::ensure!(
+            r[0].num_rows() == rows,
+            "expected {rows} rows, got {}",
+            r[0].num_rows()
+        );
         times.push(el);
-        println!("  run: {:.3} s, {:.0} rows/s", el.as_secs_f64(), rows as f64 / el.as_secs_f64());
+        println!(
+            "  run: {:.3} s, {:.0} rows/s",
+            el.as_secs_f64(),
+            rows as f64 / el.as_secs_f64()
+        );
     }
     let med = median(times);
-    println!("map_technique median: {:.0} rows/s", rows as f64 / med.as_secs_f64());
+    println!(
+        "map_technique median: {:.0} rows/s",
+        rows as f64 / med.as_secs_f64()
+    );
     if let Some(rss) = peak_rss_mib() {
         println!("peak RSS: {rss:.0} MiB");
     }

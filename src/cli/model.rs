@@ -18,15 +18,27 @@ pub fn resolve_model(settings: &Settings, model: Option<&Path>, domain: Domain) 
     }
     let root = Path::new(&settings.lake.models);
     mapper::find_latest(root, domain.as_str()).with_context(|| {
-        format!("no {domain} mapping model in {}; run `threatlake model build --domain {domain}` first", root.display())
+        format!(
+            "no {domain} mapping model in {}; run `threatlake model build --domain {domain}` first",
+            root.display()
+        )
     })
 }
 
 /// `model build`.
-pub async fn build(settings: &Settings, domain: Domain, pretrained: Option<String>, no_pretrained: bool) -> Result<()> {
+pub async fn build(
+    settings: &Settings,
+    domain: Domain,
+    pretrained: Option<String>,
+    no_pretrained: bool,
+) -> Result<()> {
     let lake = Lake::open(&settings.lake.root)?;
     let engine = Engine::open(&lake).await?;
-    let pre = if no_pretrained { None } else { pretrained.or_else(|| settings.mapping.pretrained_vectors.clone()) };
+    let pre = if no_pretrained {
+        None
+    } else {
+        pretrained.or_else(|| settings.mapping.pretrained_vectors.clone())
+    };
     if let Some(p) = &pre {
         if !Path::new(p).is_file() {
             bail!("pretrained vectors {p} not found; fix mapping.pretrained_vectors or pass --no-pretrained");
@@ -42,7 +54,11 @@ pub async fn build(settings: &Settings, domain: Domain, pretrained: Option<Strin
     )
     .await?;
     let m = &report.manifest;
-    let stages: Vec<String> = report.timings.iter().map(|(n, d)| format!("{n} {:.1} s", d.as_secs_f64())).collect();
+    let stages: Vec<String> = report
+        .timings
+        .iter()
+        .map(|(n, d)| format!("{n} {:.1} s", d.as_secs_f64()))
+        .collect();
     println!(
         "model {} ATT&CK {}: {} techniques, {} training texts, {} prototypes, {} words × {} dims{} — {:.1} MB in {:.1} s ({})",
         m.domain,
@@ -65,19 +81,30 @@ pub async fn build(settings: &Settings, domain: Domain, pretrained: Option<Strin
 /// column (.csv), else one text per line.
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
     let name = path.to_string_lossy().to_lowercase();
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open input {}", path.display()))?;
     let reader = std::io::BufReader::new(file);
     if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json") {
         let mut out = Vec::new();
         for (i, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("{} line {}: not UTF-8 text", path.display(), i + 1))?;
+            let line =
+                line.with_context(|| format!("{} line {}: not UTF-8 text", path.display(), i + 1))?;
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(&line)
-                .with_context(|| format!("{} line {}: not JSON; expected {{\"text\": \"…\"}} per line", path.display(), i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(&line).with_context(|| {
+                format!(
+                    "{} line {}: not JSON; expected {{\"text\": \"…\"}} per line",
+                    path.display(),
+                    i + 1
+                )
+            })?;
             let text = v.get("text").and_then(|t| t.as_str()).with_context(|| {
-                format!("{} line {}: no string field \"text\"", path.display(), i + 1)
+                format!(
+                    "{} line {}: no string field \"text\"",
+                    path.display(),
+                    i + 1
+                )
             })?;
             out.push(text.to_string());
         }
@@ -88,14 +115,26 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
             .with_header(true)
             .infer_schema(&mut rdr, Some(1000))
             .with_context(|| format!("{}: not a CSV file with a header", path.display()))?;
-        let idx = schema
-            .index_of("text")
-            .map_err(|_| anyhow::anyhow!("{}: no \"text\" column (columns: {:?})", path.display(), schema.fields().iter().map(|f| f.name()).collect::<Vec<_>>()))?;
+        let idx = schema.index_of("text").map_err(|_| {
+            anyhow::anyhow!(
+                "{}: no \"text\" column (columns: {:?})",
+                path.display(),
+                schema.fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+            )
+        })?;
         let file = std::fs::File::open(path)?;
         let schema = Arc::new(arrow::datatypes::Schema::new(
-            schema.fields().iter().map(|f| arrow::datatypes::Field::new(f.name(), arrow::datatypes::DataType::Utf8, true)).collect::<Vec<_>>(),
+            schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    arrow::datatypes::Field::new(f.name(), arrow::datatypes::DataType::Utf8, true)
+                })
+                .collect::<Vec<_>>(),
         ));
-        let csv = arrow::csv::ReaderBuilder::new(schema).with_header(true).build(file)?;
+        let csv = arrow::csv::ReaderBuilder::new(schema)
+            .with_header(true)
+            .build(file)?;
         let mut out = Vec::new();
         for b in csv {
             let b = b.with_context(|| format!("reading {}", path.display()))?;
@@ -107,7 +146,9 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
         reader
             .lines()
             .enumerate()
-            .map(|(i, l)| l.with_context(|| format!("{} line {}: not UTF-8 text", path.display(), i + 1)))
+            .map(|(i, l)| {
+                l.with_context(|| format!("{} line {}: not UTF-8 text", path.display(), i + 1))
+            })
             .collect()
     }
 }
@@ -117,7 +158,11 @@ pub fn jsonl_line(row: usize, ranked: &[(String, f64)]) -> String {
     let items: Vec<String> = ranked
         .iter()
         .map(|(id, score)| {
-            format!("{{\"technique_id\": {}, \"score\": {}}}", serde_json::to_string(id).expect("string"), round4(*score))
+            format!(
+                "{{\"technique_id\": {}, \"score\": {}}}",
+                serde_json::to_string(id).expect("string"),
+                round4(*score)
+            )
         })
         .collect();
     format!("{{\"row\": {row}, \"techniques\": [{}]}}", items.join(", "))
@@ -150,19 +195,36 @@ pub fn map(
     let rows = threatlake_udfs::mapping_kernels::par_top_k(&m, &texts, top);
     for (i, ranked) in rows.iter().enumerate() {
         if jsonl {
-            let r: Vec<(String, f64)> =
-                ranked.iter().map(|x| (m.model.techniques[x.technique].id.clone(), x.score)).collect();
+            let r: Vec<(String, f64)> = ranked
+                .iter()
+                .map(|x| (m.model.techniques[x.technique].id.clone(), x.score))
+                .collect();
             writeln!(out, "{}", jsonl_line(i, &r))?;
         } else {
             if texts.len() > 1 {
-                writeln!(out, "row {i}: {}", texts[i].chars().take(100).collect::<String>())?;
+                writeln!(
+                    out,
+                    "row {i}: {}",
+                    texts[i].chars().take(100).collect::<String>()
+                )?;
             }
             for (rank, x) in ranked.iter().enumerate() {
                 let t = &m.model.techniques[x.technique];
-                writeln!(out, "{:>2}. {:<10} {:.3}  {} [{}]", rank + 1, t.id, x.score, t.name, t.tactics.join(", "))?;
+                writeln!(
+                    out,
+                    "{:>2}. {:<10} {:.3}  {} [{}]",
+                    rank + 1,
+                    t.id,
+                    x.score,
+                    t.name,
+                    t.tactics.join(", ")
+                )?;
             }
             let mut s = Scratch::default();
-            if let Some(e) = m.model.explain(&m.vectors, &texts[i], settings.mapping.threshold, &mut s) {
+            if let Some(e) =
+                m.model
+                    .explain(&m.vectors, &texts[i], settings.mapping.threshold, &mut s)
+            {
                 writeln!(out, "    evidence: {e}")?;
             }
         }
@@ -172,14 +234,19 @@ pub fn map(
 }
 
 fn read_labelled(path: &Path) -> Result<Vec<Labelled>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let l: Labelled = serde_json::from_str(line).with_context(|| {
-            format!("{} line {}: expected {{\"text\": \"…\", \"labels\": [\"T…\"]}}", path.display(), i + 1)
+            format!(
+                "{} line {}: expected {{\"text\": \"…\", \"labels\": [\"T…\"]}}",
+                path.display(),
+                i + 1
+            )
         })?;
         out.push(l);
     }
@@ -190,7 +257,10 @@ fn read_labelled(path: &Path) -> Result<Vec<Labelled>> {
 }
 
 fn print_metrics_header() {
-    println!("{:<34} {:>6} {:>7} {:>11} {:>9} {:>8} {:>7}", "method", "n", "top1", "top1_parent", "recall@5", "mrr@10", "fit s");
+    println!(
+        "{:<34} {:>6} {:>7} {:>11} {:>9} {:>8} {:>7}",
+        "method", "n", "top1", "top1_parent", "recall@5", "mrr@10", "fit s"
+    );
 }
 
 fn print_metrics(name: &str, m: &Metrics, fit_s: f64) {
@@ -204,16 +274,28 @@ fn rank_with(m: &Mapper, test: &[Labelled]) -> Vec<Vec<String>> {
     let texts: Vec<String> = test.iter().map(|l| l.text.clone()).collect();
     threatlake_udfs::mapping_kernels::par_top_k(m, &texts, 10)
         .into_iter()
-        .map(|r| r.into_iter().map(|x| m.model.techniques[x.technique].id.clone()).collect())
+        .map(|r| {
+            r.into_iter()
+                .map(|x| m.model.techniques[x.technique].id.clone())
+                .collect()
+        })
         .collect()
 }
 
 /// `model eval --input FILE`.
-pub fn eval_file(settings: &Settings, model: Option<&Path>, domain: Domain, input: &Path) -> Result<()> {
+pub fn eval_file(
+    settings: &Settings,
+    model: Option<&Path>,
+    domain: Domain,
+    input: &Path,
+) -> Result<()> {
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load(&dir)?;
     let test = read_labelled(input)?;
-    let metrics = eval::evaluate(&rank_with(&m, &test), &test.iter().map(|l| l.labels.clone()).collect::<Vec<_>>());
+    let metrics = eval::evaluate(
+        &rank_with(&m, &test),
+        &test.iter().map(|l| l.labels.clone()).collect::<Vec<_>>(),
+    );
     println!("model      {}", dir.display());
     println!("n          {}", metrics.n);
     println!("top1       {:.4}", metrics.top1);
@@ -224,7 +306,13 @@ pub fn eval_file(settings: &Settings, model: Option<&Path>, domain: Domain, inpu
 }
 
 /// `model eval --holdout`: leakage-free development evaluation with ablations and the baseline.
-pub async fn eval_holdout(settings: &Settings, domain: Domain, fraction: f64, seed: u64, pretrained: Option<String>) -> Result<()> {
+pub async fn eval_holdout(
+    settings: &Settings,
+    domain: Domain,
+    fraction: f64,
+    seed: u64,
+    pretrained: Option<String>,
+) -> Result<()> {
     let lake = Lake::open(&settings.lake.root)?;
     let engine = Engine::open(&lake).await?;
     let set = mapping::training_set(&engine, domain).await?;
@@ -241,12 +329,50 @@ pub async fn eval_holdout(settings: &Settings, domain: Domain, fraction: f64, se
     let base = MapperParams::default();
     let mut variants: Vec<(String, MapperParams, bool)> = vec![
         ("threatlake (learned fusion)".into(), base.clone(), false),
-        ("  fixed fusion weights".into(), base.clone().learn_fusion(false), false),
-        ("  - classifier evidence".into(), MapperParams { lr_epochs: 0, weights: threatlake_udfs::mapper::FusionWeights { lr: 0.0, ..base.weights }, ..base.clone() }, false),
-        ("  - embeddings".into(), base.clone().weights(threatlake_udfs::mapper::FusionWeights { embedding: 0.0, ..base.weights }), false),
-        ("  - k-means (1 prototype)".into(), base.clone().max_prototypes(1), false),
+        (
+            "  fixed fusion weights".into(),
+            base.clone().learn_fusion(false),
+            false,
+        ),
+        (
+            "  - classifier evidence".into(),
+            MapperParams {
+                lr_epochs: 0,
+                weights: threatlake_udfs::mapper::FusionWeights {
+                    lr: 0.0,
+                    ..base.weights
+                },
+                ..base.clone()
+            },
+            false,
+        ),
+        (
+            "  - embeddings".into(),
+            base.clone()
+                .weights(threatlake_udfs::mapper::FusionWeights {
+                    embedding: 0.0,
+                    ..base.weights
+                }),
+            false,
+        ),
+        (
+            "  - k-means (1 prototype)".into(),
+            base.clone().max_prototypes(1),
+            false,
+        ),
         ("  + PCA whitening".into(), base.clone().whiten(true), false),
-        ("  embeddings only".into(), base.clone().weights(threatlake_udfs::mapper::FusionWeights { centroid: 0.0, knn: 0.0, name: 0.0, lr: 0.0, ..base.weights }), false),
+        (
+            "  embeddings only".into(),
+            base.clone()
+                .weights(threatlake_udfs::mapper::FusionWeights {
+                    centroid: 0.0,
+                    knn: 0.0,
+                    name: 0.0,
+                    lr: 0.0,
+                    ..base.weights
+                }),
+            false,
+        ),
     ];
     let pre_path = pretrained.or_else(|| settings.mapping.pretrained_vectors.clone());
     if pre_path.is_some() {
@@ -260,12 +386,20 @@ pub async fn eval_holdout(settings: &Settings, domain: Domain, fraction: f64, se
         let t = Instant::now();
         let m = Mapper::build(params, &train, if use_pre { pre.as_ref() } else { None })?;
         let fit_s = t.elapsed().as_secs_f64();
-        print_metrics(&name, &eval::evaluate(&rank_with(&m, &test), &labels), fit_s);
+        print_metrics(
+            &name,
+            &eval::evaluate(&rank_with(&m, &test), &labels),
+            fit_s,
+        );
     }
     let t = Instant::now();
     let b = tokio::task::spawn_blocking(move || Baseline::fit(&train, 8, seed)).await?;
     let fit_s = t.elapsed().as_secs_f64();
     let ranked: Vec<Vec<String>> = test.iter().map(|l| b.rank(&l.text, 10)).collect();
-    print_metrics("baseline TF-IDF + LR", &eval::evaluate(&ranked, &labels), fit_s);
+    print_metrics(
+        "baseline TF-IDF + LR",
+        &eval::evaluate(&ranked, &labels),
+        fit_s,
+    );
     Ok(())
 }

@@ -86,7 +86,11 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { models_root: PathBuf::from("data/models"), mapping_domain: "enterprise".into(), threshold: 0.35 }
+        Self {
+            models_root: PathBuf::from("data/models"),
+            mapping_domain: "enterprise".into(),
+            threshold: 0.03,
+        }
     }
 }
 
@@ -118,7 +122,11 @@ impl Engine {
 
     /// [`Engine::open`] with explicit mapping options.
     pub async fn open_with(lake: &Lake, options: &EngineOptions) -> Result<Self, SqlError> {
-        let mapper = Arc::new(LazyMapper::new(&options.models_root, &options.mapping_domain, options.threshold));
+        let mapper = Arc::new(LazyMapper::new(
+            &options.models_root,
+            &options.mapping_domain,
+            options.threshold,
+        ));
         Self::open_with_mapper(lake, mapper).await
     }
 

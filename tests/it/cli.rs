@@ -161,6 +161,11 @@ fn config_show_redacts_secrets() {
     );
 }
 
+/// Give the REPL a moment to switch the terminal back to raw mode (which discards type-ahead).
+fn settle() {
+    std::thread::sleep(std::time::Duration::from_millis(150));
+}
+
 /// The interactive REPL in a real pseudo-terminal: multi-line statements, timing line, an error that
 /// keeps the session alive, tab completion, backslash commands, history written on exit.
 #[test]
@@ -177,21 +182,32 @@ fn repl_in_a_pty() {
     p.exp_string("83").unwrap();
     p.exp_string("1 row in").unwrap();
     p.exp_string("threatlake>").unwrap();
+    settle();
     p.send_line("SELECT no_such_column FROM mitre_attack_tactics;")
         .unwrap();
     p.exp_string("No field named no_such_column").unwrap();
     p.exp_string("threatlake>").unwrap();
+    settle();
     // Tab completes a table name.
     p.send("SELECT count(*) FROM attack_tactics_cur\t").unwrap();
     p.send_line(";").unwrap();
     p.exp_string("12").unwrap();
     p.exp_string("threatlake>").unwrap();
+    settle();
     p.send_line("\\format csv").unwrap();
     p.exp_string("threatlake>").unwrap();
+    settle();
+    // rustyline flushes type-ahead when it re-enters raw mode, so wait for the command's own output
+    // and the fresh prompt after it before typing on.
+    p.send_line("\\format").unwrap();
+    p.exp_string("format: csv").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    settle();
     p.send_line("SELECT tactic_id FROM attack_tactics_current WHERE matrix_order = 1;")
         .unwrap();
     p.exp_string("tactic_id\r\nTA0108").unwrap();
     p.exp_string("threatlake>").unwrap();
+    settle();
     p.send_line("\\q").unwrap();
     p.exp_eof().unwrap();
     let h = std::fs::read_to_string(&history).unwrap();
@@ -206,12 +222,26 @@ fn ics_models() -> &'static PathBuf {
         let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
             .current_dir(env!("CARGO_TARGET_TMPDIR"))
             .env("THREATLAKE_LAKE_MODELS", &models)
-            .args(["--lake", lake().to_str().unwrap(), "model", "build", "--domain", "ics"])
+            .args([
+                "--lake",
+                lake().to_str().unwrap(),
+                "model",
+                "build",
+                "--domain",
+                "ics",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("model ics ATT&CK 18.1: 83 techniques"), "{text}");
+        assert!(
+            text.contains("model ics ATT&CK 18.1: 83 techniques"),
+            "{text}"
+        );
         assert!(models.join("ics-18.1/manifest.json").is_file());
         models
     })
@@ -237,10 +267,24 @@ fn map_jsonl_lines_have_the_documented_shape() {
          {\"text\": \"Operators lost view of the HMI screens during the attack\"}\n",
     )
     .unwrap();
-    let out = mapper_cmd(&["map", "--domain", "ics", "--input", input.to_str().unwrap(), "--top", "3", "--format", "jsonl"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mapper_cmd(&[
+        "map",
+        "--domain",
+        "ics",
+        "--input",
+        input.to_str().unwrap(),
+        "--top",
+        "3",
+        "--format",
+        "jsonl",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3);
@@ -249,13 +293,25 @@ fn map_jsonl_lines_have_the_documented_shape() {
     )
     .unwrap();
     for (i, l) in lines.iter().enumerate() {
-        let c = shape.captures(l).unwrap_or_else(|| panic!("line {i} has the wrong shape: {l}"));
+        let c = shape
+            .captures(l)
+            .unwrap_or_else(|| panic!("line {i} has the wrong shape: {l}"));
         assert_eq!(c[1].parse::<usize>().unwrap(), i);
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        let scores: Vec<f64> = v["techniques"].as_array().unwrap().iter().map(|t| t["score"].as_f64().unwrap()).collect();
+        let scores: Vec<f64> = v["techniques"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["score"].as_f64().unwrap())
+            .collect();
         assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {l}");
     }
-    assert!(lines[0].contains("\"technique_id\": \"T0889\"") || lines[0].contains("\"technique_id\": \"T0821\""), "{}", lines[0]);
+    assert!(
+        lines[0].contains("\"technique_id\": \"T0889\"")
+            || lines[0].contains("\"technique_id\": \"T0821\""),
+        "{}",
+        lines[0]
+    );
 }
 
 #[test]
@@ -268,9 +324,22 @@ fn model_eval_reports_metrics() {
          {\"text\": \"brute forced the default credentials of the engineering workstation\", \"labels\": [\"T0812\", \"T0859\"]}\n",
     )
     .unwrap();
-    let out = mapper_cmd(&["model", "eval", "--domain", "ics", "--input", input.to_str().unwrap()]).output().unwrap();
+    let out = mapper_cmd(&[
+        "model",
+        "eval",
+        "--domain",
+        "ics",
+        "--input",
+        input.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for key in ["n          2", "top1 ", "top1_parent", "recall@5", "mrr@10"] {
         assert!(text.contains(key), "{key} missing in {text}");
     }
@@ -290,9 +359,16 @@ fn map_without_a_model_says_how_to_build_one() {
     let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
         .current_dir(env!("CARGO_TARGET_TMPDIR"))
         .env("THREATLAKE_LAKE_MODELS", &empty)
-        .args(["--lake", lake().to_str().unwrap(), "sql", "-c", "SELECT map_technique('dumped lsass')"])
+        .args([
+            "--lake",
+            lake().to_str().unwrap(),
+            "sql",
+            "-c",
+            "SELECT map_technique('dumped lsass')",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("run `threatlake model build --domain enterprise` first"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("run `threatlake model build --domain enterprise` first"));
 }

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{ArrayRef, AsArray, StringArray};
-use datafusion::error::DataFusionError;
 use arrow::datatypes::DataType;
 use datafusion::common::{exec_err, Result, ScalarValue};
+use datafusion::error::DataFusionError;
 use datafusion::logical_expr::registry::FunctionRegistry;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
@@ -90,28 +90,39 @@ pub struct LazyMapper {
 impl LazyMapper {
     /// The newest model for `domain` under `models_root`, loaded when first needed.
     pub fn new(models_root: impl Into<PathBuf>, domain: impl Into<String>, threshold: f64) -> Self {
-        Self { models_root: models_root.into(), domain: domain.into(), threshold, cell: OnceLock::new() }
+        Self {
+            models_root: models_root.into(),
+            domain: domain.into(),
+            threshold,
+            cell: OnceLock::new(),
+        }
     }
 
     /// An already-loaded model.
     pub fn loaded(m: Arc<Mapper>, threshold: f64) -> Self {
         let cell = OnceLock::new();
         let _ = cell.set(Ok(m.clone()));
-        Self { models_root: m.path.clone().unwrap_or_default(), domain: m.model.domain.clone(), threshold, cell }
+        Self {
+            models_root: m.path.clone().unwrap_or_default(),
+            domain: m.model.domain.clone(),
+            threshold,
+            cell,
+        }
     }
 
     /// The model, or a message that says how to get one.
     pub fn get(&self) -> Result<Arc<Mapper>, DataFusionError> {
         self.cell
             .get_or_init(|| {
-                let dir = mapper::find_latest(&self.models_root, &self.domain).ok_or_else(|| {
-                    format!(
+                let dir =
+                    mapper::find_latest(&self.models_root, &self.domain).ok_or_else(|| {
+                        format!(
                         "no {} mapping model in {}; run `threatlake model build --domain {}` first",
                         self.domain,
                         self.models_root.display(),
                         self.domain
                     )
-                })?;
+                    })?;
                 Mapper::load(&dir).map(Arc::new).map_err(|e| e.to_string())
             })
             .clone()
@@ -181,11 +192,18 @@ impl ScalarUDFImpl for MappingUdf {
         let m = self.mapper.get()?;
         let ext = |e: mapping_kernels::KernelError| DataFusionError::Execution(e.to_string());
         let out = match self.kind {
-            MapKind::MapTechnique => mapping_kernels::map_technique(&m, text, self.mapper.threshold()),
-            MapKind::ExplainMapping => mapping_kernels::explain_mapping(&m, text, self.mapper.threshold()),
+            MapKind::MapTechnique => {
+                mapping_kernels::map_technique(&m, text, self.mapper.threshold())
+            }
+            MapKind::ExplainMapping => {
+                mapping_kernels::explain_mapping(&m, text, self.mapper.threshold())
+            }
             MapKind::MapTechniques => {
-                let k = arrow::compute::cast(&arrays[1], &DataType::Int64)
-                    .map_err(|e| DataFusionError::Execution(format!("map_techniques: k must be an integer ({e})")))?;
+                let k = arrow::compute::cast(&arrays[1], &DataType::Int64).map_err(|e| {
+                    DataFusionError::Execution(format!(
+                        "map_techniques: k must be an integer ({e})"
+                    ))
+                })?;
                 mapping_kernels::map_techniques(&m, text, k.as_primitive()).map_err(ext)?
             }
             MapKind::TechniqueScore => {
@@ -200,7 +218,11 @@ impl ScalarUDFImpl for MappingUdf {
 /// Every DataFusion function of this crate; the mapping functions use `mapper`.
 pub fn all_functions(mapper: Arc<LazyMapper>) -> Vec<ScalarUDF> {
     let mapping = |kind, args| {
-        ScalarUDF::from(MappingUdf { kind, signature: Signature::any(args, Volatility::Immutable), mapper: mapper.clone() })
+        ScalarUDF::from(MappingUdf {
+            kind,
+            signature: Signature::any(args, Volatility::Immutable),
+            mapper: mapper.clone(),
+        })
     };
     vec![
         ScalarUDF::from(StringKernelUdf::new(0, DataType::Int64)),

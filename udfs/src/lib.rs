@@ -20,7 +20,11 @@ mod tests {
     #[test]
     fn function_names_are_unique() {
         let mut seen = HashSet::new();
-        for f in all_functions(std::sync::Arc::new(LazyMapper::new("/nonexistent", "enterprise", 0.5))) {
+        for f in all_functions(std::sync::Arc::new(LazyMapper::new(
+            "/nonexistent",
+            "enterprise",
+            0.5,
+        ))) {
             assert!(
                 seen.insert(f.name().to_string()),
                 "duplicate function name {}",

@@ -44,7 +44,9 @@ fn par_rows<T: Send>(n: usize, f: impl Fn(usize, &mut Scratch) -> T + Sync) -> V
         .into_par_iter()
         .map(|c| {
             let mut scratch = Scratch::default();
-            (c * CHUNK..((c + 1) * CHUNK).min(n)).map(|i| f(i, &mut scratch)).collect()
+            (c * CHUNK..((c + 1) * CHUNK).min(n))
+                .map(|i| f(i, &mut scratch))
+                .collect()
         })
         .collect();
     chunks.into_iter().flatten().collect()
@@ -57,7 +59,8 @@ pub fn map_technique(m: &Mapper, texts: &StringArray, threshold: f64) -> ArrayRe
             return None;
         }
         let top = m.top_k(texts.value(i), 1, s).into_iter().next()?;
-        (top.score >= threshold && top.score > 0.0).then(|| m.model.techniques[top.technique].id.clone())
+        (top.score >= threshold && top.score > 0.0)
+            .then(|| m.model.techniques[top.technique].id.clone())
     });
     Arc::new(StringArray::from(out))
 }
@@ -67,26 +70,44 @@ pub fn ranked_struct_fields() -> Fields {
     Fields::from(vec![
         Field::new("technique_id", DataType::Utf8, false),
         Field::new("name", DataType::Utf8, false),
-        Field::new("tactics", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false),
+        Field::new(
+            "tactics",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        ),
         Field::new("score", DataType::Float64, false),
     ])
 }
 
 /// The return type of `map_techniques`.
 pub fn ranked_list_type() -> DataType {
-    DataType::List(Arc::new(Field::new("item", DataType::Struct(ranked_struct_fields()), true)))
+    DataType::List(Arc::new(Field::new(
+        "item",
+        DataType::Struct(ranked_struct_fields()),
+        true,
+    )))
 }
 
 /// Top-k per text as `List<Struct<technique_id, name, tactics, score>>`; `ks` holds k per row
 /// (broadcast a scalar by passing one value). NULL text or NULL k gives NULL.
-pub fn map_techniques(m: &Mapper, texts: &StringArray, ks: &Int64Array) -> Result<ArrayRef, KernelError> {
+pub fn map_techniques(
+    m: &Mapper,
+    texts: &StringArray,
+    ks: &Int64Array,
+) -> Result<ArrayRef, KernelError> {
     let max = m.model.techniques.len();
     for k in ks.iter().flatten() {
         if k < 0 || k as usize > 10_000 {
             return Err(KernelError::InvalidK { k, max });
         }
     }
-    let k_at = |i: usize| if ks.len() == 1 { (!ks.is_null(0)).then(|| ks.value(0)) } else { (!ks.is_null(i)).then(|| ks.value(i)) };
+    let k_at = |i: usize| {
+        if ks.len() == 1 {
+            (!ks.is_null(0)).then(|| ks.value(0))
+        } else {
+            (!ks.is_null(i)).then(|| ks.value(i))
+        }
+    };
     let rows = par_rows(texts.len(), |i, s| {
         let k = k_at(i)?;
         if texts.is_null(i) {
@@ -128,7 +149,11 @@ pub fn map_techniques(m: &Mapper, texts: &StringArray, ks: &Int64Array) -> Resul
         None,
     );
     let list = ListArray::new(
-        Arc::new(Field::new("item", DataType::Struct(ranked_struct_fields()), true)),
+        Arc::new(Field::new(
+            "item",
+            DataType::Struct(ranked_struct_fields()),
+            true,
+        )),
         OffsetBuffer::new(offsets.into()),
         Arc::new(entries),
         Some(valid.into()),
@@ -137,19 +162,35 @@ pub fn map_techniques(m: &Mapper, texts: &StringArray, ks: &Int64Array) -> Resul
 }
 
 /// Calibrated score of one technique per text (ids broadcast like `ks` above); NULL in, NULL out.
-pub fn technique_score(m: &Mapper, texts: &StringArray, ids: &StringArray) -> Result<ArrayRef, KernelError> {
+pub fn technique_score(
+    m: &Mapper,
+    texts: &StringArray,
+    ids: &StringArray,
+) -> Result<ArrayRef, KernelError> {
     let mut resolved: Vec<Option<usize>> = Vec::with_capacity(ids.len());
     for id in ids.iter() {
         resolved.push(match id {
             None => None,
-            Some(id) => Some(m.model.technique_index(id).ok_or_else(|| KernelError::UnknownTechnique {
-                id: id.to_string(),
-                domain: m.model.domain.clone(),
-                version: m.model.attack_version.clone(),
-            })?),
+            Some(id) => {
+                Some(
+                    m.model
+                        .technique_index(id)
+                        .ok_or_else(|| KernelError::UnknownTechnique {
+                            id: id.to_string(),
+                            domain: m.model.domain.clone(),
+                            version: m.model.attack_version.clone(),
+                        })?,
+                )
+            }
         });
     }
-    let at = |i: usize| if resolved.len() == 1 { resolved[0] } else { resolved[i] };
+    let at = |i: usize| {
+        if resolved.len() == 1 {
+            resolved[0]
+        } else {
+            resolved[i]
+        }
+    };
     let out: Vec<Option<f64>> = par_rows(texts.len(), |i, s| {
         let t = at(i)?;
         if texts.is_null(i) {

@@ -8,16 +8,85 @@ use threatlake_udfs::mapper::{Example, Mapper, MapperParams, Scratch, TechniqueI
 use threatlake_udfs::mapping_kernels as k;
 
 const TOPICS: &[(&str, &str, &str, &[&str])] = &[
-    ("T1059.001", "PowerShell", "execution", &["powershell", "script", "encoded", "command", "invoke", "iex"]),
-    ("T1003.001", "LSASS Memory", "credential-access", &["lsass", "memory", "dump", "credentials", "mimikatz", "procdump"]),
-    ("T1053.005", "Scheduled Task", "persistence", &["scheduled", "task", "schtasks", "trigger", "logon", "create"]),
-    ("T1486", "Data Encrypted for Impact", "impact", &["encrypt", "files", "ransom", "note", "extension", "drives"]),
-    ("T1566.001", "Spearphishing Attachment", "initial-access", &["email", "attachment", "macro", "document", "lure", "victims"]),
-    ("T1041", "Exfiltration Over C2 Channel", "exfiltration", &["exfiltrate", "channel", "upload", "archive", "stolen", "server"]),
+    (
+        "T1059.001",
+        "PowerShell",
+        "execution",
+        &[
+            "powershell",
+            "script",
+            "encoded",
+            "command",
+            "invoke",
+            "iex",
+        ],
+    ),
+    (
+        "T1003.001",
+        "LSASS Memory",
+        "credential-access",
+        &[
+            "lsass",
+            "memory",
+            "dump",
+            "credentials",
+            "mimikatz",
+            "procdump",
+        ],
+    ),
+    (
+        "T1053.005",
+        "Scheduled Task",
+        "persistence",
+        &[
+            "scheduled",
+            "task",
+            "schtasks",
+            "trigger",
+            "logon",
+            "create",
+        ],
+    ),
+    (
+        "T1486",
+        "Data Encrypted for Impact",
+        "impact",
+        &["encrypt", "files", "ransom", "note", "extension", "drives"],
+    ),
+    (
+        "T1566.001",
+        "Spearphishing Attachment",
+        "initial-access",
+        &[
+            "email",
+            "attachment",
+            "macro",
+            "document",
+            "lure",
+            "victims",
+        ],
+    ),
+    (
+        "T1041",
+        "Exfiltration Over C2 Channel",
+        "exfiltration",
+        &[
+            "exfiltrate",
+            "channel",
+            "upload",
+            "archive",
+            "stolen",
+            "server",
+        ],
+    ),
 ];
 
 fn training_set() -> TrainingSet {
-    let mut set = TrainingSet { domain: "test".into(), attack_version: "1.0".into(), ..Default::default() };
+    let mut set = TrainingSet {
+        domain: "test".into(),
+        attack_version: "1.0".into(),
+        ..Default::default()
+    };
     for (i, (id, name, tactic, words)) in TOPICS.iter().enumerate() {
         set.techniques.push(TechniqueInfo {
             id: id.to_string(),
@@ -33,7 +102,13 @@ fn training_set() -> TrainingSet {
             let w = |k: usize| words[(j + k) % words.len()];
             set.examples.push(Example {
                 technique: id.to_string(),
-                text: format!("The group used {} with {} and {} during operation {}.", w(0), w(1), w(3), j % 7),
+                text: format!(
+                    "The group used {} with {} and {} during operation {}.",
+                    w(0),
+                    w(1),
+                    w(3),
+                    j % 7
+                ),
                 source: format!("source-{}", (i * 30 + j) % 23),
             });
         }
@@ -43,7 +118,12 @@ fn training_set() -> TrainingSet {
 }
 
 fn params() -> MapperParams {
-    MapperParams { word_dims: 5, sentence_dims: 4, drop_components: 0, ..MapperParams::default() }
+    MapperParams {
+        word_dims: 5,
+        sentence_dims: 4,
+        drop_components: 0,
+        ..MapperParams::default()
+    }
 }
 
 fn build() -> Mapper {
@@ -59,7 +139,10 @@ fn maps_clear_text_and_is_deterministic() {
     let ra = a.top_k(text, 3, &mut s);
     let rb = b.top_k(text, 3, &mut s);
     assert_eq!(a.model.techniques[ra[0].technique].id, "T1003.001");
-    assert_eq!(ra, rb, "same input and training data must give the same output");
+    assert_eq!(
+        ra, rb,
+        "same input and training data must give the same output"
+    );
     assert!(ra.windows(2).all(|w| w[0].score >= w[1].score));
     assert!(ra.iter().all(|r| (0.0..=1.0).contains(&r.score)));
 }
@@ -82,20 +165,34 @@ fn save_and_load_round_trip() {
     m.save(dir.path(), &manifest).unwrap();
     let loaded = Mapper::load(dir.path()).unwrap();
     let mut s = Scratch::default();
-    for t in ["encrypt files and leave a ransom note", "macro in an email attachment", "nothing relevant here"] {
+    for t in [
+        "encrypt files and leave a ransom note",
+        "macro in an email attachment",
+        "nothing relevant here",
+    ] {
         assert_eq!(m.top_k(t, 6, &mut s), loaded.top_k(t, 6, &mut s), "{t}");
     }
-    assert!(Mapper::load(&dir.path().join("missing")).unwrap_err().to_string().contains("threatlake model build"));
+    assert!(Mapper::load(&dir.path().join("missing"))
+        .unwrap_err()
+        .to_string()
+        .contains("threatlake model build"));
 }
 
 #[test]
 fn kernels_handle_nulls_k_and_unknown_ids() {
     let m = build();
-    let texts = StringArray::from(vec![Some("schtasks create a scheduled task at logon"), None, Some("")]);
+    let texts = StringArray::from(vec![
+        Some("schtasks create a scheduled task at logon"),
+        None,
+        Some(""),
+    ]);
     let best = k::map_technique(&m, &texts, 0.0);
     let best = best.as_string::<i32>();
     assert_eq!(best.value(0), "T1053.005");
-    assert!(best.is_null(1) && best.is_null(2), "NULL and empty text abstain");
+    assert!(
+        best.is_null(1) && best.is_null(2),
+        "NULL and empty text abstain"
+    );
 
     let ranked = k::map_techniques(&m, &texts, &Int64Array::from(vec![2])).unwrap();
     let ranked = ranked.as_list::<i32>();
@@ -107,13 +204,26 @@ fn kernels_handle_nulls_k_and_unknown_ids() {
     assert!(e.to_string().contains("k must be between 0"), "{e}");
 
     let e = k::technique_score(&m, &texts, &StringArray::from(vec!["T9999"])).unwrap_err();
-    assert!(e.to_string().contains("unknown technique id 'T9999'"), "{e}");
+    assert!(
+        e.to_string().contains("unknown technique id 'T9999'"),
+        "{e}"
+    );
     let revoked = k::technique_score(&m, &texts, &StringArray::from(vec!["T1086"])).unwrap();
     let current = k::technique_score(&m, &texts, &StringArray::from(vec!["T1059.001"])).unwrap();
-    assert_eq!(revoked.as_primitive::<arrow::datatypes::Float64Type>().value(0), current.as_primitive::<arrow::datatypes::Float64Type>().value(0));
+    assert_eq!(
+        revoked
+            .as_primitive::<arrow::datatypes::Float64Type>()
+            .value(0),
+        current
+            .as_primitive::<arrow::datatypes::Float64Type>()
+            .value(0)
+    );
 
     let ex = k::explain_mapping(&m, &texts, 0.5);
-    assert!(ex.as_string::<i32>().value(0).starts_with("T1053.005 Scheduled Task"));
+    assert!(ex
+        .as_string::<i32>()
+        .value(0)
+        .starts_with("T1053.005 Scheduled Task"));
 }
 
 #[test]
@@ -122,19 +232,31 @@ fn megabyte_of_hostile_text_is_fine() {
     let mut big = String::with_capacity(1 << 20);
     let mut i = 0u32;
     while big.len() < (1 << 20) {
-        big.push_str(&format!("<script>alert({i})</script> =HYPERLINK(\"x\") \u{202e}token{i} encrypt files "));
+        big.push_str(&format!(
+            "<script>alert({i})</script> =HYPERLINK(\"x\") \u{202e}token{i} encrypt files "
+        ));
         i += 1;
     }
     let texts = StringArray::from(vec![big.as_str()]);
     let out = k::map_techniques(&m, &texts, &Int64Array::from(vec![3])).unwrap();
     let first = out.as_list::<i32>().value(0);
-    let ids = first.as_struct().column(0).as_string::<i32>().value(0).to_string();
+    let ids = first
+        .as_struct()
+        .column(0)
+        .as_string::<i32>()
+        .value(0)
+        .to_string();
     assert_eq!(ids, "T1486");
 }
 
 #[test]
 fn invalid_params_are_rejected_before_fitting() {
-    let e = MapperParams { sentence_dims: 500, ..MapperParams::default() }.check().unwrap_err();
+    let e = MapperParams {
+        sentence_dims: 500,
+        ..MapperParams::default()
+    }
+    .check()
+    .unwrap_err();
     assert!(e.to_string().contains("sentence_dims"));
     let e = Mapper::build(MapperParams::default(), &TrainingSet::default(), None).unwrap_err();
     assert!(e.to_string().contains("ingest ATT&CK first"));

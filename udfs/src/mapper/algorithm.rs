@@ -177,27 +177,58 @@ struct Unit {
 /// The labelled texts a model learns from (technique index, text): names, description and detection
 /// sentences, and procedure examples. Baselines train on exactly the same texts.
 pub fn training_texts(set: &TrainingSet) -> Vec<(usize, String)> {
-    let tech_index: HashMap<&str, usize> = set.techniques.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
-    units_of(set, &tech_index).into_iter().map(|u| (u.tech, u.text)).collect()
+    let tech_index: HashMap<&str, usize> = set
+        .techniques
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.id.as_str(), i))
+        .collect();
+    units_of(set, &tech_index)
+        .into_iter()
+        .map(|u| (u.tech, u.text))
+        .collect()
 }
 
 fn units_of(set: &TrainingSet, tech_index: &HashMap<&str, usize>) -> Vec<Unit> {
     let mut units = Vec::new();
     for (i, t) in set.techniques.iter().enumerate() {
-        units.push(Unit { tech: i, kind: UnitKind::Name, text: t.name.clone() });
+        units.push(Unit {
+            tech: i,
+            kind: UnitKind::Name,
+            text: t.name.clone(),
+        });
         for s in text::sentences(&t.description) {
-            units.push(Unit { tech: i, kind: UnitKind::Description, text: s.to_string() });
+            units.push(Unit {
+                tech: i,
+                kind: UnitKind::Description,
+                text: s.to_string(),
+            });
         }
         for s in text::sentences(&t.detection).take(24) {
-            units.push(Unit { tech: i, kind: UnitKind::Detection, text: s.to_string() });
+            units.push(Unit {
+                tech: i,
+                kind: UnitKind::Detection,
+                text: s.to_string(),
+            });
         }
     }
-    let revoked: HashMap<&str, &str> = set.revoked.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let revoked: HashMap<&str, &str> = set
+        .revoked
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     for e in &set.examples {
-        let id = revoked.get(e.technique.as_str()).copied().unwrap_or(e.technique.as_str());
+        let id = revoked
+            .get(e.technique.as_str())
+            .copied()
+            .unwrap_or(e.technique.as_str());
         if let Some(&i) = tech_index.get(id) {
             if !e.text.trim().is_empty() {
-                units.push(Unit { tech: i, kind: UnitKind::Procedure, text: e.text.clone() });
+                units.push(Unit {
+                    tech: i,
+                    kind: UnitKind::Procedure,
+                    text: e.text.clone(),
+                });
             }
         }
     }
@@ -259,20 +290,43 @@ fn learn_fusion(
         .par_iter()
         .map(|l| {
             let mut s = Scratch::default();
-            let mut cands: Vec<usize> = model.top_k(&wv, &l.text, 20, &mut s).into_iter().map(|r| r.technique).collect();
-            let labels: Vec<usize> = l.labels.iter().filter_map(|id| model.technique_index(id)).collect();
+            let mut cands: Vec<usize> = model
+                .top_k(&wv, &l.text, 20, &mut s)
+                .into_iter()
+                .map(|r| r.technique)
+                .collect();
+            let labels: Vec<usize> = l
+                .labels
+                .iter()
+                .filter_map(|id| model.technique_index(id))
+                .collect();
             for t in &labels {
                 if !cands.contains(t) {
                     cands.push(*t);
                 }
             }
-            cands.into_iter().map(|t| (features(&model.components(t, &s)), if labels.contains(&t) { 1.0 } else { 0.0 })).collect()
+            cands
+                .into_iter()
+                .map(|t| {
+                    (
+                        features(&model.components(t, &s)),
+                        if labels.contains(&t) { 1.0 } else { 0.0 },
+                    )
+                })
+                .collect()
         })
         .collect();
     // A component switched off in the parameters (weight 0) stays off: it is masked out of the fit.
     let pw = params.weights;
-    let mask = [pw.centroid, pw.knn, pw.embedding, pw.name, pw.id, if params.lr_epochs > 0 { pw.lr } else { 0.0 }]
-        .map(|w| if w > 0.0 { 1.0 } else { 0.0 });
+    let mask = [
+        pw.centroid,
+        pw.knn,
+        pw.embedding,
+        pw.name,
+        pw.id,
+        if params.lr_epochs > 0 { pw.lr } else { 0.0 },
+    ]
+    .map(|w| if w > 0.0 { 1.0 } else { 0.0 });
     let data: Vec<([f32; 6], f32)> = rows
         .into_iter()
         .flatten()
@@ -284,7 +338,9 @@ fn learn_fusion(
         knn: w[1].max(0.0),
         embedding: w[2].max(0.0),
         name: w[3].max(0.0),
-        id: w[4].max(0.0),
+        // Procedures never cite technique ids, so the hold-out cannot teach this weight; an explicit
+        // "T1059.001" in the text is near-certain evidence, so it gets a fixed large logit.
+        id: if w[4] > 0.0 { w[4] } else { EXPLICIT_ID_LOGIT },
         lr: w[5].max(0.0),
     };
     Ok(Some((weights, b)))
@@ -292,6 +348,9 @@ fn learn_fusion(
 
 /// Number of evidence features.
 const F: usize = 6;
+
+/// Logit added when the text names a technique id (see `learn_fusion`).
+const EXPLICIT_ID_LOGIT: f32 = 8.0;
 
 /// Binary logistic regression by full-batch gradient descent with feature standardisation (five
 /// features and a few tens of thousands of rows: a dedicated solver would not pay for itself).
@@ -316,7 +375,10 @@ fn logistic(data: &[([f32; F], f32)], iters: usize, l2: f64) -> ([f32; F], f32) 
     for _ in 0..iters {
         let (mut gw, mut gb) = ([0f64; F], 0f64);
         for (x, y) in data {
-            let z: f64 = b + (0..F).map(|j| w[j] * (x[j] as f64 - mean[j]) / sd[j]).sum::<f64>();
+            let z: f64 = b
+                + (0..F)
+                    .map(|j| w[j] * (x[j] as f64 - mean[j]) / sd[j])
+                    .sum::<f64>();
             let g = 1.0 / (1.0 + (-z).exp()) - *y as f64;
             for j in 0..F {
                 gw[j] += g * (x[j] as f64 - mean[j]) / sd[j];
@@ -348,7 +410,12 @@ fn fit_once(
     if set.techniques.len() > u16::MAX as usize {
         return Err(MapperError::NoTraining("too many techniques".into()));
     }
-    let tech_index: HashMap<&str, usize> = set.techniques.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
+    let tech_index: HashMap<&str, usize> = set
+        .techniques
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.id.as_str(), i))
+        .collect();
     let units = units_of(set, &tech_index);
     let analyzer = Analyzer::default();
     let (mut scratch, mut terms_buf) = (Vec::new(), Vec::new());
@@ -378,7 +445,10 @@ fn fit_once(
         unit_terms.push(v);
     }
     let n_units = units.len() as f32;
-    let idf: Vec<f32> = df.iter().map(|d| ((n_units + 1.0) / (*d as f32 + 1.0)).ln() + 1.0).collect();
+    let idf: Vec<f32> = df
+        .iter()
+        .map(|d| ((n_units + 1.0) / (*d as f32 + 1.0)).ln() + 1.0)
+        .collect();
     for v in &mut unit_terms {
         for (id, tf) in v.iter_mut() {
             *tf = (1.0 + tf.ln()) * idf[*id as usize];
@@ -416,8 +486,13 @@ fn fit_once(
     let mut lr_postings: Vec<Vec<(u16, f32)>> = vec![Vec::new(); terms.len()];
     let mut lr_bias = vec![0f32; n_tech];
     if params.lr_epochs > 0 {
-        let rows: Vec<(usize, Vec<(u32, f32)>)> = unit_terms.iter().zip(&units).map(|(v, u)| (u.tech, v.clone())).collect();
-        let (w, b) = super::eval::train_softmax(&rows, terms.len(), n_tech, params.lr_epochs, params.seed);
+        let rows: Vec<(usize, Vec<(u32, f32)>)> = unit_terms
+            .iter()
+            .zip(&units)
+            .map(|(v, u)| (u.tech, v.clone()))
+            .collect();
+        let (w, b) =
+            super::eval::train_softmax(&rows, terms.len(), n_tech, params.lr_epochs, params.seed);
         for (f, postings) in lr_postings.iter_mut().enumerate() {
             for (c, &x) in w[f * n_tech..(f + 1) * n_tech].iter().enumerate() {
                 if x.abs() >= 0.02 {
@@ -435,7 +510,10 @@ fn fit_once(
         analyzer.terms(&t.name, &mut scratch, &mut terms_buf);
         terms_buf.sort();
         terms_buf.dedup();
-        let ids: Vec<u32> = terms_buf.iter().filter_map(|t| terms.get(t).copied()).collect();
+        let ids: Vec<u32> = terms_buf
+            .iter()
+            .filter_map(|t| terms.get(t).copied())
+            .collect();
         name_len.push(ids.len() as u16);
         for id in ids {
             name_postings[id as usize].push(ti as u16);
@@ -443,7 +521,13 @@ fn fit_once(
     }
 
     // Word vectors (finalfusion, with subword n-grams) from the word × technique association.
-    let word_vectors = embed::train(params, &units.iter().map(|u| u.tech).collect::<Vec<_>>(), &unit_tokens, set.techniques.len(), pretrained)?;
+    let word_vectors = embed::train(
+        params,
+        &units.iter().map(|u| u.tech).collect::<Vec<_>>(),
+        &unit_tokens,
+        set.techniques.len(),
+        pretrained,
+    )?;
     let word_prob = word_vectors.probabilities.clone();
 
     // Sentence vectors for every unit, then PCA of that space.
@@ -452,13 +536,27 @@ fn fit_once(
     let mut sent = vec![0f32; dim_in];
     let mut word = vec![0f32; dim_in];
     for (i, toks) in unit_tokens.iter().enumerate() {
-        sif_embed(&word_vectors, &word_prob, params.sif_a, toks, &mut sent, &mut word);
+        sif_embed(
+            &word_vectors,
+            &word_prob,
+            params.sif_a,
+            toks,
+            &mut sent,
+            &mut word,
+        );
         for (j, x) in sent.iter().enumerate() {
             sents[[i, j]] = *x as f64;
         }
     }
-    let keep = params.sentence_dims.min(dim_in - 1).min(units.len().saturating_sub(1)).max(2);
-    let pca = Pca::params(keep).whiten(params.whiten).fit(&DatasetBase::from(sents.clone())).map_err(|e| MapperError::Fit(format!("PCA: {e}")))?;
+    let keep = params
+        .sentence_dims
+        .min(dim_in - 1)
+        .min(units.len().saturating_sub(1))
+        .max(2);
+    let pca = Pca::params(keep)
+        .whiten(params.whiten)
+        .fit(&DatasetBase::from(sents.clone()))
+        .map_err(|e| MapperError::Fit(format!("PCA: {e}")))?;
     // Recover the affine map of the fitted PCA: f(x) = (x - mean) E^T = x E^T + f(0).
     let zero = pca.predict(&Array2::<f64>::zeros((1, dim_in)));
     let eye = pca.predict(&Array2::<f64>::eye(dim_in));
@@ -493,15 +591,21 @@ fn fit_once(
         let k = (members.len() / params.examples_per_prototype).clamp(1, params.max_prototypes);
         let data = projected.select(Axis(0), members);
         let centroids: Array2<f64> = if k == 1 {
-            data.mean_axis(Axis(0)).expect("non-empty").insert_axis(Axis(0))
+            data.mean_axis(Axis(0))
+                .expect("non-empty")
+                .insert_axis(Axis(0))
         } else {
-            let rng = Xoshiro256Plus::seed_from_u64(params.seed ^ (ti as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let rng = Xoshiro256Plus::seed_from_u64(
+                params.seed ^ (ti as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             let model = KMeans::params_with_rng(k, rng)
                 .max_n_iterations(50)
                 .tolerance(1e-4)
                 .n_runs(2)
                 .fit(&DatasetBase::from(data.clone()))
-                .map_err(|e| MapperError::Fit(format!("k-means for {}: {e}", set.techniques[ti].id)))?;
+                .map_err(|e| {
+                    MapperError::Fit(format!("k-means for {}: {e}", set.techniques[ti].id))
+                })?;
             model.centroids().clone()
         };
         for c in centroids.rows() {
@@ -519,7 +623,11 @@ fn fit_once(
         techniques: set
             .techniques
             .iter()
-            .map(|t| TechniqueMeta { id: t.id.clone(), name: t.name.clone(), tactics: t.tactics.clone() })
+            .map(|t| TechniqueMeta {
+                id: t.id.clone(),
+                name: t.name.clone(),
+                tactics: t.tactics.clone(),
+            })
             .collect(),
         revoked: set.revoked.iter().cloned().collect(),
         terms,
@@ -559,7 +667,14 @@ fn project(proj: &[f32], offset: &[f32], out_dims: usize, x: &[f32], out: &mut [
 }
 
 /// SIF-weighted mean of word vectors (`a / (a + p(w))`), stopwords skipped.
-fn sif_embed(wv: &WordVectors, prob: &HashMap<String, f32>, a: f32, tokens: &[String], out: &mut [f32], word: &mut [f32]) {
+fn sif_embed(
+    wv: &WordVectors,
+    prob: &HashMap<String, f32>,
+    a: f32,
+    tokens: &[String],
+    out: &mut [f32],
+    word: &mut [f32],
+) {
     out.iter_mut().for_each(|x| *x = 0.0);
     let mut total = 0.0;
     for t in tokens {
@@ -593,7 +708,14 @@ impl Model {
     pub fn score(&self, wv: &WordVectors, input: &str, s: &mut Scratch) {
         let n_tech = self.techniques.len();
         let p = &self.params;
-        for v in [&mut s.centroid, &mut s.knn, &mut s.emb, &mut s.ids, &mut s.lr, &mut s.fused] {
+        for v in [
+            &mut s.centroid,
+            &mut s.knn,
+            &mut s.emb,
+            &mut s.ids,
+            &mut s.lr,
+            &mut s.fused,
+        ] {
             v.clear();
             v.resize(n_tech, 0.0);
         }
@@ -669,9 +791,15 @@ impl Model {
         let mut i = 0;
         while i + 5 <= bytes.len() {
             let boundary = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
-            if boundary && (bytes[i] == b'T' || bytes[i] == b't') && bytes[i + 1..i + 5].iter().all(u8::is_ascii_digit) {
+            if boundary
+                && (bytes[i] == b'T' || bytes[i] == b't')
+                && bytes[i + 1..i + 5].iter().all(u8::is_ascii_digit)
+            {
                 let mut end = i + 5;
-                if end + 4 <= bytes.len() && bytes[end] == b'.' && bytes[end + 1..end + 4].iter().all(u8::is_ascii_digit) {
+                if end + 4 <= bytes.len()
+                    && bytes[end] == b'.'
+                    && bytes[end + 1..end + 4].iter().all(u8::is_ascii_digit)
+                {
                     end += 4;
                 }
                 if end == bytes.len() || !bytes[end].is_ascii_alphanumeric() {
@@ -691,8 +819,21 @@ impl Model {
             s.sent.resize(self.proj_in, 0.0);
             s.word.resize(self.proj_in, 0.0);
             s.projected.resize(self.proj_out, 0.0);
-            sif_embed(wv, &self.word_prob, p.sif_a, &s.tokens, &mut s.sent, &mut s.word);
-            project(&self.proj, &self.proj_offset, self.proj_out, &s.sent, &mut s.projected);
+            sif_embed(
+                wv,
+                &self.word_prob,
+                p.sif_a,
+                &s.tokens,
+                &mut s.sent,
+                &mut s.word,
+            );
+            project(
+                &self.proj,
+                &self.proj_offset,
+                self.proj_out,
+                &s.sent,
+                &mut s.projected,
+            );
             s.emb.iter_mut().for_each(|x| *x = -1.0);
             for (k, proto) in self.prototypes.chunks_exact(self.proj_out).enumerate() {
                 let d: f32 = proto.iter().zip(&s.projected).map(|(a, b)| a * b).sum();
@@ -708,14 +849,22 @@ impl Model {
         let (scale, bias) = p.calibration;
         let has_text = !s.qvec.is_empty();
         for t in 0..n_tech {
-            let name = if self.name_len[t] > 0 && s.name_hits[t] == self.name_len[t] { 1.0 } else { 0.0 };
+            let name = if self.name_len[t] > 0 && s.name_hits[t] == self.name_len[t] {
+                1.0
+            } else {
+                0.0
+            };
             let fused = w.centroid * s.centroid[t]
                 + w.knn * s.knn[t]
                 + w.embedding * s.emb[t]
                 + w.name * name
                 + w.id * s.ids[t]
                 + w.lr * s.lr[t];
-            s.fused[t] = if has_text || s.ids[t] > 0.0 { sigmoid(scale * fused + bias) } else { 0.0 };
+            s.fused[t] = if has_text || s.ids[t] > 0.0 {
+                sigmoid(scale * fused + bias)
+            } else {
+                0.0
+            };
         }
     }
 
@@ -728,14 +877,21 @@ impl Model {
             return vec![];
         }
         let cmp = |a: &usize, b: &usize| {
-            s.fused[*b].total_cmp(&s.fused[*a]).then_with(|| self.techniques[*a].id.cmp(&self.techniques[*b].id))
+            s.fused[*b]
+                .total_cmp(&s.fused[*a])
+                .then_with(|| self.techniques[*a].id.cmp(&self.techniques[*b].id))
         };
         if k < idx.len() {
             idx.select_nth_unstable_by(k - 1, cmp);
             idx.truncate(k);
         }
         idx.sort_by(cmp);
-        idx.into_iter().map(|t| Ranked { technique: t, score: s.fused[t] as f64 }).collect()
+        idx.into_iter()
+            .map(|t| Ranked {
+                technique: t,
+                score: s.fused[t] as f64,
+            })
+            .collect()
     }
 
     /// Component scores of one technique for the last [`Model::score`] call.
@@ -744,14 +900,24 @@ impl Model {
             centroid: s.centroid[t],
             knn: s.knn[t],
             embedding: s.emb[t],
-            name: if self.name_len[t] > 0 && s.name_hits[t] == self.name_len[t] { 1.0 } else { 0.0 },
+            name: if self.name_len[t] > 0 && s.name_hits[t] == self.name_len[t] {
+                1.0
+            } else {
+                0.0
+            },
             id: s.ids[t],
             lr: s.lr[t],
         }
     }
 
     /// Human-readable evidence for the best match of `input`, or None when nothing matched.
-    pub fn explain(&self, wv: &WordVectors, input: &str, threshold: f64, s: &mut Scratch) -> Option<String> {
+    pub fn explain(
+        &self,
+        wv: &WordVectors,
+        input: &str,
+        threshold: f64,
+        s: &mut Scratch,
+    ) -> Option<String> {
         let top = self.top_k(wv, input, 1, s).into_iter().next()?;
         if top.score <= 0.0 {
             return None;
@@ -763,10 +929,18 @@ impl Model {
         let inverse: HashMap<u32, &str> = s
             .qvec
             .iter()
-            .filter_map(|(id, _)| self.terms.iter().find(|(_, v)| **v == *id).map(|(k, _)| (*id, k.as_str())))
+            .filter_map(|(id, _)| {
+                self.terms
+                    .iter()
+                    .find(|(_, v)| **v == *id)
+                    .map(|(k, _)| (*id, k.as_str()))
+            })
             .collect();
         for &(id, qw) in &s.qvec {
-            if let Some(&(_, w)) = self.centroid_postings[id as usize].iter().find(|(tt, _)| *tt as usize == t) {
+            if let Some(&(_, w)) = self.centroid_postings[id as usize]
+                .iter()
+                .find(|(tt, _)| *tt as usize == t)
+            {
                 contrib.push((qw * w, inverse.get(&id).copied().unwrap_or("?")));
             }
         }
@@ -778,7 +952,11 @@ impl Model {
             tm.id,
             tm.name,
             top.score,
-            if top.score < threshold { ", below threshold" } else { "" },
+            if top.score < threshold {
+                ", below threshold"
+            } else {
+                ""
+            },
             terms.join(", ")
         );
         if c.name > 0.0 {

@@ -7,13 +7,13 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read};
 use std::path::Path;
 
-use finalfusion::norms::NdNorms;
-use finalfusion::storage::{NdArray, StorageWrap};
-use finalfusion::vocab::{ExplicitSubwordVocab, VocabWrap};
 use finalfusion::compat::fasttext::ReadFastText;
 use finalfusion::embeddings::Embeddings;
 use finalfusion::io::{ReadEmbeddings, WriteEmbeddings};
+use finalfusion::norms::NdNorms;
+use finalfusion::storage::{NdArray, StorageWrap};
 use finalfusion::subword::ExplicitIndexer;
+use finalfusion::vocab::{ExplicitSubwordVocab, VocabWrap};
 use linfa::prelude::*;
 use linfa_reduction::Pca;
 use ndarray::Array2;
@@ -31,7 +31,12 @@ pub struct WordVectors {
 
 impl std::fmt::Debug for WordVectors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "WordVectors({} words x {} dims)", self.words(), self.dims())
+        write!(
+            f,
+            "WordVectors({} words x {} dims)",
+            self.words(),
+            self.dims()
+        )
     }
 }
 
@@ -43,7 +48,8 @@ impl WordVectors {
 
     /// Write the vector of `word` (its own, or the mean of its n-grams) into `out`; false if neither exists.
     pub fn embedding_into(&self, word: &str, out: &mut [f32]) -> bool {
-        self.emb.embedding_into(word, ndarray15::ArrayViewMut1::from(out))
+        self.emb
+            .embedding_into(word, ndarray15::ArrayViewMut1::from(out))
     }
 
     /// Number of vocabulary words (without n-grams).
@@ -54,14 +60,18 @@ impl WordVectors {
 
     /// Save in finalfusion format.
     pub fn save(&self, path: &Path) -> Result<(), MapperError> {
-        let f = File::create(path).map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))?;
+        let f = File::create(path)
+            .map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))?;
         let mut w = BufWriter::new(f);
-        self.emb.write_embeddings(&mut w).map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))
+        self.emb
+            .write_embeddings(&mut w)
+            .map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))
     }
 
     /// Read a finalfusion file written by [`WordVectors::save`] (a compact binary: one read, no parsing).
     pub fn load(path: &Path, probabilities: HashMap<String, f32>) -> Result<Self, MapperError> {
-        let f = File::open(path).map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))?;
+        let f = File::open(path)
+            .map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))?;
         let mut r = BufReader::with_capacity(1 << 20, f);
         let emb = Embeddings::<VocabWrap, StorageWrap>::read_embeddings(&mut r)
             .map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))?;
@@ -88,11 +98,14 @@ impl Pretrained {
             let mut r = BufReader::new(File::open(path).map_err(|e| io(e.to_string()))?);
             let emb = if name.ends_with(".bin") {
                 Embeddings::<VocabWrap, StorageWrap>::from(
-                    Embeddings::<finalfusion::vocab::FastTextSubwordVocab, NdArray>::read_fasttext(&mut r)
-                        .map_err(|e| io(format!("fastText: {e}")))?,
+                    Embeddings::<finalfusion::vocab::FastTextSubwordVocab, NdArray>::read_fasttext(
+                        &mut r,
+                    )
+                    .map_err(|e| io(format!("fastText: {e}")))?,
                 )
             } else {
-                Embeddings::<VocabWrap, StorageWrap>::read_embeddings(&mut r).map_err(|e| io(e.to_string()))?
+                Embeddings::<VocabWrap, StorageWrap>::read_embeddings(&mut r)
+                    .map_err(|e| io(e.to_string()))?
             };
             for (w, e) in emb.iter() {
                 if keep(w) {
@@ -101,8 +114,11 @@ impl Pretrained {
             }
         } else {
             let file = File::open(path).map_err(|e| io(e.to_string()))?;
-            let reader: Box<dyn Read> =
-                if name.ends_with(".gz") { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
+            let reader: Box<dyn Read> = if name.ends_with(".gz") {
+                Box::new(flate2::read::GzDecoder::new(file))
+            } else {
+                Box::new(file)
+            };
             // Parse line by line ourselves: finalfusion's text readers keep every word, and GloVe 6B
             // has 400k of them; we need a few thousand.
             let r = BufReader::with_capacity(1 << 20, reader);
@@ -116,18 +132,26 @@ impl Pretrained {
                 if !keep(word) {
                     continue;
                 }
-                let v: Result<Vec<f32>, _> = parts.filter(|p| !p.is_empty()).map(str::parse::<f32>).collect();
+                let v: Result<Vec<f32>, _> = parts
+                    .filter(|p| !p.is_empty())
+                    .map(str::parse::<f32>)
+                    .collect();
                 let v = v.map_err(|e| io(format!("line {}: {e}", i + 1)))?;
                 vectors.insert(word.to_lowercase(), v);
             }
         }
         let dims = vectors.values().next().map_or(0, Vec::len);
         if dims == 0 {
-            return Err(io("no vectors for any training word; is this a word-vector file?".into()));
+            return Err(io(
+                "no vectors for any training word; is this a word-vector file?".into(),
+            ));
         }
         for v in vectors.values_mut() {
             if v.len() != dims {
-                return Err(io(format!("inconsistent dimensions ({} vs {dims})", v.len())));
+                return Err(io(format!(
+                    "inconsistent dimensions ({} vs {dims})",
+                    v.len()
+                )));
             }
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             if n > 0.0 {
@@ -160,12 +184,22 @@ pub fn train(
             total += 1;
         }
     }
-    let mut vocab: Vec<(&str, usize)> = freq.iter().filter(|(_, c)| **c >= params.min_count).map(|(w, c)| (*w, *c)).collect();
+    let mut vocab: Vec<(&str, usize)> = freq
+        .iter()
+        .filter(|(_, c)| **c >= params.min_count)
+        .map(|(w, c)| (*w, *c))
+        .collect();
     vocab.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     if vocab.len() < 3 {
-        return Err(MapperError::NoTraining("too little text to learn word vectors".into()));
+        return Err(MapperError::NoTraining(
+            "too little text to learn word vectors".into(),
+        ));
     }
-    let index: HashMap<&str, usize> = vocab.iter().enumerate().map(|(i, (w, _))| (*w, i)).collect();
+    let index: HashMap<&str, usize> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, (w, _))| (*w, i))
+        .collect();
 
     // PPMI of word × technique.
     let mut m = Array2::<f64>::zeros((vocab.len(), n_tech));
@@ -184,8 +218,14 @@ pub fn train(
             *x = ((*x * sum) / (row[w] * col[t])).ln().max(0.0);
         }
     }
-    let dims = params.word_dims.min(n_tech.saturating_sub(1)).min(vocab.len() - 1).max(2);
-    let pca = Pca::params(dims).fit(&DatasetBase::from(m.clone())).map_err(|e| MapperError::Fit(format!("word PCA: {e}")))?;
+    let dims = params
+        .word_dims
+        .min(n_tech.saturating_sub(1))
+        .min(vocab.len() - 1)
+        .max(2);
+    let pca = Pca::params(dims)
+        .fit(&DatasetBase::from(m.clone()))
+        .map_err(|e| MapperError::Fit(format!("word PCA: {e}")))?;
     let reduced: Array2<f64> = pca.predict(&m);
 
     let extra = pretrained.map_or(0, |p| p.dims);
@@ -236,7 +276,11 @@ pub fn train(
 
     let rows = vocab.len() + ngrams.len();
     let mut storage = ndarray15::Array2::<f32>::zeros((rows, width));
-    for (i, v) in word_vecs.iter().chain(ngrams.iter().map(|(_, v)| v)).enumerate() {
+    for (i, v) in word_vecs
+        .iter()
+        .chain(ngrams.iter().map(|(_, v)| v))
+        .enumerate()
+    {
         for (j, x) in v.iter().enumerate() {
             storage[[i, j]] = *x;
         }
@@ -245,7 +289,15 @@ pub fn train(
     let indexer = ExplicitIndexer::new(ngrams.iter().map(|(g, _)| g.clone()).collect::<Vec<_>>());
     let v = ExplicitSubwordVocab::new(words, min_n, max_n, indexer);
     let norms = NdNorms::new(ndarray15::Array1::<f32>::ones(vocab.len()));
-    let emb = Embeddings::new(None, VocabWrap::from(v), StorageWrap::from(NdArray::new(storage)), norms);
-    let probabilities = vocab.iter().map(|(w, c)| (w.to_string(), *c as f32 / total.max(1) as f32)).collect();
+    let emb = Embeddings::new(
+        None,
+        VocabWrap::from(v),
+        StorageWrap::from(NdArray::new(storage)),
+        norms,
+    );
+    let probabilities = vocab
+        .iter()
+        .map(|(w, c)| (w.to_string(), *c as f32 / total.max(1) as f32))
+        .collect();
     Ok(WordVectors { emb, probabilities })
 }

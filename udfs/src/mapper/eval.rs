@@ -53,7 +53,13 @@ pub fn evaluate(ranked: &[Vec<String>], labels: &[Vec<String>]) -> Metrics {
         }
     }
     let n_f = n as f64;
-    Metrics { n, top1: top1 / n_f, top1_parent: top1p / n_f, recall_at_5: r5 / n_f, mrr_at_10: mrr / n_f }
+    Metrics {
+        n,
+        top1: top1 / n_f,
+        top1_parent: top1p / n_f,
+        recall_at_5: r5 / n_f,
+        mrr_at_10: mrr / n_f,
+    }
 }
 
 /// A labelled text for evaluation.
@@ -76,10 +82,16 @@ pub fn holdout(set: &TrainingSet, fraction: f64, seed: u64) -> (TrainingSet, Vec
     let n_test = ((sources.len() as f64) * fraction).round() as usize;
     let test_sources: HashSet<&str> = sources.into_iter().take(n_test).collect();
     let mut train = set.clone();
-    train.examples.retain(|e| !test_sources.contains(e.source.as_str()));
+    train
+        .examples
+        .retain(|e| !test_sources.contains(e.source.as_str()));
     let mut by_text: HashMap<&str, Vec<String>> = HashMap::new();
     let mut order: Vec<&str> = Vec::new();
-    for e in set.examples.iter().filter(|e| test_sources.contains(e.source.as_str())) {
+    for e in set
+        .examples
+        .iter()
+        .filter(|e| test_sources.contains(e.source.as_str()))
+    {
         let entry = by_text.entry(e.text.as_str()).or_insert_with(|| {
             order.push(e.text.as_str());
             Vec::new()
@@ -88,7 +100,13 @@ pub fn holdout(set: &TrainingSet, fraction: f64, seed: u64) -> (TrainingSet, Vec
             entry.push(e.technique.clone());
         }
     }
-    let test = order.into_iter().map(|t| Labelled { text: t.to_string(), labels: by_text[t].clone() }).collect();
+    let test = order
+        .into_iter()
+        .map(|t| Labelled {
+            text: t.to_string(),
+            labels: by_text[t].clone(),
+        })
+        .collect();
     (train, test)
 }
 
@@ -111,7 +129,9 @@ impl Baseline {
             Some(vocab) => {
                 for term in t {
                     let next = vocab.len() as u32;
-                    *counts.entry(*vocab.entry(term).or_insert(next)).or_default() += 1.0;
+                    *counts
+                        .entry(*vocab.entry(term).or_insert(next))
+                        .or_default() += 1.0;
                 }
             }
             None => {
@@ -150,8 +170,10 @@ impl Baseline {
             analyzer: Analyzer::default(),
         };
         let mut vocab = HashMap::new();
-        let mut rows: Vec<(usize, Vec<(u32, f32)>)> =
-            texts.iter().map(|(c, t)| (*c, b.features(t, Some(&mut vocab)))).collect();
+        let mut rows: Vec<(usize, Vec<(u32, f32)>)> = texts
+            .iter()
+            .map(|(c, t)| (*c, b.features(t, Some(&mut vocab))))
+            .collect();
         let mut df = vec![0f32; vocab.len()];
         for (_, v) in &rows {
             for (i, _) in v {
@@ -159,7 +181,10 @@ impl Baseline {
             }
         }
         let n = rows.len() as f32;
-        b.idf = df.iter().map(|d| ((n + 1.0) / (d + 1.0)).ln() + 1.0).collect();
+        b.idf = df
+            .iter()
+            .map(|d| ((n + 1.0) / (d + 1.0)).ln() + 1.0)
+            .collect();
         b.terms = vocab;
         for (_, v) in rows.iter_mut() {
             b.weigh(v);
@@ -184,7 +209,10 @@ impl Baseline {
         }
         let mut idx: Vec<usize> = (0..n).collect();
         idx.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b)));
-        idx.into_iter().take(k).map(|i| self.classes[i].clone()).collect()
+        idx.into_iter()
+            .take(k)
+            .map(|i| self.classes[i].clone())
+            .collect()
     }
 }
 
@@ -254,7 +282,11 @@ mod tests {
             vec!["T1003.002".to_string(), "T1003.001".to_string()],
             vec!["T1105".to_string()],
         ];
-        let labels = vec![vec!["T1059.001".to_string()], vec!["T1003.001".to_string()], vec!["T1027".to_string()]];
+        let labels = vec![
+            vec!["T1059.001".to_string()],
+            vec!["T1003.001".to_string()],
+            vec!["T1027".to_string()],
+        ];
         let m = evaluate(&ranked, &labels);
         assert_eq!(m.n, 3);
         assert!((m.top1 - 1.0 / 3.0).abs() < 1e-9);

@@ -69,7 +69,14 @@ impl Default for MapperParams {
             min_count: 2,
             ngram_range: (3, 6),
             sif_a: 1e-3,
-            weights: FusionWeights { centroid: 1.0, knn: 0.6, embedding: 0.5, name: 0.25, id: 1.0, lr: 1.0 },
+            weights: FusionWeights {
+                centroid: 1.0,
+                knn: 0.6,
+                embedding: 0.5,
+                name: 0.25,
+                id: 1.0,
+                lr: 1.0,
+            },
             lr_epochs: 8,
             calibration: (9.0, -5.0),
             seed: 42,
@@ -124,11 +131,14 @@ impl MapperParams {
         if self.ngram_range.0 == 0 || self.ngram_range.0 > self.ngram_range.1 {
             return bad("ngram_range must be (min, max) with 0 < min <= max");
         }
-        if !(self.sif_a > 0.0) {
+        if self.sif_a.is_nan() || self.sif_a <= 0.0 {
             return bad("sif_a must be positive");
         }
         let w = self.weights;
-        if [w.centroid, w.knn, w.embedding, w.name, w.id, w.lr].iter().any(|x| !x.is_finite() || *x < 0.0) {
+        if [w.centroid, w.knn, w.embedding, w.name, w.id, w.lr]
+            .iter()
+            .any(|x| !x.is_finite() || *x < 0.0)
+        {
             return bad("fusion weights must be finite and non-negative");
         }
         Ok(ValidParams(self))

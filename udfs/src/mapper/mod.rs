@@ -87,10 +87,18 @@ pub struct Manifest {
 
 impl Mapper {
     /// Fit on a training set.
-    pub fn build(params: MapperParams, set: &TrainingSet, pretrained: Option<&Pretrained>) -> Result<Self, MapperError> {
+    pub fn build(
+        params: MapperParams,
+        set: &TrainingSet,
+        pretrained: Option<&Pretrained>,
+    ) -> Result<Self, MapperError> {
         let params = params.check()?;
         let (model, vectors) = fit(&params, set, pretrained)?;
-        Ok(Self { model, vectors, path: None })
+        Ok(Self {
+            model,
+            vectors,
+            path: None,
+        })
     }
 
     /// Manifest describing this model.
@@ -111,7 +119,8 @@ impl Mapper {
     /// Save into `dir` (created if needed): files are written under temporary names and renamed, so
     /// a reader never loads half a model.
     pub fn save(&self, dir: &Path, manifest: &Manifest) -> Result<(), MapperError> {
-        let io = |p: &Path, e: std::io::Error| MapperError::Io(p.display().to_string(), e.to_string());
+        let io =
+            |p: &Path, e: std::io::Error| MapperError::Io(p.display().to_string(), e.to_string());
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let tmp = |name: &str| dir.join(format!(".{name}.tmp"));
         let model = bincode::serialize(&(FORMAT_VERSION, &self.model))
@@ -133,15 +142,28 @@ impl Mapper {
             return Err(MapperError::NotFound(dir.display().to_string()));
         }
         let p = dir.join(MODEL_FILE);
-        let bytes = std::fs::read(&p).map_err(|e| MapperError::Io(p.display().to_string(), e.to_string()))?;
-        let (format, model): (u32, Model) = bincode::deserialize(&bytes)
-            .map_err(|e| MapperError::Io(p.display().to_string(), format!("{e}; rebuild with `threatlake model build`")))?;
+        let bytes = std::fs::read(&p)
+            .map_err(|e| MapperError::Io(p.display().to_string(), e.to_string()))?;
+        let (format, model): (u32, Model) = bincode::deserialize(&bytes).map_err(|e| {
+            MapperError::Io(
+                p.display().to_string(),
+                format!("{e}; rebuild with `threatlake model build`"),
+            )
+        })?;
         if format != FORMAT_VERSION {
-            return Err(MapperError::Format { path: dir.display().to_string(), found: format, expected: FORMAT_VERSION });
+            return Err(MapperError::Format {
+                path: dir.display().to_string(),
+                found: format,
+                expected: FORMAT_VERSION,
+            });
         }
         let probabilities: HashMap<String, f32> = HashMap::new();
         let vectors = WordVectors::load(&dir.join(VECTORS_FILE), probabilities)?;
-        Ok(Self { model, vectors, path: Some(dir.to_path_buf()) })
+        Ok(Self {
+            model,
+            vectors,
+            path: Some(dir.to_path_buf()),
+        })
     }
 
     /// Top-k techniques of one text.
@@ -161,8 +183,12 @@ pub fn find_latest(root: &Path, domain: &str) -> Option<PathBuf> {
     let mut best: Option<(i64, PathBuf)> = None;
     for e in std::fs::read_dir(root).ok()?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(v) = name.strip_prefix(&prefix) else { continue };
-        let Some(key) = crate::kernels::version_key(v) else { continue };
+        let Some(v) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(key) = crate::kernels::version_key(v) else {
+            continue;
+        };
         if e.path().join(MANIFEST_FILE).is_file() && best.as_ref().is_none_or(|(k, _)| key > *k) {
             best = Some((key, e.path()));
         }
