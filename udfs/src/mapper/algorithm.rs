@@ -164,7 +164,7 @@ pub struct Scratch {
 impl Scratch {
     /// Calibrated score of technique `t` from the last [`Model::score`] call.
     pub fn fused_score(&self, t: usize) -> f64 {
-        self.fused.get(t).copied().unwrap_or(0.0) as f64
+        self.fused.get(t).map_or(0.0, |x| sigmoid(*x) as f64)
     }
 }
 
@@ -240,6 +240,22 @@ fn normalize(v: &mut [f32]) {
     if n > 0.0 {
         v.iter_mut().for_each(|x| *x /= n);
     }
+}
+
+/// Dot product with eight independent accumulators, so the compiler can use SIMD lanes (a plain
+/// `zip().sum()` is a serial chain of float adds it may not reorder). Hot: one per prototype per row.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -348,6 +364,9 @@ fn learn_fusion(
 
 /// Number of evidence features.
 const F: usize = 6;
+
+/// Longest unit postings list kept per term.
+const MAX_POSTINGS: usize = 300;
 
 /// Logit added when the text names a technique id (see `learn_fusion`).
 const EXPLICIT_ID_LOGIT: f32 = 8.0;
@@ -466,6 +485,14 @@ fn fit_once(
         for &(id, w) in v {
             unit_postings[id as usize].push((ui as u32, w));
             *centroid_acc[units[ui].tech].entry(id).or_default() += w;
+        }
+    }
+    // Impact-ordered truncation: a very common term keeps only the units where it weighs most, which
+    // bounds the work per query term (the dropped entries add little to any cosine).
+    for p in unit_postings.iter_mut() {
+        if p.len() > MAX_POSTINGS {
+            p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            p.truncate(MAX_POSTINGS);
         }
     }
     let mut centroid_postings: Vec<Vec<(u16, f32)>> = vec![Vec::new(); terms.len()];
@@ -836,7 +863,7 @@ impl Model {
             );
             s.emb.iter_mut().for_each(|x| *x = -1.0);
             for (k, proto) in self.prototypes.chunks_exact(self.proj_out).enumerate() {
-                let d: f32 = proto.iter().zip(&s.projected).map(|(a, b)| a * b).sum();
+                let d = dot(proto, &s.projected);
                 let t = self.proto_tech[k] as usize;
                 if d > s.emb[t] {
                     s.emb[t] = d;
@@ -860,10 +887,11 @@ impl Model {
                 + w.name * name
                 + w.id * s.ids[t]
                 + w.lr * s.lr[t];
+            // Raw logit; the sigmoid is monotone, so it is applied only to what is returned.
             s.fused[t] = if has_text || s.ids[t] > 0.0 {
-                sigmoid(scale * fused + bias)
+                scale * fused + bias
             } else {
-                0.0
+                f32::NEG_INFINITY
             };
         }
     }
@@ -889,7 +917,7 @@ impl Model {
         idx.into_iter()
             .map(|t| Ranked {
                 technique: t,
-                score: s.fused[t] as f64,
+                score: s.fused_score(t),
             })
             .collect()
     }
