@@ -659,44 +659,22 @@ pub fn normalize(
     }];
 
     let schemas: HashMap<&str, SchemaRef> = table_schemas().into_iter().collect();
-    let s = |n: &str| &schemas[n];
-    Ok(vec![
-        (
-            "mitre_attack_techniques",
-            to_batch(s("mitre_attack_techniques"), &techniques)?,
-        ),
-        (
-            "mitre_attack_tactics",
-            to_batch(s("mitre_attack_tactics"), &tactics)?,
-        ),
-        (
-            "mitre_attack_groups",
-            to_batch(s("mitre_attack_groups"), &groups)?,
-        ),
-        (
-            "mitre_attack_software",
-            to_batch(s("mitre_attack_software"), &software)?,
-        ),
-        (
-            "mitre_attack_campaigns",
-            to_batch(s("mitre_attack_campaigns"), &campaigns)?,
-        ),
-        (
-            "mitre_attack_mitigations",
-            to_batch(s("mitre_attack_mitigations"), &mitigations)?,
-        ),
-        (
-            "mitre_attack_relationships",
-            to_batch(s("mitre_attack_relationships"), &relationships)?,
-        ),
-        (
-            "mitre_attack_procedures",
-            to_batch(s("mitre_attack_procedures"), &procedures)?,
-        ),
-        (
-            "mitre_attack_versions",
-            to_batch(s("mitre_attack_versions"), &versions)?,
-        ),
+    // Each table name is written once: it picks the schema and labels the batch.
+    macro_rules! batches {
+        ($($name:literal => $rows:expr),* $(,)?) => {
+            vec![$(($name, to_batch(&schemas[$name], $rows)?)),*]
+        };
+    }
+    Ok(batches![
+        "mitre_attack_techniques" => &techniques,
+        "mitre_attack_tactics" => &tactics,
+        "mitre_attack_groups" => &groups,
+        "mitre_attack_software" => &software,
+        "mitre_attack_campaigns" => &campaigns,
+        "mitre_attack_mitigations" => &mitigations,
+        "mitre_attack_relationships" => &relationships,
+        "mitre_attack_procedures" => &procedures,
+        "mitre_attack_versions" => &versions,
     ])
 }
 

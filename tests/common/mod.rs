@@ -52,6 +52,26 @@ pub async fn ingest(dir: &Path, domains: &[&str]) -> Lake {
     lake
 }
 
+/// The `threatlake` binary with built-in default settings, run from cargo's temp dir.
+pub fn cli() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_threatlake"));
+    c.env_remove("THREATLAKE_CONFIG")
+        .current_dir(env!("CARGO_TARGET_TMPDIR"));
+    c
+}
+
+/// [`cli`] working on the lake `<dir>/lake` with raw store `<dir>/raw`.
+pub fn cli_on(dir: &Path) -> std::process::Command {
+    let mut c = cli();
+    c.args([
+        "--lake",
+        dir.join("lake").to_str().unwrap(),
+        "--raw",
+        dir.join("raw").to_str().unwrap(),
+    ]);
+    c
+}
+
 /// Every file under `dir` with its size and content hash, sorted: compares "the lake as it was".
 pub fn listing(dir: &Path) -> Vec<(String, u64, u64)> {
     use std::hash::{Hash, Hasher};

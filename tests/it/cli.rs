@@ -11,13 +11,7 @@ fn lake() -> &'static PathBuf {
     static LAKE: OnceLock<PathBuf> = OnceLock::new();
     LAKE.get_or_init(|| {
         let dir = common::scratch("cli-lake");
-        let status = Command::new(env!("CARGO_BIN_EXE_threatlake"))
-            .args([
-                "--lake",
-                dir.join("lake").to_str().unwrap(),
-                "--raw",
-                dir.join("raw").to_str().unwrap(),
-            ])
+        let status = common::cli_on(&dir)
             .args([
                 "ingest",
                 "attack",
@@ -32,10 +26,8 @@ fn lake() -> &'static PathBuf {
 }
 
 fn sql(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_threatlake"));
-    c.env_remove("THREATLAKE_CONFIG")
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
-        .args(["--lake", lake().to_str().unwrap(), "sql"])
+    let mut c = common::cli();
+    c.args(["--lake", lake().to_str().unwrap(), "sql"])
         .args(args);
     c
 }
@@ -145,8 +137,7 @@ fn closed_pipe_is_not_an_error() {
 
 #[test]
 fn config_show_redacts_secrets() {
-    let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
+    let out = common::cli()
         .env("THREATLAKE_OTX_API_KEY", "super-secret-otx-key")
         .env("THREATLAKE_LAKE_ROOT", "/srv/lake")
         .args(["config", "show"])
@@ -219,8 +210,7 @@ fn ics_models() -> &'static PathBuf {
     static MODELS: OnceLock<PathBuf> = OnceLock::new();
     MODELS.get_or_init(|| {
         let models = common::scratch("cli-models");
-        let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
-            .current_dir(env!("CARGO_TARGET_TMPDIR"))
+        let out = common::cli()
             .env("THREATLAKE_LAKE_MODELS", &models)
             .args([
                 "--lake",
@@ -248,9 +238,8 @@ fn ics_models() -> &'static PathBuf {
 }
 
 fn mapper_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_threatlake"));
-    c.current_dir(env!("CARGO_TARGET_TMPDIR"))
-        .env("THREATLAKE_LAKE_MODELS", ics_models())
+    let mut c = common::cli();
+    c.env("THREATLAKE_LAKE_MODELS", ics_models())
         .args(["--lake", lake().to_str().unwrap()])
         .args(args);
     c
@@ -348,16 +337,14 @@ fn model_eval_reports_metrics() {
 #[test]
 fn map_without_a_model_says_how_to_build_one() {
     let empty = common::scratch("cli-no-models");
-    let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
+    let out = common::cli()
         .env("THREATLAKE_LAKE_MODELS", &empty)
         .args(["--lake", lake().to_str().unwrap(), "map", "dumped lsass"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("threatlake model build"));
-    let out = Command::new(env!("CARGO_BIN_EXE_threatlake"))
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
+    let out = common::cli()
         .env("THREATLAKE_LAKE_MODELS", &empty)
         .args([
             "--lake",

@@ -1,19 +1,10 @@
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use threatlake::{Engine, Lake, Location};
 
 use crate::common;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_threatlake"));
-    // A settings file that does not exist here would not matter, but be explicit: built-in defaults.
-    c.env_remove("THREATLAKE_CONFIG")
-        .current_dir(env!("CARGO_TARGET_TMPDIR"));
-    c
-}
 
 async fn count(engine: &Engine, sql: &str) -> i64 {
     let r = engine.run(sql).await.unwrap();
@@ -194,13 +185,7 @@ fn ingest_from_loopback_http_and_http_errors_are_clear() {
         3,
     );
     let lake = dir.join("lake");
-    let out = bin()
-        .args([
-            "--lake",
-            lake.to_str().unwrap(),
-            "--raw",
-            dir.join("raw").to_str().unwrap(),
-        ])
+    let out = common::cli_on(&dir)
         .args([
             "ingest",
             "attack",
@@ -218,18 +203,12 @@ fn ingest_from_loopback_http_and_http_errors_are_clear() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ics ATT&CK 18.1: 95 techniques"));
     // The default path (no --from): the configured per-domain source URLs, here pointed at loopback.
-    let out = bin()
+    let out = common::cli_on(&dir)
         .env("THREATLAKE_ATTACK_DOMAINS", "[ics]")
         .env(
             "THREATLAKE_ATTACK_SOURCES",
             format!("{{ics: '{base}/ics-attack.json'}}"),
         )
-        .args([
-            "--lake",
-            lake.to_str().unwrap(),
-            "--raw",
-            dir.join("raw").to_str().unwrap(),
-        ])
         .args(["ingest", "attack"])
         .output()
         .unwrap();
@@ -240,13 +219,7 @@ fn ingest_from_loopback_http_and_http_errors_are_clear() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ics ATT&CK 18.1: 95 techniques"));
     let before = common::listing(&lake);
-    let out = bin()
-        .args([
-            "--lake",
-            lake.to_str().unwrap(),
-            "--raw",
-            dir.join("raw").to_str().unwrap(),
-        ])
+    let out = common::cli_on(&dir)
         .args([
             "ingest",
             "attack",
@@ -267,13 +240,7 @@ fn ingest_from_loopback_http_and_http_errors_are_clear() {
 #[test]
 fn domain_mismatch_is_refused() {
     let dir = common::scratch("mismatch");
-    let out = bin()
-        .args([
-            "--lake",
-            dir.join("lake").to_str().unwrap(),
-            "--raw",
-            dir.join("raw").to_str().unwrap(),
-        ])
+    let out = common::cli_on(&dir)
         .args([
             "ingest",
             "attack",
@@ -345,13 +312,7 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
         (&missing, &["cannot read", "No such file"]),
     ];
     for (path, needles) in cases {
-        let out = bin()
-            .args([
-                "--lake",
-                dir.join("lake").to_str().unwrap(),
-                "--raw",
-                dir.join("raw").to_str().unwrap(),
-            ])
+        let out = common::cli_on(&dir)
             .args(["ingest", "attack", "--from", path.to_str().unwrap()])
             .output()
             .unwrap();

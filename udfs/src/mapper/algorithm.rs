@@ -177,19 +177,19 @@ struct Unit {
 /// The labelled texts a model learns from (technique index, text): names, description and detection
 /// sentences, and procedure examples. Baselines train on exactly the same texts.
 pub fn training_texts(set: &TrainingSet) -> Vec<(usize, String)> {
+    units_of(set)
+        .into_iter()
+        .map(|u| (u.tech, u.text))
+        .collect()
+}
+
+fn units_of(set: &TrainingSet) -> Vec<Unit> {
     let tech_index: HashMap<&str, usize> = set
         .techniques
         .iter()
         .enumerate()
         .map(|(i, t)| (t.id.as_str(), i))
         .collect();
-    units_of(set, &tech_index)
-        .into_iter()
-        .map(|u| (u.tech, u.text))
-        .collect()
-}
-
-fn units_of(set: &TrainingSet, tech_index: &HashMap<&str, usize>) -> Vec<Unit> {
     let mut units = Vec::new();
     for (i, t) in set.techniques.iter().enumerate() {
         units.push(Unit {
@@ -429,13 +429,7 @@ fn fit_once(
     if set.techniques.len() > u16::MAX as usize {
         return Err(MapperError::NoTraining("too many techniques".into()));
     }
-    let tech_index: HashMap<&str, usize> = set
-        .techniques
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.id.as_str(), i))
-        .collect();
-    let units = units_of(set, &tech_index);
+    let units = units_of(set);
     let analyzer = Analyzer::default();
     let (mut scratch, mut terms_buf) = (Vec::new(), Vec::new());
 
@@ -548,14 +542,13 @@ fn fit_once(
     }
 
     // Word vectors (finalfusion, with subword n-grams) from the word × technique association.
-    let word_vectors = embed::train(
+    let (word_vectors, word_prob) = embed::train(
         params,
         &units.iter().map(|u| u.tech).collect::<Vec<_>>(),
         &unit_tokens,
         set.techniques.len(),
         pretrained,
     )?;
-    let word_prob = word_vectors.probabilities.clone();
 
     // Sentence vectors for every unit, then PCA of that space.
     let dim_in = word_vectors.dims();

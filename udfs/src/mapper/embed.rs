@@ -22,11 +22,9 @@ use super::hyperparams::ValidParams;
 use super::text;
 use super::MapperError;
 
-/// Word vectors (finalfusion embeddings) plus the unigram probabilities SIF weighting needs.
+/// Word vectors (finalfusion embeddings).
 pub struct WordVectors {
     emb: Embeddings<VocabWrap, StorageWrap>,
-    /// Relative frequency of each vocabulary word in the training text.
-    pub probabilities: HashMap<String, f32>,
 }
 
 impl std::fmt::Debug for WordVectors {
@@ -69,13 +67,13 @@ impl WordVectors {
     }
 
     /// Read a finalfusion file written by [`WordVectors::save`] (a compact binary: one read, no parsing).
-    pub fn load(path: &Path, probabilities: HashMap<String, f32>) -> Result<Self, MapperError> {
+    pub fn load(path: &Path) -> Result<Self, MapperError> {
         let f = File::open(path)
             .map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))?;
         let mut r = BufReader::with_capacity(1 << 20, f);
         let emb = Embeddings::<VocabWrap, StorageWrap>::read_embeddings(&mut r)
             .map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))?;
-        Ok(Self { emb, probabilities })
+        Ok(Self { emb })
     }
 }
 
@@ -168,13 +166,14 @@ pub fn is_content(t: &str) -> bool {
 }
 
 /// Train domain word vectors from tokenised units labelled with their technique.
+/// Returns the vectors and the relative frequency of each vocabulary word (for SIF weights).
 pub fn train(
     params: &ValidParams,
     unit_tech: &[usize],
     unit_tokens: &[Vec<String>],
     n_tech: usize,
     pretrained: Option<&Pretrained>,
-) -> Result<WordVectors, MapperError> {
+) -> Result<(WordVectors, HashMap<String, f32>), MapperError> {
     // Counts (BTreeMap: deterministic order).
     let mut freq: BTreeMap<&str, usize> = BTreeMap::new();
     let mut total = 0usize;
@@ -299,5 +298,5 @@ pub fn train(
         .iter()
         .map(|(w, c)| (w.to_string(), *c as f32 / total.max(1) as f32))
         .collect();
-    Ok(WordVectors { emb, probabilities })
+    Ok((WordVectors { emb }, probabilities))
 }

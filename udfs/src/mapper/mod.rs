@@ -7,7 +7,6 @@ pub mod eval;
 pub mod hyperparams;
 pub mod text;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use algorithm::{fit, Example, Model, Ranked, Scratch, TechniqueInfo, TrainingSet};
@@ -157,8 +156,7 @@ impl Mapper {
                 expected: FORMAT_VERSION,
             });
         }
-        let probabilities: HashMap<String, f32> = HashMap::new();
-        let vectors = WordVectors::load(&dir.join(VECTORS_FILE), probabilities)?;
+        let vectors = WordVectors::load(&dir.join(VECTORS_FILE))?;
         Ok(Self {
             model,
             vectors,
