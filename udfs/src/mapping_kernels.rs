@@ -39,14 +39,30 @@ pub enum KernelError {
 /// Rows per parallel task: large enough to amortise scheduling, small enough to balance 2+ cores.
 const CHUNK: usize = 256;
 
+thread_local! {
+    /// One scratch per worker thread, kept across batches so its token cache stays warm.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
 fn par_rows<T: Send>(n: usize, f: impl Fn(usize, &mut Scratch) -> T + Sync) -> Vec<T> {
     let chunks: Vec<Vec<T>> = (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
-            let mut scratch = Scratch::default();
-            (c * CHUNK..((c + 1) * CHUNK).min(n))
-                .map(|i| f(i, &mut scratch))
-                .collect()
+            SCRATCH.with(|cell| {
+                // A re-entrant call on this thread (not expected) falls back to a fresh scratch.
+                let mut fresh;
+                let mut guard = cell.try_borrow_mut();
+                let scratch: &mut Scratch = match guard.as_deref_mut() {
+                    Ok(s) => s,
+                    Err(_) => {
+                        fresh = Scratch::default();
+                        &mut fresh
+                    }
+                };
+                (c * CHUNK..((c + 1) * CHUNK).min(n))
+                    .map(|i| f(i, scratch))
+                    .collect()
+            })
         })
         .collect();
     chunks.into_iter().flatten().collect()
@@ -196,8 +212,7 @@ pub fn technique_score(
         if texts.is_null(i) {
             return None;
         }
-        m.model.score(&m.vectors, texts.value(i), s);
-        Some(s.fused_score(t))
+        Some(m.model.technique_score(&m.vectors, texts.value(i), t, s))
     });
     Ok(Arc::new(Float64Array::from(out)))
 }

@@ -261,3 +261,97 @@ fn invalid_params_are_rejected_before_fitting() {
     let e = Mapper::build(MapperParams::default(), &TrainingSet::default(), None).unwrap_err();
     assert!(e.to_string().contains("ingest ATT&CK first"));
 }
+
+/// More techniques than the scoring shortlist: each has its own words plus words shared with its
+/// neighbours, so stage 1 must choose.
+fn wide_set(n: usize) -> TrainingSet {
+    let mut set = TrainingSet {
+        domain: "wide".into(),
+        attack_version: "1.0".into(),
+        ..Default::default()
+    };
+    let word = |i: usize, k: usize| format!("w{}x{}", i % n, k);
+    for i in 0..n {
+        let id = format!("T{}", 1000 + i);
+        set.techniques.push(TechniqueInfo {
+            id: id.clone(),
+            name: format!("Technique {} {}", word(i, 0), word(i, 1)),
+            tactics: vec!["execution".into()],
+            description: format!(
+                "Adversaries may use {} and {} with {} on the host.",
+                word(i, 0),
+                word(i, 1),
+                word(i + 1, 2)
+            ),
+            detection: format!("Monitor {} and {} events.", word(i, 2), word(i + 2, 3)),
+        });
+        for j in 0..12 {
+            set.examples.push(Example {
+                technique: id.clone(),
+                text: format!(
+                    "The group ran {} then {} and {} in step {}.",
+                    word(i, j % 4),
+                    word(i, (j + 1) % 4),
+                    word(i + 1 + j % 3, j % 4),
+                    j
+                ),
+                source: format!("source-{}", (i * 12 + j) % 37),
+            });
+        }
+    }
+    set
+}
+
+#[test]
+fn shortlisted_and_single_technique_scores_agree() {
+    let n = threatlake_udfs::mapper::SHORTLIST * 2 + 10;
+    let m = Mapper::build(params(), &wide_set(n), None).expect("fit");
+    let mut s = Scratch::default();
+    let text = "the operators ran w7x0 and w7x1 then w8x2";
+    let top = m.top_k(text, 3, &mut s);
+    assert_eq!(m.model.techniques[top[0].technique].id, "T1007");
+    // Every technique, shortlisted or not, scored alone equals its score when all are scored.
+    let all = m.top_k(text, n, &mut s);
+    assert_eq!(all.len(), n);
+    for r in all.iter().step_by(7).chain(&top) {
+        let alone = m
+            .model
+            .technique_score(&m.vectors, text, r.technique, &mut s);
+        assert!(
+            (alone - r.score).abs() < 1e-9,
+            "{}: {alone} vs {}",
+            m.model.techniques[r.technique].id,
+            r.score
+        );
+    }
+    // The top of the shortlist is the top of the full ranking.
+    assert_eq!(top, all[..3].to_vec());
+    // A technique far down the list still gets a real (non-zero, non-NaN) score.
+    let last = all.last().unwrap();
+    let alone = m
+        .model
+        .technique_score(&m.vectors, text, last.technique, &mut s);
+    assert!(alone.is_finite() && alone >= 0.0 && alone < top[0].score);
+}
+
+#[test]
+fn token_cache_never_changes_results() {
+    let a = build();
+    let b = Mapper::build(params(), &wide_set(60), None).expect("fit");
+    let texts = [
+        "dumped lsass memory with procdump to get credentials",
+        "the operators ran w7x0 and w7x1 then w8x2",
+        "encrypt files and leave a ransom note w3x1",
+    ];
+    // One scratch shared across models and texts (as a worker thread does) versus a fresh one each time.
+    let mut shared = Scratch::default();
+    for round in 0..2 {
+        for t in texts {
+            for m in [&a, &b] {
+                let warm = m.top_k(t, 5, &mut shared);
+                let cold = m.top_k(t, 5, &mut Scratch::default());
+                assert_eq!(warm, cold, "round {round}, {t}");
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ pub mod text;
 
 use std::path::{Path, PathBuf};
 
-pub use algorithm::{fit, Example, Model, Ranked, Scratch, TechniqueInfo, TrainingSet};
+pub use algorithm::{fit, Example, Model, Ranked, Scratch, TechniqueInfo, TrainingSet, SHORTLIST};
 pub use embed::{Pretrained, WordVectors};
 pub use hyperparams::{FusionWeights, MapperParams, ValidParams};
 
@@ -158,7 +158,7 @@ impl Mapper {
         }
         let vectors = WordVectors::load(&dir.join(VECTORS_FILE))?;
         Ok(Self {
-            model,
+            model: model.prepared(),
             vectors,
             path: Some(dir.to_path_buf()),
         })
