@@ -212,9 +212,68 @@ pub struct OtxSettings {
     pub base_url: String,
     /// Pulses per page.
     pub page_size: u32,
+    /// HTTP timeouts and retries.
+    #[serde(default)]
+    pub http: HttpSettings,
     /// From THREATLAKE_OTX_API_KEY or the secrets file only.
     #[serde(default)]
     pub api_key: Secret,
+}
+
+/// Timeouts and retries of a feed client.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Per-request timeout.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: f64,
+    /// Attempts per request (429/5xx/timeouts are retried).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// First backoff between attempts (doubles each time).
+    #[serde(default = "default_backoff")]
+    pub backoff_secs: f64,
+    /// Longest single wait, including a server's Retry-After.
+    #[serde(default = "default_max_wait")]
+    pub max_wait_secs: f64,
+}
+
+fn default_timeout() -> f64 {
+    30.0
+}
+fn default_attempts() -> u32 {
+    4
+}
+fn default_backoff() -> f64 {
+    2.0
+}
+fn default_max_wait() -> f64 {
+    120.0
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            timeout_secs: default_timeout(),
+            attempts: default_attempts(),
+            backoff_secs: default_backoff(),
+            max_wait_secs: default_max_wait(),
+        }
+    }
+}
+
+impl HttpSettings {
+    /// As a client retry policy.
+    pub fn policy(&self) -> crate::feeds::http::RetryPolicy {
+        use std::time::Duration;
+        let secs = |x: f64| Duration::from_secs_f64(x.clamp(0.0, 86_400.0));
+        crate::feeds::http::RetryPolicy {
+            attempts: self.attempts.max(1),
+            backoff: secs(self.backoff_secs),
+            max_wait: secs(self.max_wait_secs),
+            timeout: secs(self.timeout_secs.max(0.001)),
+        }
+    }
 }
 
 /// `virustotal:` section.
@@ -229,6 +288,15 @@ pub struct VirusTotalSettings {
     pub daily_budget: u32,
     /// How long a stored lookup stays fresh.
     pub cache_ttl_hours: u32,
+    /// Observables to look up on every run (hashes, URLs, domains, IPs).
+    #[serde(default)]
+    pub observables: Vec<String>,
+    /// Indicators of the newest OTX pulses to enrich per run (0 = none).
+    #[serde(default)]
+    pub enrich_from_otx: usize,
+    /// HTTP timeouts and retries.
+    #[serde(default)]
+    pub http: HttpSettings,
     /// From THREATLAKE_VIRUSTOTAL_API_KEY or the secrets file only.
     #[serde(default)]
     pub api_key: Secret,

@@ -167,6 +167,18 @@ impl Location {
         })
     }
 
+    /// Read a whole object, or None when it does not exist.
+    pub async fn get_opt(&self, rel: &str) -> Result<Option<Bytes>, LakeError> {
+        match self.get(rel).await {
+            Ok(b) => Ok(Some(b)),
+            Err(LakeError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every object under `rel` (recursively); an absent directory is empty, not an error.
     pub async fn list(&self, rel: &str) -> Result<Vec<ObjectMeta>, LakeError> {
         let p = self.path(rel);
@@ -267,6 +279,24 @@ impl Lake {
             }
         }
         Ok(())
+    }
+
+    /// Add one file `part-<file_id>.parquet` to a partition of `table` (staged, then renamed), leaving
+    /// the partition's other files in place: how append-only log tables grow.
+    pub async fn write_file(
+        &self,
+        table: &str,
+        partition: &[(&str, &str)],
+        file_id: &str,
+        schema: SchemaRef,
+        batches: &[RecordBatch],
+    ) -> Result<String, LakeError> {
+        let dir = partition_dir(table, partition)?;
+        partition_dir("file", &[("id", file_id)])?;
+        let rel = format!("{dir}/part-{file_id}.parquet");
+        let bytes = encode_parquet(&rel, schema, batches)?;
+        self.location.put_atomic(&rel, bytes).await?;
+        Ok(rel)
     }
 
     /// Tables present in the lake, by name, with their partition columns.

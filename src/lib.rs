@@ -5,6 +5,7 @@
 
 pub mod attack;
 pub mod config;
+pub mod feeds;
 pub mod lake;
 pub mod mapping;
 pub mod sql;

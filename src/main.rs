@@ -59,6 +59,10 @@ enum Command {
     /// Print speed and memory figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Map threat items not mapped yet (model top-k and source-stated techniques) into mapped_threat_data.
+    MapIntel,
+    /// The main job: ATT&CK (if absent), OTX and VirusTotal (when keyed), model (if absent), map, threat-model snapshot.
+    Run,
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +78,16 @@ enum ModelCommand {
         /// Ignore mapping.pretrained_vectors.
         #[arg(long)]
         no_pretrained: bool,
+    },
+    /// Compare two threat-model snapshots (default: the last two runs): new, rising, fading, gone.
+    Diff {
+        /// Older run id.
+        run_a: Option<String>,
+        /// Newer run id.
+        run_b: Option<String>,
+        /// Also list steady techniques.
+        #[arg(long)]
+        all: bool,
     },
     /// Measure a model: on a labelled file, or on a hold-out of ATT&CK's own procedures.
     Eval {
@@ -159,6 +173,17 @@ enum IngestCommand {
         /// ATT&CK release of a bundle that does not state it (no x-mitre-collection).
         #[arg(long, value_name = "VERSION")]
         attack_version: Option<String>,
+    },
+    /// AlienVault OTX subscribed pulses modified since the last run (key: THREATLAKE_OTX_API_KEY).
+    Otx,
+    /// VirusTotal v3 lookups: these observables, --iocs, virustotal.observables and OTX enrichment
+    /// (key: THREATLAKE_VIRUSTOTAL_API_KEY).
+    Vt {
+        /// Hashes, URLs, domains or IPs.
+        observables: Vec<String>,
+        /// File of IOCs: one per line, CSV (first column) or JSON lines ("observable"/"indicator").
+        #[arg(long, value_name = "FILE")]
+        iocs: Option<String>,
     },
 }
 
@@ -299,6 +324,17 @@ async fn main_inner(cli: Cli) -> Result<()> {
             from,
             attack_version,
         }) => ingest_attack(&settings, domain, from, attack_version).await,
+        Command::Ingest(IngestCommand::Otx) => cli::feeds::ingest_otx(&settings).await.map(drop),
+        Command::Ingest(IngestCommand::Vt { observables, iocs }) => {
+            cli::feeds::ingest_vt(&settings, observables, iocs)
+                .await
+                .map(drop)
+        }
+        Command::MapIntel => cli::feeds::map_intel(&settings).await.map(drop),
+        Command::Run => cli::feeds::run(&settings).await,
+        Command::Model(ModelCommand::Diff { run_a, run_b, all }) => {
+            cli::feeds::diff(&settings, run_a, run_b, all).await
+        }
         Command::Sql(args) => sql(&settings, args).await,
         Command::Lake(LakeCommand::Tables) => {
             let lake = Lake::open(&settings.lake.root)?;
@@ -363,6 +399,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
             query_runs,
         }) => cli::bench::ingest(&from, runs, query_runs).await,
     }
+}
+
+/// ATT&CK for every configured domain from the configured sources (what `run` does on an empty lake).
+pub(crate) async fn ingest_attack_default(settings: &Settings) -> Result<()> {
+    ingest_attack(settings, DomainArg::All, None, None).await
 }
 
 async fn ingest_attack(

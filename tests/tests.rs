@@ -5,6 +5,8 @@ mod common;
 mod it {
     /// `threatlake` CLI output, snapshot-tested (insta-cmd) per output format and for `\d`.
     mod cli;
+    /// OTX and VirusTotal against loopback servers: paging, incremental runs, quotas, faults, keys.
+    mod feeds;
     /// Ingest behaviour: idempotence, versions, HTTP sources, bad input leaving the lake untouched.
     mod ingest;
 }

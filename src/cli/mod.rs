@@ -1,5 +1,6 @@
-//! Command-line front ends that are not the engine: the SQL REPL and the bench printer.
+//! Command-line front ends that are not the engine: the SQL REPL, model, feed and bench commands.
 
 pub mod bench;
+pub mod feeds;
 pub mod model;
 pub mod repl;

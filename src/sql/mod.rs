@@ -44,6 +44,23 @@ pub const VIEWS: &[(&str, &str)] = &[
         "attack_procedures_current",
         include_str!("../../sql/views/attack_procedures_current.sql"),
     ),
+    ("otx_data", include_str!("../../sql/views/otx_data.sql")),
+    (
+        "otx_indicators",
+        include_str!("../../sql/views/otx_indicators.sql"),
+    ),
+    (
+        "virustotal_data",
+        include_str!("../../sql/views/virustotal_data.sql"),
+    ),
+    (
+        "virustotal_techniques",
+        include_str!("../../sql/views/virustotal_techniques.sql"),
+    ),
+    (
+        "threat_intelligence_data",
+        include_str!("../../sql/views/threat_intelligence_data.sql"),
+    ),
 ];
 
 /// Errors opening a session or running SQL.
@@ -143,17 +160,16 @@ impl Engine {
             threatlake_udfs::register_all(&mut *state, mapper)?;
         }
         let found = lake.tables().await?;
-        for (name, schema) in attack::table_schemas() {
-            let provider: Arc<dyn TableProvider> = match found.get(name) {
-                Some(_) => {
-                    listing_table(&ctx, lake, name, Some(schema), &attack::PARTITION_COLS).await?
-                }
-                None => empty_table(schema, &attack::PARTITION_COLS)?,
+        let known = known_tables();
+        for (name, schema, cols) in &known {
+            let provider: Arc<dyn TableProvider> = match found.get(*name) {
+                Some(_) => listing_table(&ctx, lake, name, Some(schema.clone()), cols).await?,
+                None => empty_table(schema.clone(), cols)?,
             };
-            ctx.register_table(name, provider)?;
+            ctx.register_table(*name, provider)?;
         }
         for (name, info) in &found {
-            if attack::table_schema(name).is_some() {
+            if known.iter().any(|(k, _, _)| k == name) {
                 continue;
             }
             let cols: Vec<&str> = info.partition_cols.iter().map(String::as_str).collect();
@@ -244,6 +260,17 @@ impl QueryResult {
 /// Split SQL text into statements (DataFusion's parser, so `;` inside strings is handled).
 pub fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
     Ok(DFParser::parse_sql(sql)?.into_iter().collect())
+}
+
+/// Tables with a fixed schema: ATT&CK and feed tables. They are registered even when the lake has no
+/// files for them yet, so views and queries over them always resolve.
+pub fn known_tables() -> Vec<(&'static str, SchemaRef, &'static [&'static str])> {
+    let mut v: Vec<(&'static str, SchemaRef, &'static [&'static str])> = attack::table_schemas()
+        .into_iter()
+        .map(|(n, s)| (n, s, &attack::PARTITION_COLS[..]))
+        .collect();
+    v.extend(crate::feeds::table_schemas());
+    v
 }
 
 async fn listing_table(

@@ -1,0 +1,309 @@
+//! HTTP for feeds: API key in a header (never in URLs or messages), a token-bucket throttle, retries
+//! with `Retry-After` for 429 and exponential backoff for 5xx/timeouts, and a request counter for
+//! daily budgets.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use url::Url;
+
+use super::FeedError;
+
+/// Retry behaviour.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts per request (≥ 1).
+    pub attempts: u32,
+    /// First backoff; doubles per retry.
+    pub backoff: Duration,
+    /// Longest wait honoured from a `Retry-After` header or backoff.
+    pub max_wait: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// Outcome of a GET that reached the service.
+#[derive(Debug)]
+pub enum Fetched {
+    /// 2xx with its body.
+    Body(Bytes),
+    /// 404: the service does not know the item (recorded, not an error).
+    NotFound,
+}
+
+/// Token bucket: `per_minute` requests per minute, bursts up to the same number.
+#[derive(Debug)]
+struct Bucket {
+    per_minute: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    fn new(per_minute: u32) -> Self {
+        let p = per_minute.max(1) as f64;
+        Self {
+            per_minute: p,
+            state: Mutex::new((p, Instant::now())),
+        }
+    }
+
+    async fn take(&self) {
+        let mut s = self.state.lock().await;
+        loop {
+            let now = Instant::now();
+            let refill = now.duration_since(s.1).as_secs_f64() * self.per_minute / 60.0;
+            s.0 = (s.0 + refill).min(self.per_minute);
+            s.1 = now;
+            if s.0 >= 1.0 {
+                s.0 -= 1.0;
+                return;
+            }
+            let wait = (1.0 - s.0) * 60.0 / self.per_minute;
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
+/// A client for one service.
+#[derive(Debug)]
+pub struct FeedClient {
+    http: reqwest::Client,
+    /// Service name for messages ("OTX", "VirusTotal").
+    pub service: &'static str,
+    /// Base URL every request must stay under.
+    pub base: Url,
+    key_header: &'static str,
+    key: String,
+    env: &'static str,
+    policy: RetryPolicy,
+    bucket: Option<Bucket>,
+    requests: AtomicU32,
+}
+
+impl FeedClient {
+    /// A client for `base` sending `key` in `key_header`; `per_minute` throttles when set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        service: &'static str,
+        base: &str,
+        key_header: &'static str,
+        key: &str,
+        env: &'static str,
+        policy: RetryPolicy,
+        per_minute: Option<u32>,
+    ) -> Result<Self, FeedError> {
+        let bad = |message: String| FeedError::Http {
+            service,
+            url: base.to_string(),
+            attempts: 0,
+            message,
+        };
+        let mut base_url = Url::parse(base).map_err(|e| bad(format!("invalid base URL: {e}")))?;
+        if !base_url.path().ends_with('/') {
+            base_url.set_path(&format!("{}/", base_url.path()));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(policy.timeout)
+            .connect_timeout(policy.timeout)
+            .user_agent(concat!("threatlake/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            http,
+            service,
+            base: base_url,
+            key_header,
+            key: key.to_string(),
+            env,
+            policy,
+            bucket: per_minute.map(Bucket::new),
+            requests: AtomicU32::new(0),
+        })
+    }
+
+    /// `path` (relative, e.g. `api/v1/pulses/subscribed`) resolved under the base URL.
+    pub fn url(&self, path: &str) -> Result<Url, FeedError> {
+        self.base
+            .join(path.trim_start_matches('/'))
+            .map_err(|e| FeedError::Http {
+                service: self.service,
+                url: path.to_string(),
+                attempts: 0,
+                message: format!("invalid path: {e}"),
+            })
+    }
+
+    /// True when `url` is under the configured base (same scheme, host, port and path prefix).
+    pub fn is_under_base(&self, url: &Url) -> bool {
+        url.scheme() == self.base.scheme()
+            && url.host_str() == self.base.host_str()
+            && url.port_or_known_default() == self.base.port_or_known_default()
+            && url.path().starts_with(self.base.path())
+    }
+
+    /// Requests sent so far (every attempt counts: that is what the service bills).
+    pub fn requests(&self) -> u32 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// GET with throttling and retries.
+    pub async fn get(&self, url: &Url) -> Result<Fetched, FeedError> {
+        if !self.is_under_base(url) {
+            return Err(FeedError::ForeignLink {
+                service: self.service,
+                url: url.to_string(),
+                base: self.base.to_string(),
+            });
+        }
+        let mut last = String::new();
+        let attempts = self.policy.attempts.max(1);
+        for attempt in 1..=attempts {
+            if let Some(b) = &self.bucket {
+                b.take().await;
+            }
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let backoff = self
+                .policy
+                .backoff
+                .saturating_mul(1 << (attempt - 1).min(10))
+                .min(self.policy.max_wait);
+            let resp = self
+                .http
+                .get(url.clone())
+                .header(self.key_header, &self.key)
+                .header("accept", "application/json")
+                .send()
+                .await;
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) => {
+                    last = if e.is_timeout() {
+                        format!("timed out after {:?}", self.policy.timeout)
+                    } else {
+                        format!("transport error: {}", without_url(&e))
+                    };
+                    tracing::warn!(service = self.service, %url, attempt, "{last}");
+                    if attempt < attempts {
+                        tokio::time::sleep(backoff).await;
+                    }
+                    continue;
+                }
+            };
+            let status = resp.status();
+            match status.as_u16() {
+                200..=299 => match resp.bytes().await {
+                    Ok(b) => return Ok(Fetched::Body(b)),
+                    Err(e) => {
+                        last = format!("reading the body: {}", without_url(&e));
+                    }
+                },
+                404 => return Ok(Fetched::NotFound),
+                401 | 403 => {
+                    return Err(FeedError::Auth {
+                        service: self.service,
+                        status: status.as_u16(),
+                        url: url.to_string(),
+                        env: self.env,
+                    })
+                }
+                429 => {
+                    let wait = resp
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                        .map(|s| Duration::from_secs_f64(s.max(0.0)).min(self.policy.max_wait))
+                        .unwrap_or(backoff);
+                    last = "HTTP 429 Too Many Requests (quota)".to_string();
+                    tracing::warn!(service = self.service, %url, attempt, ?wait, "rate limited");
+                    if attempt < attempts {
+                        tokio::time::sleep(wait).await;
+                    }
+                    continue;
+                }
+                500..=599 => {
+                    last = format!("HTTP {status}");
+                }
+                _ => {
+                    return Err(FeedError::Http {
+                        service: self.service,
+                        url: url.to_string(),
+                        attempts: attempt,
+                        message: format!("HTTP {status}"),
+                    })
+                }
+            }
+            tracing::warn!(service = self.service, %url, attempt, "{last}");
+            if attempt < attempts {
+                tokio::time::sleep(backoff).await;
+            }
+        }
+        Err(FeedError::Http {
+            service: self.service,
+            url: url.to_string(),
+            attempts,
+            message: last,
+        })
+    }
+}
+
+/// reqwest errors print their URL; ours are already in the message, so drop it.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(&format!(" ({u})"), "").replace(u.as_str(), "");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(base: &str) -> FeedClient {
+        FeedClient::new(
+            "OTX",
+            base,
+            "X-OTX-API-KEY",
+            "k",
+            "THREATLAKE_OTX_API_KEY",
+            RetryPolicy {
+                attempts: 1,
+                backoff: Duration::from_millis(1),
+                max_wait: Duration::from_millis(1),
+                timeout: Duration::from_secs(1),
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn links_outside_the_base_are_refused() {
+        let c = client("http://127.0.0.1:9/otx");
+        assert!(c.is_under_base(&Url::parse("http://127.0.0.1:9/otx/api/v1/x?page=2").unwrap()));
+        for bad in [
+            "http://evil.example/otx/api",
+            "https://127.0.0.1:9/otx/api",
+            "http://127.0.0.1:10/otx/api",
+            "http://127.0.0.1:9/other",
+        ] {
+            assert!(!c.is_under_base(&Url::parse(bad).unwrap()), "{bad}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_spaces_requests_after_the_burst() {
+        let b = Bucket::new(4);
+        let t = Instant::now();
+        for _ in 0..6 {
+            b.take().await;
+        }
+        // 4 at once, then one every 15 s.
+        let waited = t.elapsed().as_secs_f64();
+        assert!((29.0..31.0).contains(&waited), "{waited}");
+    }
+}

@@ -1,0 +1,378 @@
+//! From threat items to techniques: `map-intel` writes `mapped_threat_data` (model and source-stated
+//! techniques), and each run snapshots the threat model (`threat_model`) that `model diff` compares.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use chrono::Utc;
+use serde::Serialize;
+
+use super::{append, fixed, strings, ts, FeedError};
+use crate::lake::Lake;
+use crate::sql::Engine;
+
+/// Item → technique evidence.
+pub const MAPPED: &str = "mapped_threat_data";
+/// Partition of [`MAPPED`].
+pub const MAPPED_PARTITION: [&str; 1] = ["mapped_date"];
+/// Threat-model snapshots, one partition per run.
+pub const THREAT_MODEL: &str = "threat_model";
+/// Partition of [`THREAT_MODEL`].
+pub const THREAT_MODEL_PARTITION: [&str; 1] = ["run_id"];
+
+/// Schema of [`MAPPED`].
+pub fn mapped_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("item_id", DataType::Utf8, false),
+        Field::new("item_version", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("technique_id", DataType::Utf8, false),
+        Field::new("technique_name", DataType::Utf8, true),
+        Field::new("tactic", DataType::Utf8, true),
+        Field::new("tactics", strings(), true),
+        Field::new("score", DataType::Float64, false),
+        Field::new("method", DataType::Utf8, false),
+        Field::new("model_version", DataType::Utf8, true),
+        Field::new("mapped_at", ts(), false),
+        Field::new("batch_id", DataType::Utf8, false),
+    ]))
+}
+
+/// Schema of [`THREAT_MODEL`].
+pub fn threat_model_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("technique_id", DataType::Utf8, false),
+        Field::new("technique_name", DataType::Utf8, true),
+        Field::new("tactic", DataType::Utf8, true),
+        Field::new("evidence_count", DataType::Int64, false),
+        Field::new("distinct_sources", DataType::Int64, false),
+        Field::new("first_seen", ts(), true),
+        Field::new("last_seen", ts(), true),
+        Field::new("weight", DataType::Float64, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new("created_at", ts(), false),
+    ]))
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct MappedRow {
+    item_id: String,
+    item_version: String,
+    source: String,
+    technique_id: String,
+    technique_name: Option<String>,
+    tactic: Option<String>,
+    tactics: Vec<String>,
+    score: f64,
+    method: &'static str,
+    model_version: Option<String>,
+    mapped_at: String,
+    batch_id: String,
+}
+
+/// What `map-intel` did.
+#[derive(Debug, Default, Clone)]
+pub struct MapReport {
+    /// Run id.
+    pub batch_id: String,
+    /// Items mapped this run.
+    pub items: usize,
+    /// Model evidence rows.
+    pub model_rows: usize,
+    /// Source-stated rows.
+    pub source_rows: usize,
+}
+
+fn strings_of(b: &RecordBatch, i: usize) -> Vec<Option<String>> {
+    super::column_strings(b, i)
+}
+
+/// Map every threat item (version) not mapped yet: model top-k above `threshold`, plus the techniques
+/// the source states (OTX `attack_ids`, VirusTotal sandbox trees).
+pub async fn map_intel(
+    lake: &Lake,
+    engine: &Engine,
+    top_k: usize,
+    threshold: f64,
+    model_version: Option<String>,
+) -> Result<MapReport, FeedError> {
+    let now = Utc::now();
+    let batch = super::new_batch_id(now);
+    let at = fixed(now);
+    let mut report = MapReport {
+        batch_id: batch.clone(),
+        ..Default::default()
+    };
+    // Items not mapped yet (by id and version). Intel text only ever travels as column data.
+    let pending = "SELECT t.item_id, t.item_version, t.source, t.text FROM threat_intelligence_data t \
+        WHERE NOT EXISTS (SELECT 1 FROM mapped_threat_data m WHERE m.item_id = t.item_id AND m.item_version = t.item_version)";
+    let sql = format!(
+        "SELECT p.item_id, p.item_version, p.source, map_techniques(p.text, {top_k}) AS ranked FROM ({pending}) p ORDER BY p.item_id"
+    );
+    let mut rows: Vec<MappedRow> = Vec::new();
+    let mut items = std::collections::BTreeSet::new();
+    for b in &engine.run(&sql).await?[0].batches {
+        let (ids, vers, srcs) = (strings_of(b, 0), strings_of(b, 1), strings_of(b, 2));
+        let lists = b.column(3).as_list::<i32>();
+        for r in 0..b.num_rows() {
+            let (Some(id), Some(ver), Some(src)) = (&ids[r], &vers[r], &srcs[r]) else {
+                continue;
+            };
+            items.insert((id.clone(), ver.clone()));
+            if lists.is_null(r) {
+                continue;
+            }
+            let entries = lists.value(r);
+            let s = entries.as_struct();
+            let tid = s.column(0).as_string::<i32>();
+            let name = s.column(1).as_string::<i32>();
+            let tactics = s.column(2).as_list::<i32>();
+            let score = s.column(3).as_primitive::<Float64Type>();
+            for e in 0..s.len() {
+                if score.value(e) < threshold {
+                    continue;
+                }
+                let tl = tactics.value(e);
+                let tl: Vec<String> = tl
+                    .as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .map(str::to_string)
+                    .collect();
+                rows.push(MappedRow {
+                    item_id: id.clone(),
+                    item_version: ver.clone(),
+                    source: src.clone(),
+                    technique_id: tid.value(e).to_string(),
+                    technique_name: Some(name.value(e).to_string()),
+                    tactic: tl.first().cloned(),
+                    tactics: tl,
+                    score: score.value(e),
+                    method: "model",
+                    model_version: model_version.clone(),
+                    mapped_at: at.clone(),
+                    batch_id: batch.clone(),
+                });
+            }
+        }
+    }
+    report.model_rows = rows.len();
+    // Techniques stated by the sources, resolved to names and tactics where ATT&CK knows them.
+    let stated = format!(
+        "WITH pending AS ({pending}), \
+         s AS ( \
+           SELECT p.item_id, p.item_version, p.source, upper(trim(a.id)) AS technique_id FROM pending p \
+             JOIN (SELECT 'otx:' || pulse_id AS item_id, unnest(attack_ids) AS id FROM otx_data) a ON a.item_id = p.item_id \
+           UNION \
+           SELECT p.item_id, p.item_version, p.source, upper(trim(v.technique_id)) FROM pending p \
+             JOIN virustotal_techniques v ON p.item_id = 'vt:file:' || v.observable) \
+         SELECT s.item_id, s.item_version, s.source, s.technique_id, \
+                first_value(t.name) AS name, array_agg(tt.tactic_name ORDER BY tt.matrix_order) FILTER (WHERE tt.tactic_name IS NOT NULL) AS tactics \
+         FROM s LEFT JOIN attack_techniques_current t ON t.technique_id = s.technique_id \
+           LEFT JOIN attack_technique_tactics tt ON tt.technique_id = s.technique_id AND tt.domain = t.domain \
+         GROUP BY s.item_id, s.item_version, s.source, s.technique_id ORDER BY 1, 4"
+    );
+    for b in &engine.run(&stated).await?[0].batches {
+        let (ids, vers, srcs, tids, names) = (
+            strings_of(b, 0),
+            strings_of(b, 1),
+            strings_of(b, 2),
+            strings_of(b, 3),
+            strings_of(b, 4),
+        );
+        let tactics = b.column(5).as_list::<i32>();
+        for r in 0..b.num_rows() {
+            let (Some(id), Some(ver), Some(src), Some(tid)) =
+                (&ids[r], &vers[r], &srcs[r], &tids[r])
+            else {
+                continue;
+            };
+            let tl: Vec<String> = if tactics.is_null(r) {
+                vec![]
+            } else {
+                let v = tactics.value(r);
+                let b = RecordBatch::try_from_iter([("t", v)]).expect("one column");
+                super::column_strings(&b, 0).into_iter().flatten().collect()
+            };
+            items.insert((id.clone(), ver.clone()));
+            rows.push(MappedRow {
+                item_id: id.clone(),
+                item_version: ver.clone(),
+                source: src.clone(),
+                technique_id: tid.clone(),
+                technique_name: names[r].clone(),
+                tactic: tl.first().cloned(),
+                tactics: tl,
+                score: 1.0,
+                method: "source",
+                model_version: None,
+                mapped_at: at.clone(),
+                batch_id: batch.clone(),
+            });
+        }
+    }
+    report.source_rows = rows.len() - report.model_rows;
+    report.items = items.len();
+    let date = now.format("%Y-%m-%d").to_string();
+    append(
+        lake,
+        MAPPED,
+        &mapped_schema(),
+        &[("mapped_date", &date)],
+        &batch,
+        &rows,
+    )
+    .await?;
+    Ok(report)
+}
+
+/// Snapshot the threat model from all mapped evidence of the current item versions; returns the run id
+/// and the number of techniques.
+pub async fn snapshot(lake: &Lake, engine: &Engine) -> Result<(String, usize), FeedError> {
+    let now = Utc::now();
+    let run = super::new_batch_id(now);
+    let sql = format!(
+        "WITH e AS ( \
+           SELECT m.technique_id, m.technique_name, m.tactic, m.source, m.score, t.observed_at \
+           FROM mapped_threat_data m JOIN threat_intelligence_data t \
+             ON m.item_id = t.item_id AND m.item_version = t.item_version), \
+         g AS ( \
+           SELECT technique_id, max(technique_name) AS technique_name, max(tactic) AS tactic, count(*) AS evidence_count, \
+                  count(DISTINCT source) AS distinct_sources, min(observed_at) AS first_seen, max(observed_at) AS last_seen, \
+                  sum(score) AS weight FROM e GROUP BY technique_id) \
+         SELECT technique_id, technique_name, tactic, evidence_count, distinct_sources, first_seen, last_seen, weight, \
+                weight / max(weight) OVER () AS score, TIMESTAMP '{}' AS created_at \
+         FROM g ORDER BY weight DESC, technique_id",
+        fixed(now)
+    );
+    let r = engine.run(&sql).await?;
+    let schema = threat_model_schema();
+    let mut batches = Vec::new();
+    let mut n = 0;
+    for b in &r[0].batches {
+        let cols = (0..b.num_columns())
+            .map(|i| arrow::compute::cast(b.column(i), schema.field(i).data_type()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| FeedError::Arrow {
+                table: THREAT_MODEL,
+                message: e.to_string(),
+            })?;
+        let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| FeedError::Arrow {
+            table: THREAT_MODEL,
+            message: e.to_string(),
+        })?;
+        n += batch.num_rows();
+        batches.push(batch);
+    }
+    lake.write_file(THREAT_MODEL, &[("run_id", &run)], "0", schema, &batches)
+        .await?;
+    Ok((run, n))
+}
+
+/// One line of a threat-model diff.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiffLine {
+    /// new | rising | fading | gone | steady
+    pub change: &'static str,
+    /// Technique.
+    pub technique_id: String,
+    /// Name.
+    pub technique_name: Option<String>,
+    /// Score in run A (None when absent).
+    pub score_a: Option<f64>,
+    /// Score in run B.
+    pub score_b: Option<f64>,
+    /// Evidence in run A.
+    pub evidence_a: i64,
+    /// Evidence in run B.
+    pub evidence_b: i64,
+}
+
+/// Runs with a snapshot, oldest first.
+pub async fn runs(engine: &Engine) -> Result<Vec<String>, FeedError> {
+    let r = engine
+        .run("SELECT DISTINCT CAST(run_id AS VARCHAR) FROM threat_model ORDER BY 1")
+        .await?;
+    let mut out = Vec::new();
+    for b in &r[0].batches {
+        out.extend(strings_of(b, 0).into_iter().flatten());
+    }
+    Ok(out)
+}
+
+/// Compare two snapshots: techniques new in B, gone from A, rising (score ×1.25 or more evidence with
+/// a higher score), fading (score ×0.8 or less), else steady (omitted unless `all`).
+pub async fn diff(
+    engine: &Engine,
+    a: &str,
+    b: &str,
+    all: bool,
+) -> Result<Vec<DiffLine>, FeedError> {
+    let load = |run: String| async move {
+        let df = engine
+            .ctx
+            .table("threat_model")
+            .await
+            .map_err(crate::sql::SqlError::from)?
+            .filter(datafusion::prelude::col("run_id").eq(datafusion::prelude::lit(run)))
+            .map_err(crate::sql::SqlError::from)?
+            .select_columns(&["technique_id", "technique_name", "score", "evidence_count"])
+            .map_err(crate::sql::SqlError::from)?;
+        let batches = df.collect().await.map_err(crate::sql::SqlError::from)?;
+        let mut m = std::collections::BTreeMap::new();
+        for b in &batches {
+            let (ids, names) = (strings_of(b, 0), strings_of(b, 1));
+            let score = b.column(2).as_primitive::<Float64Type>();
+            let ev = b.column(3).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                if let Some(id) = &ids[i] {
+                    m.insert(id.clone(), (names[i].clone(), score.value(i), ev.value(i)));
+                }
+            }
+        }
+        Ok::<_, FeedError>(m)
+    };
+    let (ma, mb) = (load(a.to_string()).await?, load(b.to_string()).await?);
+    let mut keys: std::collections::BTreeSet<&String> = ma.keys().collect();
+    keys.extend(mb.keys());
+    let mut out = Vec::new();
+    for k in keys {
+        let (x, y) = (ma.get(k), mb.get(k));
+        let change = match (x, y) {
+            (None, Some(_)) => "new",
+            (Some(_), None) => "gone",
+            (Some(x), Some(y)) if y.1 >= x.1 * 1.25 || (y.2 > x.2 && y.1 > x.1) => "rising",
+            (Some(x), Some(y)) if y.1 <= x.1 * 0.8 => "fading",
+            _ => "steady",
+        };
+        if change == "steady" && !all {
+            continue;
+        }
+        out.push(DiffLine {
+            change,
+            technique_id: k.clone(),
+            technique_name: y.or(x).and_then(|v| v.0.clone()),
+            score_a: x.map(|v| v.1),
+            score_b: y.map(|v| v.1),
+            evidence_a: x.map_or(0, |v| v.2),
+            evidence_b: y.map_or(0, |v| v.2),
+        });
+    }
+    let order = |c: &str| {
+        ["new", "rising", "fading", "gone", "steady"]
+            .iter()
+            .position(|x| *x == c)
+    };
+    out.sort_by(|p, q| {
+        order(p.change)
+            .cmp(&order(q.change))
+            .then(
+                q.score_b
+                    .unwrap_or(0.0)
+                    .total_cmp(&p.score_b.unwrap_or(0.0)),
+            )
+            .then(p.technique_id.cmp(&q.technique_id))
+    });
+    Ok(out)
+}

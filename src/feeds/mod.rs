@@ -1,0 +1,386 @@
+//! Threat feeds (AlienVault OTX, VirusTotal v3): a polite HTTP client, raw-response keeping, feed state
+//! (watermarks, budgets) and the Parquet tables the normalised rows land in.
+//!
+//! Every feed table is an append-only log partitioned by ingest date (`*_log`); the tables users query
+//! (`otx_data`, `virustotal_data`, …) are views in `sql/views/` that keep the newest version of each
+//! item, so a revised pulse replaces its older row without rewriting history.
+
+pub mod http;
+pub mod intel;
+pub mod otx;
+pub mod vt;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::lake::{Lake, LakeError, Location};
+
+/// Errors from feed ingestion. Every variant names the input and says what to do; none carries an API key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeedError {
+    /// The service rejected the API key.
+    #[error("{service} rejected the API key (HTTP {status} from {url}); set {env} to a valid key (the key is not shown)")]
+    Auth {
+        /// OTX or VirusTotal.
+        service: &'static str,
+        /// HTTP status.
+        status: u16,
+        /// Request URL (keys travel in headers, never in URLs).
+        url: String,
+        /// Environment variable that holds the key.
+        env: &'static str,
+    },
+    /// Transport error, timeout, or a status that stayed bad after the retries.
+    #[error("{service}: request to {url} failed after {attempts} attempt(s): {message}; check the network and {service} status, then re-run (pages already saved are kept)")]
+    Http {
+        /// OTX or VirusTotal.
+        service: &'static str,
+        /// Request URL.
+        url: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Last error.
+        message: String,
+    },
+    /// The body is not the JSON the API documents.
+    #[error("{service}: malformed response from {url}: {message}; the response was kept under the raw store for inspection, nothing from it was stored — re-run later")]
+    Malformed {
+        /// OTX or VirusTotal.
+        service: &'static str,
+        /// Request URL.
+        url: String,
+        /// Parser message.
+        message: String,
+    },
+    /// A paging link points somewhere else (the key would be sent to another host).
+    #[error("{service}: refusing to follow 'next' link {url}: it is not under the configured base URL {base}")]
+    ForeignLink {
+        /// OTX or VirusTotal.
+        service: &'static str,
+        /// The link.
+        url: String,
+        /// The configured base.
+        base: String,
+    },
+    /// A local input file (IOC list, sample) is unreadable or malformed.
+    #[error("{path}: {message}")]
+    Input {
+        /// The file.
+        path: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Lake I/O.
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    /// Building Arrow batches.
+    #[error("building {table} rows: {message}")]
+    Arrow {
+        /// Table.
+        table: &'static str,
+        /// Message.
+        message: String,
+    },
+    /// SQL over the lake (mapping, threat model).
+    #[error(transparent)]
+    Sql(#[from] crate::sql::SqlError),
+}
+
+/// A run's id: UTC timestamp plus a random suffix, sortable and safe as a partition value and file name.
+pub fn new_batch_id(now: DateTime<Utc>) -> String {
+    format!(
+        "{}-{}",
+        now.format("%Y%m%dT%H%M%S%.3fZ")
+            .to_string()
+            .replace('.', ""),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Timestamp column type used by every feed table.
+pub fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// `List<Utf8>`.
+pub fn strings() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+}
+
+/// Partition column of every feed log table.
+pub const FEED_PARTITION_COLS: [&str; 1] = ["ingest_date"];
+
+/// Known feed tables and their schemas (registered empty when absent so views always resolve).
+pub fn table_schemas() -> Vec<(&'static str, SchemaRef, &'static [&'static str])> {
+    vec![
+        (otx::PULSE_LOG, otx::pulse_schema(), &FEED_PARTITION_COLS),
+        (
+            otx::INDICATOR_LOG,
+            otx::indicator_schema(),
+            &FEED_PARTITION_COLS,
+        ),
+        (vt::LOOKUP_LOG, vt::lookup_schema(), &FEED_PARTITION_COLS),
+        (
+            vt::TECHNIQUE_LOG,
+            vt::technique_schema(),
+            &FEED_PARTITION_COLS,
+        ),
+        (
+            intel::MAPPED,
+            intel::mapped_schema(),
+            &intel::MAPPED_PARTITION,
+        ),
+        (
+            intel::THREAT_MODEL,
+            intel::threat_model_schema(),
+            &intel::THREAT_MODEL_PARTITION,
+        ),
+        (STATE, state_schema(), &STATE_PARTITION),
+    ]
+}
+
+/// A string column of a query result as owned strings (Utf8, LargeUtf8 or Utf8View).
+pub fn column_strings(b: &RecordBatch, i: usize) -> Vec<Option<String>> {
+    let col = arrow::compute::cast(b.column(i), &DataType::Utf8)
+        .unwrap_or_else(|_| arrow::array::new_null_array(&DataType::Utf8, b.num_rows()));
+    arrow::array::AsArray::as_string::<i32>(&col)
+        .iter()
+        .map(|x| x.map(str::to_string))
+        .collect()
+}
+
+/// Serde rows → one Arrow batch of `schema` (arrow-json does the typing: timestamps, lists, nulls).
+pub fn to_batch<T: Serialize>(
+    table: &'static str,
+    schema: &SchemaRef,
+    rows: &[T],
+) -> Result<RecordBatch, FeedError> {
+    let err = |e: arrow::error::ArrowError| FeedError::Arrow {
+        table,
+        message: e.to_string(),
+    };
+    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()
+        .map_err(err)?;
+    decoder.serialize(rows).map_err(err)?;
+    Ok(decoder
+        .flush()
+        .map_err(err)?
+        .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+}
+
+/// Append `rows` to a log table as one new file `part-<batch>.parquet` in today's partition (atomic).
+pub async fn append<T: Serialize>(
+    lake: &Lake,
+    table: &'static str,
+    schema: &SchemaRef,
+    partition: &[(&str, &str)],
+    file_id: &str,
+    rows: &[T],
+) -> Result<(), FeedError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let batch = to_batch(table, schema, rows)?;
+    lake.write_file(table, partition, file_id, schema.clone(), &[batch])
+        .await?;
+    Ok(())
+}
+
+/// Keep a response body as received: `<source>/<date>/<name>.json.gz` under the raw store.
+pub async fn keep_raw(
+    raw: &Location,
+    source: &str,
+    date: &str,
+    name: &str,
+    body: &[u8],
+) -> Result<String, FeedError> {
+    let rel = format!("{source}/{date}/{name}.json.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(body)
+        .and_then(|_| gz.flush())
+        .map_err(|e| FeedError::Input {
+            path: rel.clone(),
+            message: format!("compressing the raw response: {e}"),
+        })?;
+    let bytes = gz.finish().map_err(|e| FeedError::Input {
+        path: rel.clone(),
+        message: format!("compressing the raw response: {e}"),
+    })?;
+    raw.put_atomic(&rel, Bytes::from(bytes)).await?;
+    Ok(rel)
+}
+
+/// Feed state table: small key/value facts per source (watermarks, daily budget use).
+pub const STATE: &str = "feed_state";
+const STATE_PARTITION: [&str; 1] = ["source"];
+
+fn state_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("value", DataType::Utf8, false),
+        Field::new("updated_at", ts(), false),
+    ]))
+}
+
+#[derive(Serialize)]
+struct StateRow<'a> {
+    key: &'a str,
+    value: &'a str,
+    updated_at: String,
+}
+
+/// Read a source's state (empty when none is stored).
+pub async fn read_state(
+    lake: &Lake,
+    source: &str,
+) -> Result<std::collections::BTreeMap<String, String>, FeedError> {
+    let rel = format!("{STATE}/source={source}/{}", crate::lake::PART_FILE);
+    let Some(bytes) = lake.location.get_opt(&rel).await? else {
+        return Ok(Default::default());
+    };
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .and_then(|b| b.build())
+        .map_err(|e| FeedError::Input {
+            path: rel.clone(),
+            message: format!(
+                "unreadable feed state ({e}); delete it to start the feed from scratch"
+            ),
+        })?;
+    let mut out = std::collections::BTreeMap::new();
+    for b in reader {
+        let b = b.map_err(|e| FeedError::Input {
+            path: rel.clone(),
+            message: e.to_string(),
+        })?;
+        let k = arrow::array::AsArray::as_string::<i32>(b.column(0));
+        let v = arrow::array::AsArray::as_string::<i32>(b.column(1));
+        for i in 0..b.num_rows() {
+            out.insert(k.value(i).to_string(), v.value(i).to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Replace a source's state (atomic).
+pub async fn write_state(
+    lake: &Lake,
+    source: &str,
+    state: &std::collections::BTreeMap<String, String>,
+) -> Result<(), FeedError> {
+    let now = fixed(Utc::now());
+    let rows: Vec<StateRow> = state
+        .iter()
+        .map(|(k, v)| StateRow {
+            key: k,
+            value: v,
+            updated_at: now.clone(),
+        })
+        .collect();
+    let schema = state_schema();
+    let batch = to_batch(STATE, &schema, &rows)?;
+    lake.replace_partition(STATE, &[("source", source)], schema, &[batch])
+        .await?;
+    Ok(())
+}
+
+/// Parse the timestamp shapes the APIs use (`2023-08-22T09:43:18.855000`, with or without zone,
+/// or Unix seconds) into RFC 3339 UTC; None when absent or unparseable.
+pub fn rfc3339(v: Option<&serde_json::Value>) -> Option<String> {
+    use chrono::NaiveDateTime;
+    match v? {
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            if s.is_empty() {
+                return None;
+            }
+            if let Ok(d) = DateTime::parse_from_rfc3339(s) {
+                return Some(fixed(d.with_timezone(&Utc)));
+            }
+            for f in [
+                "%Y-%m-%dT%H:%M:%S%.f",
+                "%Y-%m-%d %H:%M:%S%.f",
+                "%Y-%m-%dT%H:%M:%S",
+            ] {
+                if let Ok(d) = NaiveDateTime::parse_from_str(s, f) {
+                    return Some(fixed(d.and_utc()));
+                }
+            }
+            None
+        }
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .and_then(|t| DateTime::from_timestamp(t, 0))
+            .map(fixed),
+        _ => None,
+    }
+}
+
+/// Fixed-width RFC 3339 (microseconds, `Z`): text order is time order.
+pub fn fixed(d: DateTime<Utc>) -> String {
+    d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// A JSON array of strings (non-strings skipped; absent → empty).
+pub fn string_list(v: Option<&serde_json::Value>) -> Vec<String> {
+    v.and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| match x {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Object(o) => o
+                        .get("name")
+                        .or_else(|| o.get("display_name"))
+                        .and_then(|n| n.as_str())
+                        .map(str::to_string),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A string field (numbers rendered; null/absent → None; empty → None).
+pub fn text(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_of_both_pulse_formats_parse() {
+        let j = |s: &str| serde_json::Value::String(s.into());
+        assert_eq!(
+            rfc3339(Some(&j("2023-08-22T09:43:18.855000"))).unwrap(),
+            "2023-08-22T09:43:18.855000Z"
+        );
+        assert_eq!(
+            rfc3339(Some(&j("2015-09-02T09:21:53"))).unwrap(),
+            "2015-09-02T09:21:53.000000Z"
+        );
+        assert!(rfc3339(Some(&j("yesterday"))).is_none());
+        assert!(rfc3339(Some(&serde_json::json!(1700000000))).is_some());
+    }
+
+    #[test]
+    fn batch_ids_are_safe_partition_values_and_sort_by_time() {
+        let a = new_batch_id(DateTime::from_timestamp(1_700_000_000, 0).unwrap());
+        let b = new_batch_id(DateTime::from_timestamp(1_700_000_001, 0).unwrap());
+        assert!(a < b);
+        assert!(crate::lake::partition_dir("t", &[("run", &a)]).is_ok());
+    }
+}

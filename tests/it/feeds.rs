@@ -1,0 +1,558 @@
+//! OTX and VirusTotal against real HTTP servers on 127.0.0.1 that speak the APIs (paging, auth,
+//! `modified_since`, quotas), shaped after the recordings in `../shared/data/samples/`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common;
+
+const KEY: &str = "otx-key-5f3a9c71e2";
+const VT_KEY: &str = "vt-key-91be07d4aa";
+
+/// What the fake service answers.
+#[derive(Clone)]
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+    retry_after: Option<&'static str>,
+    delay: Duration,
+}
+
+impl Reply {
+    fn json(v: &Value) -> Self {
+        Self::raw(200, serde_json::to_vec(v).unwrap())
+    }
+    fn raw(status: u16, body: Vec<u8>) -> Self {
+        Reply {
+            status,
+            body,
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+type Handler = dyn Fn(&str, Option<&str>, usize) -> Reply + Send + Sync;
+/// Requests seen: URL and API-key header.
+type RequestLog = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// A loopback HTTP server running `handler(url, api key header, request number)` until dropped
+/// (or 120 s pass). Records every request URL and key header.
+struct Fake {
+    base: String,
+    log: RequestLog,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Fake {
+    fn start(key_header: &'static str, handler: Box<Handler>) -> Self {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", server.server_addr().to_ip().unwrap());
+        let log: RequestLog = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log2, stop2) = (log.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut n = 0;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let key = req
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv(key_header))
+                    .map(|h| h.value.to_string());
+                let url = req.url().to_string();
+                log2.lock().unwrap().push((url.clone(), key.clone()));
+                let r = handler(&url, key.as_deref(), n);
+                n += 1;
+                std::thread::sleep(r.delay);
+                let mut resp = tiny_http::Response::from_data(r.body).with_status_code(r.status);
+                if let Some(ra) = r.retry_after {
+                    resp = resp.with_header(
+                        tiny_http::Header::from_bytes(&b"Retry-After"[..], ra.as_bytes()).unwrap(),
+                    );
+                }
+                let _ = req.respond(resp);
+            }
+        });
+        Fake {
+            base,
+            log,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn requests(&self) -> Vec<(String, Option<String>)> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn samples() -> std::path::PathBuf {
+    common::attack_dir().join("../samples")
+}
+
+/// Pulses to serve: the current-format pulse from the Elastic recording and the five 2015 pulses
+/// from IntelMQ's (old format, no attack_ids/tlp).
+fn sample_pulses() -> Vec<Value> {
+    let page: Value = serde_json::from_slice(
+        &std::fs::read(samples().join("otx/elastic_pulses_subscribed_page1.body.json")).unwrap(),
+    )
+    .unwrap();
+    let old: Vec<Value> = serde_json::from_slice(
+        &std::fs::read(samples().join("otx/intelmq_otx_getall_pulses_2015.json")).unwrap(),
+    )
+    .unwrap();
+    let mut out = page["results"].as_array().unwrap().clone();
+    out.extend(old);
+    out
+}
+
+/// The OTX subscribed endpoint over `pulses`: `limit` per page, `modified_since` honoured (strictly
+/// newer), absolute `next` links, 403 without the right key.
+fn otx_page(base: &str, url: &str, key: Option<&str>, pulses: &[Value]) -> Reply {
+    if key != Some(KEY) {
+        return Reply::raw(403, br#"{"detail": "Authentication required"}"#.to_vec());
+    }
+    let u = url::Url::parse(&format!("http://x{url}")).unwrap();
+    if u.path() != "/api/v1/pulses/subscribed" {
+        return Reply::raw(404, b"{}".to_vec());
+    }
+    let q: std::collections::HashMap<String, String> = u.query_pairs().into_owned().collect();
+    let limit: usize = q.get("limit").map_or(50, |l| l.parse().unwrap());
+    let page: usize = q.get("page").map_or(1, |p| p.parse().unwrap());
+    let since = q.get("modified_since").cloned();
+    let mut matching: Vec<&Value> = pulses
+        .iter()
+        .filter(|p| {
+            since.as_ref().is_none_or(|s| {
+                let m = p["modified"].as_str().unwrap();
+                // OTX compares times; our pulses' text sorts like their times once normalised.
+                normalise(m) > normalise(s)
+            })
+        })
+        .collect();
+    matching.sort_by_key(|p| p["id"].as_str().unwrap().to_string());
+    let chunk: Vec<&Value> = matching
+        .iter()
+        .skip((page - 1) * limit)
+        .take(limit)
+        .copied()
+        .collect();
+    let next = (page * limit < matching.len()).then(|| {
+        let mut n = u.clone();
+        n.query_pairs_mut().clear();
+        for (k, v) in &q {
+            if k != "page" {
+                n.query_pairs_mut().append_pair(k, v);
+            }
+        }
+        n.query_pairs_mut()
+            .append_pair("page", &(page + 1).to_string());
+        format!("{base}{}?{}", n.path(), n.query().unwrap())
+    });
+    Reply::json(&json!({"count": matching.len(), "results": chunk, "next": next, "previous": null}))
+}
+
+fn normalise(t: &str) -> String {
+    let t = t.trim_end_matches('Z');
+    let (a, b) = t.split_once('.').unwrap_or((t, ""));
+    format!("{a}.{:0<6}", &b[..b.len().min(6)])
+}
+
+fn otx_env(c: &mut std::process::Command, base: &str) {
+    c.env("THREATLAKE_OTX_BASE_URL", base)
+        .env("THREATLAKE_OTX_API_KEY", KEY)
+        .env("THREATLAKE_OTX_PAGE_SIZE", "2")
+        .env(
+            "THREATLAKE_OTX_HTTP",
+            "{timeout_secs: 1, attempts: 3, backoff_secs: 0.05, max_wait_secs: 2}",
+        )
+        .env_remove("THREATLAKE_VIRUSTOTAL_API_KEY");
+}
+
+fn run(mut c: std::process::Command) -> (bool, String, String) {
+    let o = c.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn sql(dir: &Path, q: &str) -> String {
+    let mut c = common::cli_on(dir);
+    c.args(["sql", "--format", "csv", "--quiet", "-c", q]);
+    let (ok, out, err) = run(c);
+    assert!(ok, "{q}: {err}");
+    out
+}
+
+/// No file under `dir` contains `needle`.
+fn assert_absent(dir: &Path, needle: &str) {
+    for (p, _, _) in common::listing(dir) {
+        let bytes = std::fs::read(dir.join(&p)).unwrap();
+        let mut text = bytes.clone();
+        if p.ends_with(".gz") {
+            use std::io::Read;
+            text.clear();
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_end(&mut text)
+                .unwrap();
+        }
+        assert!(
+            !text.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} found in {p}"
+        );
+    }
+}
+
+#[test]
+fn otx_pages_incremental_revisions_and_keys() {
+    let dir = common::scratch("otx");
+    let pulses = Arc::new(Mutex::new(sample_pulses()));
+    let p2 = pulses.clone();
+    let base_cell: Arc<Mutex<String>> = Arc::default();
+    let b2 = base_cell.clone();
+    let fake = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(move |url, key, _| otx_page(&b2.lock().unwrap(), url, key, &p2.lock().unwrap())),
+    );
+    *base_cell.lock().unwrap() = fake.base.clone();
+
+    // First run: 6 pulses over 3 pages, old and current formats.
+    let (ok, out, err) = run({
+        let mut c = common::cli_on(&dir);
+        otx_env(&mut c, &fake.base);
+        c.args(["ingest", "otx"]);
+        c
+    });
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("3 page(s), 6 new or revised pulse(s)"),
+        "{out}"
+    );
+    assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n6\n");
+    let ind = sql(&dir, "SELECT count(*) AS n FROM otx_indicators");
+    let expected: usize = pulses
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p["indicators"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(ind, format!("n\n{expected}\n"));
+    assert_eq!(
+        sql(&dir, "SELECT array_to_string(attack_ids, ' ') AS a FROM otx_data WHERE pulse_id = '64e38336d783f91d6948a7b1'"),
+        "a\nT1531 T1059 T1566\n"
+    );
+    assert!(fake
+        .requests()
+        .iter()
+        .all(|(_, k)| k.as_deref() == Some(KEY)));
+
+    // Second run: nothing modified since the watermark → nothing stored, the watermark was sent.
+    let (ok, out, err) = run({
+        let mut c = common::cli_on(&dir);
+        otx_env(&mut c, &fake.base);
+        c.args(["ingest", "otx"]);
+        c
+    });
+    assert!(ok, "{err}");
+    assert!(out.contains("0 new or revised pulse(s)"), "{out}");
+    let last = fake.requests().last().unwrap().0.clone();
+    assert!(
+        last.contains("modified_since=2023-08-22T09%3A43%3A18.855000Z"),
+        "{last}"
+    );
+
+    // A revised pulse replaces its row (the log keeps both versions).
+    {
+        let mut p = pulses.lock().unwrap();
+        let old = p
+            .iter_mut()
+            .find(|x| x["id"] == "55e6bfb14637f22cb605746e")
+            .unwrap();
+        old["name"] = json!("Rocket Kitten, revised");
+        old["revision"] = json!(3);
+        old["modified"] = json!("2024-01-02T03:04:05.000000");
+    }
+    let (ok, out, err) = run({
+        let mut c = common::cli_on(&dir);
+        otx_env(&mut c, &fake.base);
+        c.args(["ingest", "otx"]);
+        c
+    });
+    assert!(ok, "{err}");
+    assert!(out.contains("1 new or revised pulse(s)"), "{out}");
+    assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n6\n");
+    assert_eq!(
+        sql(&dir, "SELECT count(*) AS n FROM otx_pulse_log"),
+        "n\n7\n"
+    );
+    assert_eq!(
+        sql(
+            &dir,
+            "SELECT name, revision FROM otx_data WHERE pulse_id = '55e6bfb14637f22cb605746e'"
+        ),
+        "name,revision\n\"Rocket Kitten, revised\",3\n"
+    );
+    assert_eq!(
+        ind,
+        sql(&dir, "SELECT count(*) AS n FROM otx_indicators"),
+        "indicators not duplicated"
+    );
+
+    // Raw pages kept as received; the key is in no file of the lake or raw store, nor in any output.
+    assert!(common::listing(&dir.join("raw"))
+        .iter()
+        .any(|(p, _, _)| p.starts_with("otx/")));
+    assert_absent(&dir, KEY);
+    assert!(!out.contains(KEY) && !err.contains(KEY));
+
+    // Wrong key: a clear message naming the variable, never the key.
+    let (ok, out, err) = run({
+        let mut c = common::cli_on(&dir);
+        otx_env(&mut c, &fake.base);
+        c.env("THREATLAKE_OTX_API_KEY", "wrong-key-123")
+            .args(["-v", "ingest", "otx"]);
+        c
+    });
+    assert!(!ok);
+    assert!(
+        err.contains("rejected the API key") && err.contains("THREATLAKE_OTX_API_KEY"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("wrong-key-123") && !out.contains("wrong-key-123"),
+        "{err}"
+    );
+}
+
+#[test]
+fn otx_retries_429_and_500_and_keeps_pages_before_a_bad_one() {
+    let dir = common::scratch("otx-faults");
+    let pulses = sample_pulses();
+    let base_cell: Arc<Mutex<String>> = Arc::default();
+    let b2 = base_cell.clone();
+    // Request 0: 429 (Retry-After 1); 1: page 1; 2: 500; 3: page 2; 4: page 3 truncated.
+    let fake = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(move |url, key, n| {
+            let good = otx_page(&b2.lock().unwrap(), url, key, &pulses);
+            match n {
+                0 => Reply {
+                    retry_after: Some("1"),
+                    ..Reply::raw(429, b"slow down".to_vec())
+                },
+                2 => Reply::raw(500, b"oops".to_vec()),
+                4 => Reply::raw(200, good.body[..good.body.len() / 2].to_vec()),
+                _ => good,
+            }
+        }),
+    );
+    *base_cell.lock().unwrap() = fake.base.clone();
+    let t = Instant::now();
+    let (ok, _out, err) = run({
+        let mut c = common::cli_on(&dir);
+        otx_env(&mut c, &fake.base);
+        c.args(["ingest", "otx"]);
+        c
+    });
+    assert!(!ok, "a truncated page must fail the run");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "Retry-After was not honoured"
+    );
+    assert!(
+        err.contains("malformed response") && err.contains("page=3"),
+        "{err}"
+    );
+    // Pages 1 and 2 are stored; the watermark did not move, so a re-run fetches everything again.
+    assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n4\n");
+    assert_eq!(sql(&dir, "SELECT count(*) AS n FROM feed_state"), "n\n0\n");
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 5, "{requests:?}");
+    drop(fake);
+
+    // A server that never answers in time: bounded, clear, nothing lost.
+    let slow = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(|_, _, _| Reply {
+            delay: Duration::from_millis(1500),
+            ..Reply::raw(200, b"{}".to_vec())
+        }),
+    );
+    let (ok, _, err) = run({
+        let mut c = common::cli_on(&dir);
+        otx_env(&mut c, &slow.base);
+        c.env(
+            "THREATLAKE_OTX_HTTP",
+            "{timeout_secs: 0.3, attempts: 2, backoff_secs: 0.05, max_wait_secs: 1}",
+        )
+        .args(["ingest", "otx"]);
+        c
+    });
+    assert!(!ok);
+    assert!(
+        err.contains("timed out") && err.contains("2 attempt(s)"),
+        "{err}"
+    );
+    assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n4\n");
+}
+
+fn vt_routes(url: &str, key: Option<&str>) -> Reply {
+    if key != Some(VT_KEY) {
+        return Reply::raw(
+            401,
+            br#"{"error": {"code": "WrongCredentialsError"}}"#.to_vec(),
+        );
+    }
+    let file = |p: &str| std::fs::read(samples().join("virustotal").join(p)).unwrap();
+    let sha = "020876e69dac4b2cb5b75a616dbdac8b913f3cc06fbabd8f8dd3277691ba48b6";
+    match url {
+        u if u == format!("/api/v3/files/{sha}") => {
+            Reply::raw(200, file("azul_files_powershell_script.json"))
+        }
+        u if u == format!("/api/v3/files/{sha}/behaviour_mitre_trees") => Reply::raw(
+            200,
+            file("synthetic_mocks/deploymenttheory_file_behaviours_validate_get_mitre_trees.json"),
+        ),
+        u if u == format!("/api/v3/files/{sha}/behaviour_summary") => {
+            Reply::json(&json!({"data": {
+            "mitre_attack_techniques": [
+                {"id": "T1059.001", "signature_description": "Executes PowerShell with an encoded command", "severity": "IMPACT_SEVERITY_HIGH"},
+                {"id": "T1082", "signature_description": "Queries system information", "severity": "IMPACT_SEVERITY_INFO"}
+            ]}}))
+        }
+        "/api/v3/domains/github.com" => Reply::raw(200, file("virustotalx_domain.body.json")),
+        "/api/v3/ip_addresses/1.1.1.1" => Reply::raw(200, file("virustotalx_ip_address.body.json")),
+        _ => Reply::raw(404, br#"{"error": {"code": "NotFoundError"}}"#.to_vec()),
+    }
+}
+
+fn vt_env(c: &mut std::process::Command, base: &str, budget: u32) {
+    c.env("THREATLAKE_VIRUSTOTAL_BASE_URL", format!("{base}/api/v3"))
+        .env("THREATLAKE_VIRUSTOTAL_API_KEY", VT_KEY)
+        .env("THREATLAKE_VIRUSTOTAL_REQUESTS_PER_MINUTE", "600")
+        .env("THREATLAKE_VIRUSTOTAL_DAILY_BUDGET", budget.to_string())
+        .env("THREATLAKE_VIRUSTOTAL_ENRICH_FROM_OTX", "0")
+        .env(
+            "THREATLAKE_VIRUSTOTAL_HTTP",
+            "{timeout_secs: 2, attempts: 3, backoff_secs: 0.05, max_wait_secs: 2}",
+        )
+        .env_remove("THREATLAKE_OTX_API_KEY");
+}
+
+#[test]
+fn virustotal_lookups_budget_cache_and_not_found() {
+    let dir = common::scratch("vt");
+    let fake = Fake::start(
+        "x-apikey",
+        Box::new(|url, key, n| {
+            // The very first request is rate limited once.
+            if n == 0 {
+                return Reply {
+                    retry_after: Some("0.2"),
+                    ..Reply::raw(429, b"{}".to_vec())
+                };
+            }
+            vt_routes(url, key)
+        }),
+    );
+    let iocs = dir.join("iocs.txt");
+    std::fs::write(
+        &iocs,
+        "# IOCs from a report\n020876E69DAC4B2CB5B75A616DBDAC8B913F3CC06FBABD8F8DD3277691BA48B6\ngithub.com\nunknown-domain.example\n=HYPERLINK(\"x\")\n",
+    )
+    .unwrap();
+    // Budget 4: the file costs 3 requests (+1 retried 429), so the domains wait for the next run.
+    let (ok, out, err) = run({
+        let mut c = common::cli_on(&dir);
+        vt_env(&mut c, &fake.base, 4);
+        c.args(["ingest", "vt", "--iocs", iocs.to_str().unwrap(), "1.1.1.1"]);
+        c
+    });
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("1 looked up") && out.contains("3 deferred"),
+        "{out}"
+    );
+    assert!(out.contains("1 input(s) are not a hash"), "{out}");
+    let row = sql(
+        &dir,
+        "SELECT kind, found, threat_label, malicious > 0 AS bad, cardinality(sigma_hits) > 0 AS sigma FROM virustotal_data",
+    );
+    assert_eq!(
+        row,
+        "kind,found,threat_label,bad,sigma\nfile,true,hacktool.powershell,true,true\n"
+    );
+    assert_eq!(
+        sql(&dir, "SELECT technique_id, sandbox, severity FROM virustotal_techniques ORDER BY 1, 2"),
+        "technique_id,sandbox,severity\nT1055,Zenbox,HIGH\nT1059.001,behaviour_summary,IMPACT_SEVERITY_HIGH\nT1082,VirusTotal Jujubox,INFO\nT1082,behaviour_summary,IMPACT_SEVERITY_INFO\n"
+    );
+
+    // Next run (budget allows): the file is fresh in the lake (cache), the rest is looked up; the
+    // unknown domain is recorded as not found.
+    let before = fake.requests().len();
+    let (ok, out, err) = run({
+        let mut c = common::cli_on(&dir);
+        vt_env(&mut c, &fake.base, 100);
+        c.args(["ingest", "vt", "--iocs", iocs.to_str().unwrap(), "1.1.1.1"]);
+        c
+    });
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("3 looked up (1 not found), 1 fresh in the lake"),
+        "{out}"
+    );
+    assert_eq!(fake.requests().len() - before, 3);
+    assert_eq!(
+        sql(
+            &dir,
+            "SELECT kind, found, country FROM virustotal_data ORDER BY kind, observable"
+        ),
+        "kind,found,country\ndomain,true,\ndomain,false,\nfile,true,\nip,true,AU\n"
+    );
+    assert_eq!(
+        sql(
+            &dir,
+            "SELECT count(*) AS n FROM threat_intelligence_data WHERE source = 'virustotal'"
+        ),
+        "n\n3\n"
+    );
+    assert_absent(&dir, VT_KEY);
+
+    // Wrong key → clear error, key not shown, nothing lost.
+    let (ok, _, err) = run({
+        let mut c = common::cli_on(&dir);
+        vt_env(&mut c, &fake.base, 100);
+        c.env("THREATLAKE_VIRUSTOTAL_API_KEY", "nope-nope-42")
+            .env("THREATLAKE_VIRUSTOTAL_CACHE_TTL_HOURS", "0")
+            .args(["ingest", "vt", "8.8.8.8"]);
+        c
+    });
+    assert!(!ok);
+    assert!(
+        err.contains("VirusTotal rejected the API key") && !err.contains("nope-nope-42"),
+        "{err}"
+    );
+    assert_eq!(
+        sql(&dir, "SELECT count(*) AS n FROM virustotal_data"),
+        "n\n4\n"
+    );
+}
