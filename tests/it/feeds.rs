@@ -556,3 +556,93 @@ fn virustotal_lookups_budget_cache_and_not_found() {
         "n\n4\n"
     );
 }
+
+/// `run` end to end on an ICS lake: OTX pull, model build, mapping (model + source-stated), threat-model
+/// snapshot; a second run after new intel, then `model diff`.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_maps_intel_and_diffs_threat_models() {
+    let dir = common::scratch("run");
+    common::ingest(&dir, &["ics"]).await;
+    let mut extra = json!({
+        "id": "aa0000000000000000000001", "name": "Water utility intrusion",
+        "description": "The actor sent unauthorized command messages to the PLC over Modbus to change setpoints and used the engineering workstation to modify the controller program.",
+        "author_name": "analyst", "created": "2026-11-01T10:00:00", "modified": "2026-11-01T10:00:00",
+        "revision": 1, "tlp": "green", "tags": ["ics", "<script>alert(1)</script>"],
+        "attack_ids": ["T0855"], "targeted_countries": ["United States"], "industries": ["Water"],
+        "malware_families": [], "references": [], "adversary": "", "indicators": []
+    });
+    let pulses = Arc::new(Mutex::new(sample_pulses()));
+    pulses.lock().unwrap().push(extra.clone());
+    let p2 = pulses.clone();
+    let base_cell: Arc<Mutex<String>> = Arc::default();
+    let b2 = base_cell.clone();
+    let fake = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(move |url, key, _| otx_page(&b2.lock().unwrap(), url, key, &p2.lock().unwrap())),
+    );
+    *base_cell.lock().unwrap() = fake.base.clone();
+    let job = |args: &[&str]| {
+        let mut c = common::cli_on(&dir);
+        otx_env(&mut c, &fake.base);
+        c.env("THREATLAKE_LAKE_MODELS", dir.join("models"))
+            .env("THREATLAKE_MAPPING_DOMAIN", "ics")
+            .args(args);
+        run(c)
+    };
+    let (ok, out, err) = job(&["run"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("VirusTotal skipped: no API key"), "{out}");
+    assert!(out.contains("7 new or revised pulse(s)"), "{out}");
+    assert!(
+        out.contains("map-intel: 7 item(s) mapped with model ics-"),
+        "{out}"
+    );
+    // Source-stated techniques land with their ATT&CK name and tactic where the lake knows them
+    // (only ICS is ingested here, so the Enterprise ids of the sample pulse keep no name).
+    assert_eq!(
+        sql(&dir, "SELECT item_id, technique_id, technique_name, tactic, score FROM mapped_threat_data WHERE method = 'source' ORDER BY 1, 2"),
+        "item_id,technique_id,technique_name,tactic,score\n\
+         otx:64e38336d783f91d6948a7b1,T1059,,,1.0\n\
+         otx:64e38336d783f91d6948a7b1,T1531,,,1.0\n\
+         otx:64e38336d783f91d6948a7b1,T1566,,,1.0\n\
+         otx:aa0000000000000000000001,T0855,Unauthorized Command Message,Impair Process Control,1.0\n"
+    );
+    // The model maps the ICS pulse's text to ICS techniques above the threshold.
+    let model = sql(
+        &dir,
+        "SELECT technique_id FROM mapped_threat_data WHERE method = 'model' AND item_id = 'otx:aa0000000000000000000001' ORDER BY score DESC",
+    );
+    assert!(
+        model.lines().count() > 1 && model.contains("T0855"),
+        "{model}"
+    );
+    let tm = sql(
+        &dir,
+        "SELECT count(DISTINCT run_id) AS runs, max(score) AS top FROM threat_model",
+    );
+    assert_eq!(tm, "runs,top\n1,1.0\n");
+
+    // Nothing new: map-intel maps nothing.
+    let (ok, out, err) = job(&["map-intel"]);
+    assert!(ok && out.contains("0 item(s) mapped"), "{out}{err}");
+
+    // New intel about another technique; the second snapshot differs from the first.
+    extra["id"] = json!("aa0000000000000000000002");
+    extra["name"] = json!("Spearphishing against operators");
+    extra["description"] = json!("Operators received spearphishing attachments; the payload then altered alarm settings to hide the intrusion.");
+    extra["attack_ids"] = json!(["T0865", "T0838"]);
+    extra["modified"] = json!("2026-11-20T10:00:00");
+    pulses.lock().unwrap().push(extra);
+    let (ok, out, err) = job(&["run"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("1 new or revised pulse(s)"), "{out}");
+    let (ok, out, err) = job(&["model", "diff"]);
+    assert!(ok, "{err}");
+    // T0838 was never seen before; T0865 was already inferred by the model and now has more evidence.
+    let has = |change: &str, id: &str| out.lines().any(|l| l.starts_with(change) && l.contains(id));
+    assert!(has("new", "T0838") && has("rising", "T0865"), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("fading")),
+        "the first pulse's share shrank: {out}"
+    );
+}
