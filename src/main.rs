@@ -62,7 +62,20 @@ enum Command {
     /// Map threat items not mapped yet (model top-k and source-stated techniques) into mapped_threat_data.
     MapIntel,
     /// The main job: ATT&CK (if absent), OTX and VirusTotal (when keyed), model (if absent), map, threat-model snapshot.
-    Run,
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// No network: use what the lake and raw store hold (ATT&CK must be ingested already).
+    #[arg(long)]
+    offline: bool,
+    /// Also load the sample feed responses (OTX pages, VirusTotal reports) from --samples-dir.
+    #[arg(long)]
+    samples: bool,
+    /// Where the samples are.
+    #[arg(long, value_name = "DIR", default_value = "data/samples")]
+    samples_dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,7 +344,9 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 .map(drop)
         }
         Command::MapIntel => cli::feeds::map_intel(&settings).await.map(drop),
-        Command::Run => cli::feeds::run(&settings).await,
+        Command::Run(a) => {
+            cli::feeds::run(&settings, a.offline, a.samples.then_some(a.samples_dir)).await
+        }
         Command::Model(ModelCommand::Diff { run_a, run_b, all }) => {
             cli::feeds::diff(&settings, run_a, run_b, all).await
         }

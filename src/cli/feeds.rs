@@ -194,48 +194,54 @@ pub async fn diff(
     Ok(())
 }
 
-/// `run`: ATT&CK if the lake has none, OTX and VirusTotal when keyed, model if missing, map, snapshot.
-pub async fn run(settings: &Settings) -> Result<()> {
+/// `run`: ATT&CK if the lake has none, OTX and VirusTotal when keyed (not `offline`), the samples when
+/// asked, model if missing, map, snapshot.
+pub async fn run(
+    settings: &Settings,
+    offline: bool,
+    samples: Option<std::path::PathBuf>,
+) -> Result<()> {
     let lake = Lake::open(&settings.lake.root)?;
     let mut errors: Vec<String> = Vec::new();
     let engine = Engine::open(&lake).await?;
-    let have_attack = engine
+    let versions = engine
         .run("SELECT count(*) FROM mitre_attack_versions")
-        .await?[0]
-        .batches
-        .iter()
-        .map(|b| {
-            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0)).value(0)
-        })
-        .sum::<i64>()
-        > 0;
+        .await?;
+    let have_attack = versions[0].batches.iter().any(|b| {
+        arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0)).value(0) > 0
+    });
     println!("[1/5] ATT&CK");
     if have_attack {
         println!("  already in the lake (refresh with `threatlake ingest attack`)");
+    } else if offline {
+        anyhow::bail!(
+            "--offline: the lake has no ATT&CK release; run `threatlake ingest attack --from BUNDLE` first"
+        );
     } else {
         crate::ingest_attack_default(settings).await?;
     }
     println!("[2/5] feeds");
     let mut new_items = 0;
-    match otx_client(settings)? {
-        None => println!("  OTX skipped: no API key ({} not set)", otx::KEY_ENV),
-        Some(_) => match ingest_otx(settings).await {
-            Ok(r) => new_items += r.pulses,
-            Err(e) => errors.push(format!("OTX: {e:#}")),
-        },
+    if let Some(dir) = &samples {
+        let raw = Location::open(&settings.lake.raw)?;
+        let r = threatlake::feeds::samples::load(&lake, &raw, dir)
+            .await
+            .with_context(|| format!("loading samples from {}", dir.display()))?;
+        println!(
+            "  samples: {} new or revised pulse(s) from {} OTX file(s), {} VirusTotal report(s), {} sandbox technique row(s)",
+            r.pulses, r.otx_files, r.lookups, r.techniques
+        );
+        new_items += r.pulses + r.lookups;
     }
-    match vt_client(settings)? {
-        None => println!("  VirusTotal skipped: no API key ({} not set)", vt::KEY_ENV),
-        Some(_) => match ingest_vt(settings, vec![], None).await {
-            Ok(r) => new_items += r.looked_up,
-            Err(e) => errors.push(format!("VirusTotal: {e:#}")),
-        },
+    if offline {
+        println!("  --offline: OTX and VirusTotal not contacted");
+    } else {
+        new_items += pull_feeds(settings, &mut errors).await?;
     }
     println!("[3/5] model");
-    if model_version(settings).is_none() {
-        crate::cli::model::build(settings, settings.mapping.domain, None, false).await?;
-    } else {
-        println!("  using {}", model_version(settings).unwrap_or_default());
+    match model_version(settings) {
+        None => crate::cli::model::build(settings, settings.mapping.domain, None, false).await?,
+        Some(v) => println!("  using {v}"),
     }
     println!("[4/5] map");
     let m = map_intel(settings).await?;
@@ -256,4 +262,24 @@ pub async fn run(settings: &Settings) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// OTX and VirusTotal, each when keyed; a failing feed is reported, not fatal (the other still runs).
+async fn pull_feeds(settings: &Settings, errors: &mut Vec<String>) -> Result<usize> {
+    let mut new_items = 0;
+    match otx_client(settings)? {
+        None => println!("  OTX skipped: no API key ({} not set)", otx::KEY_ENV),
+        Some(_) => match ingest_otx(settings).await {
+            Ok(r) => new_items += r.pulses,
+            Err(e) => errors.push(format!("OTX: {e:#}")),
+        },
+    }
+    match vt_client(settings)? {
+        None => println!("  VirusTotal skipped: no API key ({} not set)", vt::KEY_ENV),
+        Some(_) => match ingest_vt(settings, vec![], None).await {
+            Ok(r) => new_items += r.looked_up,
+            Err(e) => errors.push(format!("VirusTotal: {e:#}")),
+        },
+    }
+    Ok(new_items)
 }

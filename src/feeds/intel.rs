@@ -16,6 +16,31 @@ use crate::sql::Engine;
 pub const MAPPED: &str = "mapped_threat_data";
 /// Partition of [`MAPPED`].
 pub const MAPPED_PARTITION: [&str; 1] = ["mapped_date"];
+/// Every item version mapped (also those that gave no technique), so each is mapped once.
+pub const MAPPED_ITEMS: &str = "mapped_items";
+
+/// Schema of [`MAPPED_ITEMS`].
+pub fn mapped_items_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("item_id", DataType::Utf8, false),
+        Field::new("item_version", DataType::Utf8, false),
+        Field::new("techniques", DataType::Int64, false),
+        Field::new("model_version", DataType::Utf8, true),
+        Field::new("mapped_at", ts(), false),
+        Field::new("batch_id", DataType::Utf8, false),
+    ]))
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct MappedItem {
+    item_id: String,
+    item_version: String,
+    techniques: i64,
+    model_version: Option<String>,
+    mapped_at: String,
+    batch_id: String,
+}
+
 /// Threat-model snapshots, one partition per run.
 pub const THREAT_MODEL: &str = "threat_model";
 /// Partition of [`THREAT_MODEL`].
@@ -106,7 +131,7 @@ pub async fn map_intel(
     };
     // Items not mapped yet (by id and version). Intel text only ever travels as column data.
     let pending = "SELECT t.item_id, t.item_version, t.source, t.text FROM threat_intelligence_data t \
-        WHERE NOT EXISTS (SELECT 1 FROM mapped_threat_data m WHERE m.item_id = t.item_id AND m.item_version = t.item_version)";
+        WHERE NOT EXISTS (SELECT 1 FROM mapped_items m WHERE m.item_id = t.item_id AND m.item_version = t.item_version)";
     let sql = format!(
         "SELECT p.item_id, p.item_version, p.source, map_techniques(p.text, {top_k}) AS ranked FROM ({pending}) p ORDER BY p.item_id"
     );
@@ -215,13 +240,34 @@ pub async fn map_intel(
     report.source_rows = rows.len() - report.model_rows;
     report.items = items.len();
     let date = now.format("%Y-%m-%d").to_string();
+    let mut per_item: std::collections::BTreeMap<(String, String), i64> =
+        items.into_iter().map(|k| (k, 0)).collect();
+    for r in &rows {
+        *per_item
+            .entry((r.item_id.clone(), r.item_version.clone()))
+            .or_default() += 1;
+    }
+    let done: Vec<MappedItem> = per_item
+        .into_iter()
+        .map(|((item_id, item_version), techniques)| MappedItem {
+            item_id,
+            item_version,
+            techniques,
+            model_version: model_version.clone(),
+            mapped_at: at.clone(),
+            batch_id: batch.clone(),
+        })
+        .collect();
+    let part = [("mapped_date", date.as_str())];
+    // Evidence first, then the items: an interrupted run maps its items again rather than losing them.
+    append(lake, MAPPED, &mapped_schema(), &part, &batch, &rows).await?;
     append(
         lake,
-        MAPPED,
-        &mapped_schema(),
-        &[("mapped_date", &date)],
+        MAPPED_ITEMS,
+        &mapped_items_schema(),
+        &part,
         &batch,
-        &rows,
+        &done,
     )
     .await?;
     Ok(report)

@@ -8,6 +8,7 @@
 pub mod http;
 pub mod intel;
 pub mod otx;
+pub mod samples;
 pub mod vt;
 
 use std::io::Write;
@@ -135,6 +136,11 @@ pub fn table_schemas() -> Vec<(&'static str, SchemaRef, &'static [&'static str])
         (
             intel::MAPPED,
             intel::mapped_schema(),
+            &intel::MAPPED_PARTITION,
+        ),
+        (
+            intel::MAPPED_ITEMS,
+            intel::mapped_items_schema(),
             &intel::MAPPED_PARTITION,
         ),
         (

@@ -498,7 +498,7 @@ pub async fn fresh_observables(
     engine: &crate::sql::Engine,
     ttl_hours: u32,
 ) -> Result<BTreeSet<String>, FeedError> {
-    let cutoff = fixed(Utc::now() - chrono::Duration::hours(ttl_hours as i64));
+    let cutoff = fixed(Utc::now() - chrono::Duration::hours(ttl_hours.min(1_000_000) as i64));
     // The cutoff is our own timestamp, not intel text.
     let r = engine
         .run(&format!(

@@ -646,3 +646,58 @@ async fn run_maps_intel_and_diffs_threat_models() {
         "the first pulse's share shrank: {out}"
     );
 }
+
+/// `run --offline --samples`: the shipped sample responses go through the same parsers, no network,
+/// and a second run adds nothing; without ATT&CK, --offline says what to do.
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_run_with_the_shipped_samples() {
+    let dir = common::scratch("offline");
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/samples");
+    let job = |args: &[&str]| {
+        let mut c = common::cli_on(&dir);
+        c.env("THREATLAKE_LAKE_MODELS", dir.join("models"))
+            .env("THREATLAKE_MAPPING_DOMAIN", "ics")
+            .env("THREATLAKE_OTX_API_KEY", KEY)
+            .env("THREATLAKE_OTX_BASE_URL", "http://127.0.0.1:9")
+            .args(args)
+            .args(["--samples-dir", samples.to_str().unwrap()]);
+        run(c)
+    };
+    let (ok, _, err) = job(&["run", "--offline", "--samples"]);
+    assert!(
+        !ok && err.contains("threatlake ingest attack --from"),
+        "{err}"
+    );
+    common::ingest(&dir, &["ics"]).await;
+    let (ok, out, err) = job(&["run", "--offline", "--samples"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("samples: 3 new or revised pulse(s) from 1 OTX file(s), 3 VirusTotal report(s), 3 sandbox technique row(s)"),
+        "{out}"
+    );
+    assert!(out.contains("OTX and VirusTotal not contacted"), "{out}");
+    assert_eq!(
+        sql(&dir, "SELECT source, kind, count(*) AS n FROM threat_intelligence_data GROUP BY 1, 2 ORDER BY 1, 2"),
+        "source,kind,n\notx,pulse,3\nvirustotal,domain,1\nvirustotal,file,1\nvirustotal,ip,1\n"
+    );
+    assert_eq!(
+        sql(
+            &dir,
+            "SELECT country, asn FROM virustotal_data WHERE kind = 'ip'"
+        ),
+        "country,asn\nNL,64500\n"
+    );
+    let (ok, out, err) = job(&["run", "--offline", "--samples"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(
+            "samples: 0 new or revised pulse(s) from 1 OTX file(s), 0 VirusTotal report(s)"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("0 item(s) mapped"), "{out}");
+    assert_eq!(
+        sql(&dir, "SELECT count(*) AS n FROM otx_pulse_log"),
+        "n\n3\n"
+    );
+}
