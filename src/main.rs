@@ -105,8 +105,11 @@ enum ModelCommand {
     /// Measure a model: on a labelled file, or on a hold-out of ATT&CK's own procedures.
     Eval {
         /// JSON lines {"text": …, "labels": ["T…"]}.
-        #[arg(long, value_name = "FILE", conflicts_with = "holdout")]
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["holdout", "from_lake"])]
         input: Option<PathBuf>,
+        /// Agreement with the techniques feeds state for their items (OTX attack_ids, VirusTotal sandboxes).
+        #[arg(long, conflicts_with = "holdout")]
+        from_lake: bool,
         /// Hold out the procedures of a random share of groups/software/campaigns, train on the rest,
         /// and compare variants and a TF-IDF + LR baseline side by side.
         #[arg(long)]
@@ -380,6 +383,12 @@ async fn main_inner(cli: Cli) -> Result<()> {
             no_pretrained,
         }) => cli::model::build(&settings, domain.into(), pretrained, no_pretrained).await,
         Command::Model(ModelCommand::Eval {
+            from_lake: true,
+            model,
+            domain,
+            ..
+        }) => cli::model::eval_from_lake(&settings, model.as_deref(), domain.into()).await,
+        Command::Model(ModelCommand::Eval {
             input,
             holdout,
             fraction,
@@ -387,6 +396,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             pretrained,
             model,
             domain,
+            from_lake: false,
         }) => match (input, holdout) {
             (Some(i), false) => {
                 cli::model::eval_file(&settings, model.as_deref(), domain.into(), &i)

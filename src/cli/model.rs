@@ -305,6 +305,73 @@ pub fn eval_file(
     Ok(())
 }
 
+/// `model eval --from-lake`: the model against the techniques feeds state for their own items (OTX
+/// `attack_ids`, VirusTotal sandbox trees), on the items' real text. Labels the model's domain does not
+/// know are dropped; items left without labels are not counted.
+pub async fn eval_from_lake(
+    settings: &Settings,
+    model: Option<&Path>,
+    domain: Domain,
+) -> Result<()> {
+    let dir = resolve_model(settings, model, domain)?;
+    let m = Mapper::load(&dir)?;
+    let lake = Lake::open(&settings.lake.root)?;
+    let engine = Engine::open(&lake).await?;
+    let r = engine
+        .run(
+            "SELECT t.item_id, t.source, t.text, m.technique_id \
+             FROM threat_intelligence_data t JOIN mapped_threat_data m \
+               ON m.item_id = t.item_id AND m.item_version = t.item_version AND m.method = 'source' \
+             ORDER BY t.item_id, m.technique_id",
+        )
+        .await?;
+    let mut items: std::collections::BTreeMap<String, (String, String, Vec<String>)> =
+        Default::default();
+    let (mut stated, mut unknown) = (0usize, 0usize);
+    for b in &r[0].batches {
+        let cols: Vec<Vec<Option<String>>> = (0..4)
+            .map(|i| threatlake::feeds::column_strings(b, i))
+            .collect();
+        for i in 0..b.num_rows() {
+            let (Some(id), Some(src), Some(text), Some(t)) =
+                (&cols[0][i], &cols[1][i], &cols[2][i], &cols[3][i])
+            else {
+                continue;
+            };
+            stated += 1;
+            let e = items
+                .entry(id.clone())
+                .or_insert_with(|| (src.clone(), text.clone(), vec![]));
+            if m.model.technique_index(t).is_some() {
+                e.2.push(t.clone());
+            } else {
+                unknown += 1;
+            }
+        }
+    }
+    let test: Vec<Labelled> = items
+        .into_values()
+        .filter(|(_, _, l)| !l.is_empty())
+        .map(|(_, text, labels)| Labelled { text, labels })
+        .collect();
+    if test.is_empty() {
+        bail!(
+            "no feed items with source-stated techniques the model knows; run `threatlake run` (OTX attack_ids, VirusTotal sandbox techniques) first"
+        );
+    }
+    let metrics = eval::evaluate(
+        &rank_with(&m, &test),
+        &test.iter().map(|l| l.labels.clone()).collect::<Vec<_>>(),
+    );
+    println!("model      {}", dir.display());
+    println!(
+        "labels     {stated} source-stated technique(s), {unknown} not in the model's domain (dropped)"
+    );
+    print_metrics_header();
+    print_metrics("agreement with feed-stated techniques", &metrics, 0.0);
+    Ok(())
+}
+
 /// `model eval --holdout`: leakage-free development evaluation with ablations and the baseline.
 pub async fn eval_holdout(
     settings: &Settings,

@@ -645,6 +645,16 @@ async fn run_maps_intel_and_diffs_threat_models() {
         out.lines().any(|l| l.starts_with("fading")),
         "the first pulse's share shrank: {out}"
     );
+    // Agreement of the model with what the ICS pulses state (T0855; T0865 and T0838).
+    let (ok, out, err) = job(&["model", "eval", "--from-lake", "--domain", "ics"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("6 source-stated technique(s), 3 not in the model's domain"),
+        "{out}"
+    );
+    let line = out.lines().find(|l| l.starts_with("agreement")).unwrap();
+    let n: usize = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert_eq!(n, 2, "{out}");
 }
 
 /// `run --offline --samples`: the shipped sample responses go through the same parsers, no network,
@@ -659,8 +669,10 @@ async fn offline_run_with_the_shipped_samples() {
             .env("THREATLAKE_MAPPING_DOMAIN", "ics")
             .env("THREATLAKE_OTX_API_KEY", KEY)
             .env("THREATLAKE_OTX_BASE_URL", "http://127.0.0.1:9")
-            .args(args)
-            .args(["--samples-dir", samples.to_str().unwrap()]);
+            .args(args);
+        if args[0] == "run" {
+            c.args(["--samples-dir", samples.to_str().unwrap()]);
+        }
         run(c)
     };
     let (ok, _, err) = job(&["run", "--offline", "--samples"]);
@@ -699,5 +711,11 @@ async fn offline_run_with_the_shipped_samples() {
     assert_eq!(
         sql(&dir, "SELECT count(*) AS n FROM otx_pulse_log"),
         "n\n3\n"
+    );
+    // The samples state Enterprise techniques; this ICS model knows none of them, and says so.
+    let (ok, _, err) = job(&["model", "eval", "--from-lake", "--domain", "ics"]);
+    assert!(
+        !ok && err.contains("no feed items with source-stated techniques"),
+        "{err}"
     );
 }
