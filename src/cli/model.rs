@@ -329,21 +329,16 @@ pub async fn eval_from_lake(
         Default::default();
     let (mut stated, mut unknown) = (0usize, 0usize);
     for b in &r[0].batches {
-        let cols: Vec<Vec<Option<String>>> = (0..4)
-            .map(|i| threatlake::feeds::column_strings(b, i))
-            .collect();
-        for i in 0..b.num_rows() {
-            let (Some(id), Some(src), Some(text), Some(t)) =
-                (&cols[0][i], &cols[1][i], &cols[2][i], &cols[3][i])
-            else {
+        let col = |i| threatlake::feeds::column_strings(b, i);
+        let rows = col(0).into_iter().zip(col(1)).zip(col(2)).zip(col(3));
+        for (((id, src), text), t) in rows {
+            let (Some(id), Some(src), Some(text), Some(t)) = (id, src, text, t) else {
                 continue;
             };
             stated += 1;
-            let e = items
-                .entry(id.clone())
-                .or_insert_with(|| (src.clone(), text.clone(), vec![]));
-            if m.model.technique_index(t).is_some() {
-                e.2.push(t.clone());
+            let e = items.entry(id).or_insert_with(|| (src, text, vec![]));
+            if m.model.technique_index(&t).is_some() {
+                e.2.push(t);
             } else {
                 unknown += 1;
             }
