@@ -268,6 +268,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Pull N synthetic OTX pulses from a loopback server into a throwaway lake (rows/s, peak RSS).
+    Otx {
+        /// Pulses.
+        #[arg(long, default_value_t = 100_000)]
+        pulses: usize,
+        /// Indicators per pulse.
+        #[arg(long, default_value_t = 10)]
+        indicators: usize,
+        /// Pulses per page.
+        #[arg(long, default_value_t = 50)]
+        page_size: usize,
+    },
     /// Ingest a bundle into a throwaway lake and time a representative query.
     Ingest {
         /// Bundle to ingest.
@@ -415,6 +427,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
             a.top,
             a.format == MapFormat::Jsonl,
         ),
+        Command::Bench(BenchCommand::Otx {
+            pulses,
+            indicators,
+            page_size,
+        }) => cli::bench::otx(pulses, indicators, page_size).await,
         Command::Bench(BenchCommand::Map { rows, runs }) => {
             cli::bench::map(&settings, rows, runs).await
         }

@@ -175,3 +175,104 @@ pub async fn map(settings: &threatlake::Settings, rows: usize, runs: usize) -> R
     }
     Ok(())
 }
+
+/// One synthetic pulse in the current OTX format, `n` indicators.
+fn synthetic_pulse(i: usize, n: usize) -> serde_json::Value {
+    let indicators: Vec<serde_json::Value> = (0..n)
+        .map(|j| {
+            serde_json::json!({
+                "id": (i * n + j) as u64, "indicator": format!("{:064x}", (i * n + j) as u128 * 0x9E37_79B9_7F4A_7C15),
+                "type": "FileHash-SHA256", "created": "2026-11-01T10:00:00", "title": "", "description": "",
+                "expiration": null, "is_active": 1, "role": null
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "id": format!("{i:024x}"), "name": format!("Synthetic campaign {i}: loader drops a beacon via PowerShell"),
+        "description": "The loader runs an encoded PowerShell command, injects into rundll32 and creates a scheduled task for persistence.",
+        "author_name": "bench", "created": "2026-11-01T10:00:00.000000",
+        "modified": format!("2026-11-01T10:{:02}:{:02}.{:06}", (i / 60) % 60, i % 60, i % 1_000_000),
+        "revision": 1, "tlp": "white", "public": 1, "adversary": "", "tags": ["bench", "loader"],
+        "references": [], "targeted_countries": ["Germany"], "industries": [], "malware_families": ["Loader"],
+        "attack_ids": ["T1059.001", "T1055"], "indicators": indicators
+    })
+}
+
+/// `bench otx`: a loopback OTX server generating `pulses` pulses page by page; the real client pulls
+/// them into a throwaway lake.
+pub async fn otx(pulses: usize, indicators: usize, page_size: usize) -> Result<()> {
+    let server = tiny_http::Server::http("127.0.0.1:0")
+        .map_err(|e| anyhow::anyhow!("starting the loopback server: {e}"))?;
+    let base = format!(
+        "http://{}",
+        server.server_addr().to_ip().expect("ip listener")
+    );
+    let served_base = base.clone();
+    let pages = pulses.div_ceil(page_size.max(1));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(50)) else {
+                continue;
+            };
+            let url = url::Url::parse(&format!("http://x{}", req.url())).expect("request URL");
+            let page: usize = url
+                .query_pairs()
+                .find(|(k, _)| k == "page")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(1);
+            let start = (page - 1) * page_size;
+            let results: Vec<serde_json::Value> = (start..(start + page_size).min(pulses))
+                .map(|i| synthetic_pulse(i, indicators))
+                .collect();
+            let next = (page < pages).then(|| {
+                format!(
+                    "{served_base}/api/v1/pulses/subscribed?limit={page_size}&page={}",
+                    page + 1
+                )
+            });
+            let body = serde_json::to_vec(
+                &serde_json::json!({"count": pulses, "results": results, "next": next}),
+            )
+            .expect("serialisable");
+            let _ = req.respond(tiny_http::Response::from_data(body));
+        }
+    });
+    let dir = tempfile::tempdir().context("creating a temporary lake")?;
+    let lake = Lake::open(dir.path().join("lake").to_str().expect("utf-8 temp path"))?;
+    let raw = Location::open(dir.path().join("raw").to_str().expect("utf-8 temp path"))?;
+    let client = threatlake::feeds::http::FeedClient::new(
+        "OTX",
+        &base,
+        "X-OTX-API-KEY",
+        "bench",
+        threatlake::feeds::otx::KEY_ENV,
+        threatlake::config::HttpSettings::default().policy(),
+        None,
+    )?;
+    println!(
+        "bench otx: {pulses} pulses × {indicators} indicators, {pages} pages of {page_size}, build: {}",
+        build_kind()
+    );
+    let t = Instant::now();
+    let r = threatlake::feeds::otx::ingest(&lake, &raw, &client, page_size as u32).await;
+    let el = t.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = thread.join();
+    let r = r?;
+    let rows = r.pulses + r.indicators;
+    println!(
+        "  {} pulses + {} indicators in {el:.2} s: {:.0} pulses/s, {:.0} rows/s (server generating pages in-process)",
+        r.pulses,
+        r.indicators,
+        r.pulses as f64 / el,
+        rows as f64 / el
+    );
+    let size: u64 = lake.tables().await?.values().map(|t| t.bytes).sum();
+    println!("  lake size {:.1} MB", size as f64 / 1e6);
+    if let Some(rss) = peak_rss_mib() {
+        println!("peak RSS: {rss:.0} MiB");
+    }
+    Ok(())
+}
