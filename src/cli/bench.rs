@@ -256,7 +256,7 @@ pub async fn otx(pulses: usize, indicators: usize, page_size: usize) -> Result<(
         build_kind()
     );
     let t = Instant::now();
-    let r = threatlake::feeds::otx::ingest(&lake, &raw, &client, page_size as u32).await;
+    let r = threatlake::feeds::otx::ingest(&lake, &raw, &client, page_size as u32, &|_| ()).await;
     let el = t.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = thread.join();

@@ -36,6 +36,17 @@ fn vt_client(settings: &Settings) -> Result<Option<FeedClient>> {
     )?))
 }
 
+/// A spinner on stderr for one stage (hidden when stderr is not a terminal).
+fn spinner(prefix: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} {elapsed}")
+            .expect("static template"),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 fn no_key(service: &str, env: &str) -> anyhow::Error {
     anyhow::anyhow!("no {service} API key: set {env} (or put it in config/secrets.yaml)")
 }
@@ -45,7 +56,13 @@ pub async fn ingest_otx(settings: &Settings) -> Result<otx::OtxReport> {
     let client = otx_client(settings)?.ok_or_else(|| no_key("OTX", otx::KEY_ENV))?;
     let lake = Lake::open(&settings.lake.root)?;
     let raw = Location::open(&settings.lake.raw)?;
-    let r = otx::ingest(&lake, &raw, &client, settings.otx.page_size).await?;
+    let bar = spinner("OTX");
+    let r = otx::ingest(&lake, &raw, &client, settings.otx.page_size, &|m| {
+        bar.set_message(m.to_string())
+    })
+    .await;
+    bar.finish_and_clear();
+    let r = r?;
     println!(
         "OTX: {} page(s), {} new or revised pulse(s), {} unchanged, {} indicator(s); modified_since {} → {}",
         r.pages,
@@ -83,7 +100,13 @@ pub async fn ingest_vt(
         daily_budget: settings.virustotal.daily_budget,
         cache_ttl_hours: settings.virustotal.cache_ttl_hours,
     };
-    let mut r = vt::ingest(&lake, &raw, &client, &all, quota).await?;
+    let bar = spinner("VirusTotal");
+    let r = vt::ingest(&lake, &raw, &client, &all, quota, &|m| {
+        bar.set_message(m.to_string())
+    })
+    .await;
+    bar.finish_and_clear();
+    let mut r = r?;
     r.invalid.extend(rejected);
     println!(
         "VirusTotal: {} looked up ({} not found), {} fresh in the lake, {} deferred by the daily budget, {} technique row(s), {} request(s)",
@@ -110,6 +133,8 @@ pub async fn map_intel(settings: &Settings) -> Result<intel::MapReport> {
     let lake = Lake::open(&settings.lake.root)?;
     let engine = Engine::open_with(&lake, &EngineOptions::from_settings(settings)).await?;
     let version = model_version(settings);
+    let bar = spinner("map-intel");
+    bar.set_message("map_techniques over new items");
     let r = intel::map_intel(
         &lake,
         &engine,
@@ -118,7 +143,9 @@ pub async fn map_intel(settings: &Settings) -> Result<intel::MapReport> {
         version.clone(),
     )
     .await
-    .context("mapping threat items")?;
+    .context("mapping threat items");
+    bar.finish_and_clear();
+    let r = r?;
     println!(
         "map-intel: {} item(s) mapped with model {}: {} model row(s), {} source-stated row(s)",
         r.items,
@@ -133,7 +160,11 @@ pub async fn map_intel(settings: &Settings) -> Result<intel::MapReport> {
 pub async fn snapshot(settings: &Settings) -> Result<(String, usize)> {
     let lake = Lake::open(&settings.lake.root)?;
     let engine = Engine::open(&lake).await?;
-    let (run, n) = intel::snapshot(&lake, &engine).await?;
+    let bar = spinner("threat model");
+    bar.set_message("snapshot");
+    let r = intel::snapshot(&lake, &engine).await;
+    bar.finish_and_clear();
+    let (run, n) = r?;
     println!("threat model {run}: {n} technique(s)");
     Ok((run, n))
 }

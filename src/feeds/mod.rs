@@ -94,6 +94,9 @@ pub enum FeedError {
     Sql(#[from] crate::sql::SqlError),
 }
 
+/// Progress callback of long feed work ("page 12, 600 pulses"); front ends draw it (e.g. a spinner).
+pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
 /// A run's id: UTC timestamp plus a random suffix, sortable and safe as a partition value and file name.
 pub fn new_batch_id(now: DateTime<Utc>) -> String {
     format!(

@@ -374,6 +374,7 @@ pub async fn ingest(
     raw: &Location,
     client: &FeedClient,
     page_size: u32,
+    progress: super::Progress<'_>,
 ) -> Result<OtxReport, FeedError> {
     let engine = crate::sql::Engine::open(lake).await?;
     let known = known_versions(&engine).await?;
@@ -433,6 +434,10 @@ pub async fn ingest(
             };
             w.add(&pulses, &prov).await.map_err(malformed)?;
             w.report.pages = page;
+            progress(&format!(
+                "page {page}: {} new or revised pulse(s), {} indicator(s)",
+                w.report.pulses, w.report.indicators
+            ));
             match next {
                 Some(n) if !n.is_empty() => {
                     url = Url::parse(&n).map_err(|e| FeedError::Malformed {

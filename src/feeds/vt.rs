@@ -539,6 +539,7 @@ pub async fn ingest(
     client: &FeedClient,
     observables: &[String],
     quota: Quota,
+    progress: super::Progress<'_>,
 ) -> Result<VtReport, FeedError> {
     let engine = crate::sql::Engine::open(lake).await?;
     let fresh = fresh_observables(&engine, quota.cache_ttl_hours).await?;
@@ -589,6 +590,11 @@ pub async fn ingest(
         match r {
             Ok((row, techs)) => {
                 report.looked_up += 1;
+                progress(&format!(
+                    "{}/{} looked up, {used} request(s) today",
+                    n + 1,
+                    todo.len()
+                ));
                 report.not_found += usize::from(!row.found);
                 report.techniques += techs.len();
                 lookups.push(row);
