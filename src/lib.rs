@@ -8,6 +8,7 @@ pub mod config;
 pub mod feeds;
 pub mod lake;
 pub mod mapping;
+pub mod reports;
 pub mod sql;
 
 pub use config::{Domain, Settings};

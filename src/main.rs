@@ -59,6 +59,20 @@ enum Command {
     /// Print speed and memory figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run report datasets (sql/reports) in batch: CSV, JSON, ATT&CK Navigator layers, plus index.json.
+    Report {
+        /// Reports to run (default: all).
+        names: Vec<String>,
+        /// Run every report (the default when no name is given).
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        /// Comma-separated formats: csv, json, navigator.
+        #[arg(long, default_value = "csv,json,navigator")]
+        format: String,
+        /// Output directory (default: reports.out_dir).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Map threat items not mapped yet (model top-k and source-stated techniques) into mapped_threat_data.
     MapIntel,
     /// The main job: ATT&CK (if absent), OTX and VirusTotal (when keyed), model (if absent), map, threat-model snapshot.
@@ -358,6 +372,12 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 .await
                 .map(drop)
         }
+        Command::Report {
+            names,
+            all: _,
+            format,
+            out,
+        } => cli::report::report(&settings, names, &format, out).await,
         Command::MapIntel => cli::feeds::map_intel(&settings).await.map(drop),
         Command::Run(a) => {
             cli::feeds::run(&settings, a.offline, a.samples.then_some(a.samples_dir)).await

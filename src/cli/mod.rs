@@ -4,3 +4,4 @@ pub mod bench;
 pub mod feeds;
 pub mod model;
 pub mod repl;
+pub mod report;

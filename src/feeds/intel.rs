@@ -193,7 +193,7 @@ pub async fn map_intel(
            SELECT p.item_id, p.item_version, p.source, upper(trim(v.technique_id)) FROM pending p \
              JOIN virustotal_techniques v ON p.item_id = 'vt:file:' || v.observable) \
          SELECT s.item_id, s.item_version, s.source, s.technique_id, \
-                first_value(t.name) AS name, array_agg(tt.tactic_name ORDER BY tt.matrix_order) FILTER (WHERE tt.tactic_name IS NOT NULL) AS tactics \
+                first_value(t.name) AS name, array_agg(tt.tactic ORDER BY tt.matrix_order) FILTER (WHERE tt.tactic IS NOT NULL) AS tactics \
          FROM s LEFT JOIN attack_techniques_current t ON t.technique_id = s.technique_id \
            LEFT JOIN attack_technique_tactics tt ON tt.technique_id = s.technique_id AND tt.domain = t.domain \
          GROUP BY s.item_id, s.item_version, s.source, s.technique_id ORDER BY 1, 4"

@@ -564,7 +564,7 @@ async fn run_maps_intel_and_diffs_threat_models() {
     let dir = common::scratch("run");
     common::ingest(&dir, &["ics"]).await;
     let mut extra = json!({
-        "id": "aa0000000000000000000001", "name": "Water utility intrusion",
+        "id": "aa0000000000000000000001", "name": "=HYPERLINK(\"http://evil.example\") Water utility intrusion",
         "description": "The actor sent unauthorized command messages to the PLC over Modbus to change setpoints and used the engineering workstation to modify the controller program.",
         "author_name": "analyst", "created": "2026-11-01T10:00:00", "modified": "2026-11-01T10:00:00",
         "revision": 1, "tlp": "green", "tags": ["ics", "<script>alert(1)</script>"],
@@ -605,7 +605,7 @@ async fn run_maps_intel_and_diffs_threat_models() {
          otx:64e38336d783f91d6948a7b1,T1059,,,1.0\n\
          otx:64e38336d783f91d6948a7b1,T1531,,,1.0\n\
          otx:64e38336d783f91d6948a7b1,T1566,,,1.0\n\
-         otx:aa0000000000000000000001,T0855,Unauthorized Command Message,Impair Process Control,1.0\n"
+         otx:aa0000000000000000000001,T0855,Unauthorized Command Message,impair-process-control,1.0\n"
     );
     // The model maps the ICS pulse's text to ICS techniques above the threshold.
     let model = sql(
@@ -655,6 +655,53 @@ async fn run_maps_intel_and_diffs_threat_models() {
     let line = out.lines().find(|l| l.starts_with("agreement")).unwrap();
     let n: usize = line.split_whitespace().nth(4).unwrap().parse().unwrap();
     assert_eq!(n, 2, "{out}");
+
+    // Reports over this lake: every dataset, CSV neutralised, Navigator layers valid.
+    let out_dir = dir.join("reports");
+    let (ok, out, err) = job(&["report", "--out", out_dir.to_str().unwrap()]);
+    assert!(ok, "{out}\n{err}");
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("index.json")).unwrap()).unwrap();
+    let reports = index["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 7);
+    assert!(
+        reports.iter().all(|r| r["rows"].as_u64().unwrap() > 0),
+        "{index}"
+    );
+    let top = std::fs::read_to_string(out_dir.join("top_mapped_techniques.csv")).unwrap();
+    assert!(top.contains("'=HYPERLINK"), "{top}");
+    assert!(
+        !top.lines().any(|l| l
+            .split(',')
+            .any(|c| c.trim_start_matches('"').starts_with('='))),
+        "{top}"
+    );
+    let diff = std::fs::read_to_string(out_dir.join("threat_model_diff.csv")).unwrap();
+    assert!(diff.lines().any(|l| l.starts_with("new,T0838,")), "{diff}");
+    let layer: Value = serde_json::from_slice(
+        &std::fs::read(out_dir.join("technique_frequency.layer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(layer["versions"]["layer"], "4.5");
+    assert_eq!(layer["domain"], "ics-attack");
+    let techniques = layer["techniques"].as_array().unwrap();
+    assert!(techniques.len() > 3);
+    assert!(techniques.iter().all(|t| {
+        let id = t["techniqueID"].as_str().unwrap();
+        id.len() >= 5 && id.starts_with('T') && t["score"].as_f64().unwrap() > 0.0
+    }));
+    let t0855 = techniques
+        .iter()
+        .find(|t| t["techniqueID"] == "T0855")
+        .unwrap();
+    assert_eq!(t0855["tactic"], "impair-process-control");
+    // A dataset without technique ids gets no layer.
+    assert!(!out_dir.join("threats_over_time.layer.json").exists());
+    let (ok, _, err) = job(&["report", "nope"]);
+    assert!(
+        !ok && err.contains("known reports: technique_frequency"),
+        "{err}"
+    );
 }
 
 /// `run --offline --samples`: the shipped sample responses go through the same parsers, no network,
