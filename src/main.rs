@@ -66,8 +66,8 @@ enum Command {
         /// Run every report (the default when no name is given).
         #[arg(long, conflicts_with = "names")]
         all: bool,
-        /// Comma-separated formats: csv, json, navigator.
-        #[arg(long, default_value = "csv,json,navigator")]
+        /// Comma-separated formats: csv, json, navigator, stix (one bundle of all mapped intel).
+        #[arg(long, default_value = "csv,json,navigator,stix")]
         format: String,
         /// Output directory (default: reports.out_dir).
         #[arg(long, value_name = "DIR")]

@@ -20,7 +20,9 @@ pub async fn report(
         .filter(|f| !f.is_empty())
         .map(|f| {
             Format::parse(f).with_context(|| {
-                format!("unknown report format {f:?}; use csv, json, navigator (comma-separated)")
+                format!(
+                    "unknown report format {f:?}; use csv, json, navigator, stix (comma-separated)"
+                )
             })
         })
         .collect::<Result<_>>()?;
@@ -59,9 +61,17 @@ pub async fn report(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let mut extra = Vec::new();
+    if formats.contains(&Format::Stix) {
+        let b = reports::stix::bundle(&engine).await?;
+        let mut bytes = serde_json::to_vec_pretty(&b)?;
+        bytes.push(b'\n');
+        reports::write_atomic(&out.join("mapped_intel.stix.json"), &bytes)?;
+        extra.push("mapped_intel.stix.json");
+    }
     let mut idx = serde_json::to_vec_pretty(&serde_json::json!({
         "generated_at": threatlake::feeds::fixed(chrono::Utc::now()),
-        "domain": domain, "attack_version": version, "reports": index
+        "domain": domain, "attack_version": version, "reports": index, "bundles": extra
     }))?;
     idx.push(b'\n');
     reports::write_atomic(&out.join("index.json"), &idx)?;

@@ -1,8 +1,9 @@
 //! Batch reports: each `sql/reports/*.sql` file is one named dataset (a `-- title:` / `-- description:` /
 //! `-- chart:` header, then one query); `threatlake report` runs them and writes CSV, JSON and ATT&CK
-//! Navigator layers (charts, HTML, PDF and STIX come next).
+//! Navigator layers, plus a STIX 2.1 bundle of the mapped intel (charts, HTML and PDF come next).
 
 pub mod navigator;
+pub mod stix;
 
 use std::path::{Path, PathBuf};
 
@@ -172,6 +173,8 @@ pub enum Format {
     Json,
     /// ATT&CK Navigator layer 4.5 (reports with `technique_id` and `score`).
     Navigator,
+    /// One STIX 2.1 bundle of all mapped intel (not per report).
+    Stix,
 }
 
 impl Format {
@@ -181,6 +184,7 @@ impl Format {
             "csv" => Some(Format::Csv),
             "json" => Some(Format::Json),
             "navigator" => Some(Format::Navigator),
+            "stix" => Some(Format::Stix),
             _ => None,
         }
     }
@@ -239,6 +243,7 @@ pub fn write(
             })?;
             (if format == Format::Csv { "csv" } else { "json" }, buf)
         }
+        Format::Stix => return Ok(None),
         Format::Navigator => {
             if data.schema.index_of("technique_id").is_err() {
                 return Ok(None);

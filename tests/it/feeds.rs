@@ -695,6 +695,45 @@ async fn run_maps_intel_and_diffs_threat_models() {
         .find(|t| t["techniqueID"] == "T0855")
         .unwrap();
     assert_eq!(t0855["tactic"], "impair-process-control");
+    // STIX 2.1 bundle: parses, ids are `type--uuid`, every reference resolves, T0855 is MITRE's object.
+    let bundle: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("mapped_intel.stix.json")).unwrap())
+            .unwrap();
+    assert_eq!(bundle["type"], "bundle");
+    let objects = bundle["objects"].as_array().unwrap();
+    let ids: std::collections::HashSet<&str> =
+        objects.iter().map(|o| o["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), objects.len(), "duplicate ids");
+    for o in objects {
+        let (ty, id) = (o["type"].as_str().unwrap(), o["id"].as_str().unwrap());
+        let (prefix, uuid) = id.split_once("--").unwrap();
+        assert_eq!(prefix, ty);
+        assert!(uuid::Uuid::parse_str(uuid).is_ok(), "{id}");
+        assert_eq!(o["spec_version"], "2.1");
+        assert!(o["created"].as_str().unwrap().ends_with('Z'));
+        let mut refs: Vec<&str> = o["object_refs"]
+            .as_array()
+            .map(|a| a.iter().map(|r| r.as_str().unwrap()).collect())
+            .unwrap_or_default();
+        for k in ["source_ref", "target_ref", "created_by_ref"] {
+            refs.extend(o[k].as_str());
+        }
+        for r in refs {
+            assert!(ids.contains(r), "{id} refers to missing {r}");
+        }
+    }
+    let reports = objects.iter().filter(|o| o["type"] == "report").count();
+    assert_eq!(reports, 8, "one report per mapped item");
+    let t0855 = objects
+        .iter()
+        .find(|o| {
+            o["type"] == "attack-pattern" && o["external_references"][0]["external_id"] == "T0855"
+        })
+        .unwrap();
+    assert!(t0855["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("attack-pattern--"));
     // A dataset without technique ids gets no layer.
     assert!(!out_dir.join("threats_over_time.layer.json").exists());
     let (ok, _, err) = job(&["report", "nope"]);
