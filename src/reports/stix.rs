@@ -59,10 +59,12 @@ pub async fn bundle(engine: &Engine) -> Result<Value, ReportError> {
     let mut patterns: BTreeMap<String, Value> = BTreeMap::new();
     let mut reports: BTreeMap<String, (Value, Vec<String>)> = BTreeMap::new();
     for b in &r[0].batches {
-        let c: Vec<Vec<Option<String>>> =
-            (0..b.num_columns()).map(|i| column_strings(b, i)).collect();
-        for i in 0..b.num_rows() {
-            let get = |k: usize| c[k][i].clone();
+        let mut cols: Vec<_> = (0..b.num_columns())
+            .map(|i| column_strings(b, i).into_iter())
+            .collect();
+        for _ in 0..b.num_rows() {
+            let row: Vec<Option<String>> = cols.iter_mut().map(|c| c.next().flatten()).collect();
+            let get = |k: usize| row[k].clone();
             let (Some(item), Some(ver), Some(tid)) = (get(0), get(1), get(6)) else {
                 continue;
             };
