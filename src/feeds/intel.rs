@@ -8,7 +8,7 @@ use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRe
 use chrono::Utc;
 use serde::Serialize;
 
-use super::{append, fixed, strings, ts, FeedError};
+use super::{append, column_strings, fixed, strings, ts, FeedError};
 use crate::lake::Lake;
 use crate::sql::Engine;
 
@@ -109,10 +109,6 @@ pub struct MapReport {
     pub source_rows: usize,
 }
 
-fn strings_of(b: &RecordBatch, i: usize) -> Vec<Option<String>> {
-    super::column_strings(b, i)
-}
-
 /// Map every threat item (version) not mapped yet: model top-k above `threshold`, plus the techniques
 /// the source states (OTX `attack_ids`, VirusTotal sandbox trees).
 pub async fn map_intel(
@@ -138,7 +134,11 @@ pub async fn map_intel(
     let mut rows: Vec<MappedRow> = Vec::new();
     let mut items = std::collections::BTreeSet::new();
     for b in &engine.run(&sql).await?[0].batches {
-        let (ids, vers, srcs) = (strings_of(b, 0), strings_of(b, 1), strings_of(b, 2));
+        let (ids, vers, srcs) = (
+            column_strings(b, 0),
+            column_strings(b, 1),
+            column_strings(b, 2),
+        );
         let lists = b.column(3).as_list::<i32>();
         for r in 0..b.num_rows() {
             let (Some(id), Some(ver), Some(src)) = (&ids[r], &vers[r], &srcs[r]) else {
@@ -200,11 +200,11 @@ pub async fn map_intel(
     );
     for b in &engine.run(&stated).await?[0].batches {
         let (ids, vers, srcs, tids, names) = (
-            strings_of(b, 0),
-            strings_of(b, 1),
-            strings_of(b, 2),
-            strings_of(b, 3),
-            strings_of(b, 4),
+            column_strings(b, 0),
+            column_strings(b, 1),
+            column_strings(b, 2),
+            column_strings(b, 3),
+            column_strings(b, 4),
         );
         let tactics = b.column(5).as_list::<i32>();
         for r in 0..b.num_rows() {
@@ -342,7 +342,7 @@ pub async fn runs(engine: &Engine) -> Result<Vec<String>, FeedError> {
         .await?;
     let mut out = Vec::new();
     for b in &r[0].batches {
-        out.extend(strings_of(b, 0).into_iter().flatten());
+        out.extend(column_strings(b, 0).into_iter().flatten());
     }
     Ok(out)
 }
@@ -368,7 +368,7 @@ pub async fn diff(
         let batches = df.collect().await.map_err(crate::sql::SqlError::from)?;
         let mut m = std::collections::BTreeMap::new();
         for b in &batches {
-            let (ids, names) = (strings_of(b, 0), strings_of(b, 1));
+            let (ids, names) = (column_strings(b, 0), column_strings(b, 1));
             let score = b.column(2).as_primitive::<Float64Type>();
             let ev = b.column(3).as_primitive::<Int64Type>();
             for i in 0..b.num_rows() {

@@ -97,32 +97,14 @@ pub async fn load(lake: &Lake, raw: &Location, dir: &Path) -> Result<SampleRepor
             &body,
         )
         .await?;
-        let mut row = vt::LookupRow {
-            observable: obs.clone(),
-            kind: kind.as_str().into(),
-            batch_id: batch.clone(),
-            fetched_at: at.clone(),
-            raw_ref: Some(raw_ref),
-            ..Default::default()
-        };
+        let mut row = vt::LookupRow::new(kind, &obs, &batch, &at);
+        row.raw_ref = Some(raw_ref);
         vt::parse_report(&body, &mut row).map_err(|m| FeedError::Input {
             path: p.display().to_string(),
             message: m,
         })?;
-        match kind {
-            vt::Kind::Domain => row.domain = Some(obs.clone()),
-            vt::Kind::Ip => row.ip = Some(obs.clone()),
-            _ => {}
-        }
-        for (suffix, parse) in [
-            (
-                ".behaviour_mitre_trees.json",
-                vt::parse_mitre_trees
-                    as fn(&[u8], &str, &str, &str) -> Result<Vec<vt::TechniqueRow>, String>,
-            ),
-            (".behaviour_summary.json", vt::parse_behaviour_summary),
-        ] {
-            let f = vdir.join(format!("{obs}{suffix}"));
+        for (endpoint, parse) in vt::SANDBOX_ENDPOINTS {
+            let f = vdir.join(format!("{obs}.{endpoint}.json"));
             if f.is_file() {
                 let body = read(&f)?;
                 techniques.extend(parse(&body, &obs, &batch, &at).map_err(|m| {
@@ -137,24 +119,6 @@ pub async fn load(lake: &Lake, raw: &Location, dir: &Path) -> Result<SampleRepor
     }
     report.lookups = lookups.len();
     report.techniques = techniques.len();
-    let part = [("ingest_date", date.as_str())];
-    super::append(
-        lake,
-        vt::TECHNIQUE_LOG,
-        &vt::technique_schema(),
-        &part,
-        &batch,
-        &techniques,
-    )
-    .await?;
-    super::append(
-        lake,
-        vt::LOOKUP_LOG,
-        &vt::lookup_schema(),
-        &part,
-        &batch,
-        &lookups,
-    )
-    .await?;
+    vt::store(lake, &date, &batch, &lookups, &techniques).await?;
     Ok(report)
 }

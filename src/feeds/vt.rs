@@ -192,6 +192,35 @@ pub struct LookupRow {
     pub fetched_at: String,
 }
 
+impl LookupRow {
+    /// A row for `obs` before any response: the observable's own column (domain, ip or url) filled.
+    pub fn new(kind: Kind, obs: &str, batch: &str, at: &str) -> Self {
+        let mut row = LookupRow {
+            observable: obs.to_string(),
+            kind: kind.as_str().to_string(),
+            batch_id: batch.to_string(),
+            fetched_at: at.to_string(),
+            ..Default::default()
+        };
+        match kind {
+            Kind::Domain => row.domain = Some(obs.to_string()),
+            Kind::Ip => row.ip = Some(obs.to_string()),
+            Kind::Url => row.url = Some(obs.to_string()),
+            Kind::File => {}
+        }
+        row
+    }
+}
+
+/// Parser of a file's sandbox endpoint: (body, observable, batch, fetched_at) → technique rows.
+pub type SandboxParser = fn(&[u8], &str, &str, &str) -> Result<Vec<TechniqueRow>, String>;
+
+/// The file endpoints that carry ATT&CK techniques, with their parsers.
+pub const SANDBOX_ENDPOINTS: [(&str, SandboxParser); 2] = [
+    ("behaviour_mitre_trees", parse_mitre_trees),
+    ("behaviour_summary", parse_behaviour_summary),
+];
+
 /// One sandbox technique.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TechniqueRow {
@@ -563,10 +592,7 @@ pub async fn ingest(
     let mut todo: BTreeSet<(Kind, String)> = BTreeSet::new();
     for o in observables {
         match classify(o) {
-            Some((k, v)) if fresh.contains(&v) => {
-                let _ = k;
-                report.cached += 1;
-            }
+            Some((_, v)) if fresh.contains(&v) => report.cached += 1,
             Some(kv) => {
                 todo.insert(kv);
             }
@@ -607,17 +633,7 @@ pub async fn ingest(
         }
     }
     report.requests = client.requests();
-    let part = [("ingest_date", date.as_str())];
-    append(
-        lake,
-        TECHNIQUE_LOG,
-        &technique_schema(),
-        &part,
-        &batch,
-        &techniques,
-    )
-    .await?;
-    append(lake, LOOKUP_LOG, &lookup_schema(), &part, &batch, &lookups).await?;
+    store(lake, &date, &batch, &lookups, &techniques).await?;
     state.insert("budget_date".into(), date.clone());
     state.insert("budget_used".into(), used.to_string());
     state.insert("last_batch".into(), batch);
@@ -626,6 +642,28 @@ pub async fn ingest(
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// Append a run's lookups and sandbox techniques to the log tables (techniques first, so a lookup row
+/// never lacks its techniques).
+pub async fn store(
+    lake: &Lake,
+    date: &str,
+    batch: &str,
+    lookups: &[LookupRow],
+    techniques: &[TechniqueRow],
+) -> Result<(), FeedError> {
+    let part = [("ingest_date", date)];
+    append(
+        lake,
+        TECHNIQUE_LOG,
+        &technique_schema(),
+        &part,
+        batch,
+        techniques,
+    )
+    .await?;
+    append(lake, LOOKUP_LOG, &lookup_schema(), &part, batch, lookups).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -639,19 +677,7 @@ async fn lookup(
     kind: Kind,
     obs: &str,
 ) -> Result<(LookupRow, Vec<TechniqueRow>), FeedError> {
-    let mut row = LookupRow {
-        observable: obs.to_string(),
-        kind: kind.as_str().to_string(),
-        batch_id: batch.to_string(),
-        fetched_at: at.to_string(),
-        ..Default::default()
-    };
-    match kind {
-        Kind::Domain => row.domain = Some(obs.to_string()),
-        Kind::Ip => row.ip = Some(obs.to_string()),
-        Kind::Url => row.url = Some(obs.to_string()),
-        Kind::File => {}
-    }
+    let mut row = LookupRow::new(kind, obs, batch, at);
     let path = report_path(kind, obs);
     let url = client.url(&path)?;
     let malformed = |url: &url::Url, raw_ref: &str, message: String| FeedError::Malformed {
@@ -675,14 +701,7 @@ async fn lookup(
     row.raw_ref = Some(raw_ref);
     let mut techniques = Vec::new();
     if kind == Kind::File {
-        for (endpoint, parse) in [
-            (
-                "behaviour_mitre_trees",
-                parse_mitre_trees
-                    as fn(&[u8], &str, &str, &str) -> Result<Vec<TechniqueRow>, String>,
-            ),
-            ("behaviour_summary", parse_behaviour_summary),
-        ] {
+        for (endpoint, parse) in SANDBOX_ENDPOINTS {
             let url = client.url(&format!("{path}/{endpoint}"))?;
             let Fetched::Body(body) = client.get(&url).await? else {
                 continue;

@@ -175,7 +175,9 @@ fn normalise(t: &str) -> String {
     format!("{a}.{:0<6}", &b[..b.len().min(6)])
 }
 
-fn otx_env(c: &mut std::process::Command, base: &str) {
+/// The CLI on `dir`'s lake, talking to the fake OTX at `base` with fast retries.
+fn otx_cmd(dir: &Path, base: &str) -> std::process::Command {
+    let mut c = common::cli_on(dir);
     c.env("THREATLAKE_OTX_BASE_URL", base)
         .env("THREATLAKE_OTX_API_KEY", KEY)
         .env("THREATLAKE_OTX_PAGE_SIZE", "2")
@@ -184,9 +186,10 @@ fn otx_env(c: &mut std::process::Command, base: &str) {
             "{timeout_secs: 1, attempts: 3, backoff_secs: 0.05, max_wait_secs: 2}",
         )
         .env_remove("THREATLAKE_VIRUSTOTAL_API_KEY");
+    c
 }
 
-fn run(mut c: std::process::Command) -> (bool, String, String) {
+fn run(c: &mut std::process::Command) -> (bool, String, String) {
     let o = c.output().unwrap();
     (
         o.status.success(),
@@ -196,9 +199,8 @@ fn run(mut c: std::process::Command) -> (bool, String, String) {
 }
 
 fn sql(dir: &Path, q: &str) -> String {
-    let mut c = common::cli_on(dir);
-    c.args(["sql", "--format", "csv", "--quiet", "-c", q]);
-    let (ok, out, err) = run(c);
+    let (ok, out, err) =
+        run(common::cli_on(dir).args(["sql", "--format", "csv", "--quiet", "-c", q]));
     assert!(ok, "{q}: {err}");
     out
 }
@@ -236,12 +238,7 @@ fn otx_pages_incremental_revisions_and_keys() {
     *base_cell.lock().unwrap() = fake.base.clone();
 
     // First run: 6 pulses over 3 pages, old and current formats.
-    let (ok, out, err) = run({
-        let mut c = common::cli_on(&dir);
-        otx_env(&mut c, &fake.base);
-        c.args(["ingest", "otx"]);
-        c
-    });
+    let (ok, out, err) = run(otx_cmd(&dir, &fake.base).args(["ingest", "otx"]));
     assert!(ok, "{err}");
     assert!(
         out.contains("3 page(s), 6 new or revised pulse(s)"),
@@ -266,12 +263,7 @@ fn otx_pages_incremental_revisions_and_keys() {
         .all(|(_, k)| k.as_deref() == Some(KEY)));
 
     // Second run: nothing modified since the watermark → nothing stored, the watermark was sent.
-    let (ok, out, err) = run({
-        let mut c = common::cli_on(&dir);
-        otx_env(&mut c, &fake.base);
-        c.args(["ingest", "otx"]);
-        c
-    });
+    let (ok, out, err) = run(otx_cmd(&dir, &fake.base).args(["ingest", "otx"]));
     assert!(ok, "{err}");
     assert!(out.contains("0 new or revised pulse(s)"), "{out}");
     let last = fake.requests().last().unwrap().0.clone();
@@ -291,12 +283,7 @@ fn otx_pages_incremental_revisions_and_keys() {
         old["revision"] = json!(3);
         old["modified"] = json!("2024-01-02T03:04:05.000000");
     }
-    let (ok, out, err) = run({
-        let mut c = common::cli_on(&dir);
-        otx_env(&mut c, &fake.base);
-        c.args(["ingest", "otx"]);
-        c
-    });
+    let (ok, out, err) = run(otx_cmd(&dir, &fake.base).args(["ingest", "otx"]));
     assert!(ok, "{err}");
     assert!(out.contains("1 new or revised pulse(s)"), "{out}");
     assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n6\n");
@@ -325,13 +312,9 @@ fn otx_pages_incremental_revisions_and_keys() {
     assert!(!out.contains(KEY) && !err.contains(KEY));
 
     // Wrong key: a clear message naming the variable, never the key.
-    let (ok, out, err) = run({
-        let mut c = common::cli_on(&dir);
-        otx_env(&mut c, &fake.base);
-        c.env("THREATLAKE_OTX_API_KEY", "wrong-key-123")
-            .args(["-v", "ingest", "otx"]);
-        c
-    });
+    let (ok, out, err) = run(otx_cmd(&dir, &fake.base)
+        .env("THREATLAKE_OTX_API_KEY", "wrong-key-123")
+        .args(["-v", "ingest", "otx"]));
     assert!(!ok);
     assert!(
         err.contains("rejected the API key") && err.contains("THREATLAKE_OTX_API_KEY"),
@@ -367,12 +350,7 @@ fn otx_retries_429_and_500_and_keeps_pages_before_a_bad_one() {
     );
     *base_cell.lock().unwrap() = fake.base.clone();
     let t = Instant::now();
-    let (ok, _out, err) = run({
-        let mut c = common::cli_on(&dir);
-        otx_env(&mut c, &fake.base);
-        c.args(["ingest", "otx"]);
-        c
-    });
+    let (ok, _out, err) = run(otx_cmd(&dir, &fake.base).args(["ingest", "otx"]));
     assert!(!ok, "a truncated page must fail the run");
     assert!(
         t.elapsed() >= Duration::from_millis(900),
@@ -397,16 +375,12 @@ fn otx_retries_429_and_500_and_keeps_pages_before_a_bad_one() {
             ..Reply::raw(200, b"{}".to_vec())
         }),
     );
-    let (ok, _, err) = run({
-        let mut c = common::cli_on(&dir);
-        otx_env(&mut c, &slow.base);
-        c.env(
+    let (ok, _, err) = run(otx_cmd(&dir, &slow.base)
+        .env(
             "THREATLAKE_OTX_HTTP",
             "{timeout_secs: 0.3, attempts: 2, backoff_secs: 0.05, max_wait_secs: 1}",
         )
-        .args(["ingest", "otx"]);
-        c
-    });
+        .args(["ingest", "otx"]));
     assert!(!ok);
     assert!(
         err.contains("timed out") && err.contains("2 attempt(s)"),
@@ -445,7 +419,9 @@ fn vt_routes(url: &str, key: Option<&str>) -> Reply {
     }
 }
 
-fn vt_env(c: &mut std::process::Command, base: &str, budget: u32) {
+/// The CLI on `dir`'s lake, talking to the fake VirusTotal at `base` with a daily `budget`.
+fn vt_cmd(dir: &Path, base: &str, budget: u32) -> std::process::Command {
+    let mut c = common::cli_on(dir);
     c.env("THREATLAKE_VIRUSTOTAL_BASE_URL", format!("{base}/api/v3"))
         .env("THREATLAKE_VIRUSTOTAL_API_KEY", VT_KEY)
         .env("THREATLAKE_VIRUSTOTAL_REQUESTS_PER_MINUTE", "600")
@@ -456,6 +432,7 @@ fn vt_env(c: &mut std::process::Command, base: &str, budget: u32) {
             "{timeout_secs: 2, attempts: 3, backoff_secs: 0.05, max_wait_secs: 2}",
         )
         .env_remove("THREATLAKE_OTX_API_KEY");
+    c
 }
 
 #[test]
@@ -481,12 +458,13 @@ fn virustotal_lookups_budget_cache_and_not_found() {
     )
     .unwrap();
     // Budget 4: the file costs 3 requests (+1 retried 429), so the domains wait for the next run.
-    let (ok, out, err) = run({
-        let mut c = common::cli_on(&dir);
-        vt_env(&mut c, &fake.base, 4);
-        c.args(["ingest", "vt", "--iocs", iocs.to_str().unwrap(), "1.1.1.1"]);
-        c
-    });
+    let (ok, out, err) = run(vt_cmd(&dir, &fake.base, 4).args([
+        "ingest",
+        "vt",
+        "--iocs",
+        iocs.to_str().unwrap(),
+        "1.1.1.1",
+    ]));
     assert!(ok, "{err}");
     assert!(
         out.contains("1 looked up") && out.contains("3 deferred"),
@@ -509,12 +487,13 @@ fn virustotal_lookups_budget_cache_and_not_found() {
     // Next run (budget allows): the file is fresh in the lake (cache), the rest is looked up; the
     // unknown domain is recorded as not found.
     let before = fake.requests().len();
-    let (ok, out, err) = run({
-        let mut c = common::cli_on(&dir);
-        vt_env(&mut c, &fake.base, 100);
-        c.args(["ingest", "vt", "--iocs", iocs.to_str().unwrap(), "1.1.1.1"]);
-        c
-    });
+    let (ok, out, err) = run(vt_cmd(&dir, &fake.base, 100).args([
+        "ingest",
+        "vt",
+        "--iocs",
+        iocs.to_str().unwrap(),
+        "1.1.1.1",
+    ]));
     assert!(ok, "{err}");
     assert!(
         out.contains("3 looked up (1 not found), 1 fresh in the lake"),
@@ -538,14 +517,10 @@ fn virustotal_lookups_budget_cache_and_not_found() {
     assert_absent(&dir, VT_KEY);
 
     // Wrong key → clear error, key not shown, nothing lost.
-    let (ok, _, err) = run({
-        let mut c = common::cli_on(&dir);
-        vt_env(&mut c, &fake.base, 100);
-        c.env("THREATLAKE_VIRUSTOTAL_API_KEY", "nope-nope-42")
-            .env("THREATLAKE_VIRUSTOTAL_CACHE_TTL_HOURS", "0")
-            .args(["ingest", "vt", "8.8.8.8"]);
-        c
-    });
+    let (ok, _, err) = run(vt_cmd(&dir, &fake.base, 100)
+        .env("THREATLAKE_VIRUSTOTAL_API_KEY", "nope-nope-42")
+        .env("THREATLAKE_VIRUSTOTAL_CACHE_TTL_HOURS", "0")
+        .args(["ingest", "vt", "8.8.8.8"]));
     assert!(!ok);
     assert!(
         err.contains("VirusTotal rejected the API key") && !err.contains("nope-nope-42"),
@@ -582,12 +557,10 @@ async fn run_maps_intel_and_diffs_threat_models() {
     );
     *base_cell.lock().unwrap() = fake.base.clone();
     let job = |args: &[&str]| {
-        let mut c = common::cli_on(&dir);
-        otx_env(&mut c, &fake.base);
-        c.env("THREATLAKE_LAKE_MODELS", dir.join("models"))
+        run(otx_cmd(&dir, &fake.base)
+            .env("THREATLAKE_LAKE_MODELS", dir.join("models"))
             .env("THREATLAKE_MAPPING_DOMAIN", "ics")
-            .args(args);
-        run(c)
+            .args(args))
     };
     let (ok, out, err) = job(&["run"]);
     assert!(ok, "{out}\n{err}");
@@ -759,7 +732,7 @@ async fn offline_run_with_the_shipped_samples() {
         if args[0] == "run" {
             c.args(["--samples-dir", samples.to_str().unwrap()]);
         }
-        run(c)
+        run(&mut c)
     };
     let (ok, _, err) = job(&["run", "--offline", "--samples"]);
     assert!(

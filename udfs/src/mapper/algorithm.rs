@@ -283,7 +283,7 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    /// Calibrated score of technique `t` from the last [`Model::score`] call.
+    /// Calibrated score of technique `t` from the last [`Model::score_with`] call.
     pub fn fused_score(&self, t: usize) -> f64 {
         self.fused.get(t).map_or(0.0, |x| sigmoid(*x) as f64)
     }
@@ -797,8 +797,15 @@ fn fit_once(
     Ok((model.prepared(), word_vectors))
 }
 
+/// The fitted PCA applied to `x`, normalised: `offset + x·P`.
 fn project(proj: &[f32], offset: &[f32], out_dims: usize, x: &[f32], out: &mut [f32]) {
     out.copy_from_slice(offset);
+    add_projected(proj, out_dims, x, out);
+    normalize(out);
+}
+
+/// The linear part of the projection: `out += x·P`.
+fn add_projected(proj: &[f32], out_dims: usize, x: &[f32], out: &mut [f32]) {
     for (i, xi) in x.iter().enumerate() {
         if *xi == 0.0 {
             continue;
@@ -808,7 +815,6 @@ fn project(proj: &[f32], offset: &[f32], out_dims: usize, x: &[f32], out: &mut [
             *o += xi * p;
         }
     }
-    normalize(out);
 }
 
 /// SIF-weighted mean of word vectors (`a / (a + p(w))`), stopwords skipped.
@@ -886,14 +892,10 @@ impl Model {
         self.techniques.iter().position(|t| t.id == id)
     }
 
-    /// Fused scores (raw logits, see [`Scratch::fused_score`]) left in `scratch.fused` for the
-    /// shortlisted techniques (at least [`SHORTLIST`]); every other technique gets `-inf`.
-    pub fn score(&self, wv: &WordVectors, input: &str, s: &mut Scratch) {
-        self.score_with(wv, input, 0, &[], s);
-    }
-
-    /// Two-stage scoring. Stage 1 scores every technique with the cheap technique-level evidence
-    /// (TF-IDF centroid, classifier, name, explicit id); the best `max(want, SHORTLIST)` of those, plus
+    /// Two-stage scoring, leaving raw logits (see [`Scratch::fused_score`]) in `scratch.fused` for the
+    /// shortlisted techniques and `-inf` for the rest. Stage 1 scores every technique with the cheap
+    /// technique-level evidence (TF-IDF centroid, classifier, name, explicit id); the best
+    /// `max(want, SHORTLIST)` of those, plus
     /// `force` and cited ids, form the shortlist. Stage 2 adds the per-example and embedding evidence
     /// (nearest example, k-means prototypes) for the shortlist only, so the cost per row no longer
     /// grows with every technique's examples and prototypes. On the development hold-out the shortlist
@@ -1035,12 +1037,7 @@ impl Model {
                 let p = self.word_prob.get(t).copied().unwrap_or(0.0);
                 entry.sif = self.params.sif_a / (self.params.sif_a + p);
                 let mut v = vec![0f32; self.proj_out];
-                for (i, xi) in word.iter().enumerate() {
-                    let row = &self.proj[i * self.proj_out..(i + 1) * self.proj_out];
-                    for (o, pv) in v.iter_mut().zip(row) {
-                        *o += xi * pv;
-                    }
-                }
+                add_projected(&self.proj, self.proj_out, word, &mut v);
                 entry.vector = v.into_boxed_slice();
             }
         }
@@ -1253,11 +1250,7 @@ impl Model {
             centroid: s.centroid[t],
             knn: s.knn[t],
             embedding: s.emb[t],
-            name: if self.name_len[t] > 0 && s.name_hits[t] == self.name_len[t] {
-                1.0
-            } else {
-                0.0
-            },
+            name: self.name_match(t, s),
             id: s.ids[t],
             lr: s.lr[t],
         }
