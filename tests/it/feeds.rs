@@ -457,14 +457,9 @@ fn virustotal_lookups_budget_cache_and_not_found() {
         "# IOCs from a report\n020876E69DAC4B2CB5B75A616DBDAC8B913F3CC06FBABD8F8DD3277691BA48B6\ngithub.com\nunknown-domain.example\n=HYPERLINK(\"x\")\n",
     )
     .unwrap();
+    let lookup = ["ingest", "vt", "--iocs", iocs.to_str().unwrap(), "1.1.1.1"];
     // Budget 4: the file costs 3 requests (+1 retried 429), so the domains wait for the next run.
-    let (ok, out, err) = run(vt_cmd(&dir, &fake.base, 4).args([
-        "ingest",
-        "vt",
-        "--iocs",
-        iocs.to_str().unwrap(),
-        "1.1.1.1",
-    ]));
+    let (ok, out, err) = run(vt_cmd(&dir, &fake.base, 4).args(lookup));
     assert!(ok, "{err}");
     assert!(
         out.contains("1 looked up") && out.contains("3 deferred"),
@@ -487,13 +482,7 @@ fn virustotal_lookups_budget_cache_and_not_found() {
     // Next run (budget allows): the file is fresh in the lake (cache), the rest is looked up; the
     // unknown domain is recorded as not found.
     let before = fake.requests().len();
-    let (ok, out, err) = run(vt_cmd(&dir, &fake.base, 100).args([
-        "ingest",
-        "vt",
-        "--iocs",
-        iocs.to_str().unwrap(),
-        "1.1.1.1",
-    ]));
+    let (ok, out, err) = run(vt_cmd(&dir, &fake.base, 100).args(lookup));
     assert!(ok, "{err}");
     assert!(
         out.contains("3 looked up (1 not found), 1 fresh in the lake"),
