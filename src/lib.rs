@@ -4,6 +4,7 @@
 //! rendering); the `threatlake` binary is a thin command-line layer over it.
 
 pub mod attack;
+pub mod charts;
 pub mod config;
 pub mod feeds;
 pub mod lake;

@@ -59,19 +59,53 @@ enum Command {
     /// Print speed and memory figures.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Run report datasets (sql/reports) in batch: CSV, JSON, ATT&CK Navigator layers, plus index.json.
+    /// Run report datasets (sql/reports) in batch: HTML, PDF, CSV, JSON, SVG/PNG charts, ATT&CK
+    /// Navigator layers, a STIX bundle, plus index.html and index.json.
     Report {
         /// Reports to run (default: all).
         names: Vec<String>,
         /// Run every report (the default when no name is given).
         #[arg(long, conflicts_with = "names")]
         all: bool,
-        /// Comma-separated formats: csv, json, navigator, stix (one bundle of all mapped intel).
-        #[arg(long, default_value = "csv,json,navigator,stix")]
+        /// Comma-separated formats: html, pdf, csv, json, navigator, stix (one bundle of all mapped
+        /// intel), svg, png (the chart alone).
+        #[arg(long, default_value = cli::report::ALL_FORMATS)]
         format: String,
         /// Output directory (default: reports.out_dir).
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Only intel observed on or after this date (YYYY-MM-DD, UTC) or RFC 3339 time.
+        #[arg(long, value_name = "DATE")]
+        since: Option<String>,
+    },
+    /// Draw one chart from any query: `chart "SELECT …" --kind bar --out file.svg`.
+    Chart {
+        /// The query (its last statement is charted).
+        sql: String,
+        /// bar, hbar, line, heatmap (ATT&CK matrix), map (world) or scatter.
+        #[arg(long, default_value = "bar")]
+        kind: String,
+        /// Output file: .svg or .png.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Label / x / country / technique-id column (default: picked by type).
+        #[arg(long)]
+        x: Option<String>,
+        /// Value column (default: the first numeric one).
+        #[arg(long)]
+        y: Option<String>,
+        /// Series (colour) column; for heatmaps `subtechniques` lists sub-techniques.
+        #[arg(long)]
+        series: Option<String>,
+        /// Scatter: lay this text column out in 2-D with the mapping model (PCA).
+        #[arg(long)]
+        project: Option<String>,
+        /// Chart title (default: the query).
+        #[arg(long)]
+        title: Option<String>,
+        /// Bars shown at most; the rest are summed into "other".
+        #[arg(long, default_value_t = 30)]
+        limit: usize,
     },
     /// Map threat items not mapped yet (model top-k and source-stated techniques) into mapped_threat_data.
     MapIntel,
@@ -294,6 +328,21 @@ enum BenchCommand {
         #[arg(long, default_value_t = 50)]
         page_size: usize,
     },
+    /// Every report in every format over a generated lake of mapped OTX pulses: seconds, peak RSS.
+    Report {
+        /// Threat items (pulses) to generate.
+        #[arg(long, default_value_t = 100_000)]
+        items: usize,
+        /// ATT&CK Enterprise bundle (procedure texts and the matrix).
+        #[arg(
+            long,
+            default_value = "../shared/data/attack/enterprise-attack.json.gz"
+        )]
+        from: String,
+        /// Keep the lake and reports in this directory instead of a temporary one.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+    },
     /// Ingest a bundle into a throwaway lake and time a representative query.
     Ingest {
         /// Bundle to ingest.
@@ -335,9 +384,10 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(verbose: u8) {
+    // topojson warns about the world map's (valid) string ids; nothing a user can act on.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,topojson=error",
+        1 => "info,topojson=error",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("THREATLAKE_LOG")
@@ -377,7 +427,35 @@ async fn main_inner(cli: Cli) -> Result<()> {
             all: _,
             format,
             out,
-        } => cli::report::report(&settings, names, &format, out).await,
+            since,
+        } => cli::report::report(&settings, names, &format, out, since).await,
+        Command::Chart {
+            sql,
+            kind,
+            out,
+            x,
+            y,
+            series,
+            project,
+            title,
+            limit,
+        } => {
+            cli::report::chart(
+                &settings,
+                cli::report::ChartArgs {
+                    sql,
+                    kind,
+                    out,
+                    x,
+                    y,
+                    series,
+                    project,
+                    title,
+                    limit,
+                },
+            )
+            .await
+        }
         Command::MapIntel => cli::feeds::map_intel(&settings).await.map(drop),
         Command::Run(a) => {
             cli::feeds::run(&settings, a.offline, a.samples.then_some(a.samples_dir)).await
@@ -452,6 +530,9 @@ async fn main_inner(cli: Cli) -> Result<()> {
             indicators,
             page_size,
         }) => cli::bench::otx(pulses, indicators, page_size).await,
+        Command::Bench(BenchCommand::Report { items, from, keep }) => {
+            cli::bench::report(&settings, items, &from, keep).await
+        }
         Command::Bench(BenchCommand::Map { rows, runs }) => {
             cli::bench::map(&settings, rows, runs).await
         }

@@ -1,6 +1,6 @@
 -- title: Tactic coverage
 -- description: Per tactic of the mapping domain's newest ATT&CK release, how many of its techniques the current intel touches.
--- chart: bar
+-- chart: bar x=tactic_name y=coverage_pct
 WITH seen AS (
   SELECT DISTINCT m.technique_id
   FROM mapped_threat_data m

@@ -1,6 +1,6 @@
 -- title: Technique frequency
 -- description: How many current threat items point at each ATT&CK technique (model and source-stated evidence), and from how many sources.
--- chart: hbar
+-- chart: hbar y=items
 SELECT m.technique_id,
        max(m.technique_name) AS technique_name,
        max(m.tactic) AS tactic,

@@ -1,6 +1,6 @@
 -- title: Threat-model changes
 -- description: Techniques new, rising, fading or gone between the last two threat-model runs.
--- chart: hbar
+-- chart: hbar y=score_after
 WITH runs AS (SELECT DISTINCT run_id FROM threat_model),
 ranked AS (SELECT run_id, row_number() OVER (ORDER BY run_id DESC) AS k FROM runs),
 b AS (SELECT tm.* FROM threat_model tm JOIN ranked r ON tm.run_id = r.run_id AND r.k = 1),

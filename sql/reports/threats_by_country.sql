@@ -1,6 +1,6 @@
 -- title: Threats by country
 -- description: Countries targeted by OTX pulses and countries of VirusTotal IP addresses.
--- chart: map
+-- chart: map x=country y=items
 SELECT country, source, count(*) AS items
 FROM (
   SELECT unnest(targeted_countries) AS country, 'otx' AS source FROM otx_data

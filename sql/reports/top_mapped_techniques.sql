@@ -1,6 +1,6 @@
 -- title: Top mapped techniques with evidence
 -- description: The newest threat-model snapshot, strongest techniques first, with the item that scored highest for each.
--- chart: hbar
+-- chart: hbar y=score
 WITH latest AS (SELECT max(run_id) AS run_id FROM threat_model),
 best AS (
   SELECT m.technique_id, t.title, m.score, m.method,

@@ -276,3 +276,145 @@ pub async fn otx(pulses: usize, indicators: usize, page_size: usize) -> Result<(
     }
     Ok(())
 }
+
+const COUNTRIES: &[&str] = &[
+    "United States of America",
+    "Germany",
+    "United Kingdom",
+    "France",
+    "Japan",
+    "India",
+    "Brazil",
+    "Ukraine",
+    "South Korea",
+    "Australia",
+    "Canada",
+    "Israel",
+    "Saudi Arabia",
+    "Taiwan",
+    "Netherlands",
+    "Italy",
+    "Spain",
+    "Mexico",
+    "Singapore",
+    "Poland",
+];
+const FAMILIES: &[&str] = &[
+    "Emotet",
+    "QakBot",
+    "Cobalt Strike",
+    "IcedID",
+    "AgentTesla",
+    "LockBit",
+    "BlackCat",
+    "Sliver",
+    "Remcos",
+    "AsyncRAT",
+];
+
+/// `bench report`: a lake of `items` OTX pulses whose texts are ATT&CK procedure examples (varied
+/// techniques, countries, families, dates over a year), mapped by the configured model and
+/// snapshotted twice; then every report in every format, timed, with the peak RSS of that stage.
+pub async fn report(
+    settings: &threatlake::Settings,
+    items: usize,
+    from: &str,
+    keep: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let tmp = tempfile::tempdir().context("creating a temporary lake")?;
+    let root = keep.unwrap_or_else(|| tmp.path().to_path_buf());
+    let lake_dir = root.join("lake");
+    let lake = Lake::open(lake_dir.to_str().context("utf-8 lake path")?)?;
+    let raw = Location::open(root.join("raw").to_str().context("utf-8 raw path")?)?;
+    let t = Instant::now();
+    threatlake::attack::ingest(&lake, &raw, from, None, None, Duration::from_secs(300))
+        .await
+        .with_context(|| format!("ingesting {from}"))?;
+    let engine = Engine::open(&lake).await?;
+    let r = engine
+        .run("SELECT description FROM attack_procedures_current WHERE domain = 'enterprise' AND length(description) > 40 ORDER BY relationship_id")
+        .await?;
+    let texts: Vec<String> = r[0]
+        .batches
+        .iter()
+        .flat_map(|b| threatlake::feeds::column_strings(b, 0))
+        .flatten()
+        .collect();
+    anyhow::ensure!(
+        !texts.is_empty(),
+        "{from} has no Enterprise procedure examples"
+    );
+    println!(
+        "ATT&CK ingested and {} procedure texts read in {:.1} s",
+        texts.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let mut s = settings.clone();
+    s.lake.root = lake_dir.to_string_lossy().to_string();
+    let half = items / 2;
+    let t = Instant::now();
+    for (part, range) in [(0, 0..half), (1, half..items)] {
+        let batch = format!("bench-{part}");
+        let prov = threatlake::feeds::otx::Provenance {
+            batch_id: batch.clone(),
+            raw_ref: "bench".into(),
+            ingested_at: threatlake::feeds::fixed(chrono::Utc::now()),
+        };
+        let mut w = threatlake::feeds::otx::OtxWriter::new(&lake, &batch, Default::default());
+        let mut chunk = Vec::with_capacity(1000);
+        for i in range {
+            let text = &texts[(i * 7919) % texts.len()];
+            let day = i * 331 % 330;
+            chunk.push(serde_json::json!({
+                "id": format!("{i:024x}"),
+                "name": format!("Campaign {i}: {}", threatlake::charts::clip(text, 60)),
+                "description": text,
+                "author_name": "bench",
+                "created": format!("2026-01-01T00:00:00"),
+                "modified": (chrono::NaiveDate::from_ymd_opt(2026, 1, 1).expect("date") + chrono::Days::new(day as u64)).format("%Y-%m-%dT12:00:00").to_string(),
+                "revision": 1, "tlp": "white", "adversary": "",
+                "tags": ["bench"], "references": [],
+                "targeted_countries": [COUNTRIES[i % COUNTRIES.len()], COUNTRIES[(i / 3 + 5) % COUNTRIES.len()]],
+                "industries": [], "malware_families": [FAMILIES[i % FAMILIES.len()]],
+                "attack_ids": [], "indicators": []
+            }));
+            if chunk.len() == 1000 {
+                w.add(&chunk, &prov).await.map_err(anyhow::Error::msg)?;
+                chunk.clear();
+            }
+        }
+        w.add(&chunk, &prov).await.map_err(anyhow::Error::msg)?;
+        w.flush().await?;
+        crate::cli::feeds::map_intel(&s).await?;
+        crate::cli::feeds::snapshot(&s).await?;
+    }
+    println!(
+        "{items} pulses written, mapped and snapshotted in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // Peak RSS of the report stage alone: reset the high-water mark first (Linux).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let out = root.join("reports");
+    let t = Instant::now();
+    crate::cli::report::report(
+        &s,
+        vec![],
+        crate::cli::report::ALL_FORMATS,
+        Some(out.clone()),
+        None,
+    )
+    .await?;
+    let secs = t.elapsed().as_secs_f64();
+    let bytes: u64 = std::fs::read_dir(&out)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "report --all ({}) over {items} items: {secs:.1} s, peak RSS {:.0} MiB, {:.1} MB written to {}",
+        crate::cli::report::ALL_FORMATS,
+        peak_rss_mib().unwrap_or(f64::NAN),
+        bytes as f64 / 1e6,
+        out.display()
+    );
+    Ok(())
+}

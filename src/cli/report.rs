@@ -1,18 +1,25 @@
-//! `threatlake report`: run the report datasets in batch and write each in every asked format, plus
-//! an `index.json` of what was written.
+//! `threatlake report` (run the report datasets in batch and write each in every asked format, plus
+//! `index.html` and `index.json`) and `threatlake chart` (one ad-hoc chart from any query).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use threatlake::charts::{Chart, ChartKind, ChartSpec, Frame, ImageFormat};
 use threatlake::reports::{self, Format};
+use threatlake::sql::EngineOptions;
 use threatlake::{Engine, Lake, Settings};
 
-/// Run `names` (all when empty) into `out` in `formats` (comma-separated names).
+/// Every format, the default of `report --format`.
+pub const ALL_FORMATS: &str = "html,pdf,csv,json,navigator,stix,svg,png";
+
+/// Run `names` (all when empty) into `out` in `formats` (comma-separated names), counting only intel
+/// observed on or after `since` (YYYY-MM-DD or RFC 3339).
 pub async fn report(
     settings: &Settings,
     names: Vec<String>,
     formats: &str,
     out: Option<PathBuf>,
+    since: Option<String>,
 ) -> Result<()> {
     let formats: Vec<Format> = formats
         .split(',')
@@ -20,33 +27,46 @@ pub async fn report(
         .filter(|f| !f.is_empty())
         .map(|f| {
             Format::parse(f).with_context(|| {
-                format!(
-                    "unknown report format {f:?}; use csv, json, navigator, stix (comma-separated)"
-                )
+                format!("unknown report format {f:?}; use any of {ALL_FORMATS} (comma-separated)")
             })
         })
         .collect::<Result<_>>()?;
     if formats.is_empty() {
-        bail!("no report format given; use --format csv,json,navigator");
+        bail!("no report format given; use --format {ALL_FORMATS}");
     }
+    let since_at = since.as_deref().map(parse_since).transpose()?;
     let defs = reports::select(&names)?;
     let out = out.unwrap_or_else(|| PathBuf::from(&settings.reports.out_dir));
     let lake = Lake::open(&settings.lake.root)?;
-    let engine = Engine::open(&lake).await?;
+    let mut options = EngineOptions::from_settings(settings);
+    options.since = since_at;
+    let engine = Engine::open_with(&lake, &options).await?;
     let domain = settings.mapping.domain.as_str();
     let version = current_version(&engine, domain).await?;
+    let templates = reports::html::Templates::load(Path::new(&settings.reports.templates))?;
+    let ctx = reports::Context {
+        domain,
+        attack_version: &version,
+        generated_at: threatlake::feeds::fixed(chrono::Utc::now()),
+        since: since_at.map(|s| s.format("%Y-%m-%d %H:%M UTC").to_string()),
+        templates: &templates,
+        formats: &formats,
+    };
     let bar = indicatif::ProgressBar::new(defs.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {elapsed}")
             .expect("static template"),
     );
+    let mut built = Vec::new();
     let mut index = Vec::new();
     for def in &defs {
         bar.set_message(def.name.clone());
-        let data = reports::run(&engine, def).await?;
-        let rows: usize = data.batches.iter().map(|b| b.num_rows()).sum();
+        let b = reports::build(&engine, def, domain).await?;
+        if let Err(e) = &b.chart {
+            bar.suspend(|| eprintln!("warning: report {}: no chart: {e}", def.name));
+        }
         let mut files = Vec::new();
         for f in &formats {
-            if let Some(p) = reports::write(&data, *f, &out, domain, &version)? {
+            if let Some(p) = reports::write(&b, *f, &out, &ctx)? {
                 files.push(
                     p.file_name()
                         .map(|n| n.to_string_lossy().to_string())
@@ -56,29 +76,127 @@ pub async fn report(
         }
         index.push(serde_json::json!({
             "name": def.name, "title": def.title, "description": def.description,
-            "chart": def.chart, "rows": rows, "files": files
+            "chart": def.chart, "rows": b.data.rows(), "files": files,
+            "chart_error": b.chart.as_ref().err().map(|e| e.to_string()),
         }));
+        built.push((b, files));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let mut extra = Vec::new();
+    let mut bundles = Vec::new();
     if formats.contains(&Format::Stix) {
         let b = reports::stix::bundle(&engine).await?;
         let mut bytes = serde_json::to_vec_pretty(&b)?;
         bytes.push(b'\n');
         reports::write_atomic(&out.join("mapped_intel.stix.json"), &bytes)?;
-        extra.push("mapped_intel.stix.json");
+        bundles.push("mapped_intel.stix.json");
     }
     let mut idx = serde_json::to_vec_pretty(&serde_json::json!({
-        "generated_at": threatlake::feeds::fixed(chrono::Utc::now()),
-        "domain": domain, "attack_version": version, "reports": index, "bundles": extra
+        "generated_at": ctx.generated_at, "since": ctx.since,
+        "domain": domain, "attack_version": version, "reports": index, "bundles": bundles
     }))?;
     idx.push(b'\n');
     reports::write_atomic(&out.join("index.json"), &idx)?;
+    if formats.contains(&Format::Html) {
+        let list: Vec<_> = built.iter().map(|(b, f)| (b, f.clone())).collect();
+        let page = reports::index_page(&list, &bundles, &ctx)?;
+        reports::write_atomic(&out.join("index.html"), page.as_bytes())?;
+    }
     println!(
-        "{} report(s) written to {} (index.json lists them)",
+        "{} report(s) written to {} (index.json{} lists them)",
         defs.len(),
-        out.display()
+        out.display(),
+        if formats.contains(&Format::Html) {
+            ", index.html"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// `YYYY-MM-DD` (midnight UTC) or an RFC 3339 instant.
+pub fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .map(|d| d.with_timezone(&chrono::Utc))
+        .with_context(|| format!("--since {s:?}: use a date like 2026-01-31 or an RFC 3339 time"))
+}
+
+/// Options of `threatlake chart`.
+pub struct ChartArgs {
+    /// The query.
+    pub sql: String,
+    /// Kind.
+    pub kind: String,
+    /// Output file (.svg or .png).
+    pub out: PathBuf,
+    /// Columns.
+    pub x: Option<String>,
+    /// Value column.
+    pub y: Option<String>,
+    /// Series column.
+    pub series: Option<String>,
+    /// Text column to project (scatter).
+    pub project: Option<String>,
+    /// Title.
+    pub title: Option<String>,
+    /// Bars at most.
+    pub limit: usize,
+}
+
+/// Draw one chart from a query into a file.
+pub async fn chart(settings: &Settings, a: ChartArgs) -> Result<()> {
+    let kind = ChartKind::parse(&a.kind).with_context(|| {
+        format!(
+            "unknown chart kind {:?}; use bar, hbar, line, heatmap, map or scatter",
+            a.kind
+        )
+    })?;
+    let ext = a
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    let format = ImageFormat::from_extension(ext)
+        .with_context(|| format!("--out {}: name an .svg or .png file", a.out.display()))?;
+    let mut spec = ChartSpec::of(kind);
+    spec.x = a.x;
+    spec.y = a.y;
+    spec.series = a.series;
+    spec.project = a.project;
+    spec.limit = a.limit.max(1);
+    let lake = Lake::open(&settings.lake.root)?;
+    let engine = Engine::open_with(&lake, &EngineOptions::from_settings(settings)).await?;
+    let mut results = engine.run(&a.sql).await?;
+    let Some(r) = results.pop() else {
+        bail!("the SQL holds no statement");
+    };
+    let frame = Frame::new(&r.schema, &r.batches);
+    let title = a.title.unwrap_or_else(|| {
+        let one_line = a.sql.split_whitespace().collect::<Vec<_>>().join(" ");
+        threatlake::charts::clip(&one_line, 90)
+    });
+    let c = Chart::build(
+        &engine,
+        &spec,
+        &title,
+        &frame,
+        settings.mapping.domain.as_str(),
+    )
+    .await?;
+    let img = c.render(format)?;
+    reports::write_atomic(&a.out, &img.bytes)?;
+    println!(
+        "{} chart of {} row(s), {} mark(s), written to {} ({}x{})",
+        kind.name(),
+        frame.rows,
+        img.marks,
+        a.out.display(),
+        img.size.0,
+        img.size.1
     );
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! Batch reports: each `sql/reports/*.sql` file is one named dataset (a `-- title:` / `-- description:` /
-//! `-- chart:` header, then one query); `threatlake report` runs them and writes CSV, JSON and ATT&CK
-//! Navigator layers, plus a STIX 2.1 bundle of the mapped intel (charts, HTML and PDF come next).
+//! `-- chart:` header, then one query); `threatlake report` runs them and writes HTML, PDF, CSV, JSON,
+//! chart images and ATT&CK Navigator layers, plus a STIX 2.1 bundle of the mapped intel.
 
+pub mod html;
 pub mod navigator;
+pub mod pdf;
 pub mod stix;
 
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::path::{Path, PathBuf};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
+use crate::charts::{self, Chart, ChartError, ChartSpec, Frame, ImageFormat};
 use crate::sql::output::{self, OutputFormat};
 use crate::sql::{Engine, SqlError};
 
@@ -42,6 +45,14 @@ pub const SHIPPED: &[(&str, &str)] = &[
     (
         "threat_model_diff",
         include_str!("../../sql/reports/threat_model_diff.sql"),
+    ),
+    (
+        "attack_matrix",
+        include_str!("../../sql/reports/attack_matrix.sql"),
+    ),
+    (
+        "threat_clusters",
+        include_str!("../../sql/reports/threat_clusters.sql"),
     ),
 ];
 
@@ -80,6 +91,24 @@ pub enum ReportError {
         path: String,
         /// Error.
         message: String,
+    },
+    /// A template failed to load or render.
+    #[error(
+        "HTML template {name}: {message}; fix the template or delete it to use the shipped one"
+    )]
+    Template {
+        /// Template file.
+        name: String,
+        /// minijinja's message.
+        message: String,
+    },
+    /// A report's `-- chart:` line is invalid.
+    #[error("report {name}: {source}")]
+    Chart {
+        /// Report name.
+        name: String,
+        /// Error.
+        source: crate::charts::ChartError,
     },
     /// The result cannot be shown as a Navigator layer.
     #[error("report {name} cannot be a Navigator layer: {message}")]
@@ -123,13 +152,25 @@ pub fn parse_def(name: &str, text: &str) -> Result<ReportDef, ReportError> {
                 message: format!("no `-- {key}:` line"),
             })
     };
-    Ok(ReportDef {
+    let def = ReportDef {
         name: name.to_string(),
         title: get("title")?,
         description: get("description")?,
         chart: get("chart")?,
         sql: text.to_string(),
-    })
+    };
+    def.chart_spec()?;
+    Ok(def)
+}
+
+impl ReportDef {
+    /// The parsed `-- chart:` line.
+    pub fn chart_spec(&self) -> Result<ChartSpec, ReportError> {
+        ChartSpec::parse(&self.chart).map_err(|source| ReportError::Chart {
+            name: self.name.clone(),
+            source,
+        })
+    }
 }
 
 /// The shipped reports.
@@ -167,6 +208,14 @@ pub fn select(names: &[String]) -> Result<Vec<ReportDef>, ReportError> {
 /// Output formats of `threatlake report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// Self-contained HTML page (minijinja, chart inlined as SVG, sortable table).
+    Html,
+    /// PDF (krilla): title, summary, chart, table, page numbers.
+    Pdf,
+    /// The chart alone as SVG.
+    Svg,
+    /// The chart alone as PNG.
+    Png,
     /// arrow-csv, formula-neutralised.
     Csv,
     /// arrow-json array.
@@ -181,6 +230,10 @@ impl Format {
     /// Parse a format name.
     pub fn parse(s: &str) -> Option<Format> {
         match s {
+            "html" => Some(Format::Html),
+            "pdf" => Some(Format::Pdf),
+            "svg" => Some(Format::Svg),
+            "png" => Some(Format::Png),
             "csv" => Some(Format::Csv),
             "json" => Some(Format::Json),
             "navigator" => Some(Format::Navigator),
@@ -198,6 +251,13 @@ pub struct Dataset {
     pub schema: SchemaRef,
     /// Rows.
     pub batches: Vec<RecordBatch>,
+}
+
+impl Dataset {
+    /// Row count.
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
 }
 
 /// Run one report.
@@ -218,16 +278,102 @@ pub async fn run(engine: &Engine, def: &ReportDef) -> Result<Dataset, ReportErro
     })
 }
 
-/// Write `data` in `format` under `dir` as `<name>.<ext>`; None when the format does not apply (a
-/// Navigator layer needs technique ids). `domain` and `attack_version` label Navigator layers.
+/// A report's result with its chart (or why the chart could not be drawn: a missing model or
+/// ATT&CK release should not stop the other outputs).
+pub struct Built {
+    /// The result.
+    pub data: Dataset,
+    /// The chart.
+    pub chart: Result<Chart, ChartError>,
+}
+
+/// Run one report and build its chart.
+pub async fn build(engine: &Engine, def: &ReportDef, domain: &str) -> Result<Built, ReportError> {
+    let data = run(engine, def).await?;
+    let spec = def.chart_spec()?;
+    let frame = Frame::new(&data.schema, &data.batches);
+    let chart = Chart::build(engine, &spec, &def.title, &frame, domain).await;
+    Ok(Built { data, chart })
+}
+
+/// What every output of a report run shares.
+pub struct Context<'a> {
+    /// ATT&CK domain of the mapping.
+    pub domain: &'a str,
+    /// Its newest release in the lake.
+    pub attack_version: &'a str,
+    /// When the run started (RFC 3339).
+    pub generated_at: String,
+    /// The `--since` date, if any.
+    pub since: Option<String>,
+    /// HTML templates.
+    pub templates: &'a html::Templates,
+    /// Formats written in this run (for cross-links).
+    pub formats: &'a [Format],
+}
+
+/// Rows shown in HTML pages and PDFs (the CSV and JSON outputs hold all).
+pub const HTML_ROWS: usize = 1000;
+/// Rows shown in PDFs.
+pub const PDF_ROWS: usize = 300;
+
+fn file_name(name: &str, format: Format, built: &Built) -> Option<String> {
+    let ext = match format {
+        Format::Html => "html",
+        Format::Pdf => "pdf",
+        Format::Csv => "csv",
+        Format::Json => "json",
+        Format::Svg | Format::Png if built.chart.is_err() => return None,
+        Format::Svg => "svg",
+        Format::Png => "png",
+        Format::Navigator if built.data.schema.index_of("technique_id").is_err() => return None,
+        Format::Navigator => "layer.json",
+        Format::Stix => return None,
+    };
+    Some(format!("{name}.{ext}"))
+}
+
+/// The files a report gets in `formats`.
+pub fn file_names(built: &Built, formats: &[Format]) -> Vec<String> {
+    formats
+        .iter()
+        .filter_map(|f| file_name(&built.data.def.name, *f, built))
+        .collect()
+}
+
+fn table_strings(frame: &Frame, max: usize) -> (Vec<(String, bool)>, Vec<Vec<String>>) {
+    let columns = frame
+        .names
+        .iter()
+        .zip(&frame.columns)
+        .map(|(n, c)| (n.clone(), c.data_type().is_numeric()))
+        .collect();
+    let cols: Vec<Vec<String>> = (0..frame.columns.len())
+        .map(|c| frame.strings(c).into_iter().take(max).collect())
+        .collect();
+    let rows = (0..frame.rows.min(max))
+        .map(|r| cols.iter().map(|c| c[r].clone()).collect())
+        .collect();
+    (columns, rows)
+}
+
+/// Write `built` in `format` under `dir`; None when the format does not apply (a Navigator layer
+/// needs technique ids; images need a chart; STIX is one bundle per run).
 pub fn write(
-    data: &Dataset,
+    built: &Built,
     format: Format,
     dir: &Path,
-    domain: &str,
-    attack_version: &str,
+    ctx: &Context,
 ) -> Result<Option<PathBuf>, ReportError> {
-    let (ext, bytes) = match format {
+    let def = &built.data.def;
+    let Some(name) = file_name(&def.name, format, built) else {
+        return Ok(None);
+    };
+    let werr = |message: String| ReportError::Write {
+        path: dir.join(&name).display().to_string(),
+        message,
+    };
+    let bytes = match format {
         Format::Csv | Format::Json => {
             let mut buf = Vec::new();
             let f = if format == Format::Csv {
@@ -235,28 +381,130 @@ pub fn write(
             } else {
                 OutputFormat::Json
             };
-            output::write(&mut buf, f, &data.schema, &data.batches, 0).map_err(|e| {
-                ReportError::Write {
-                    path: data.def.name.clone(),
-                    message: e.to_string(),
-                }
-            })?;
-            (if format == Format::Csv { "csv" } else { "json" }, buf)
+            output::write(&mut buf, f, &built.data.schema, &built.data.batches, 0)
+                .map_err(|e| werr(e.to_string()))?;
+            buf
         }
-        Format::Stix => return Ok(None),
         Format::Navigator => {
-            if data.schema.index_of("technique_id").is_err() {
-                return Ok(None);
-            }
-            let layer = navigator::layer(data, domain, attack_version)?;
+            let layer = navigator::layer(&built.data, ctx.domain, ctx.attack_version)?;
             let mut v = serde_json::to_vec_pretty(&layer).expect("layer serialises");
             v.push(b'\n');
-            ("layer.json", v)
+            v
         }
+        Format::Svg | Format::Png => {
+            let chart = built.chart.as_ref().expect("file_name checked the chart");
+            let f = if format == Format::Svg {
+                ImageFormat::Svg
+            } else {
+                ImageFormat::Png
+            };
+            chart
+                .render(f)
+                .map_err(|source| ReportError::Chart {
+                    name: def.name.clone(),
+                    source,
+                })?
+                .bytes
+        }
+        Format::Html => html_page(built, ctx)?.into_bytes(),
+        Format::Pdf => pdf::render(&def.title, &[pdf_section(built, ctx)?])?,
+        Format::Stix => unreachable!("file_name returns None"),
     };
-    let path = dir.join(format!("{}.{ext}", data.def.name));
+    let path = dir.join(&name);
     write_atomic(&path, &bytes)?;
     Ok(Some(path))
+}
+
+fn chart_image(built: &Built, format: ImageFormat) -> (Option<charts::Rendered>, Option<String>) {
+    match &built.chart {
+        Ok(c) => match c.render(format) {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        Err(e) => (None, Some(e.to_string())),
+    }
+}
+
+fn meta_line(built: &Built, ctx: &Context) -> Vec<String> {
+    let mut m = vec![
+        format!("Generated {}", ctx.generated_at),
+        format!("ATT&CK {} {}", ctx.domain, ctx.attack_version),
+    ];
+    if let Some(s) = &ctx.since {
+        m.push(format!("Intel since {s}"));
+    }
+    m.push(format!("{} rows", built.data.rows()));
+    m
+}
+
+/// The report's HTML page.
+pub fn html_page(built: &Built, ctx: &Context) -> Result<String, ReportError> {
+    let def = &built.data.def;
+    let frame = Frame::new(&built.data.schema, &built.data.batches);
+    let (columns, table) = table_strings(&frame, HTML_ROWS);
+    let (svg, chart_error) = chart_image(built, ImageFormat::Svg);
+    let files: Vec<String> = file_names(built, ctx.formats)
+        .into_iter()
+        .filter(|f| !f.ends_with(".html"))
+        .collect();
+    ctx.templates.render(
+        "report.html.j2",
+        serde_json::json!({
+            "report": {"name": def.name, "title": def.title, "description": def.description, "chart": def.chart},
+            "generated_at": ctx.generated_at, "domain": ctx.domain, "attack_version": ctx.attack_version,
+            "since": ctx.since, "rows": frame.rows, "shown": table.len(),
+            "columns": columns.iter().map(|(n, num)| serde_json::json!({"name": n, "numeric": num})).collect::<Vec<_>>(),
+            "table": table,
+            "chart_svg": svg.map(|r| String::from_utf8_lossy(&r.bytes).into_owned()),
+            "chart_error": chart_error, "files": files,
+            "sort_js": html::SORT_JS, "csp": html::csp(),
+        }),
+    )
+}
+
+/// The report as a PDF section.
+pub fn pdf_section(built: &Built, ctx: &Context) -> Result<pdf::Section, ReportError> {
+    let def = &built.data.def;
+    let frame = Frame::new(&built.data.schema, &built.data.batches);
+    let (columns, rows) = table_strings(&frame, PDF_ROWS);
+    let (png, chart_error) = chart_image(built, ImageFormat::Png);
+    Ok(pdf::Section {
+        title: def.title.clone(),
+        description: def.description.clone(),
+        meta: meta_line(built, ctx),
+        chart_png: png.map(|r| (r.bytes, r.size)),
+        chart_error,
+        columns,
+        rows,
+        total_rows: frame.rows,
+    })
+}
+
+/// The index page of a run: `reports` are (built, files written).
+pub fn index_page(
+    reports: &[(&Built, Vec<String>)],
+    bundles: &[&str],
+    ctx: &Context,
+) -> Result<String, ReportError> {
+    let list: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|(b, files)| {
+            let d = &b.data.def;
+            serde_json::json!({
+                "name": d.name, "title": d.title, "description": d.description, "rows": b.data.rows(),
+                "html": files.iter().find(|f| f.ends_with(".html")),
+                "files": files.iter().filter(|f| !f.ends_with(".html")).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    ctx.templates.render(
+        "index.html.j2",
+        serde_json::json!({
+            "generated_at": ctx.generated_at, "domain": ctx.domain, "attack_version": ctx.attack_version,
+            "since": ctx.since, "reports": list, "bundles": bundles,
+            "sort_js": html::SORT_JS, "csp": html::csp(),
+        }),
+    )
 }
 
 /// Write a file under a temporary name, then rename it into place.

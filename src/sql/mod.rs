@@ -99,6 +99,9 @@ pub struct EngineOptions {
     pub mapping_domain: String,
     /// Abstain threshold of `map_technique`.
     pub threshold: f64,
+    /// Only intel observed at or after this instant (`report --since`): `otx_data` and
+    /// `virustotal_data` (and the views built on them) are filtered; `*_all` keeps everything.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Default for EngineOptions {
@@ -107,6 +110,7 @@ impl Default for EngineOptions {
             models_root: PathBuf::from("data/models"),
             mapping_domain: "enterprise".into(),
             threshold: 0.03,
+            since: None,
         }
     }
 }
@@ -118,6 +122,7 @@ impl EngineOptions {
             models_root: PathBuf::from(&s.lake.models),
             mapping_domain: s.mapping.domain.to_string(),
             threshold: s.mapping.threshold,
+            since: None,
         }
     }
 }
@@ -128,6 +133,8 @@ pub struct Engine {
     pub ctx: SessionContext,
     /// The lake it reads.
     pub lake: Lake,
+    /// The mapping model its functions use (loaded on first use).
+    pub mapper: Arc<LazyMapper>,
 }
 
 impl Engine {
@@ -144,11 +151,19 @@ impl Engine {
             &options.mapping_domain,
             options.threshold,
         ));
-        Self::open_with_mapper(lake, mapper).await
+        Self::open_filtered(lake, mapper, options.since).await
     }
 
     /// [`Engine::open`] with a given (possibly already loaded) mapping model.
     pub async fn open_with_mapper(lake: &Lake, mapper: Arc<LazyMapper>) -> Result<Self, SqlError> {
+        Self::open_filtered(lake, mapper, None).await
+    }
+
+    async fn open_filtered(
+        lake: &Lake,
+        mapper: Arc<LazyMapper>,
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Self, SqlError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("threatlake", "lake");
@@ -157,7 +172,7 @@ impl Engine {
         {
             let state = ctx.state_ref();
             let mut state = state.write();
-            threatlake_udfs::register_all(&mut *state, mapper)?;
+            threatlake_udfs::register_all(&mut *state, mapper.clone())?;
         }
         let found = lake.tables().await?;
         let known = known_tables();
@@ -177,14 +192,32 @@ impl Engine {
             ctx.register_table(name.as_str(), provider)?;
         }
         for (name, sql) in VIEWS {
-            ctx.sql(sql).await.map_err(|source| SqlError::View {
+            let view_err = |source| SqlError::View {
                 name: name.to_string(),
                 source,
-            })?;
+            };
+            ctx.sql(sql).await.map_err(view_err)?;
+            let time = match *name {
+                "otx_data" => "coalesce(modified, created)",
+                "virustotal_data" => "coalesce(last_analysis, fetched_at)",
+                _ => continue,
+            };
+            if let Some(since) = since {
+                // Keep the unfiltered view as `<name>_all`; later views bind to the filtered one.
+                // The instant is formatted here from a parsed timestamp, never taken from input text.
+                let all = ctx.deregister_table(*name)?.expect("view just created");
+                ctx.register_table(format!("{name}_all"), all)?;
+                let filtered = format!(
+                    "CREATE VIEW {name} AS SELECT * FROM {name}_all WHERE {time} >= TIMESTAMP '{}'",
+                    since.format("%Y-%m-%dT%H:%M:%SZ")
+                );
+                ctx.sql(&filtered).await.map_err(view_err)?;
+            }
         }
         Ok(Self {
             ctx,
             lake: lake.clone(),
+            mapper,
         })
     }
 

@@ -1212,6 +1212,18 @@ impl Model {
         }
     }
 
+    /// The text's unit-length SIF sentence vector in the model's projected space — the vector the
+    /// embedding evidence compares with examples and prototypes (all zeros for a text with no known
+    /// words). Used to lay mapped intel out in two dimensions.
+    pub fn sentence_vector(&self, wv: &WordVectors, input: &str, s: &mut Scratch) -> Vec<f32> {
+        if s.owner != self.instance {
+            s.cache.clear();
+            s.owner = self.instance;
+        }
+        self.query(wv, input, s);
+        s.projected.clone()
+    }
+
     /// Top `k` techniques for a text, best first (ties broken by technique id for determinism).
     pub fn top_k(&self, wv: &WordVectors, input: &str, k: usize, s: &mut Scratch) -> Vec<Ranked> {
         let k = k.min(self.techniques.len());

@@ -164,6 +164,11 @@ impl Mapper {
         })
     }
 
+    /// The text's sentence vector in the model's projected space (see [`Model::sentence_vector`]).
+    pub fn sentence_vector(&self, text: &str, scratch: &mut Scratch) -> Vec<f32> {
+        self.model.sentence_vector(&self.vectors, text, scratch)
+    }
+
     /// Top-k techniques of one text.
     pub fn top_k(&self, text: &str, k: usize, scratch: &mut Scratch) -> Vec<Ranked> {
         self.model.top_k(&self.vectors, text, k, scratch)
