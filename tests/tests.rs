@@ -9,4 +9,6 @@ mod it {
     mod feeds;
     /// Ingest behaviour: idempotence, versions, HTTP sources, bad input leaving the lake untouched.
     mod ingest;
+    /// Reports and charts over a fixed fixture lake: golden outputs, escaping, PDF text, chart marks.
+    mod reports;
 }

@@ -493,7 +493,14 @@ pub fn index_page(
             serde_json::json!({
                 "name": d.name, "title": d.title, "description": d.description, "rows": b.data.rows(),
                 "html": files.iter().find(|f| f.ends_with(".html")),
-                "files": files.iter().filter(|f| !f.ends_with(".html")).collect::<Vec<_>>(),
+                "files": files.iter().filter(|f| !f.ends_with(".html")).map(|f| {
+                    let ext = f.split_once('.').map_or("", |(_, e)| e);
+                    let label = match ext {
+                        "layer.json" => "Navigator layer".to_string(),
+                        e => e.to_uppercase(),
+                    };
+                    serde_json::json!({"href": f, "label": label})
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();

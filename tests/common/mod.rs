@@ -72,6 +72,23 @@ pub fn cli_on(dir: &Path) -> std::process::Command {
     c
 }
 
+/// Run a command: (success, stdout, stderr).
+pub fn run(c: &mut std::process::Command) -> (bool, String, String) {
+    let o = c.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// `threatlake sql` on `dir`'s lake, as CSV.
+pub fn sql(dir: &Path, q: &str) -> String {
+    let (ok, out, err) = run(cli_on(dir).args(["sql", "--format", "csv", "--quiet", "-c", q]));
+    assert!(ok, "{q}: {err}");
+    out
+}
+
 /// Every file under `dir` with its size and content hash, sorted: compares "the lake as it was".
 pub fn listing(dir: &Path) -> Vec<(String, u64, u64)> {
     use std::hash::{Hash, Hasher};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common;
+use crate::common::{self, run, sql};
 
 const KEY: &str = "otx-key-5f3a9c71e2";
 const VT_KEY: &str = "vt-key-91be07d4aa";
@@ -187,22 +187,6 @@ fn otx_cmd(dir: &Path, base: &str) -> std::process::Command {
         )
         .env_remove("THREATLAKE_VIRUSTOTAL_API_KEY");
     c
-}
-
-fn run(c: &mut std::process::Command) -> (bool, String, String) {
-    let o = c.output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
-fn sql(dir: &Path, q: &str) -> String {
-    let (ok, out, err) =
-        run(common::cli_on(dir).args(["sql", "--format", "csv", "--quiet", "-c", q]));
-    assert!(ok, "{q}: {err}");
-    out
 }
 
 /// No file under `dir` contains `needle`.
@@ -625,11 +609,28 @@ async fn run_maps_intel_and_diffs_threat_models() {
     let index: Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("index.json")).unwrap()).unwrap();
     let reports = index["reports"].as_array().unwrap();
-    assert_eq!(reports.len(), 7);
+    assert_eq!(reports.len(), 9);
     assert!(
         reports.iter().all(|r| r["rows"].as_u64().unwrap() > 0),
         "{index}"
     );
+    // With a model, the threat-cluster chart lays the mapped items out (a point per item).
+    let clusters = reports
+        .iter()
+        .find(|r| r["name"] == "threat_clusters")
+        .unwrap();
+    assert!(clusters["chart_error"].is_null(), "{clusters}");
+    let svg = std::fs::read_to_string(out_dir.join("threat_clusters.svg")).unwrap();
+    let (points, rows) = (
+        svg.matches("<circle").count(),
+        clusters["rows"].as_u64().unwrap() as usize,
+    );
+    // A point per item plus one legend marker per cluster (2..=8 of them).
+    assert!(
+        points >= rows + 2 && points <= rows + 8,
+        "{points} circles, {rows} rows"
+    );
+    assert!(out_dir.join("index.html").is_file() && out_dir.join("attack_matrix.pdf").is_file());
     let top = std::fs::read_to_string(out_dir.join("top_mapped_techniques.csv")).unwrap();
     assert!(top.contains("'=HYPERLINK"), "{top}");
     assert!(
