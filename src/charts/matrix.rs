@@ -339,7 +339,7 @@ fn wrap2(s: &str, n: usize) -> (String, String) {
         .char_indices()
         .filter(|(i, c)| *c == ' ' && *i <= n)
         .map(|(i, _)| i)
-        .last()
+        .next_back()
         .unwrap_or(n.min(s.len()));
     let cut = if s.is_char_boundary(cut) { cut } else { 0 };
     (s[..cut].to_string(), s[cut..].trim().to_string())

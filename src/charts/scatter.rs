@@ -14,6 +14,8 @@ use threatlake_udfs::mapper::{Mapper, Scratch};
 
 use super::{clip, draw_err, short_number, ChartError, ChartSpec, Drawable, Frame, FONT, PALETTE};
 
+type Points = Vec<Option<(f64, f64)>>;
+
 /// Series shown with their own colour; the rest are grey "other".
 const MAX_SERIES: usize = 9;
 
@@ -115,7 +117,7 @@ impl Scatter {
         mapper: Option<&Mapper>,
     ) -> Result<Self, ChartError> {
         let mut clusters: Option<Projection> = None;
-        let (points, axes, used): (Vec<Option<(f64, f64)>>, (String, String), Vec<usize>) =
+        let (points, axes, used): (Points, (String, String), Vec<usize>) =
             match spec.project.as_deref() {
                 Some(col) => {
                     let c = frame.column(col, "scatter")?;

@@ -131,7 +131,8 @@ mod tests {
             1,
             "only the sorting script"
         );
-        assert!(html.contains("script-src 'sha256-"));
+        // The policy is an attribute: escaped quotes decode back to 'sha256-…'.
+        assert!(html.contains("script-src &#x27;sha256-"), "{html}");
     }
 
     #[test]

@@ -9,8 +9,19 @@ use threatlake::feeds::{self, intel, otx};
 
 use crate::common::{self, run, sql};
 
-/// Pulses: (id, name, description, modified, countries, families).
-const PULSES: &[(&str, &str, &str, &str, &[&str], &[&str])] = &[
+/// A pulse: (id, name, description, modified, countries, families).
+type Pulse = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+/// A threat-model run: (run id, [(technique, evidence, score)]).
+type Run = (&'static str, &'static [(&'static str, i64, f64)]);
+
+const PULSES: &[Pulse] = &[
     (
         "f00000000000000000000001",
         "Water utility intrusion",
@@ -65,8 +76,7 @@ const MAPPED: &[(usize, &str, f64, &str)] = &[
     (4, "T0831", 0.5, "model"),
 ];
 
-/// Threat-model runs: (run id, [(technique, evidence, score)]).
-const RUNS: &[(&str, &[(&str, i64, f64)])] = &[
+const RUNS: &[Run] = &[
     (
         "20261101T000000000Z-aaaaaaaa",
         &[("T0855", 2, 1.0), ("T0836", 1, 0.5), ("T0831", 1, 0.4)],
