@@ -116,6 +116,11 @@ impl Location {
         })
     }
 
+    /// The root as a local directory, when the location is local.
+    pub fn local_path(&self) -> Option<PathBuf> {
+        (self.base_url.scheme() == "file").then(|| PathBuf::from(format!("/{}", self.root)))
+    }
+
     /// Object path of `rel` (a `/`-separated path) under the root.
     pub fn path(&self, rel: &str) -> Path {
         rel.split('/')

@@ -6,6 +6,8 @@
 pub mod attack;
 pub mod charts;
 pub mod config;
+#[cfg(feature = "duckdb")]
+pub mod duck;
 pub mod feeds;
 pub mod lake;
 pub mod mapping;

@@ -287,6 +287,16 @@ struct SqlArgs {
     /// Do not print "N rows in X s".
     #[arg(long)]
     quiet: bool,
+    /// SQL engine: datafusion, or duckdb (embedded DuckDB over the same lake; needs a build with
+    /// `--features duckdb`).
+    #[arg(long, value_enum, default_value_t = SqlEngineKind::Datafusion)]
+    engine: SqlEngineKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SqlEngineKind {
+    Datafusion,
+    Duckdb,
 }
 
 fn parse_format(s: &str) -> Result<OutputFormat, String> {
@@ -303,6 +313,9 @@ enum ConfigCommand {
 enum LakeCommand {
     /// List the tables in the lake with partition columns, file counts and sizes.
     Tables,
+    /// Print the SQL that gives stock DuckDB this lake's tables and views (load the threatlake
+    /// extension first: the views use its functions).
+    DuckdbSql,
 }
 
 #[derive(Debug, Subcommand)]
@@ -464,6 +477,19 @@ async fn main_inner(cli: Cli) -> Result<()> {
             cli::feeds::diff(&settings, run_a, run_b, all).await
         }
         Command::Sql(args) => sql(&settings, args).await,
+        Command::Lake(LakeCommand::DuckdbSql) => {
+            let lake = Lake::open(&settings.lake.root)?;
+            let root = lake.location.local_path().with_context(|| {
+                format!(
+                    "{} is not a local lake; stock DuckDB reads local Parquet here",
+                    settings.lake.root
+                )
+            })?;
+            for stmt in threatlake::sql::duckdb_sql::setup(&lake, &root).await? {
+                println!("{}\n", stmt.trim_end());
+            }
+            Ok(())
+        }
         Command::Lake(LakeCommand::Tables) => {
             let lake = Lake::open(&settings.lake.root)?;
             let tables = lake.tables().await?;
@@ -624,11 +650,20 @@ fn source_for(settings: &Settings, d: Domain) -> Result<String> {
 
 async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
     let lake = Lake::open(&settings.lake.root)?;
-    let engine = Engine::open_with(
-        &lake,
-        &threatlake::sql::EngineOptions::from_settings(settings),
-    )
-    .await?;
+    let options = threatlake::sql::EngineOptions::from_settings(settings);
+    let engine = match args.engine {
+        SqlEngineKind::Datafusion => {
+            cli::repl::SqlEngine::DataFusion(Engine::open_with(&lake, &options).await?)
+        }
+        #[cfg(feature = "duckdb")]
+        SqlEngineKind::Duckdb => {
+            cli::repl::SqlEngine::DuckDb(threatlake::duck::DuckEngine::open(&lake, &options).await?)
+        }
+        #[cfg(not(feature = "duckdb"))]
+        SqlEngineKind::Duckdb => anyhow::bail!(
+            "this build has no DuckDB engine; build with `cargo build --features duckdb`"
+        ),
+    };
     let format = match args.format {
         Some(f) => f,
         None => settings

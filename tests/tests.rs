@@ -5,6 +5,9 @@ mod common;
 mod it {
     /// `threatlake` CLI output, snapshot-tested (insta-cmd) per output format and for `\d`.
     mod cli;
+    /// DuckDB: embedded engine and the loadable extension in stock DuckDB agree with DataFusion.
+    #[cfg(feature = "duckdb")]
+    mod duckdb;
     /// OTX and VirusTotal against loopback servers: paging, incremental runs, quotas, faults, keys.
     mod feeds;
     /// Ingest behaviour: idempotence, versions, HTTP sources, bad input leaving the lake untouched.

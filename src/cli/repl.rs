@@ -1,4 +1,5 @@
-//! The `threatlake sql` front end: REPL (rustyline) and batch runner over an [`Engine`].
+//! The `threatlake sql` front end: REPL (rustyline) and batch runner over DataFusion ([`Engine`]) or,
+//! with the `duckdb` feature, the embedded DuckDB engine — same commands, same output formats.
 
 use std::io::{IsTerminal, Write};
 use std::str::FromStr;
@@ -73,9 +74,70 @@ impl FromStr for Command {
     }
 }
 
+/// The engine a session runs SQL on.
+pub enum SqlEngine {
+    /// DataFusion (the default).
+    DataFusion(Engine),
+    /// Embedded DuckDB over the same lake.
+    #[cfg(feature = "duckdb")]
+    DuckDb(threatlake::duck::DuckEngine),
+}
+
+impl SqlEngine {
+    /// Parse `text` and run each statement, calling `each` with every result as it completes.
+    async fn run_each(
+        &self,
+        text: &str,
+        mut each: impl FnMut(&QueryResult, f64) -> Result<()>,
+    ) -> Result<()> {
+        match self {
+            SqlEngine::DataFusion(e) => {
+                for stmt in threatlake::sql::parse(text)? {
+                    let start = Instant::now();
+                    let r = e.run_statement(stmt).await?;
+                    each(&r, start.elapsed().as_secs_f64())?;
+                }
+            }
+            #[cfg(feature = "duckdb")]
+            SqlEngine::DuckDb(e) => {
+                for stmt in threatlake::duck::DuckEngine::statements(text) {
+                    let start = Instant::now();
+                    let r = e.run_statement(&stmt)?;
+                    each(&r, start.elapsed().as_secs_f64())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn table_names(&self) -> Vec<(String, &'static str)> {
+        match self {
+            SqlEngine::DataFusion(e) => e.table_names().await,
+            #[cfg(feature = "duckdb")]
+            SqlEngine::DuckDb(e) => e.table_names(),
+        }
+    }
+
+    async fn table_schema(&self, name: &str) -> Option<arrow::datatypes::SchemaRef> {
+        match self {
+            SqlEngine::DataFusion(e) => e.table_schema(name).await,
+            #[cfg(feature = "duckdb")]
+            SqlEngine::DuckDb(e) => e.table_schema(name),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            SqlEngine::DataFusion(e) => e.lake.location.to_string(),
+            #[cfg(feature = "duckdb")]
+            SqlEngine::DuckDb(e) => format!("{} (DuckDB)", e.root.display()),
+        }
+    }
+}
+
 /// State shared by the REPL and batch modes.
 pub struct Session {
-    pub engine: Engine,
+    pub engine: SqlEngine,
     pub format: OutputFormat,
     pub max_rows: usize,
     pub timing: bool,
@@ -104,33 +166,28 @@ impl Session {
         if self.interactive && matches!(trimmed, "quit" | "exit") {
             return Ok(Flow::Quit);
         }
-        for stmt in threatlake::sql::parse(trimmed)? {
-            let start = Instant::now();
-            let result = self.engine.run_statement(stmt).await?;
-            self.print(&result)?;
-            if self.timing {
-                let n = result.num_rows();
-                let line = format!(
-                    "{n} row{} in {:.3} s",
-                    if n == 1 { "" } else { "s" },
-                    start.elapsed().as_secs_f64()
-                );
-                if self.interactive {
-                    println!("{line}");
-                } else {
-                    eprintln!("{line}");
+        let (format, max_rows, timing, interactive) =
+            (self.format, self.max_rows, self.timing, self.interactive);
+        self.engine
+            .run_each(trimmed, |result, secs| {
+                print(format, max_rows, result)?;
+                if timing {
+                    let n = result.num_rows();
+                    let line = format!("{n} row{} in {secs:.3} s", if n == 1 { "" } else { "s" });
+                    if interactive {
+                        println!("{line}");
+                    } else {
+                        eprintln!("{line}");
+                    }
                 }
-            }
-        }
+                Ok(())
+            })
+            .await?;
         Ok(Flow::Continue)
     }
 
     fn print(&self, r: &QueryResult) -> Result<(), OutputError> {
-        let stdout = std::io::stdout();
-        let mut lock = stdout.lock();
-        output::write(&mut lock, self.format, &r.schema, &r.batches, self.max_rows)?;
-        lock.flush()?;
-        Ok(())
+        print(self.format, self.max_rows, r)
     }
 
     async fn run_command(&mut self, cmd: Command) -> Result<Flow> {
@@ -175,6 +232,14 @@ impl Session {
         }
         Ok(Flow::Continue)
     }
+}
+
+fn print(format: OutputFormat, max_rows: usize, r: &QueryResult) -> Result<(), OutputError> {
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    output::write(&mut lock, format, &r.schema, &r.batches, max_rows)?;
+    lock.flush()?;
+    Ok(())
 }
 
 fn string_table(names: &[&str], cols: Vec<Vec<String>>) -> QueryResult {
@@ -260,7 +325,7 @@ pub struct ReplHelper {
 }
 
 impl ReplHelper {
-    pub async fn new(engine: &Engine) -> Self {
+    pub async fn new(engine: &SqlEngine) -> Self {
         let mut words: Vec<String> = KEYWORDS.iter().map(|k| k.to_string()).collect();
         words.extend(INFO.iter().map(|(c, _, _)| c.to_string()));
         for (t, _) in engine.table_names().await {
@@ -328,7 +393,7 @@ pub async fn repl(mut session: Session, history: Option<std::path::PathBuf>) -> 
     }
     println!(
         "threatlake SQL on {} — statements end with ';', \\? for help, \\q to quit",
-        session.engine.lake.location
+        session.engine.describe()
     );
     loop {
         match rl.readline("threatlake> ") {

@@ -1,5 +1,6 @@
 //! SQL over the lake: a DataFusion session with every lake table, the shipped views and threatlake's functions.
 
+pub mod duckdb_sql;
 pub mod output;
 
 use std::path::PathBuf;

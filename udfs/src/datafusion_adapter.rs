@@ -1,7 +1,6 @@
 //! DataFusion `ScalarUDFImpl` adapters: argument checks and scalar/array dispatch around the kernels.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray, StringArray};
 use arrow::datatypes::DataType;
@@ -13,8 +12,8 @@ use datafusion::logical_expr::{
 };
 
 use crate::kernels;
-use crate::mapper::{self, Mapper};
 use crate::mapping_kernels;
+pub use crate::model_slot::LazyMapper;
 
 type Kernel = fn(&StringArray) -> ArrayRef;
 
@@ -77,64 +76,6 @@ impl ScalarUDFImpl for StringKernelUdf {
     }
 }
 
-/// The mapping model a session's functions use, loaded on first use (sessions that never map
-/// never pay for it) and shared by all four functions.
-#[derive(Debug)]
-pub struct LazyMapper {
-    models_root: PathBuf,
-    domain: String,
-    threshold: f64,
-    cell: OnceLock<Result<Arc<Mapper>, String>>,
-}
-
-impl LazyMapper {
-    /// The newest model for `domain` under `models_root`, loaded when first needed.
-    pub fn new(models_root: impl Into<PathBuf>, domain: impl Into<String>, threshold: f64) -> Self {
-        Self {
-            models_root: models_root.into(),
-            domain: domain.into(),
-            threshold,
-            cell: OnceLock::new(),
-        }
-    }
-
-    /// An already-loaded model.
-    pub fn loaded(m: Arc<Mapper>, threshold: f64) -> Self {
-        let cell = OnceLock::new();
-        let _ = cell.set(Ok(m.clone()));
-        Self {
-            models_root: m.path.clone().unwrap_or_default(),
-            domain: m.model.domain.clone(),
-            threshold,
-            cell,
-        }
-    }
-
-    /// The model, or a message that says how to get one.
-    pub fn get(&self) -> Result<Arc<Mapper>, DataFusionError> {
-        self.cell
-            .get_or_init(|| {
-                let dir =
-                    mapper::find_latest(&self.models_root, &self.domain).ok_or_else(|| {
-                        format!(
-                        "no {} mapping model in {}; run `threatlake model build --domain {}` first",
-                        self.domain,
-                        self.models_root.display(),
-                        self.domain
-                    )
-                    })?;
-                Mapper::load(&dir).map(Arc::new).map_err(|e| e.to_string())
-            })
-            .clone()
-            .map_err(DataFusionError::Execution)
-    }
-
-    /// Abstain threshold of `map_technique`.
-    pub fn threshold(&self) -> f64 {
-        self.threshold
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum MapKind {
     MapTechnique,
@@ -189,7 +130,7 @@ impl ScalarUDFImpl for MappingUdf {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let text = arrow::compute::cast(&arrays[0], &DataType::Utf8)?;
         let text = text.as_string::<i32>();
-        let m = self.mapper.get()?;
+        let m = self.mapper.get().map_err(DataFusionError::Execution)?;
         let ext = |e: mapping_kernels::KernelError| DataFusionError::Execution(e.to_string());
         let out = match self.kind {
             MapKind::MapTechnique => {

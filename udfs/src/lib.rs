@@ -1,16 +1,21 @@
 //! SQL functions for threatlake: one Arrow kernel per function plus thin engine adapters.
 //!
 //! Kernels (`kernels`) take and return Arrow arrays and know nothing about any SQL engine, so the
-//! same code serves DataFusion (`datafusion` adapters here) and, later, DuckDB.
+//! same code serves DataFusion (`datafusion_adapter`) and DuckDB (`duckdb_adapter`: the embedded engine
+//! and the loadable extension).
 
 #[cfg(feature = "datafusion")]
 pub mod datafusion_adapter;
+#[cfg(feature = "duckdb")]
+pub mod duckdb_adapter;
 pub mod kernels;
 pub mod mapper;
 pub mod mapping_kernels;
+pub mod model_slot;
 
 #[cfg(feature = "datafusion")]
-pub use datafusion_adapter::{all_functions, register_all, LazyMapper};
+pub use datafusion_adapter::{all_functions, register_all};
+pub use model_slot::LazyMapper;
 
 #[cfg(all(test, feature = "datafusion"))]
 mod tests {

@@ -1,0 +1,99 @@
+//! The DuckDB side of the lake as SQL: a view per lake table over its Parquet files, empty tables
+//! for known tables the lake lacks, the compatibility macros of `sql/duckdb/compat.sql`, then the
+//! shipped views of `sql/views/`. The embedded engine runs these statements; `threatlake lake
+//! duckdb-sql` prints them so stock DuckDB (with the threatlake extension) gets the same tables.
+
+use std::path::Path;
+
+use arrow::datatypes::DataType;
+
+use super::{known_tables, VIEWS};
+use crate::lake::{Lake, LakeError};
+
+/// DuckDB-dialect helpers the shipped views need (DataFusion function names DuckDB lacks).
+pub const COMPAT: &str = include_str!("../../sql/duckdb/compat.sql");
+/// The view over one lake table; `{table}` and `{glob}` are filled in (quoted) per table.
+pub const LAKE_VIEW: &str = include_str!("../../sql/duckdb/lake_view.sql");
+
+/// `'…'` with quotes doubled.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `"…"` with quotes doubled.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// DuckDB's name for an Arrow type of the lake's schemas.
+pub fn duck_type(t: &DataType) -> String {
+    match t {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "VARCHAR".into(),
+        DataType::Boolean => "BOOLEAN".into(),
+        DataType::Int32 => "INTEGER".into(),
+        DataType::Int64 => "BIGINT".into(),
+        DataType::Float64 => "DOUBLE".into(),
+        DataType::Float32 => "FLOAT".into(),
+        DataType::Date32 => "DATE".into(),
+        DataType::Timestamp(_, Some(_)) => "TIMESTAMPTZ".into(),
+        DataType::Timestamp(_, None) => "TIMESTAMP".into(),
+        DataType::List(f) | DataType::LargeList(f) => format!("{}[]", duck_type(f.data_type())),
+        _ => "VARCHAR".into(),
+    }
+}
+
+/// The statements that give a DuckDB database the lake at `root` (a local directory). The
+/// threatlake functions must be registered first (the views use `attack_version_key`).
+pub async fn setup(lake: &Lake, root: &Path) -> Result<Vec<String>, LakeError> {
+    let found = lake.tables().await?;
+    let mut out = vec![COMPAT.to_string()];
+    for name in found.keys() {
+        let glob = root.join(name).join("**").join("*.parquet");
+        out.push(
+            LAKE_VIEW
+                .replace("{table}", &quote_ident(name))
+                .replace("{glob}", &quote_literal(&glob.to_string_lossy())),
+        );
+    }
+    for (name, schema, partition_cols) in known_tables() {
+        if found.contains_key(name) {
+            continue;
+        }
+        let mut cols: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| format!("{} {}", quote_ident(f.name()), duck_type(f.data_type())))
+            .collect();
+        cols.extend(
+            partition_cols
+                .iter()
+                .map(|c| format!("{} VARCHAR", quote_ident(c))),
+        );
+        out.push(format!(
+            "CREATE TABLE {} ({});",
+            quote_ident(name),
+            cols.join(", ")
+        ));
+    }
+    out.extend(VIEWS.iter().map(|(_, sql)| sql.to_string()));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn quotes_and_types() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        let list = DataType::List(Arc::new(arrow::datatypes::Field::new(
+            "item",
+            DataType::Utf8,
+            true,
+        )));
+        assert_eq!(duck_type(&list), "VARCHAR[]");
+    }
+}

@@ -1,0 +1,117 @@
+//! The mapping model SQL functions share, loaded on first use: engine-neutral, so the DataFusion
+//! adapters and the DuckDB functions (embedded and loadable extension) resolve models the same way.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use crate::mapper::{self, Mapper};
+
+/// Where the model comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// The newest `<domain>-<version>` under a models root.
+    Newest { root: PathBuf, domain: String },
+    /// One model directory.
+    Dir(PathBuf),
+}
+
+/// The mapping model a session's functions use, loaded on first use (sessions that never map
+/// never pay for it) and shared by all four functions.
+#[derive(Debug)]
+pub struct LazyMapper {
+    source: Source,
+    threshold: f64,
+    cell: RwLock<Option<Result<Arc<Mapper>, String>>>,
+}
+
+/// Default abstain threshold (see `mapping.threshold` in the settings).
+pub const DEFAULT_THRESHOLD: f64 = 0.03;
+
+impl LazyMapper {
+    /// The newest model for `domain` under `models_root`, loaded when first needed.
+    pub fn new(models_root: impl Into<PathBuf>, domain: impl Into<String>, threshold: f64) -> Self {
+        Self {
+            source: Source::Newest {
+                root: models_root.into(),
+                domain: domain.into(),
+            },
+            threshold,
+            cell: RwLock::new(None),
+        }
+    }
+
+    /// An already-loaded model.
+    pub fn loaded(m: Arc<Mapper>, threshold: f64) -> Self {
+        Self {
+            source: Source::Dir(m.path.clone().unwrap_or_default()),
+            threshold,
+            cell: RwLock::new(Some(Ok(m))),
+        }
+    }
+
+    /// From the environment, for hosts without threatlake's settings (the DuckDB extension):
+    /// `THREATLAKE_MODEL` (a model directory), else the newest `THREATLAKE_MAPPING_DOMAIN` model
+    /// (default enterprise) under `THREATLAKE_LAKE_MODELS` (default `data/models`);
+    /// `THREATLAKE_MAPPING_THRESHOLD` (default 0.03).
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let threshold = var("THREATLAKE_MAPPING_THRESHOLD")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(DEFAULT_THRESHOLD);
+        let source = match var("THREATLAKE_MODEL") {
+            Some(dir) => Source::Dir(dir.into()),
+            None => Source::Newest {
+                root: var("THREATLAKE_LAKE_MODELS")
+                    .unwrap_or_else(|| "data/models".into())
+                    .into(),
+                domain: var("THREATLAKE_MAPPING_DOMAIN").unwrap_or_else(|| "enterprise".into()),
+            },
+        };
+        Self {
+            source,
+            threshold,
+            cell: RwLock::new(None),
+        }
+    }
+
+    fn load(source: &Source) -> Result<Arc<Mapper>, String> {
+        let dir = match source {
+            Source::Dir(d) => d.clone(),
+            Source::Newest { root, domain } => mapper::find_latest(root, domain).ok_or_else(|| {
+                format!(
+                    "no {domain} mapping model in {}; run `threatlake model build --domain {domain}`, \
+                     or point THREATLAKE_MODEL at a model directory",
+                    root.display()
+                )
+            })?,
+        };
+        Mapper::load(&dir).map(Arc::new).map_err(|e| e.to_string())
+    }
+
+    /// The model, or a message that says how to get one.
+    pub fn get(&self) -> Result<Arc<Mapper>, String> {
+        if let Some(r) = self.cell.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return r.clone();
+        }
+        let mut w = self.cell.write().unwrap_or_else(|e| e.into_inner());
+        w.get_or_insert_with(|| Self::load(&self.source)).clone()
+    }
+
+    /// Switch to the model in `dir` (loaded now; on error the current model stays).
+    pub fn use_dir(&self, dir: impl Into<PathBuf>) -> Result<Arc<Mapper>, String> {
+        let m = Self::load(&Source::Dir(dir.into()))?;
+        *self.cell.write().unwrap_or_else(|e| e.into_inner()) = Some(Ok(m.clone()));
+        Ok(m)
+    }
+
+    /// Abstain threshold of `map_technique`.
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+}
+
+impl Default for LazyMapper {
+    fn default() -> Self {
+        Self::from_env()
+    }
+}
