@@ -35,8 +35,8 @@ pub fn duck_type(t: &DataType) -> String {
         DataType::Float64 => "DOUBLE".into(),
         DataType::Float32 => "FLOAT".into(),
         DataType::Date32 => "DATE".into(),
-        DataType::Timestamp(_, Some(_)) => "TIMESTAMPTZ".into(),
-        DataType::Timestamp(_, None) => "TIMESTAMP".into(),
+        // UTC instants as plain TIMESTAMP: see sql/duckdb/lake_view.sql.
+        DataType::Timestamp(_, _) => "TIMESTAMP".into(),
         DataType::List(f) | DataType::LargeList(f) => format!("{}[]", duck_type(f.data_type())),
         _ => "VARCHAR".into(),
     }
@@ -46,16 +46,38 @@ pub fn duck_type(t: &DataType) -> String {
 /// threatlake functions must be registered first (the views use `attack_version_key`).
 pub async fn setup(lake: &Lake, root: &Path) -> Result<Vec<String>, LakeError> {
     let found = lake.tables().await?;
+    let known = known_tables();
     let mut out = vec![COMPAT.to_string()];
     for name in found.keys() {
         let glob = root.join(name).join("**").join("*.parquet");
+        let tz: Vec<String> = known
+            .iter()
+            .find(|(k, _, _)| k == name)
+            .map(|(_, schema, _)| {
+                schema
+                    .fields()
+                    .iter()
+                    .filter(|f| matches!(f.data_type(), DataType::Timestamp(_, Some(_))))
+                    .map(|f| {
+                        let c = quote_ident(f.name());
+                        format!("CAST({c} AS TIMESTAMP) AS {c}")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let replace = if tz.is_empty() {
+            String::new()
+        } else {
+            format!("REPLACE ({})", tz.join(", "))
+        };
         out.push(
             LAKE_VIEW
                 .replace("{table}", &quote_ident(name))
-                .replace("{glob}", &quote_literal(&glob.to_string_lossy())),
+                .replace("{glob}", &quote_literal(&glob.to_string_lossy()))
+                .replace("{replace}", &replace),
         );
     }
-    for (name, schema, partition_cols) in known_tables() {
+    for (name, schema, partition_cols) in known {
         if found.contains_key(name) {
             continue;
         }

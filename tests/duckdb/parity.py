@@ -21,7 +21,7 @@ def literal(s: str) -> str:
 
 def error_of(con, sql: str) -> str:
     try:
-        con.sql(sql).fetchall()
+        con.execute(sql).fetchall()
     except duckdb.Error as e:  # noqa: PERF203
         return str(e)
     return ""
@@ -35,9 +35,9 @@ def main() -> None:
     con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
     con.execute(f"LOAD {literal(ext)}")
     out["no_model_error"] = error_of(con, "SELECT map_technique('powershell')")
-    out["use_model"] = con.sql(f"SELECT threatlake_use_model({literal(model)})").fetchone()[0]
+    out["use_model"] = con.execute(f"SELECT threatlake_use_model({literal(model)})").fetchone()[0]
     procedures = os.path.join(lake, "mitre_attack_procedures", "**", "*.parquet")
-    rows = con.sql(
+    rows = con.execute(
         f"""
         SELECT relationship_id,
                map_technique(description) AS technique,
@@ -52,14 +52,14 @@ def main() -> None:
         {"id": r[0], "technique": r[1], "score": r[2], "top3": json.loads(r[3]) if r[3] else None}
         for r in rows
     ]
-    out["nulls"] = con.sql(
+    out["nulls"] = con.execute(
         "SELECT map_technique(NULL), map_technique(''), map_techniques(NULL, 3), "
         "technique_score(NULL, 'T0855'), explain_mapping(NULL)"
     ).fetchone()
     out["unknown_technique_error"] = error_of(con, "SELECT technique_score('powershell', 'T9999')")
     out["bad_k_error"] = error_of(con, "SELECT map_techniques('powershell', -1)")
     out["bad_model_error"] = error_of(con, f"SELECT threatlake_use_model({literal(lake)})")
-    out["explain"] = con.sql(
+    out["explain"] = con.execute(
         "SELECT explain_mapping('The actor sent unauthorized command messages to the PLC')"
     ).fetchone()[0]
     print(json.dumps(out, default=str))

@@ -23,8 +23,12 @@ pub fn from_duckdb(a: &dyn a60::array::Array) -> Result<ArrayRef, BoxError> {
     // Interface in both arrow versions (same layout, same release callbacks), so a value of one
     // crate's type is a valid value of the other's; `from_ffi` then takes ownership as the C
     // interface prescribes.
-    let (array, schema): (arrow::ffi::FFI_ArrowArray, arrow::ffi::FFI_ArrowSchema) =
-        unsafe { (std::mem::transmute(array), std::mem::transmute(schema)) };
+    let (array, schema) = unsafe {
+        (
+            std::mem::transmute::<a60::ffi::FFI_ArrowArray, arrow::ffi::FFI_ArrowArray>(array),
+            std::mem::transmute::<a60::ffi::FFI_ArrowSchema, arrow::ffi::FFI_ArrowSchema>(schema),
+        )
+    };
     let data = unsafe { arrow::ffi::from_ffi(array, &schema) }?;
     Ok(arrow::array::make_array(data))
 }
@@ -34,8 +38,12 @@ pub fn from_duckdb(a: &dyn a60::array::Array) -> Result<ArrayRef, BoxError> {
 pub fn to_duckdb(a: &dyn Array) -> Result<a60::array::ArrayRef, BoxError> {
     let (array, schema) = arrow::ffi::to_ffi(&a.to_data())?;
     // SAFETY: as in `from_duckdb`, the other way round.
-    let (array, schema): (a60::ffi::FFI_ArrowArray, a60::ffi::FFI_ArrowSchema) =
-        unsafe { (std::mem::transmute(array), std::mem::transmute(schema)) };
+    let (array, schema) = unsafe {
+        (
+            std::mem::transmute::<arrow::ffi::FFI_ArrowArray, a60::ffi::FFI_ArrowArray>(array),
+            std::mem::transmute::<arrow::ffi::FFI_ArrowSchema, a60::ffi::FFI_ArrowSchema>(schema),
+        )
+    };
     let data = unsafe { a60::ffi::from_ffi(array, &schema) }?;
     Ok(a60::array::make_array(data))
 }
@@ -45,7 +53,9 @@ pub fn to_duckdb(a: &dyn Array) -> Result<a60::array::ArrayRef, BoxError> {
 pub fn type_to_duckdb(t: &DataType) -> a60::datatypes::DataType {
     let schema = arrow::ffi::FFI_ArrowSchema::try_from(t).expect("kernel types export");
     // SAFETY: see `from_duckdb`.
-    let schema: a60::ffi::FFI_ArrowSchema = unsafe { std::mem::transmute(schema) };
+    let schema = unsafe {
+        std::mem::transmute::<arrow::ffi::FFI_ArrowSchema, a60::ffi::FFI_ArrowSchema>(schema)
+    };
     a60::datatypes::DataType::try_from(&schema).expect("kernel types import")
 }
 

@@ -85,7 +85,12 @@ impl LazyMapper {
                 )
             })?,
         };
-        Mapper::load(&dir).map(Arc::new).map_err(|e| e.to_string())
+        Mapper::load(&dir).map(Arc::new).map_err(|e| match source {
+            Source::Dir(_) => format!(
+                "{e}; point THREATLAKE_MODEL (or `SELECT threatlake_use_model('<dir>')` in DuckDB) at a directory written by `threatlake model build`"
+            ),
+            Source::Newest { .. } => e.to_string(),
+        })
     }
 
     /// The model, or a message that says how to get one.
