@@ -357,5 +357,5 @@ fn map_without_a_model_says_how_to_build_one() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("run `threatlake model build --domain enterprise` first"));
+        .contains("run `threatlake model build --domain enterprise`"));
 }
