@@ -79,34 +79,7 @@ enum Command {
         since: Option<String>,
     },
     /// Draw one chart from any query: `chart "SELECT …" --kind bar --out file.svg`.
-    Chart {
-        /// The query (its last statement is charted).
-        sql: String,
-        /// bar, hbar, line, heatmap (ATT&CK matrix), map (world) or scatter.
-        #[arg(long, default_value = "bar")]
-        kind: String,
-        /// Output file: .svg or .png.
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
-        /// Label / x / country / technique-id column (default: picked by type).
-        #[arg(long)]
-        x: Option<String>,
-        /// Value column (default: the first numeric one).
-        #[arg(long)]
-        y: Option<String>,
-        /// Series (colour) column; for heatmaps `subtechniques` lists sub-techniques.
-        #[arg(long)]
-        series: Option<String>,
-        /// Scatter: lay this text column out in 2-D with the mapping model (PCA).
-        #[arg(long)]
-        project: Option<String>,
-        /// Chart title (default: the query).
-        #[arg(long)]
-        title: Option<String>,
-        /// Bars shown at most; the rest are summed into "other".
-        #[arg(long, default_value_t = 30)]
-        limit: usize,
-    },
+    Chart(cli::report::ChartArgs),
     /// Map threat items not mapped yet (model top-k and source-stated techniques) into mapped_threat_data.
     MapIntel,
     /// The main job: ATT&CK (if absent), OTX and VirusTotal (when keyed), model (if absent), map, threat-model snapshot.
@@ -442,33 +415,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             out,
             since,
         } => cli::report::report(&settings, names, &format, out, since).await,
-        Command::Chart {
-            sql,
-            kind,
-            out,
-            x,
-            y,
-            series,
-            project,
-            title,
-            limit,
-        } => {
-            cli::report::chart(
-                &settings,
-                cli::report::ChartArgs {
-                    sql,
-                    kind,
-                    out,
-                    x,
-                    y,
-                    series,
-                    project,
-                    title,
-                    limit,
-                },
-            )
-            .await
-        }
+        Command::Chart(args) => cli::report::chart(&settings, args).await,
         Command::MapIntel => cli::feeds::map_intel(&settings).await.map(drop),
         Command::Run(a) => {
             cli::feeds::run(&settings, a.offline, a.samples.then_some(a.samples_dir)).await

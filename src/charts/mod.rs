@@ -321,7 +321,7 @@ pub fn short_number(v: f64) -> String {
     }
 }
 
-fn draw_err<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> String {
+pub(crate) fn draw_err<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> String {
     e.to_string()
 }
 
@@ -613,17 +613,25 @@ impl Drawable for Lines {
             marks += pts.len();
         }
         if !self.series.is_empty() {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(0xCC, 0xCC, 0xCC))
-                .label_font((FONT, 13))
-                .draw()
-                .map_err(draw_err)?;
+            legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
         Ok(marks)
     }
+}
+
+/// The series legend of line and scatter charts.
+pub fn legend<'a, DB: DrawingBackend + 'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(0xCC, 0xCC, 0xCC))
+        .label_font((FONT, 12))
+        .draw()
+        .map_err(draw_err)
 }
 
 /// A chart built from a result, ready to render in any format.

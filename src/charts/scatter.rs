@@ -247,14 +247,7 @@ impl Drawable for Scatter {
             marks += pts.len();
         }
         if self.series.iter().any(|s| !s.0.is_empty()) {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(0xCC, 0xCC, 0xCC))
-                .label_font((FONT, 12))
-                .draw()
-                .map_err(draw_err)?;
+            super::legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
         Ok(marks)
     }

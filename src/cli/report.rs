@@ -126,24 +126,33 @@ pub fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
 }
 
 /// Options of `threatlake chart`.
+#[derive(Debug, clap::Args)]
 pub struct ChartArgs {
-    /// The query.
+    /// The query (its last statement is charted).
     pub sql: String,
-    /// Kind.
+    /// bar, hbar, line, heatmap (ATT&CK matrix), map (world) or scatter.
+    #[arg(long, default_value = "bar")]
     pub kind: String,
-    /// Output file (.svg or .png).
+    /// Output file: .svg or .png.
+    #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
-    /// Columns.
+    /// Label / x / country / technique-id column (default: picked by type).
+    #[arg(long)]
     pub x: Option<String>,
-    /// Value column.
+    /// Value column (default: the first numeric one).
+    #[arg(long)]
     pub y: Option<String>,
-    /// Series column.
+    /// Series (colour) column; for heatmaps `subtechniques` lists sub-techniques.
+    #[arg(long)]
     pub series: Option<String>,
-    /// Text column to project (scatter).
+    /// Scatter: lay this text column out in 2-D with the mapping model (PCA).
+    #[arg(long)]
     pub project: Option<String>,
-    /// Title.
+    /// Chart title (default: the query).
+    #[arg(long)]
     pub title: Option<String>,
-    /// Bars at most.
+    /// Bars shown at most; the rest are left out (and the axis says so).
+    #[arg(long, default_value_t = 30)]
     pub limit: usize,
 }
 
