@@ -13,7 +13,14 @@ pub const DEFAULT_SETTINGS: &str = include_str!("../config/settings.yaml");
 /// Where settings are read from when neither `--config` nor `THREATLAKE_CONFIG` is given.
 pub const DEFAULT_PATH: &str = "config/settings.yaml";
 /// Environment variables with the `THREATLAKE_` prefix that are not setting overrides.
-const RESERVED_ENV: &[&str] = &["THREATLAKE_CONFIG", "THREATLAKE_LOG"];
+/// `THREATLAKE_MODEL` and `THREATLAKE_DUCKDB_EXTENSION` are read by the DuckDB extension and the
+/// notebooks, which share a shell with the CLI.
+const RESERVED_ENV: &[&str] = &[
+    "THREATLAKE_CONFIG",
+    "THREATLAKE_LOG",
+    "THREATLAKE_MODEL",
+    "THREATLAKE_DUCKDB_EXTENSION",
+];
 /// Settings that hold secrets: only the environment or the secrets file may set them.
 const SECRET_KEYS: &[(&str, &str)] = &[("otx", "api_key"), ("virustotal", "api_key")];
 
@@ -561,6 +568,15 @@ mod tests {
 
     #[test]
     fn unknown_env_is_rejected() {
+        // Variables of the DuckDB extension and notebooks are not settings, and not errors.
+        assert!(Settings::load_with_env(
+            None,
+            env(&[
+                ("THREATLAKE_MODEL", "/m"),
+                ("THREATLAKE_DUCKDB_EXTENSION", "/e")
+            ])
+        )
+        .is_ok());
         let e = Settings::load_with_env(None, env(&[("THREATLAKE_NOPE_X", "1")])).unwrap_err();
         assert!(e.to_string().contains("THREATLAKE_NOPE_X"));
     }

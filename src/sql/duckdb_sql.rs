@@ -97,7 +97,15 @@ pub async fn setup(lake: &Lake, root: &Path) -> Result<Vec<String>, LakeError> {
             cols.join(", ")
         ));
     }
-    out.extend(VIEWS.iter().map(|(_, sql)| sql.to_string()));
+    // Timestamps read as TIMESTAMP print differently from DataFusion's UTC text, which item versions
+    // are stored in; compare in DataFusion's form.
+    out.extend(VIEWS.iter().map(|(_, sql)| {
+        sql.replace("CAST(modified AS VARCHAR)", "threatlake_ts_text(modified)")
+            .replace(
+                "CAST(fetched_at AS VARCHAR)",
+                "threatlake_ts_text(fetched_at)",
+            )
+    }));
     Ok(out)
 }
 

@@ -33,23 +33,24 @@ def main() -> None:
     ap.add_argument("--threatlake", required=True, help="a release build of the threatlake binary")
     ap.add_argument("--ext", default=os.path.join(ROOT, "data", "extensions", "threatlake.duckdb_extension"))
     ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--setup-bin", help="threatlake binary for `lake duckdb-sql` (default: --threatlake)")
     a = ap.parse_args()
     env = dict(os.environ, THREATLAKE_LAKE_ROOT=a.lake, THREATLAKE_MODEL=a.model,
                THREATLAKE_LAKE_MODELS=os.path.dirname(a.model))
-    setup = subprocess.run([a.threatlake, "lake", "duckdb-sql"], env=env, check=True,
+    setup = subprocess.run([a.setup_bin or a.threatlake, "lake", "duckdb-sql"], env=env, check=True,
                            capture_output=True, text=True).stdout
     con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
     con.execute(f"LOAD {literal(a.ext)}")
     con.execute(f"SELECT threatlake_use_model({literal(a.model)})")
     con.execute(setup)
-    texts = [r[0] for r in con.sql(
+    texts = [r[0] for r in con.execute(
         "SELECT description FROM attack_procedures_current WHERE domain = 'enterprise' ORDER BY relationship_id"
     ).fetchall()]
     con.execute("CREATE TABLE bench_texts (text VARCHAR)")
     con.executemany("INSERT INTO bench_texts VALUES (?)", [[texts[i % len(texts)]] for i in range(a.rows)])
-    con.sql("SELECT map_technique('warm-up: load the model')").fetchall()
+    con.execute("SELECT map_technique('warm-up: load the model')").fetchall()
     t = time.perf_counter()
-    n = con.sql("SELECT count(map_technique(text)) FROM bench_texts").fetchone()[0]
+    n = con.execute("SELECT count(map_technique(text)) FROM bench_texts").fetchone()[0]
     duck_rate = a.rows / (time.perf_counter() - t)
     out = subprocess.run([a.threatlake, "bench", "map", "--rows", str(a.rows), "--runs", "1"], env=env,
                          check=True, capture_output=True, text=True).stdout
@@ -59,9 +60,9 @@ def main() -> None:
     for name in REPORTS:
         sql = open(os.path.join(ROOT, "sql", "reports", f"{name}.sql")).read()
         t = time.perf_counter()
-        rows = len(con.sql(sql).fetchall())
+        rows = len(con.execute(sql).fetchall())
         duck_s = time.perf_counter() - t
-        err = subprocess.run([a.threatlake, "sql", "--format", "csv", "-c", sql], env=env, check=True,
+        err = subprocess.run([a.threatlake, "sql", "--format", "csv", f"--command={sql}"], env=env, check=True,
                              capture_output=True, text=True).stderr
         df_s = float(re.search(r"rows? in ([\d.]+) s", err).group(1))
         print(f"report {name}: {rows} rows, DuckDB {duck_s:.3f} s, DataFusion {df_s:.3f} s "
