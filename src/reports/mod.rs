@@ -8,6 +8,7 @@ pub mod pdf;
 pub mod stix;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -283,8 +284,25 @@ pub async fn run(engine: &Engine, def: &ReportDef) -> Result<Dataset, ReportErro
 pub struct Built {
     /// The result.
     pub data: Dataset,
+    /// The result as columns (tables of HTML pages and PDFs).
+    pub frame: Frame,
     /// The chart.
     pub chart: Result<Chart, ChartError>,
+    /// The chart drawn as SVG and as PNG, each once however many outputs use it (the SVG file and
+    /// the HTML page; the PNG file and the PDF).
+    images: [OnceLock<Result<charts::Rendered, ChartError>>; 2],
+}
+
+impl Built {
+    /// The chart drawn as `format` (drawn on first use).
+    pub fn image(&self, format: ImageFormat) -> Result<charts::Rendered, ChartError> {
+        let slot = &self.images[usize::from(format == ImageFormat::Png)];
+        slot.get_or_init(|| match &self.chart {
+            Ok(c) => c.render(format),
+            Err(e) => Err(e.clone()),
+        })
+        .clone()
+    }
 }
 
 /// Run one report and build its chart.
@@ -293,7 +311,12 @@ pub async fn build(engine: &Engine, def: &ReportDef, domain: &str) -> Result<Bui
     let spec = def.chart_spec()?;
     let frame = Frame::new(&data.schema, &data.batches);
     let chart = Chart::build(engine, &spec, &def.title, &frame, domain).await;
-    Ok(Built { data, chart })
+    Ok(Built {
+        data,
+        frame,
+        chart,
+        images: Default::default(),
+    })
 }
 
 /// What every output of a report run shares.
@@ -392,14 +415,13 @@ pub fn write(
             v
         }
         Format::Svg | Format::Png => {
-            let chart = built.chart.as_ref().expect("file_name checked the chart");
             let f = if format == Format::Svg {
                 ImageFormat::Svg
             } else {
                 ImageFormat::Png
             };
-            chart
-                .render(f)
+            built
+                .image(f)
                 .map_err(|source| ReportError::Chart {
                     name: def.name.clone(),
                     source,
@@ -416,11 +438,8 @@ pub fn write(
 }
 
 fn chart_image(built: &Built, format: ImageFormat) -> (Option<charts::Rendered>, Option<String>) {
-    match &built.chart {
-        Ok(c) => match c.render(format) {
-            Ok(r) => (Some(r), None),
-            Err(e) => (None, Some(e.to_string())),
-        },
+    match built.image(format) {
+        Ok(r) => (Some(r), None),
         Err(e) => (None, Some(e.to_string())),
     }
 }
@@ -440,8 +459,8 @@ fn meta_line(built: &Built, ctx: &Context) -> Vec<String> {
 /// The report's HTML page.
 pub fn html_page(built: &Built, ctx: &Context) -> Result<String, ReportError> {
     let def = &built.data.def;
-    let frame = Frame::new(&built.data.schema, &built.data.batches);
-    let (columns, table) = table_strings(&frame, HTML_ROWS);
+    let frame = &built.frame;
+    let (columns, table) = table_strings(frame, HTML_ROWS);
     let (svg, chart_error) = chart_image(built, ImageFormat::Svg);
     let files: Vec<String> = file_names(built, ctx.formats)
         .into_iter()
@@ -465,8 +484,8 @@ pub fn html_page(built: &Built, ctx: &Context) -> Result<String, ReportError> {
 /// The report as a PDF section.
 pub fn pdf_section(built: &Built, ctx: &Context) -> Result<pdf::Section, ReportError> {
     let def = &built.data.def;
-    let frame = Frame::new(&built.data.schema, &built.data.batches);
-    let (columns, rows) = table_strings(&frame, PDF_ROWS);
+    let frame = &built.frame;
+    let (columns, rows) = table_strings(frame, PDF_ROWS);
     let (png, chart_error) = chart_image(built, ImageFormat::Png);
     Ok(pdf::Section {
         title: def.title.clone(),
