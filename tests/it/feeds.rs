@@ -175,6 +175,21 @@ fn normalise(t: &str) -> String {
     format!("{a}.{:0<6}", &b[..b.len().min(6)])
 }
 
+/// A fake OTX serving `pulses` (shared, so a test can add pulses between runs); its `next` links
+/// point back at itself.
+fn otx_fake(pulses: Arc<Mutex<Vec<Value>>>) -> Fake {
+    let base_cell: Arc<Mutex<String>> = Arc::default();
+    let b2 = base_cell.clone();
+    let fake = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(move |url, key, _| {
+            otx_page(&b2.lock().unwrap(), url, key, &pulses.lock().unwrap())
+        }),
+    );
+    *base_cell.lock().unwrap() = fake.base.clone();
+    fake
+}
+
 /// The CLI on `dir`'s lake, talking to the fake OTX at `base` with fast retries.
 fn otx_cmd(dir: &Path, base: &str) -> std::process::Command {
     let mut c = common::cli_on(dir);
@@ -212,14 +227,7 @@ fn assert_absent(dir: &Path, needle: &str) {
 fn otx_pages_incremental_revisions_and_keys() {
     let dir = common::scratch("otx");
     let pulses = Arc::new(Mutex::new(sample_pulses()));
-    let p2 = pulses.clone();
-    let base_cell: Arc<Mutex<String>> = Arc::default();
-    let b2 = base_cell.clone();
-    let fake = Fake::start(
-        "X-OTX-API-KEY",
-        Box::new(move |url, key, _| otx_page(&b2.lock().unwrap(), url, key, &p2.lock().unwrap())),
-    );
-    *base_cell.lock().unwrap() = fake.base.clone();
+    let fake = otx_fake(pulses.clone());
 
     // First run: 6 pulses over 3 pages, old and current formats.
     let (ok, out, err) = run(otx_cmd(&dir, &fake.base).args(["ingest", "otx"]));
@@ -521,14 +529,7 @@ async fn run_maps_intel_and_diffs_threat_models() {
     });
     let pulses = Arc::new(Mutex::new(sample_pulses()));
     pulses.lock().unwrap().push(extra.clone());
-    let p2 = pulses.clone();
-    let base_cell: Arc<Mutex<String>> = Arc::default();
-    let b2 = base_cell.clone();
-    let fake = Fake::start(
-        "X-OTX-API-KEY",
-        Box::new(move |url, key, _| otx_page(&b2.lock().unwrap(), url, key, &p2.lock().unwrap())),
-    );
-    *base_cell.lock().unwrap() = fake.base.clone();
+    let fake = otx_fake(pulses.clone());
     let job = |args: &[&str]| {
         run(otx_cmd(&dir, &fake.base)
             .env("THREATLAKE_LAKE_MODELS", dir.join("models"))
