@@ -137,6 +137,49 @@ pub struct LakeSettings {
     pub raw: String,
     /// Model artifacts (path or URL).
     pub models: String,
+    /// Local copy of the models when `models` is an object-store URL (they are memory-mapped).
+    #[serde(default = "default_models_cache")]
+    pub models_cache: String,
+    /// Object-store client behaviour (retries, timeouts) and lake locks.
+    #[serde(default)]
+    pub store: StoreSettings,
+    /// Set at start-up when `models` was an object-store URL: it is kept here and `models` then
+    /// names the local cache.
+    #[serde(skip)]
+    pub models_remote: Option<String>,
+}
+
+fn default_models_cache() -> String {
+    "data/.cache/models".into()
+}
+
+/// `lake.store:` how lake I/O talks to object storage. Credentials, region and endpoint are not here:
+/// they come from the standard AWS environment variables and `~/.aws/{credentials,config}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// Retries of a failed request (5xx, connection errors) before giving up.
+    pub max_retries: usize,
+    /// Give up retrying a request after this long.
+    pub retry_timeout_secs: f64,
+    /// TCP connect timeout.
+    pub connect_timeout_secs: f64,
+    /// Whole-request timeout.
+    pub request_timeout_secs: f64,
+    /// A writer lock older than this is considered abandoned (its process died) and may be taken over.
+    pub lock_ttl_minutes: f64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            retry_timeout_secs: 60.0,
+            connect_timeout_secs: 5.0,
+            request_timeout_secs: 300.0,
+            lock_ttl_minutes: 120.0,
+        }
+    }
 }
 
 /// The three ATT&CK domains.

@@ -54,11 +54,10 @@ impl DuckEngine {
     /// Open over `lake` (local only): views, compatibility macros, shipped views, functions.
     pub async fn open(lake: &Lake, options: &EngineOptions) -> Result<Self, DuckError> {
         let url = lake.location.base_url.as_str().to_string();
-        let root = lake
-            .location
-            .local_path()
-            .ok_or_else(|| DuckError::NotLocal(url.clone()))?;
-        let setup = crate::sql::duckdb_sql::setup(lake, &root).await?;
+        let Some(root) = lake.location.local_path() else {
+            return Err(DuckError::NotLocal(url));
+        };
+        let setup = crate::sql::duckdb_sql::setup(lake).await?;
         let con = Connection::open_in_memory()?;
         let mapper = Arc::new(LazyMapper::new(
             &options.models_root,

@@ -11,6 +11,7 @@ pub mod duck;
 pub mod feeds;
 pub mod lake;
 pub mod mapping;
+pub mod models;
 pub mod reports;
 pub mod sql;
 

@@ -289,6 +289,35 @@ enum LakeCommand {
     /// Print the SQL that gives stock DuckDB this lake's tables and views (load the threatlake
     /// extension first: the views use its functions).
     DuckdbSql,
+    /// Copy a lake between a directory and S3, either way: new and changed files, then the files
+    /// the source's tables dropped (replaced or compacted), so both answer queries alike.
+    Sync {
+        /// Source (default: lake.root).
+        #[arg(long, value_name = "PATH_OR_URL")]
+        from: Option<String>,
+        /// Destination, e.g. s3://bucket/lake or data/lake.
+        #[arg(long, value_name = "PATH_OR_URL")]
+        to: String,
+        /// Only say what would be copied and deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Merge each partition's small files into one (feeds add a file per batch), so scans stay fast.
+    Compact {
+        /// Merge partitions with at least this many files.
+        #[arg(long, default_value_t = 2)]
+        min_files: usize,
+        /// Only say what would be merged.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the writer locks held on the lake.
+    Locks,
+    /// Remove a writer lock whose process died (see `lake locks`).
+    Unlock {
+        /// Lock name: attack, otx, virustotal or intel.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -328,6 +357,19 @@ enum BenchCommand {
         /// Keep the lake and reports in this directory instead of a temporary one.
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
+    },
+    /// Write a 1,000-partition OTX pulse log to a local lake and to S3 (throughput of each), then
+    /// count the S3 requests of a one-day query (needs an S3 endpoint: AWS_ENDPOINT_URL etc.).
+    S3 {
+        /// S3 location to write under (a fresh `bench-<id>` prefix is used inside it).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Daily partitions.
+        #[arg(long, default_value_t = 1000)]
+        partitions: usize,
+        /// Pulses per partition.
+        #[arg(long, default_value_t = 20)]
+        per_partition: usize,
     },
     /// Ingest a bundle into a throwaway lake and time a representative query.
     Ingest {
@@ -392,6 +434,24 @@ async fn main_inner(cli: Cli) -> Result<()> {
     if let Some(r) = &cli.global.raw {
         settings.lake.raw = r.clone();
     }
+    if threatlake::models::is_remote(&settings.lake.models) {
+        // Models beside an S3 lake: work from the local cache, fetched first by commands that map.
+        let remote = std::mem::replace(&mut settings.lake.models, settings.lake.models_cache.clone());
+        let maps = matches!(
+            cli.command,
+            Command::Sql(_) | Command::Map(_) | Command::MapIntel | Command::Run(_) | Command::Report { .. }
+                | Command::Chart(_) | Command::Model(_) | Command::Bench(_)
+        );
+        if maps {
+            let (_, n) = threatlake::models::fetch(&settings.lake, &remote)
+                .await
+                .with_context(|| format!("fetching the mapping models from {remote} (lake.models)"))?;
+            if n > 0 {
+                tracing::info!(files = n, from = %remote, "fetched model files");
+            }
+        }
+        settings.lake.models_remote = Some(remote);
+    }
     match cli.command {
         Command::Config(ConfigCommand::Show) => {
             print!("{}", settings.to_redacted_yaml());
@@ -425,20 +485,88 @@ async fn main_inner(cli: Cli) -> Result<()> {
         }
         Command::Sql(args) => sql(&settings, args).await,
         Command::Lake(LakeCommand::DuckdbSql) => {
-            let lake = Lake::open(&settings.lake.root)?;
-            let root = lake.location.local_path().with_context(|| {
-                format!(
-                    "{} is not a local lake; stock DuckDB reads local Parquet here",
-                    settings.lake.root
-                )
-            })?;
-            for stmt in threatlake::sql::duckdb_sql::setup(&lake, &root).await? {
+            let lake = Lake::from_settings(&settings.lake)?;
+            if lake.location.local_path().is_none() {
+                println!(
+                    "-- {} is on S3: DuckDB reads it with the httpfs extension (INSTALL httpfs; LOAD httpfs;\n\
+                     -- CREATE SECRET (TYPE s3, PROVIDER credential_chain, URL_STYLE 'path', ENDPOINT '…');)\n\
+                     -- or, in Python, with an fsspec filesystem: con.register_filesystem(s3fs.S3FileSystem(...)).\n",
+                    lake.location
+                );
+            }
+            for stmt in threatlake::sql::duckdb_sql::setup(&lake).await? {
                 println!("{}\n", stmt.trim_end());
             }
             Ok(())
         }
+        Command::Lake(LakeCommand::Sync { from, to, dry_run }) => {
+            let from = from.unwrap_or_else(|| settings.lake.root.clone());
+            anyhow::ensure!(from != to, "--from and --to are the same place ({to})");
+            let src = Location::open_with(&from, &settings.lake.store)?;
+            let dst = Location::open_with(&to, &settings.lake.store)?;
+            let t = std::time::Instant::now();
+            let ttl = threatlake::lake::lock_ttl(&settings.lake);
+            let r = threatlake::lake::maintain::sync(&src, &dst, dry_run, ttl)
+                .await
+                .with_context(|| format!("lake sync {src} → {dst} stopped; what was copied is complete, re-run to finish"))?;
+            println!(
+                "{}{src} → {dst}: {} object(s) copied ({:.1} MB), {} unchanged, {} stale file(s) deleted{} in {:.1} s",
+                if dry_run { "dry run: " } else { "" },
+                r.copied,
+                r.bytes as f64 / 1e6,
+                r.unchanged,
+                r.deleted,
+                if r.vanished > 0 { format!(", {} replaced at the source while copying (re-run to pick up)", r.vanished) } else { String::new() },
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Lake(LakeCommand::Compact { min_files, dry_run }) => {
+            let lake = Lake::from_settings(&settings.lake)?;
+            let ttl = threatlake::lake::lock_ttl(&settings.lake);
+            let t = std::time::Instant::now();
+            let r = threatlake::lake::maintain::compact(&lake.location, min_files, dry_run, ttl).await?;
+            if r.recovered > 0 {
+                println!("finished {} interrupted compaction(s)", r.recovered);
+            }
+            println!(
+                "{}{}: {} partition(s), {} file(s) → {}, {} row(s), {:.1} KB → {:.1} KB in {:.1} s",
+                if dry_run { "dry run: " } else { "" },
+                lake.location,
+                r.partitions,
+                r.files_in,
+                r.files_out,
+                r.rows,
+                r.bytes_in as f64 / 1024.0,
+                r.bytes_out as f64 / 1024.0,
+                t.elapsed().as_secs_f64()
+            );
+            for (dir, why) in &r.skipped {
+                println!("  skipped {dir}: {why}");
+            }
+            Ok(())
+        }
+        Command::Lake(LakeCommand::Locks) => {
+            let lake = Lake::from_settings(&settings.lake)?;
+            let locks = lake.location.locks().await?;
+            if locks.is_empty() {
+                println!("{}: no writer holds a lock", lake.location);
+            }
+            for h in locks {
+                println!("{:<11} {h} (abandoned after {})", h.name, h.expires.format("%Y-%m-%d %H:%M:%SZ"));
+            }
+            Ok(())
+        }
+        Command::Lake(LakeCommand::Unlock { name }) => {
+            let lake = Lake::from_settings(&settings.lake)?;
+            match lake.location.unlock(&name).await? {
+                Some(h) => println!("removed lock {name}, held by {h}"),
+                None => println!("no lock {name} on {}", lake.location),
+            }
+            Ok(())
+        }
         Command::Lake(LakeCommand::Tables) => {
-            let lake = Lake::open(&settings.lake.root)?;
+            let lake = Lake::from_settings(&settings.lake)?;
             let tables = lake.tables().await?;
             if tables.is_empty() {
                 println!(
@@ -503,6 +631,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
             indicators,
             page_size,
         }) => cli::bench::otx(pulses, indicators, page_size).await,
+        Command::Bench(BenchCommand::S3 {
+            to,
+            partitions,
+            per_partition,
+        }) => cli::bench::s3(&settings, &to, partitions, per_partition).await,
         Command::Bench(BenchCommand::Report { items, from, keep }) => {
             cli::bench::report(&settings, items, &from, keep).await
         }
@@ -528,8 +661,8 @@ async fn ingest_attack(
     from: Option<String>,
     attack_version: Option<String>,
 ) -> Result<()> {
-    let lake = Lake::open(&settings.lake.root)?;
-    let raw = Location::open(&settings.lake.raw)?;
+    let lake = Lake::from_settings(&settings.lake)?;
+    let raw = threatlake::lake::raw_from_settings(&settings.lake)?;
     let timeout = Duration::from_secs(settings.attack.http_timeout_secs);
     let jobs: Vec<(Option<Domain>, String)> = match (&from, domain.domain()) {
         (Some(src), d) => vec![(d, src.clone())],
@@ -549,13 +682,32 @@ async fn ingest_attack(
             .expect("static template"),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
+    let ttl = threatlake::lake::lock_ttl(&settings.lake);
+    let lock = lake.location.lock("attack", "ingest attack", ttl).await?;
+    let done = ingest_attack_jobs(&lake, &raw, jobs, attack_version, timeout, &bar).await;
+    let released = lock.release().await;
+    done?;
+    released?;
+    bar.finish_and_clear();
+    println!("lake: {}", lake.location);
+    Ok(())
+}
+
+async fn ingest_attack_jobs(
+    lake: &Lake,
+    raw: &Location,
+    jobs: Vec<(Option<Domain>, String)>,
+    attack_version: Option<String>,
+    timeout: Duration,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
     for (d, src) in jobs {
         bar.set_message(format!(
             "ingesting {}",
             d.map_or("bundle".to_string(), |d| d.to_string())
         ));
         let report =
-            threatlake::attack::ingest(&lake, &raw, &src, d, attack_version.as_deref(), timeout)
+            threatlake::attack::ingest(lake, raw, &src, d, attack_version.as_deref(), timeout)
                 .await
                 .with_context(|| {
                     format!(
@@ -584,8 +736,6 @@ async fn ingest_attack(
             )
         });
     }
-    bar.finish_and_clear();
-    println!("lake: {}", lake.location);
     Ok(())
 }
 
@@ -596,7 +746,7 @@ fn source_for(settings: &Settings, d: Domain) -> Result<String> {
 }
 
 async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let options = threatlake::sql::EngineOptions::from_settings(settings);
     let engine = match args.engine {
         SqlEngineKind::Datafusion => {

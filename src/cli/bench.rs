@@ -1,5 +1,6 @@
 //! `threatlake bench`: figures for ingest and query speed and peak memory (release builds only mean anything).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -99,7 +100,7 @@ pub async fn map(settings: &threatlake::Settings, rows: usize, runs: usize) -> R
     use arrow::datatypes::{DataType, Field, Schema};
     use datafusion::datasource::MemTable;
 
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open_with(
         &lake,
         &threatlake::sql::EngineOptions::from_settings(settings),
@@ -416,5 +417,98 @@ pub async fn report(
         bytes as f64 / 1e6,
         out.display()
     );
+    Ok(())
+}
+
+/// `bench s3`: the same 1,000-partition OTX pulse log written to a local lake and to an S3 lake
+/// (write throughput of each), then a one-day query on the S3 lake with every request counted.
+pub async fn s3(settings: &threatlake::Settings, to: &str, partitions: usize, per_partition: usize) -> Result<()> {
+    use threatlake::lake::counting::CountingStore;
+    let id = threatlake::feeds::new_batch_id(chrono::Utc::now());
+    let s3_spec = format!("{}/bench-{id}", to.trim_end_matches('/'));
+    let s3_lake = Lake {
+        location: Location::open_with(&s3_spec, &settings.lake.store)?,
+    };
+    let tmp = tempfile::tempdir().context("creating a temporary lake")?;
+    let local = Lake::open(tmp.path().join("lake").to_str().context("utf-8 temp path")?)?;
+    println!(
+        "bench s3: {partitions} daily partitions × {per_partition} pulses into {} and {s3_spec}, build: {}",
+        tmp.path().display(),
+        build_kind()
+    );
+    let day0 = chrono::NaiveDate::from_ymd_opt(2023, 1, 1).expect("date");
+    let days: Vec<String> = (0..partitions)
+        .map(|d| (day0 + chrono::Days::new(d as u64)).format("%Y-%m-%d").to_string())
+        .collect();
+    let mut bytes = 0u64;
+    for (label, lake) in [("local", &local), ("S3", &s3_lake)] {
+        let counting = Arc::new(CountingStore::new(lake.location.store.clone()));
+        let mut counted = lake.clone();
+        counted.location.store = counting.clone();
+        let t = Instant::now();
+        for (d, day) in days.iter().enumerate() {
+            let batch = format!("bench-{d}");
+            let prov = threatlake::feeds::otx::Provenance {
+                batch_id: batch.clone(),
+                raw_ref: "bench".into(),
+                ingested_at: threatlake::feeds::fixed(chrono::Utc::now()),
+            };
+            let mut w = threatlake::feeds::otx::OtxWriter::new(&counted, &batch, Default::default())
+                .with_date(day);
+            let pulses: Vec<serde_json::Value> = (0..per_partition)
+                .map(|i| synthetic_pulse(d * per_partition + i, 0))
+                .collect();
+            w.add(&pulses, &prov).await.map_err(anyhow::Error::msg)?;
+            w.flush().await?;
+        }
+        let el = t.elapsed().as_secs_f64();
+        bytes = lake.tables().await?.values().map(|t| t.bytes).sum();
+        println!(
+            "  write {label:<5}: {partitions} partitions in {el:.2} s = {:.0} partitions/s, {:.0} pulses/s, {:.2} MB/s ({})",
+            partitions as f64 / el,
+            (partitions * per_partition) as f64 / el,
+            bytes as f64 / 1e6 / el,
+            counting.counts.summary()
+        );
+    }
+    let counting = Arc::new(CountingStore::new(s3_lake.location.store.clone()));
+    let mut counted = s3_lake.clone();
+    counted.location.store = counting.clone();
+    let t = Instant::now();
+    let engine = Engine::open(&counted).await?;
+    println!(
+        "  open engine on S3: {:.2} s, {}",
+        t.elapsed().as_secs_f64(),
+        counting.counts.summary()
+    );
+    let objects = s3_lake.location.list("").await?.len();
+    let day = &days[partitions / 2];
+    for (what, sql) in [
+        (
+            "one day",
+            format!("SELECT count(*), min(name) FROM otx_pulse_log WHERE ingest_date = '{day}'"),
+        ),
+        ("every day (no pruning)", "SELECT count(*) FROM otx_pulse_log".to_string()),
+    ] {
+        counting.counts.reset();
+        let t = Instant::now();
+        let r = engine.run(&sql).await?;
+        let rows = r[0]
+            .batches
+            .iter()
+            .map(|b| arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64))
+            .next()
+            .transpose()?
+            .map(|c| arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).value(0))
+            .unwrap_or(0);
+        let read = counting.counts.distinct_read();
+        println!(
+            "  query {what}: {rows} rows in {:.3} s; objects read {read} of {objects} ({:.2}%); {}",
+            t.elapsed().as_secs_f64(),
+            100.0 * read as f64 / objects.max(1) as f64,
+            counting.counts.summary()
+        );
+    }
+    println!("  lake size {:.1} MB; S3 copy left at {s3_spec}", bytes as f64 / 1e6);
     Ok(())
 }

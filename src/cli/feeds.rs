@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use threatlake::feeds::http::FeedClient;
 use threatlake::feeds::{intel, otx, vt};
 use threatlake::sql::{Engine, EngineOptions};
-use threatlake::{Lake, Location, Settings};
+use threatlake::{Lake, Settings};
 
 fn otx_client(settings: &Settings) -> Result<Option<FeedClient>> {
     let Some(key) = settings.otx.api_key.expose() else {
@@ -54,11 +54,14 @@ fn no_key(service: &str, env: &str) -> anyhow::Error {
 /// `ingest otx`.
 pub async fn ingest_otx(settings: &Settings) -> Result<otx::OtxReport> {
     let client = otx_client(settings)?.ok_or_else(|| no_key("OTX", otx::KEY_ENV))?;
-    let lake = Lake::open(&settings.lake.root)?;
-    let raw = Location::open(&settings.lake.raw)?;
+    let lake = Lake::from_settings(&settings.lake)?;
+    let raw = threatlake::lake::raw_from_settings(&settings.lake)?;
     let bar = spinner("OTX");
-    let r = otx::ingest(&lake, &raw, &client, settings.otx.page_size, &|m| {
-        bar.set_message(m.to_string())
+    let r = super::locked(&lake, settings, &["otx"], "ingest otx", async {
+        Ok(otx::ingest(&lake, &raw, &client, settings.otx.page_size, &|m| {
+            bar.set_message(m.to_string())
+        })
+        .await?)
     })
     .await;
     bar.finish_and_clear();
@@ -82,8 +85,8 @@ pub async fn ingest_vt(
     iocs: Option<String>,
 ) -> Result<vt::VtReport> {
     let client = vt_client(settings)?.ok_or_else(|| no_key("VirusTotal", vt::KEY_ENV))?;
-    let lake = Lake::open(&settings.lake.root)?;
-    let raw = Location::open(&settings.lake.raw)?;
+    let lake = Lake::from_settings(&settings.lake)?;
+    let raw = threatlake::lake::raw_from_settings(&settings.lake)?;
     let mut all = settings.virustotal.observables.clone();
     all.extend(observables);
     let mut rejected = Vec::new();
@@ -101,8 +104,11 @@ pub async fn ingest_vt(
         cache_ttl_hours: settings.virustotal.cache_ttl_hours,
     };
     let bar = spinner("VirusTotal");
-    let r = vt::ingest(&lake, &raw, &client, &all, quota, &|m| {
-        bar.set_message(m.to_string())
+    let r = super::locked(&lake, settings, &["virustotal"], "ingest vt", async {
+        Ok(vt::ingest(&lake, &raw, &client, &all, quota, &|m| {
+            bar.set_message(m.to_string())
+        })
+        .await?)
     })
     .await;
     bar.finish_and_clear();
@@ -130,20 +136,23 @@ fn model_version(settings: &Settings) -> Option<String> {
 
 /// `map-intel`.
 pub async fn map_intel(settings: &Settings) -> Result<intel::MapReport> {
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open_with(&lake, &EngineOptions::from_settings(settings)).await?;
     let version = model_version(settings);
     let bar = spinner("map-intel");
     bar.set_message("map_techniques over new items");
-    let r = intel::map_intel(
-        &lake,
-        &engine,
-        settings.mapping.top_k,
-        settings.mapping.threshold,
-        version.clone(),
-    )
-    .await
-    .context("mapping threat items");
+    let r = super::locked(&lake, settings, &["intel"], "map-intel", async {
+        intel::map_intel(
+            &lake,
+            &engine,
+            settings.mapping.top_k,
+            settings.mapping.threshold,
+            version.clone(),
+        )
+        .await
+        .context("mapping threat items")
+    })
+    .await;
     bar.finish_and_clear();
     let r = r?;
     println!(
@@ -158,11 +167,14 @@ pub async fn map_intel(settings: &Settings) -> Result<intel::MapReport> {
 
 /// Snapshot the threat model.
 pub async fn snapshot(settings: &Settings) -> Result<(String, usize)> {
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open(&lake).await?;
     let bar = spinner("threat model");
     bar.set_message("snapshot");
-    let r = intel::snapshot(&lake, &engine).await;
+    let r = super::locked(&lake, settings, &["intel"], "threat-model snapshot", async {
+        Ok(intel::snapshot(&lake, &engine).await?)
+    })
+    .await;
     bar.finish_and_clear();
     let (run, n) = r?;
     println!("threat model {run}: {n} technique(s)");
@@ -176,7 +188,7 @@ pub async fn diff(
     b: Option<String>,
     all: bool,
 ) -> Result<()> {
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open(&lake).await?;
     let runs = intel::runs(&engine).await?;
     let (a, b) = match (a, b) {
@@ -232,7 +244,7 @@ pub async fn run(
     offline: bool,
     samples: Option<std::path::PathBuf>,
 ) -> Result<()> {
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let mut errors: Vec<String> = Vec::new();
     let engine = Engine::open(&lake).await?;
     let versions = engine
@@ -254,10 +266,13 @@ pub async fn run(
     println!("[2/5] feeds");
     let mut new_items = 0;
     if let Some(dir) = &samples {
-        let raw = Location::open(&settings.lake.raw)?;
-        let r = threatlake::feeds::samples::load(&lake, &raw, dir)
-            .await
-            .with_context(|| format!("loading samples from {}", dir.display()))?;
+        let raw = threatlake::lake::raw_from_settings(&settings.lake)?;
+        let r = super::locked(&lake, settings, &["otx", "virustotal"], "load samples", async {
+            threatlake::feeds::samples::load(&lake, &raw, dir)
+                .await
+                .with_context(|| format!("loading samples from {}", dir.display()))
+        })
+        .await?;
         println!(
             "  samples: {} new or revised pulse(s) from {} OTX file(s), {} VirusTotal report(s), {} sandbox technique row(s)",
             r.pulses, r.otx_files, r.lookups, r.techniques

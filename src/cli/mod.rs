@@ -5,3 +5,25 @@ pub mod feeds;
 pub mod model;
 pub mod repl;
 pub mod report;
+
+use anyhow::{Context, Result};
+use threatlake::{Lake, Settings};
+
+/// Run `work` holding the lake's writer locks `names` (see `threatlake::lake::lock`): a second writer
+/// of the same tables fails at once with who holds them. The locks are released whether `work`
+/// succeeds or not.
+pub async fn locked<T>(
+    lake: &Lake,
+    settings: &Settings,
+    names: &[&str],
+    purpose: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let ttl = threatlake::lake::lock_ttl(&settings.lake);
+    let locks = lake.location.lock_all(names, purpose, ttl).await?;
+    let out = work.await;
+    let released = locks.release().await;
+    let out = out?;
+    released.with_context(|| format!("releasing the {} lock on {}", names.join("+"), lake.location))?;
+    Ok(out)
+}

@@ -32,7 +32,7 @@ pub async fn build(
     pretrained: Option<String>,
     no_pretrained: bool,
 ) -> Result<()> {
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open(&lake).await?;
     let pre = if no_pretrained {
         None
@@ -74,6 +74,12 @@ pub async fn build(
         stages.join(", ")
     );
     println!("saved to {}", report.dir.display());
+    if let Some(remote) = &settings.lake.models_remote {
+        let n = threatlake::models::publish(&settings.lake, remote, &report.dir)
+            .await
+            .with_context(|| format!("publishing the model to {remote} (lake.models); it is saved locally in {}", report.dir.display()))?;
+        println!("published {n} file(s) to {remote}");
+    }
     Ok(())
 }
 
@@ -315,7 +321,7 @@ pub async fn eval_from_lake(
 ) -> Result<()> {
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load(&dir)?;
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open(&lake).await?;
     let r = engine
         .run(
@@ -375,7 +381,7 @@ pub async fn eval_holdout(
     seed: u64,
     pretrained: Option<String>,
 ) -> Result<()> {
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open(&lake).await?;
     let set = mapping::training_set(&engine, domain).await?;
     let (train, test) = eval::holdout(&set, fraction, seed);

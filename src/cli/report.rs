@@ -37,7 +37,7 @@ pub async fn report(
     let since_at = since.as_deref().map(parse_since).transpose()?;
     let defs = reports::select(&names)?;
     let out = out.unwrap_or_else(|| PathBuf::from(&settings.reports.out_dir));
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let mut options = EngineOptions::from_settings(settings);
     options.since = since_at;
     let engine = Engine::open_with(&lake, &options).await?;
@@ -177,7 +177,7 @@ pub async fn chart(settings: &Settings, a: ChartArgs) -> Result<()> {
     spec.series = a.series;
     spec.project = a.project;
     spec.limit = a.limit.max(1);
-    let lake = Lake::open(&settings.lake.root)?;
+    let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open_with(&lake, &EngineOptions::from_settings(settings)).await?;
     let mut results = engine.run(&a.sql).await?;
     let Some(r) = results.pop() else {

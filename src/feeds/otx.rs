@@ -258,6 +258,13 @@ pub struct OtxWriter<'a> {
 }
 
 impl<'a> OtxWriter<'a> {
+    /// Write into the `ingest_date` partition `date` (YYYY-MM-DD) instead of today's (backfills,
+    /// benchmarks).
+    pub fn with_date(mut self, date: &str) -> Self {
+        self.date = date.to_string();
+        self
+    }
+
     /// A writer for one run; `known` maps pulse id → newest stored `modified` (to skip unchanged pulses).
     pub fn new(lake: &'a Lake, batch_id: &str, known: BTreeMap<String, String>) -> Self {
         Self {

@@ -3,7 +3,6 @@
 //! shipped views of `sql/views/`. The embedded engine runs these statements; `threatlake lake
 //! duckdb-sql` prints them so stock DuckDB (with the threatlake extension) gets the same tables.
 
-use std::path::Path;
 
 use arrow::datatypes::DataType;
 
@@ -42,14 +41,16 @@ pub fn duck_type(t: &DataType) -> String {
     }
 }
 
-/// The statements that give a DuckDB database the lake at `root` (a local directory). The
+/// The statements that give a DuckDB database the lake: a local directory, or `s3://bucket/prefix`
+/// (stock DuckDB reads that through its httpfs extension or a registered fsspec filesystem). The
 /// threatlake functions must be registered first (the views use `attack_version_key`).
-pub async fn setup(lake: &Lake, root: &Path) -> Result<Vec<String>, LakeError> {
+pub async fn setup(lake: &Lake) -> Result<Vec<String>, LakeError> {
+    let root = lake.location.reader_root();
     let found = lake.tables().await?;
     let known = known_tables();
     let mut out = vec![COMPAT.to_string()];
     for name in found.keys() {
-        let glob = root.join(name).join("**").join("*.parquet");
+        let glob = format!("{root}/{name}/**/*.parquet");
         let tz: Vec<String> = known
             .iter()
             .find(|(k, _, _)| k == name)
@@ -73,7 +74,7 @@ pub async fn setup(lake: &Lake, root: &Path) -> Result<Vec<String>, LakeError> {
         out.push(
             LAKE_VIEW
                 .replace("{table}", &quote_ident(name))
-                .replace("{glob}", &quote_literal(&glob.to_string_lossy()))
+                .replace("{glob}", &quote_literal(&glob))
                 .replace("{replace}", &replace),
         );
     }

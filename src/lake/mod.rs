@@ -1,8 +1,17 @@
 //! The lake: hive-partitioned Parquet tables and raw objects behind `object_store`, written atomically.
 //!
-//! Everything that touches lake storage goes through [`Location`], so the root can move from a local
-//! directory to an object-store URL without touching ingestion code. Writes go to a staging key first
-//! and are then renamed into place, so readers never see a half-written partition.
+//! Everything that touches lake storage goes through [`Location`]: a local directory or an
+//! `s3://bucket/prefix`, the same code either way. Readers never see a half-written file: on disk a
+//! file is written to a staging key and renamed into place; on S3 a PUT is already all-or-nothing (an
+//! object appears whole or not at all), so files go straight to their final key. Changes that touch
+//! several files add the new ones first and delete the old ones after, so a crash in between can
+//! leave an extra file but never loses rows; compaction journals its swaps (see [`maintain`]).
+//! Writers of the same tables exclude each other with [`lock`]s.
+
+pub mod counting;
+pub mod lock;
+pub mod maintain;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,6 +28,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use url::Url;
+
+use crate::config::StoreSettings;
 
 /// Name of the staging area under a root; names starting with `_` are never tables.
 pub const STAGING: &str = "_staging";
@@ -38,12 +49,30 @@ pub enum LakeError {
         reason: String,
     },
     /// An object-store operation failed.
-    #[error("lake I/O on {path}: {source}")]
+    #[error("lake I/O on {path}: {}{hint}", s3::condense(.error))]
     Store {
         /// Object path.
         path: String,
-        /// Underlying error.
-        source: object_store::Error,
+        /// Underlying error (shown condensed: not a `source`, whose chain would repeat S3's XML).
+        error: object_store::Error,
+        /// What to do about it (may be empty).
+        hint: &'static str,
+    },
+    /// Another writer holds the lock.
+    #[error(
+        "{lake} is being written by {holder}; {}",
+        if *expired { format!("that lock has expired but could not be taken over: if that process is gone, run `threatlake lake unlock {name}`") }
+        else { format!("wait for it to finish and re-run (nothing was written), or, if that process is gone, run `threatlake lake unlock {name}`") }
+    )]
+    Locked {
+        /// Lock name.
+        name: String,
+        /// The lake.
+        lake: String,
+        /// Who holds it.
+        holder: String,
+        /// Whether it is past its expiry.
+        expired: bool,
     },
     /// Encoding Parquet failed.
     #[error("writing Parquet for {path}: {source}")]
@@ -63,12 +92,25 @@ pub enum LakeError {
     },
 }
 
+impl LakeError {
+    /// An object-store error on `path` (as the user would write it), with a hint when the cause is
+    /// recognisable.
+    pub fn store(path: String, source: object_store::Error) -> Self {
+        let hint = s3::hint(&source);
+        LakeError::Store {
+            path,
+            error: source,
+            hint,
+        }
+    }
+}
+
 /// A storage root (local directory or object-store URL) and the store that serves it.
 #[derive(Debug, Clone)]
 pub struct Location {
     /// The object store.
     pub store: Arc<dyn ObjectStore>,
-    /// Base URL the store is registered under in DataFusion (`file:///`, later `s3://bucket/`).
+    /// Base URL the store is registered under in DataFusion (`file:///` or `s3://bucket/`).
     pub base_url: Url,
     /// Root path inside the store.
     pub root: Path,
@@ -82,8 +124,23 @@ impl std::fmt::Display for Location {
 }
 
 impl Location {
-    /// Open a location: a local path (relative to the working directory) or a `file://` URL.
+    /// Open a location with default client settings (see [`Location::open_with`]).
     pub fn open(spec: &str) -> Result<Self, LakeError> {
+        Self::open_with(spec, &StoreSettings::default())
+    }
+
+    /// Open a location: a local path (relative to the working directory), a `file://` URL, or
+    /// `s3://bucket/prefix` (credentials, region and endpoint as the AWS CLI finds them).
+    pub fn open_with(spec: &str, opts: &StoreSettings) -> Result<Self, LakeError> {
+        Self::open_with_env(spec, opts, &std::env::vars().collect())
+    }
+
+    /// [`Location::open_with`] reading the AWS settings from `env` instead of the process environment.
+    pub fn open_with_env(
+        spec: &str,
+        opts: &StoreSettings,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, LakeError> {
         let err = |reason: String| LakeError::Location {
             spec: spec.to_string(),
             reason,
@@ -93,9 +150,18 @@ impl Location {
         }
         let local = if let Some(rest) = spec.strip_prefix("file://") {
             PathBuf::from(rest)
+        } else if spec.starts_with("s3://") {
+            let (bucket, prefix) = s3::parse(spec).map_err(err)?;
+            let store = s3::store_with_env(&bucket, opts, env).map_err(err)?;
+            return Ok(Self {
+                store: Arc::new(store),
+                base_url: Url::parse(&format!("s3://{bucket}/")).map_err(|e| err(e.to_string()))?,
+                root: Path::parse(&prefix).map_err(|e| err(e.to_string()))?,
+                spec: spec.trim_end_matches('/').to_string(),
+            });
         } else if let Some((scheme, _)) = spec.split_once("://") {
             return Err(err(format!(
-                "the '{scheme}://' scheme is not supported by this build; use a local directory"
+                "the '{scheme}://' scheme is not supported; use a local directory or s3://bucket/prefix"
             )));
         } else {
             PathBuf::from(spec)
@@ -121,6 +187,25 @@ impl Location {
         (self.base_url.scheme() == "file").then(|| PathBuf::from(format!("/{}", self.root)))
     }
 
+    /// The root as other engines name it: a local directory, or `s3://bucket/prefix`.
+    pub fn reader_root(&self) -> String {
+        match self.local_path() {
+            Some(p) => p.display().to_string().trim_end_matches('/').to_string(),
+            None => format!("{}{}", self.base_url, self.root)
+                .trim_end_matches('/')
+                .to_string(),
+        }
+    }
+
+    /// An object-store error on `p`, naming the object as the user would (`s3://bucket/key`, a path).
+    pub fn error(&self, p: &Path, e: object_store::Error) -> LakeError {
+        let shown = match self.local_path() {
+            Some(_) => format!("/{p}"),
+            None => format!("{}{p}", self.base_url),
+        };
+        LakeError::store(shown, e)
+    }
+
     /// Object path of `rel` (a `/`-separated path) under the root.
     pub fn path(&self, rel: &str) -> Path {
         rel.split('/')
@@ -134,25 +219,44 @@ impl Location {
         format!("{}{}/", self.base_url, p)
     }
 
-    /// Write `bytes` to `rel` atomically: upload to a staging key, then rename over the target.
+    /// Whether a single PUT is atomic here (S3: an object appears whole or not at all), so no staging
+    /// key is needed.
+    pub fn atomic_put(&self) -> bool {
+        self.base_url.scheme() == "s3"
+    }
+
+    /// Write `bytes` to `rel` atomically: on S3 one PUT; on disk upload to a staging key, then
+    /// rename over the target.
     pub async fn put_atomic(&self, rel: &str, bytes: Bytes) -> Result<(), LakeError> {
         let target = self.path(rel);
+        if self.atomic_put() {
+            self.store
+                .put(&target, PutPayload::from(bytes))
+                .await
+                .map_err(|e| self.error(&target, e))?;
+            return Ok(());
+        }
         let name = target.filename().unwrap_or("object");
         let staging = self.path(&format!("{STAGING}/{}-{name}.tmp", uuid::Uuid::new_v4()));
-        let store_err = |path: &Path| {
-            let path = path.to_string();
-            move |source| LakeError::Store { path, source }
-        };
         self.store
             .put(&staging, PutPayload::from(bytes))
             .await
-            .map_err(store_err(&staging))?;
+            .map_err(|e| self.error(&staging, e))?;
         if let Err(e) = self.store.rename(&staging, &target).await {
             // Leave nothing half-done behind; the original error is what the user needs.
             let _ = self.store.delete(&staging).await;
-            return Err(store_err(&target)(e));
+            return Err(self.error(&target, e));
         }
         Ok(())
+    }
+
+    /// Delete an object (absent is fine).
+    pub async fn delete(&self, rel: &str) -> Result<(), LakeError> {
+        let p = self.path(rel);
+        match self.store.delete(&p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(&p, e)),
+        }
     }
 
     /// Read a whole object.
@@ -162,14 +266,8 @@ impl Location {
             .store
             .get(&p)
             .await
-            .map_err(|source| LakeError::Store {
-                path: p.to_string(),
-                source,
-            })?;
-        r.bytes().await.map_err(|source| LakeError::Store {
-            path: p.to_string(),
-            source,
-        })
+            .map_err(|e| self.error(&p, e))?;
+        r.bytes().await.map_err(|e| self.error(&p, e))
     }
 
     /// Read a whole object, or None when it does not exist.
@@ -177,23 +275,26 @@ impl Location {
         match self.get(rel).await {
             Ok(b) => Ok(Some(b)),
             Err(LakeError::Store {
-                source: object_store::Error::NotFound { .. },
+                error: object_store::Error::NotFound { .. },
                 ..
             }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Every object under `rel` (recursively); an absent directory is empty, not an error.
+    /// Every object under `rel` (recursively); an absent directory is empty, not an error (a
+    /// missing bucket is an error).
     pub async fn list(&self, rel: &str) -> Result<Vec<ObjectMeta>, LakeError> {
         let p = self.path(rel);
         match self.store.list(Some(&p)).try_collect::<Vec<_>>().await {
             Ok(v) => Ok(v),
+            Err(e @ object_store::Error::NotFound { .. })
+                if self.atomic_put() || format!("{e:?}").contains("NoSuchBucket") =>
+            {
+                Err(self.error(&p, e))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(vec![]),
-            Err(source) => Err(LakeError::Store {
-                path: p.to_string(),
-                source,
-            }),
+            Err(e) => Err(self.error(&p, e)),
         }
     }
 
@@ -257,6 +358,25 @@ impl Lake {
         })
     }
 
+    /// Open the lake of the settings (`lake.root` with `lake.store`).
+    pub fn from_settings(s: &crate::config::LakeSettings) -> Result<Self, LakeError> {
+        Ok(Self {
+            location: Location::open_with(&s.root, &s.store)?,
+        })
+    }
+
+    /// Take writer lock `name` (see [`lock`]) with the settings' expiry.
+    pub async fn lock(
+        &self,
+        s: &crate::config::LakeSettings,
+        name: &str,
+        purpose: &str,
+    ) -> Result<lock::LakeLock, LakeError> {
+        self.location
+            .lock(name, purpose, lock_ttl(s))
+            .await
+    }
+
     /// Replace one partition of `table` with `batches`, atomically: the new file is staged, renamed
     /// over `part-0.parquet`, and only then are any other files of that partition removed.
     pub async fn replace_partition(
@@ -273,14 +393,8 @@ impl Lake {
         let keep = self.location.path(&rel);
         for obj in self.location.list(&dir).await? {
             if obj.location != keep && obj.location.extension() == Some("parquet") {
-                self.location
-                    .store
-                    .delete(&obj.location)
-                    .await
-                    .map_err(|source| LakeError::Store {
-                        path: obj.location.to_string(),
-                        source,
-                    })?;
+                let rel = self.location.relative_parts(&obj.location).join("/");
+                self.location.delete(&rel).await?;
             }
         }
         Ok(())
@@ -312,7 +426,7 @@ impl Lake {
             let [table, middle @ .., file] = parts.as_slice() else {
                 continue;
             };
-            if table.starts_with(['_', '.']) || !file.ends_with(".parquet") {
+            if table.starts_with(['_', '.']) || !file.ends_with(".parquet") || file.starts_with('.') {
                 continue;
             }
             let cols: Vec<String> = middle
@@ -329,6 +443,16 @@ impl Lake {
         }
         Ok(out)
     }
+}
+
+/// Lock expiry from the settings.
+pub fn lock_ttl(s: &crate::config::LakeSettings) -> std::time::Duration {
+    std::time::Duration::from_secs_f64((s.store.lock_ttl_minutes * 60.0).max(1.0))
+}
+
+/// The raw store of the settings (`lake.raw` with `lake.store`).
+pub fn raw_from_settings(s: &crate::config::LakeSettings) -> Result<Location, LakeError> {
+    Location::open_with(&s.raw, &s.store)
 }
 
 /// `table/k1=v1/k2=v2`, rejecting values that would need escaping.
