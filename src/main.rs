@@ -711,7 +711,7 @@ async fn ingest_attack_jobs(
                 .await
                 .with_context(|| {
                     format!(
-                        "ingest of ATT&CK from {src} failed; the lake is unchanged for this bundle"
+                        "ingest of ATT&CK from {src} failed; the lake's current ATT&CK is unchanged (a release becomes current only when its version row lands, last); re-run to finish"
                     )
                 })?;
         bar.inc(1);

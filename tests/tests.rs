@@ -12,6 +12,8 @@ mod it {
     mod feeds;
     /// Ingest behaviour: idempotence, versions, HTTP sources, bad input leaving the lake untouched.
     mod ingest;
+    /// The lake on S3 (a real moto server on loopback): every command, faults, locks, compaction.
+    mod s3;
     /// Reports and charts over a fixed fixture lake: golden outputs, escaping, PDF text, chart marks.
     mod reports;
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use threatlake::{Lake, Location};
 
+pub mod s3;
+
 /// The v18.1 bundles: `$ATTACK_BUNDLES_DIR`, else `../shared/data/attack` beside the checkout.
 pub fn attack_dir() -> PathBuf {
     let dir = std::env::var_os("ATTACK_BUNDLES_DIR")
