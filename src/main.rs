@@ -264,12 +264,18 @@ struct SqlArgs {
     /// `--features duckdb`).
     #[arg(long, value_enum, default_value_t = SqlEngineKind::Datafusion)]
     engine: SqlEngineKind,
+    /// With `--engine ballista`: a running scheduler (`df://host:port`) instead of an in-process one.
+    #[arg(long, value_name = "URL", requires = "engine")]
+    scheduler: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum SqlEngineKind {
     Datafusion,
     Duckdb,
+    /// DataFusion on a Ballista scheduler + executor started in this process (build with
+    /// `--features ballista`); `--scheduler df://host:port` uses a running cluster instead.
+    Ballista,
 }
 
 fn parse_format(s: &str) -> Result<OutputFormat, String> {
@@ -436,16 +442,27 @@ async fn main_inner(cli: Cli) -> Result<()> {
     }
     if threatlake::models::is_remote(&settings.lake.models) {
         // Models beside an S3 lake: work from the local cache, fetched first by commands that map.
-        let remote = std::mem::replace(&mut settings.lake.models, settings.lake.models_cache.clone());
+        let remote = std::mem::replace(
+            &mut settings.lake.models,
+            settings.lake.models_cache.clone(),
+        );
         let maps = matches!(
             cli.command,
-            Command::Sql(_) | Command::Map(_) | Command::MapIntel | Command::Run(_) | Command::Report { .. }
-                | Command::Chart(_) | Command::Model(_) | Command::Bench(_)
+            Command::Sql(_)
+                | Command::Map(_)
+                | Command::MapIntel
+                | Command::Run(_)
+                | Command::Report { .. }
+                | Command::Chart(_)
+                | Command::Model(_)
+                | Command::Bench(_)
         );
         if maps {
             let (_, n) = threatlake::models::fetch(&settings.lake, &remote)
                 .await
-                .with_context(|| format!("fetching the mapping models from {remote} (lake.models)"))?;
+                .with_context(|| {
+                    format!("fetching the mapping models from {remote} (lake.models)")
+                })?;
             if n > 0 {
                 tracing::info!(files = n, from = %remote, "fetched model files");
             }
@@ -525,7 +542,8 @@ async fn main_inner(cli: Cli) -> Result<()> {
             let lake = Lake::from_settings(&settings.lake)?;
             let ttl = threatlake::lake::lock_ttl(&settings.lake);
             let t = std::time::Instant::now();
-            let r = threatlake::lake::maintain::compact(&lake.location, min_files, dry_run, ttl).await?;
+            let r = threatlake::lake::maintain::compact(&lake.location, min_files, dry_run, ttl)
+                .await?;
             if r.recovered > 0 {
                 println!("finished {} interrupted compaction(s)", r.recovered);
             }
@@ -553,7 +571,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 println!("{}: no writer holds a lock", lake.location);
             }
             for h in locks {
-                println!("{:<11} {h} (abandoned after {})", h.name, h.expires.format("%Y-%m-%d %H:%M:%SZ"));
+                println!(
+                    "{:<11} {h} (abandoned after {})",
+                    h.name,
+                    h.expires.format("%Y-%m-%d %H:%M:%SZ")
+                );
             }
             Ok(())
         }
@@ -755,6 +777,21 @@ async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
         #[cfg(feature = "duckdb")]
         SqlEngineKind::Duckdb => {
             cli::repl::SqlEngine::DuckDb(threatlake::duck::DuckEngine::open(&lake, &options).await?)
+        }
+        #[cfg(feature = "ballista")]
+        SqlEngineKind::Ballista => {
+            let engine = Engine::open_with(&lake, &options).await?;
+            cli::repl::SqlEngine::DataFusion(match &args.scheduler {
+                Some(url) => engine.into_ballista_remote(url).await?,
+                None => engine.into_ballista_standalone().await?,
+            })
+        }
+        #[cfg(not(feature = "ballista"))]
+        SqlEngineKind::Ballista => {
+            let _ = &args.scheduler;
+            anyhow::bail!(
+                "this build has no Ballista engine; build with `cargo build --features ballista`"
+            )
         }
         #[cfg(not(feature = "duckdb"))]
         SqlEngineKind::Duckdb => anyhow::bail!(

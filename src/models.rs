@@ -58,7 +58,11 @@ fn io_err(path: &Path, e: std::io::Error) -> LakeError {
 
 /// Copy the model directory `dir` (under the local models root) to the remote models location.
 /// Returns the files uploaded.
-pub async fn publish(settings: &LakeSettings, remote: &str, dir: &Path) -> Result<usize, LakeError> {
+pub async fn publish(
+    settings: &LakeSettings,
+    remote: &str,
+    dir: &Path,
+) -> Result<usize, LakeError> {
     let loc = Location::open_with(remote, &settings.store)?;
     let name = dir
         .file_name()
@@ -68,7 +72,8 @@ pub async fn publish(settings: &LakeSettings, remote: &str, dir: &Path) -> Resul
     let order = manifest_last(files.keys().cloned().collect());
     for rel in &order {
         let bytes = std::fs::read(dir.join(rel)).map_err(|e| io_err(&dir.join(rel), e))?;
-        loc.put_atomic(&format!("{name}/{rel}"), bytes.into()).await?;
+        loc.put_atomic(&format!("{name}/{rel}"), bytes.into())
+            .await?;
     }
     Ok(order.len())
 }
@@ -83,7 +88,10 @@ pub async fn fetch(settings: &LakeSettings, remote: &str) -> Result<(PathBuf, us
     let mut want = Vec::new();
     for obj in loc.list("").await? {
         let rel = loc.relative_parts(&obj.location).join("/");
-        if rel.split('/').any(|s| s.is_empty() || s == ".." || s.starts_with('.')) {
+        if rel
+            .split('/')
+            .any(|s| s.is_empty() || s == ".." || s.starts_with('.'))
+        {
             continue;
         }
         if have.get(&rel) != Some(&obj.size) {

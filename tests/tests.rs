@@ -3,6 +3,9 @@
 mod common;
 
 mod it {
+    /// Distributed mode on Ballista: same answers as in-process DataFusion.
+    #[cfg(feature = "ballista")]
+    mod ballista;
     /// `threatlake` CLI output, snapshot-tested (insta-cmd) per output format and for `\d`.
     mod cli;
     /// DuckDB: embedded engine and the loadable extension in stock DuckDB agree with DataFusion.
@@ -12,8 +15,8 @@ mod it {
     mod feeds;
     /// Ingest behaviour: idempotence, versions, HTTP sources, bad input leaving the lake untouched.
     mod ingest;
-    /// The lake on S3 (a real moto server on loopback): every command, faults, locks, compaction.
-    mod s3;
     /// Reports and charts over a fixed fixture lake: golden outputs, escaping, PDF text, chart marks.
     mod reports;
+    /// The lake on S3 (a real moto server on loopback): every command, faults, locks, compaction.
+    mod s3;
 }

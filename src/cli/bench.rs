@@ -422,7 +422,12 @@ pub async fn report(
 
 /// `bench s3`: the same 1,000-partition OTX pulse log written to a local lake and to an S3 lake
 /// (write throughput of each), then a one-day query on the S3 lake with every request counted.
-pub async fn s3(settings: &threatlake::Settings, to: &str, partitions: usize, per_partition: usize) -> Result<()> {
+pub async fn s3(
+    settings: &threatlake::Settings,
+    to: &str,
+    partitions: usize,
+    per_partition: usize,
+) -> Result<()> {
     use threatlake::lake::counting::CountingStore;
     let id = threatlake::feeds::new_batch_id(chrono::Utc::now());
     let s3_spec = format!("{}/bench-{id}", to.trim_end_matches('/'));
@@ -430,7 +435,12 @@ pub async fn s3(settings: &threatlake::Settings, to: &str, partitions: usize, pe
         location: Location::open_with(&s3_spec, &settings.lake.store)?,
     };
     let tmp = tempfile::tempdir().context("creating a temporary lake")?;
-    let local = Lake::open(tmp.path().join("lake").to_str().context("utf-8 temp path")?)?;
+    let local = Lake::open(
+        tmp.path()
+            .join("lake")
+            .to_str()
+            .context("utf-8 temp path")?,
+    )?;
     println!(
         "bench s3: {partitions} daily partitions × {per_partition} pulses into {} and {s3_spec}, build: {}",
         tmp.path().display(),
@@ -438,7 +448,11 @@ pub async fn s3(settings: &threatlake::Settings, to: &str, partitions: usize, pe
     );
     let day0 = chrono::NaiveDate::from_ymd_opt(2023, 1, 1).expect("date");
     let days: Vec<String> = (0..partitions)
-        .map(|d| (day0 + chrono::Days::new(d as u64)).format("%Y-%m-%d").to_string())
+        .map(|d| {
+            (day0 + chrono::Days::new(d as u64))
+                .format("%Y-%m-%d")
+                .to_string()
+        })
         .collect();
     let mut bytes = 0u64;
     for (label, lake) in [("local", &local), ("S3", &s3_lake)] {
@@ -453,8 +467,9 @@ pub async fn s3(settings: &threatlake::Settings, to: &str, partitions: usize, pe
                 raw_ref: "bench".into(),
                 ingested_at: threatlake::feeds::fixed(chrono::Utc::now()),
             };
-            let mut w = threatlake::feeds::otx::OtxWriter::new(&counted, &batch, Default::default())
-                .with_date(day);
+            let mut w =
+                threatlake::feeds::otx::OtxWriter::new(&counted, &batch, Default::default())
+                    .with_date(day);
             let pulses: Vec<serde_json::Value> = (0..per_partition)
                 .map(|i| synthetic_pulse(d * per_partition + i, 0))
                 .collect();
@@ -488,7 +503,10 @@ pub async fn s3(settings: &threatlake::Settings, to: &str, partitions: usize, pe
             "one day",
             format!("SELECT count(*), min(name) FROM otx_pulse_log WHERE ingest_date = '{day}'"),
         ),
-        ("every day (no pruning)", "SELECT count(*) FROM otx_pulse_log".to_string()),
+        (
+            "every day (no pruning)",
+            "SELECT count(*) FROM otx_pulse_log".to_string(),
+        ),
     ] {
         counting.counts.reset();
         let t = Instant::now();
@@ -499,7 +517,9 @@ pub async fn s3(settings: &threatlake::Settings, to: &str, partitions: usize, pe
             .map(|b| arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64))
             .next()
             .transpose()?
-            .map(|c| arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).value(0))
+            .map(|c| {
+                arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).value(0)
+            })
             .unwrap_or(0);
         let read = counting.counts.distinct_read();
         println!(
@@ -509,6 +529,9 @@ pub async fn s3(settings: &threatlake::Settings, to: &str, partitions: usize, pe
             counting.counts.summary()
         );
     }
-    println!("  lake size {:.1} MB; S3 copy left at {s3_spec}", bytes as f64 / 1e6);
+    println!(
+        "  lake size {:.1} MB; S3 copy left at {s3_spec}",
+        bytes as f64 / 1e6
+    );
     Ok(())
 }

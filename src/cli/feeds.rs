@@ -58,10 +58,12 @@ pub async fn ingest_otx(settings: &Settings) -> Result<otx::OtxReport> {
     let raw = threatlake::lake::raw_from_settings(&settings.lake)?;
     let bar = spinner("OTX");
     let r = super::locked(&lake, settings, &["otx"], "ingest otx", async {
-        Ok(otx::ingest(&lake, &raw, &client, settings.otx.page_size, &|m| {
-            bar.set_message(m.to_string())
-        })
-        .await?)
+        Ok(
+            otx::ingest(&lake, &raw, &client, settings.otx.page_size, &|m| {
+                bar.set_message(m.to_string())
+            })
+            .await?,
+        )
     })
     .await;
     bar.finish_and_clear();
@@ -171,9 +173,13 @@ pub async fn snapshot(settings: &Settings) -> Result<(String, usize)> {
     let engine = Engine::open(&lake).await?;
     let bar = spinner("threat model");
     bar.set_message("snapshot");
-    let r = super::locked(&lake, settings, &["intel"], "threat-model snapshot", async {
-        Ok(intel::snapshot(&lake, &engine).await?)
-    })
+    let r = super::locked(
+        &lake,
+        settings,
+        &["intel"],
+        "threat-model snapshot",
+        async { Ok(intel::snapshot(&lake, &engine).await?) },
+    )
     .await;
     bar.finish_and_clear();
     let (run, n) = r?;
@@ -267,11 +273,17 @@ pub async fn run(
     let mut new_items = 0;
     if let Some(dir) = &samples {
         let raw = threatlake::lake::raw_from_settings(&settings.lake)?;
-        let r = super::locked(&lake, settings, &["otx", "virustotal"], "load samples", async {
-            threatlake::feeds::samples::load(&lake, &raw, dir)
-                .await
-                .with_context(|| format!("loading samples from {}", dir.display()))
-        })
+        let r = super::locked(
+            &lake,
+            settings,
+            &["otx", "virustotal"],
+            "load samples",
+            async {
+                threatlake::feeds::samples::load(&lake, &raw, dir)
+                    .await
+                    .with_context(|| format!("loading samples from {}", dir.display()))
+            },
+        )
         .await?;
         println!(
             "  samples: {} new or revised pulse(s) from {} OTX file(s), {} VirusTotal report(s), {} sandbox technique row(s)",

@@ -24,6 +24,12 @@ pub async fn locked<T>(
     let out = work.await;
     let released = locks.release().await;
     let out = out?;
-    released.with_context(|| format!("releasing the {} lock on {}", names.join("+"), lake.location))?;
+    released.with_context(|| {
+        format!(
+            "releasing the {} lock on {}",
+            names.join("+"),
+            lake.location
+        )
+    })?;
     Ok(out)
 }

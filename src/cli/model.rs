@@ -77,7 +77,12 @@ pub async fn build(
     if let Some(remote) = &settings.lake.models_remote {
         let n = threatlake::models::publish(&settings.lake, remote, &report.dir)
             .await
-            .with_context(|| format!("publishing the model to {remote} (lake.models); it is saved locally in {}", report.dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "publishing the model to {remote} (lake.models); it is saved locally in {}",
+                    report.dir.display()
+                )
+            })?;
         println!("published {n} file(s) to {remote}");
     }
     Ok(())

@@ -125,7 +125,12 @@ fn bump(c: &AtomicU64) {
 
 #[async_trait]
 impl ObjectStore for CountingStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
         bump(&self.counts.puts);
         self.inner.put_opts(location, payload, opts).await
     }
@@ -166,11 +171,8 @@ impl ObjectStore for CountingStore {
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
         let counts = self.counts.clone();
-        self.inner.delete_stream(
-            locations
-                .inspect(move |_| bump(&counts.deletes))
-                .boxed(),
-        )
+        self.inner
+            .delete_stream(locations.inspect(move |_| bump(&counts.deletes)).boxed())
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
@@ -178,7 +180,11 @@ impl ObjectStore for CountingStore {
         self.inner.list(prefix)
     }
 
-    fn list_with_offset(&self, prefix: Option<&Path>, offset: &Path) -> BoxStream<'static, Result<ObjectMeta>> {
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
         bump(&self.counts.lists);
         self.inner.list_with_offset(prefix, offset)
     }

@@ -106,7 +106,12 @@ fn host() -> String {
 
 impl Location {
     /// Take the writer lock `name` for `purpose`, or fail with [`LakeError::Locked`].
-    pub async fn lock(&self, name: &str, purpose: &str, ttl: Duration) -> Result<LakeLock, LakeError> {
+    pub async fn lock(
+        &self,
+        name: &str,
+        purpose: &str,
+        ttl: Duration,
+    ) -> Result<LakeLock, LakeError> {
         let rel = format!("{LOCKS}/{name}.json");
         let path = self.path(&rel);
         let now = Utc::now();
@@ -128,7 +133,10 @@ impl Location {
                     holder,
                 })
             }
-            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => {}
             Err(source) => return Err(self.error(&path, source)),
         }
         // Someone holds it. Read who; take it over only when it has expired, and only if nobody else
@@ -149,7 +157,9 @@ impl Location {
             }
             Err(e) => return Err(self.error(&path, e)),
         };
-        let expired = other.as_ref().is_none_or(|h| h.expires < now || h.is_dead());
+        let expired = other
+            .as_ref()
+            .is_none_or(|h| h.expires < now || h.is_dead());
         if expired {
             let update = PutOptions::from(PutMode::Update(version));
             if self.store.put_opts(&path, body, update).await.is_ok() {
@@ -172,7 +182,12 @@ impl Location {
     }
 
     /// Take several locks (in [`ALL`] order), releasing those already taken if one is held elsewhere.
-    pub async fn lock_all(&self, names: &[&str], purpose: &str, ttl: Duration) -> Result<LockSet, LakeError> {
+    pub async fn lock_all(
+        &self,
+        names: &[&str],
+        purpose: &str,
+        ttl: Duration,
+    ) -> Result<LockSet, LakeError> {
         let mut held = LockSet::default();
         for n in ALL.iter().filter(|n| names.contains(n)) {
             match self.lock(n, purpose, ttl).await {
@@ -221,7 +236,11 @@ mod tests {
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
         let ttl = Duration::from_secs(600);
         let a = loc.lock("otx", "ingest otx", ttl).await.unwrap();
-        let e = loc.lock("otx", "ingest otx", ttl).await.unwrap_err().to_string();
+        let e = loc
+            .lock("otx", "ingest otx", ttl)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ingest otx (pid"), "{e}");
         assert!(e.contains("lake unlock otx"), "{e}");
         // another name is independent; lock_all backs out when one is held
@@ -230,7 +249,12 @@ mod tests {
         assert!(loc.lock("attack", "x", ttl).await.is_ok_and(|_| true));
         a.release().await.unwrap();
         v.release().await.unwrap();
-        assert!(loc.locks().await.unwrap().iter().all(|h| h.name == "attack"));
+        assert!(loc
+            .locks()
+            .await
+            .unwrap()
+            .iter()
+            .all(|h| h.name == "attack"));
         assert_eq!(loc.unlock("attack").await.unwrap().unwrap().purpose, "x");
         let all = loc.lock_all(&ALL, "compact", ttl).await.unwrap();
         all.release().await.unwrap();

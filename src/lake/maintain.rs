@@ -68,7 +68,12 @@ async fn inventory(loc: &Location) -> Result<BTreeMap<String, ObjectMeta>, LakeE
 /// (each one atomically), then Parquet files that the source's tables no longer have are deleted at
 /// the destination, so both sides answer queries the same. Objects outside the source's top-level
 /// folders are left alone. The destination's writer locks are held throughout.
-pub async fn sync(from: &Location, to: &Location, dry_run: bool, ttl: std::time::Duration) -> Result<SyncReport, LakeError> {
+pub async fn sync(
+    from: &Location,
+    to: &Location,
+    dry_run: bool,
+    ttl: std::time::Duration,
+) -> Result<SyncReport, LakeError> {
     let locks = if dry_run {
         None
     } else {
@@ -81,7 +86,11 @@ pub async fn sync(from: &Location, to: &Location, dry_run: bool, ttl: std::time:
     result
 }
 
-async fn sync_locked(from: &Location, to: &Location, dry_run: bool) -> Result<SyncReport, LakeError> {
+async fn sync_locked(
+    from: &Location,
+    to: &Location,
+    dry_run: bool,
+) -> Result<SyncReport, LakeError> {
     let src = inventory(from).await?;
     let dst = inventory(to).await?;
     let mut report = SyncReport::default();
@@ -197,7 +206,11 @@ pub async fn compact(
     result
 }
 
-async fn compact_locked(loc: &Location, min_files: usize, dry_run: bool) -> Result<CompactReport, LakeError> {
+async fn compact_locked(
+    loc: &Location,
+    min_files: usize,
+    dry_run: bool,
+) -> Result<CompactReport, LakeError> {
     let mut report = CompactReport::default();
     if !dry_run {
         report.recovered = recover(loc).await?;
@@ -255,7 +268,9 @@ async fn compact_locked(loc: &Location, min_files: usize, dry_run: bool) -> Resu
         };
         loc.put_atomic(
             &journal_rel,
-            serde_json::to_vec(&journal).expect("journal serialises").into(),
+            serde_json::to_vec(&journal)
+                .expect("journal serialises")
+                .into(),
         )
         .await?;
         loc.put_atomic(&output, bytes).await?;
@@ -288,7 +303,9 @@ async fn read_all(
         match &schema {
             None => schema = Some(s.clone()),
             Some(first) if first.fields() != s.fields() => {
-                return Ok(Err(format!("{rel} has a different schema from the partition's other files")));
+                return Ok(Err(format!(
+                    "{rel} has a different schema from the partition's other files"
+                )));
             }
             Some(_) => {}
         }
@@ -329,7 +346,8 @@ mod tests {
 
     fn batch(v: &[i64]) -> (SchemaRef, RecordBatch) {
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(v.to_vec()))]).unwrap();
+        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(v.to_vec()))])
+            .unwrap();
         (schema, b)
     }
 
@@ -340,9 +358,17 @@ mod tests {
             files += 1;
             let rel = lake.location.relative_parts(&o.location).join("/");
             let bytes = lake.location.get(&rel).await.unwrap();
-            for b in ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap() {
+            for b in ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
                 let b = b.unwrap();
-                vals.extend(arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0)).values().iter());
+                vals.extend(
+                    arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0))
+                        .values()
+                        .iter(),
+                );
             }
         }
         vals.sort();
@@ -355,33 +381,58 @@ mod tests {
         let lake = super::super::Lake::open(dir.path().to_str().unwrap()).unwrap();
         for (i, v) in [[1, 2], [3, 4], [5, 6]].iter().enumerate() {
             let (s, b) = batch(v);
-            lake.write_file("t", &[("d", "2024-01-01")], &i.to_string(), s, &[b]).await.unwrap();
+            lake.write_file("t", &[("d", "2024-01-01")], &i.to_string(), s, &[b])
+                .await
+                .unwrap();
         }
         let (s, b) = batch(&[9]);
-        lake.write_file("t", &[("d", "2024-01-02")], "0", s, &[b]).await.unwrap();
+        lake.write_file("t", &[("d", "2024-01-02")], "0", s, &[b])
+            .await
+            .unwrap();
         // An interrupted swap: the output landed, one input is still there.
         let (s, b) = batch(&[7]);
-        lake.write_file("u", &[("d", "x")], "merged", s.clone(), &[b]).await.unwrap();
+        lake.write_file("u", &[("d", "x")], "merged", s.clone(), &[b])
+            .await
+            .unwrap();
         let (_, b) = batch(&[7]);
-        lake.write_file("u", &[("d", "x")], "old", s, &[b]).await.unwrap();
+        lake.write_file("u", &[("d", "x")], "old", s, &[b])
+            .await
+            .unwrap();
         let j = Journal {
             dir: "u/d=x".into(),
             inputs: vec!["u/d=x/part-old.parquet".into()],
             output: "u/d=x/part-merged.parquet".into(),
         };
-        lake.location.put_atomic("_compact/j.json", serde_json::to_vec(&j).unwrap().into()).await.unwrap();
+        lake.location
+            .put_atomic("_compact/j.json", serde_json::to_vec(&j).unwrap().into())
+            .await
+            .unwrap();
 
         let ttl = std::time::Duration::from_secs(60);
         let dry = compact(&lake.location, 2, true, ttl).await.unwrap();
         assert_eq!((dry.partitions, dry.files_in), (2, 5));
-        assert_eq!(rows(&lake, "t/d=2024-01-01").await.0, 3, "dry run changes nothing");
+        assert_eq!(
+            rows(&lake, "t/d=2024-01-01").await.0,
+            3,
+            "dry run changes nothing"
+        );
 
         let r = compact(&lake.location, 2, false, ttl).await.unwrap();
         assert_eq!(r.recovered, 1);
-        assert_eq!((r.partitions, r.files_in, r.files_out, r.rows), (1, 3, 1, 6));
-        assert_eq!(rows(&lake, "t/d=2024-01-01").await, (1, vec![1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            (r.partitions, r.files_in, r.files_out, r.rows),
+            (1, 3, 1, 6)
+        );
+        assert_eq!(
+            rows(&lake, "t/d=2024-01-01").await,
+            (1, vec![1, 2, 3, 4, 5, 6])
+        );
         assert_eq!(rows(&lake, "t/d=2024-01-02").await, (1, vec![9]));
-        assert_eq!(rows(&lake, "u/d=x").await, (1, vec![7]), "rolled forward, no duplicate");
+        assert_eq!(
+            rows(&lake, "u/d=x").await,
+            (1, vec![7]),
+            "rolled forward, no duplicate"
+        );
         assert!(lake.location.list(JOURNAL).await.unwrap().is_empty());
         assert!(lake.location.locks().await.unwrap().is_empty());
     }
@@ -394,9 +445,13 @@ mod tests {
         let dst = Location::open(b.path().to_str().unwrap()).unwrap();
         for i in 0..3 {
             let (s, bt) = batch(&[i]);
-            src.write_file("t", &[("d", "1")], &i.to_string(), s, &[bt]).await.unwrap();
+            src.write_file("t", &[("d", "1")], &i.to_string(), s, &[bt])
+                .await
+                .unwrap();
         }
-        dst.put_atomic("notes/keep.txt", "mine".into()).await.unwrap();
+        dst.put_atomic("notes/keep.txt", "mine".into())
+            .await
+            .unwrap();
         let ttl = std::time::Duration::from_secs(60);
         let r = sync(&src.location, &dst, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.deleted, r.unchanged), (3, 0, 0));
@@ -405,7 +460,13 @@ mod tests {
         compact(&src.location, 2, false, ttl).await.unwrap();
         let after = sync(&src.location, &dst, false, ttl).await.unwrap();
         assert_eq!((after.copied, after.deleted), (1, 3));
-        let left: Vec<String> = dst.list("").await.unwrap().iter().map(|o| dst.relative_parts(&o.location).join("/")).collect();
+        let left: Vec<String> = dst
+            .list("")
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| dst.relative_parts(&o.location).join("/"))
+            .collect();
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(left.contains(&"notes/keep.txt".to_string()));
     }

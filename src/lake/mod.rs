@@ -262,11 +262,7 @@ impl Location {
     /// Read a whole object.
     pub async fn get(&self, rel: &str) -> Result<Bytes, LakeError> {
         let p = self.path(rel);
-        let r = self
-            .store
-            .get(&p)
-            .await
-            .map_err(|e| self.error(&p, e))?;
+        let r = self.store.get(&p).await.map_err(|e| self.error(&p, e))?;
         r.bytes().await.map_err(|e| self.error(&p, e))
     }
 
@@ -372,9 +368,7 @@ impl Lake {
         name: &str,
         purpose: &str,
     ) -> Result<lock::LakeLock, LakeError> {
-        self.location
-            .lock(name, purpose, lock_ttl(s))
-            .await
+        self.location.lock(name, purpose, lock_ttl(s)).await
     }
 
     /// Replace one partition of `table` with `batches`, atomically: the new file is staged, renamed
@@ -426,7 +420,8 @@ impl Lake {
             let [table, middle @ .., file] = parts.as_slice() else {
                 continue;
             };
-            if table.starts_with(['_', '.']) || !file.ends_with(".parquet") || file.starts_with('.') {
+            if table.starts_with(['_', '.']) || !file.ends_with(".parquet") || file.starts_with('.')
+            {
                 continue;
             }
             let cols: Vec<String> = middle

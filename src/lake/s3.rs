@@ -45,7 +45,11 @@ pub fn store_with_env(
             "aws_session_token",
             AmazonS3ConfigKey::Token,
         ),
-        ("AWS_ENDPOINT_URL", "endpoint_url", AmazonS3ConfigKey::Endpoint),
+        (
+            "AWS_ENDPOINT_URL",
+            "endpoint_url",
+            AmazonS3ConfigKey::Endpoint,
+        ),
     ];
     for (env_key, file_key, cfg) in fill {
         if var(env_key).is_none() {
@@ -55,7 +59,10 @@ pub fn store_with_env(
         }
     }
     if var("AWS_REGION").is_none() && var("AWS_DEFAULT_REGION").is_none() {
-        let region = profile.get("region").map(String::as_str).unwrap_or("us-east-1");
+        let region = profile
+            .get("region")
+            .map(String::as_str)
+            .unwrap_or("us-east-1");
         b = b.with_region(region);
     }
     // An endpoint the user spelled with http:// (a local MinIO, moto, LocalStack) is meant to be used.
@@ -65,7 +72,10 @@ pub fn store_with_env(
     let mut client = ClientOptions::new()
         .with_connect_timeout(secs(opts.connect_timeout_secs))
         .with_timeout(secs(opts.request_timeout_secs));
-    if endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
+    if endpoint
+        .as_deref()
+        .is_some_and(|e| e.starts_with("http://"))
+    {
         client = client.with_allow_http(true);
     }
     let retry = RetryConfig {
@@ -152,8 +162,15 @@ pub fn hint(err: &object_store::Error) -> &'static str {
     let has = |s: &str| text.contains(s);
     if has("169.254.169.254") || has("Missing AccessKeyId") {
         "; no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials), or run where an instance or task role provides them"
-    } else if has("InvalidAccessKeyId") || has("SignatureDoesNotMatch") || has("403") || has("Forbidden")
-        || matches!(err, object_store::Error::Unauthenticated { .. } | object_store::Error::PermissionDenied { .. })
+    } else if has("InvalidAccessKeyId")
+        || has("SignatureDoesNotMatch")
+        || has("403")
+        || has("Forbidden")
+        || matches!(
+            err,
+            object_store::Error::Unauthenticated { .. }
+                | object_store::Error::PermissionDenied { .. }
+        )
     {
         "; the S3 server refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and ~/.aws/credentials)"
     } else if has("NoSuchBucket") {
@@ -186,7 +203,10 @@ pub fn condense(err: &object_store::Error) -> String {
     let status = regex::Regex::new(r"status code: (\d{3}[^:]*)")
         .ok()
         .and_then(|re| re.captures(&text).map(|c| c[1].trim().to_string()));
-    match (between("<Code>", "</Code>"), between("<Message>", "</Message>")) {
+    match (
+        between("<Code>", "</Code>"),
+        between("<Message>", "</Message>"),
+    ) {
         (Some(code), msg) => format!(
             "S3 answered {}{code}{}{}",
             status.map(|s| format!("{s} ")).unwrap_or_default(),
@@ -216,7 +236,9 @@ pub fn parse(spec: &str) -> Result<(String, String), String> {
         return Err("no query or fragment allowed: write s3://bucket/prefix".into());
     }
     let prefix = url.path().trim_matches('/').to_string();
-    if prefix.split('/').any(|s| s == ".." || s == ".") {
+    // (the URL parser would silently resolve them; a lake path should say what it means)
+    let raw_path = spec["s3://".len()..].split_once('/').map_or("", |(_, p)| p);
+    if raw_path.split('/').any(|s| s == ".." || s == ".") {
         return Err("'.' and '..' are not allowed in the prefix".into());
     }
     Ok((bucket, prefix))
@@ -289,6 +311,11 @@ mod tests {
         assert_eq!(d["region"], "eu-west-1");
         assert!(!d.contains_key("endpoint_url"));
         // the client builds from them (an http endpoint is allowed because the user wrote it)
-        store_with_env("b", &StoreSettings::default(), &env(&[("AWS_PROFILE", "ci")])).unwrap();
+        store_with_env(
+            "b",
+            &StoreSettings::default(),
+            &env(&[("AWS_PROFILE", "ci")]),
+        )
+        .unwrap();
     }
 }

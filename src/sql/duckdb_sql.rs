@@ -3,7 +3,6 @@
 //! shipped views of `sql/views/`. The embedded engine runs these statements; `threatlake lake
 //! duckdb-sql` prints them so stock DuckDB (with the threatlake extension) gets the same tables.
 
-
 use arrow::datatypes::DataType;
 
 use super::{known_tables, VIEWS};

@@ -1,5 +1,7 @@
 //! SQL over the lake: a DataFusion session with every lake table, the shipped views and threatlake's functions.
 
+#[cfg(feature = "ballista")]
+pub mod distributed;
 pub mod duckdb_sql;
 pub mod output;
 
@@ -68,9 +70,9 @@ pub const VIEWS: &[(&str, &str)] = &[
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SqlError {
-    /// Listing the lake failed.
+    /// Listing the lake failed (boxed: lake errors carry the store's error and hints).
     #[error(transparent)]
-    Lake(#[from] LakeError),
+    Lake(Box<LakeError>),
     /// DataFusion rejected a statement or failed to run it (its message is shown as is, once:
     /// not chained as a source, since DataFusion's message already includes its causes).
     #[error("{0}")]
@@ -83,6 +85,12 @@ pub enum SqlError {
         /// DataFusion's error.
         source: DataFusionError,
     },
+}
+
+impl From<LakeError> for SqlError {
+    fn from(e: LakeError) -> Self {
+        SqlError::Lake(Box::new(e))
+    }
 }
 
 impl From<DataFusionError> for SqlError {

@@ -74,6 +74,29 @@ pub fn cli_on(dir: &Path) -> std::process::Command {
     c
 }
 
+/// [`cli_on`] with the ICS model of `<dir>/models` as the mapping model.
+pub fn ics_cli_on(dir: &Path) -> std::process::Command {
+    let mut c = cli_on(dir);
+    c.env("THREATLAKE_LAKE_MODELS", dir.join("models"))
+        .env("THREATLAKE_MAPPING_DOMAIN", "ics");
+    c
+}
+
+/// A lake in `scratch(name)`: ICS ATT&CK, an ICS model, and the sample intel mapped by it (what
+/// engine-parity tests compare on).
+pub fn mapped_ics_lake(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(ingest(&dir, &["ics"]));
+    let (ok, out, err) = run(ics_cli_on(&dir).args(["model", "build", "--domain", "ics"]));
+    assert!(ok, "model build: {out}\n{err}");
+    let (ok, out, err) = run(ics_cli_on(&dir)
+        .args(["run", "--offline", "--samples"])
+        .current_dir(env!("CARGO_MANIFEST_DIR")));
+    assert!(ok, "run: {out}\n{err}");
+    dir
+}
+
 /// Run a command: (success, stdout, stderr).
 pub fn run(c: &mut std::process::Command) -> (bool, String, String) {
     let o = c.output().unwrap();

@@ -93,14 +93,24 @@ impl S3Server {
     /// dead server fails the command in seconds.
     pub fn cli(&self, prefix: &str) -> Command {
         let mut c = self.cli_env();
-        c.args(["--lake", &lake_url(prefix), "--raw", &format!("s3://{BUCKET}/{prefix}/raw")]);
+        c.args([
+            "--lake",
+            &lake_url(prefix),
+            "--raw",
+            &format!("s3://{BUCKET}/{prefix}/raw"),
+        ]);
         c
     }
 
     /// `threatlake` with this server's environment and no lake arguments.
     pub fn cli_env(&self) -> Command {
         let mut c = super::cli();
-        for k in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT"] {
+        for k in [
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT",
+        ] {
             c.env_remove(k);
         }
         c.envs(self.env())

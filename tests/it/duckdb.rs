@@ -9,29 +9,14 @@ use serde_json::Value;
 
 use crate::common::{self, run};
 
-/// The lake every test here shares: ICS ATT&CK and an ICS model, built once.
+/// The lake every test here shares: ICS ATT&CK, an ICS model and mapped sample intel, built once.
 fn lake() -> &'static PathBuf {
     static LAKE: OnceLock<PathBuf> = OnceLock::new();
-    LAKE.get_or_init(|| {
-        let dir = common::scratch("duckdb");
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(common::ingest(&dir, &["ics"]));
-        let (ok, out, err) = run(cmd(&dir).args(["model", "build", "--domain", "ics"]));
-        assert!(ok, "model build: {out}\n{err}");
-        // Mapped sample intel, so the reports join items and mappings on both engines.
-        let (ok, out, err) = run(cmd(&dir)
-            .args(["run", "--offline", "--samples"])
-            .current_dir(env!("CARGO_MANIFEST_DIR")));
-        assert!(ok, "run: {out}\n{err}");
-        dir
-    })
+    LAKE.get_or_init(|| common::mapped_ics_lake("duckdb"))
 }
 
 fn cmd(dir: &Path) -> std::process::Command {
-    let mut c = common::cli_on(dir);
-    c.env("THREATLAKE_LAKE_MODELS", dir.join("models"))
-        .env("THREATLAKE_MAPPING_DOMAIN", "ics");
-    c
+    common::ics_cli_on(dir)
 }
 
 fn model_dir(dir: &Path) -> PathBuf {

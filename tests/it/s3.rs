@@ -81,16 +81,24 @@ fn s3_lake_ingest_run_report_sync_and_other_readers() {
     // The main job on the S3 lake, models kept beside it.
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/samples");
     let mut c = mapping(s3.cli("e2e"));
-    let (ok, out, err) = run(c.args(["run", "--offline", "--samples", "--samples-dir"]).arg(&samples));
+    let (ok, out, err) = run(c
+        .args(["run", "--offline", "--samples", "--samples-dir"])
+        .arg(&samples));
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains(&format!("published 3 file(s) to {models}")), "{out}");
+    assert!(
+        out.contains(&format!("published 3 file(s) to {models}")),
+        "{out}"
+    );
     // A fresh machine (empty cache) fetches the model from S3 and maps with it.
     std::fs::remove_dir_all(dir.join("models-cache")).unwrap();
     let mapped = sql(
         mapping(s3.cli("e2e")),
         "SELECT map_technique('the adversary sent unauthorized command messages to the PLC to change its setpoints') AS t",
     );
-    assert!(mapped.lines().nth(1).is_some_and(|t| t.starts_with('T')), "{mapped}");
+    assert!(
+        mapped.lines().nth(1).is_some_and(|t| t.starts_with('T')),
+        "{mapped}"
+    );
     assert!(dir.join("models-cache/ics-18.1/manifest.json").is_file());
 
     // The same lake copied down answers the same (DataFusion reads both).
@@ -104,7 +112,10 @@ fn s3_lake_ingest_run_report_sync_and_other_readers() {
     local.args(["--lake"]).arg(dir.join("copy"));
     assert_eq!(on_s3, sql(local, q));
     assert!(!on_s3.contains("\n0,"), "mapped rows expected: {on_s3}");
-    let (ok, again, _) = run(s3.cli("e2e").args(["lake", "sync", "--to"]).arg(dir.join("copy")));
+    let (ok, again, _) = run(s3
+        .cli("e2e")
+        .args(["lake", "sync", "--to"])
+        .arg(dir.join("copy")));
     assert!(ok && again.contains("0 object(s) copied"), "{again}");
 
     // Reports from the S3 lake equal those from the copy.
@@ -116,7 +127,14 @@ fn s3_lake_ingest_run_report_sync_and_other_readers() {
             c.args(["--lake"]).arg(dir.join("copy"));
         }
         let (ok, out, err) = run(c
-            .args(["report", "technique_frequency", "tactic_coverage", "--format", "csv,navigator", "--out"])
+            .args([
+                "report",
+                "technique_frequency",
+                "tactic_coverage",
+                "--format",
+                "csv,navigator",
+                "--out",
+            ])
             .arg(dir.join(format!("reports-{name}"))));
         assert!(ok, "{out}{err}");
     }
@@ -153,27 +171,54 @@ fn s3_lake_ingest_run_report_sync_and_other_readers() {
 fn s3_errors_name_the_cause_and_the_fix() {
     let s3 = S3Server::shared();
     // Wrong secret: refused, said so, nothing written.
-    let (ok, _, err) = ingest_ics(with_env(s3.cli("badkey"), &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")]));
+    let (ok, _, err) = ingest_ics(with_env(
+        s3.cli("badkey"),
+        &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")],
+    ));
     assert!(!ok);
-    assert!(err.contains("SignatureDoesNotMatch") && err.contains("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"), "{err}");
-    assert!(err.lines().count() <= 3, "one clear message, not a chain: {err}");
-    let (ok, _, err) = run(with_env(s3.cli("badkey"), &[("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY")]).args(["lake", "tables"]));
+    assert!(
+        err.contains("SignatureDoesNotMatch")
+            && err.contains("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"),
+        "{err}"
+    );
+    assert!(
+        err.lines().count() <= 3,
+        "one clear message, not a chain: {err}"
+    );
+    let (ok, _, err) = run(
+        with_env(s3.cli("badkey"), &[("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY")])
+            .args(["lake", "tables"]),
+    );
     assert!(!ok && err.contains("InvalidAccessKeyId"), "{err}");
     let (ok, out, err) = run(s3.cli("badkey").args(["lake", "tables"]));
     assert!(ok && out.contains("no tables yet"), "{out}{err}");
 
     // Missing bucket.
-    let (ok, _, err) = run(s3.cli_env().args(["--lake", "s3://no-such-bucket/lake", "lake", "tables"]));
-    assert!(!ok && err.contains("NoSuchBucket") && err.contains("create it"), "{err}");
+    let (ok, _, err) =
+        run(s3
+            .cli_env()
+            .args(["--lake", "s3://no-such-bucket/lake", "lake", "tables"]));
+    assert!(
+        !ok && err.contains("NoSuchBucket") && err.contains("create it"),
+        "{err}"
+    );
 
     // Nobody listening: bounded by the retry settings, and says what to check.
     let t = std::time::Instant::now();
-    let (ok, _, err) = run(with_env(s3.cli("x"), &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9")]).args(["lake", "tables"]));
-    assert!(!ok && err.contains("did not answer") && err.contains("AWS_ENDPOINT_URL"), "{err}");
+    let (ok, _, err) = run(
+        with_env(s3.cli("x"), &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9")])
+            .args(["lake", "tables"]),
+    );
+    assert!(
+        !ok && err.contains("did not answer") && err.contains("AWS_ENDPOINT_URL"),
+        "{err}"
+    );
     assert!(t.elapsed() < Duration::from_secs(60));
 
     // Malformed URLs.
-    let (ok, _, err) = run(s3.cli_env().args(["--lake", "s3:///lake", "lake", "tables"]));
+    let (ok, _, err) = run(s3
+        .cli_env()
+        .args(["--lake", "s3:///lake", "lake", "tables"]));
     assert!(!ok && err.contains("no bucket"), "{err}");
 }
 
@@ -185,9 +230,15 @@ fn s3_server_dying_mid_ingest_loses_nothing_and_a_rerun_completes() {
     let t = std::time::Instant::now();
     let (ok, out, err) = ingest_ics(s3.cli("dies"));
     assert!(!ok, "{out}");
-    assert!(err.contains("did not answer") && err.contains("re-run"), "{err}");
+    assert!(
+        err.contains("did not answer") && err.contains("re-run"),
+        "{err}"
+    );
     assert!(err.contains("current ATT&CK is unchanged"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(90), "bounded by the retry settings");
+    assert!(
+        t.elapsed() < Duration::from_secs(90),
+        "bounded by the retry settings"
+    );
     assert_eq!(s3.command("revive"), "ok");
 
     // What landed is whole: every object that is there reads as Parquet and the SQL layer opens it.
@@ -198,7 +249,11 @@ fn s3_server_dying_mid_ingest_loses_nothing_and_a_rerun_completes() {
         .iter()
         .filter(|o| o.location.as_ref().ends_with(".parquet"))
         .collect();
-    assert!(parquet.len() < 10, "the server died before most tables: {}", parquet.len());
+    assert!(
+        parquet.len() < 10,
+        "the server died before most tables: {}",
+        parquet.len()
+    );
     for o in &parquet {
         let rel = loc.relative_parts(&o.location).join("/");
         let bytes = rt.block_on(loc.get(&rel)).unwrap();
@@ -209,7 +264,10 @@ fn s3_server_dying_mid_ingest_loses_nothing_and_a_rerun_completes() {
     assert_ne!(partial, reference());
     // … and none of it is current: the release's version row, written last, never landed.
     assert_eq!(
-        sql(s3.cli("dies"), "SELECT count(*) AS n FROM attack_techniques_current"),
+        sql(
+            s3.cli("dies"),
+            "SELECT count(*) AS n FROM attack_techniques_current"
+        ),
         "n\n0\n"
     );
     // The dead ingest could not release its lock; its process is gone, so the re-run takes it over.
@@ -233,7 +291,10 @@ fn s3_concurrent_writers_serialise_or_fail_cleanly() {
         .unwrap();
     let (ok, _, err) = ingest_ics(s3.cli("conc"));
     assert!(!ok);
-    assert!(err.contains("is being written by test holder (pid"), "{err}");
+    assert!(
+        err.contains("is being written by test holder (pid"),
+        "{err}"
+    );
     assert!(err.contains("threatlake lake unlock attack"), "{err}");
     let (ok, out, _) = run(s3.cli("conc").args(["lake", "locks"]));
     assert!(ok && out.contains("test holder"), "{out}");
@@ -256,7 +317,8 @@ fn s3_concurrent_writers_serialise_or_fail_cleanly() {
             "--from",
             common::bundle("ics").to_str().unwrap(),
         ]);
-        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         c.spawn().unwrap()
     };
     let (a, b) = (spawn(), spawn());
@@ -287,11 +349,9 @@ fn s3_compaction_merges_small_files_and_finishes_an_interrupted_swap() {
         location: s3.location(&url),
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
-        "x",
-        arrow::datatypes::DataType::Int64,
-        false,
-    )]));
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("x", arrow::datatypes::DataType::Int64, false),
+    ]));
     let batch = |v: i64| {
         arrow::array::RecordBatch::try_new(
             schema.clone(),
@@ -301,9 +361,15 @@ fn s3_compaction_merges_small_files_and_finishes_an_interrupted_swap() {
     };
     rt.block_on(async {
         for i in 0..5 {
-            lake.write_file("feed_log", &[("ingest_date", "2026-11-01")], &format!("b{i}"), schema.clone(), &[batch(i)])
-                .await
-                .unwrap();
+            lake.write_file(
+                "feed_log",
+                &[("ingest_date", "2026-11-01")],
+                &format!("b{i}"),
+                schema.clone(),
+                &[batch(i)],
+            )
+            .await
+            .unwrap();
         }
     });
     let q = "SELECT count(*) AS n, sum(x) AS s FROM feed_log";
@@ -317,24 +383,46 @@ fn s3_compaction_merges_small_files_and_finishes_an_interrupted_swap() {
     assert_eq!(files.len(), 1);
     // A compaction that died after its output landed: the next one deletes the inputs it left.
     rt.block_on(async {
-        lake.write_file("feed_log", &[("ingest_date", "2026-11-02")], "in", schema.clone(), &[batch(7)])
-            .await
-            .unwrap();
-        lake.write_file("feed_log", &[("ingest_date", "2026-11-02")], "out", schema.clone(), &[batch(7)])
-            .await
-            .unwrap();
+        lake.write_file(
+            "feed_log",
+            &[("ingest_date", "2026-11-02")],
+            "in",
+            schema.clone(),
+            &[batch(7)],
+        )
+        .await
+        .unwrap();
+        lake.write_file(
+            "feed_log",
+            &[("ingest_date", "2026-11-02")],
+            "out",
+            schema.clone(),
+            &[batch(7)],
+        )
+        .await
+        .unwrap();
         let journal = serde_json::json!({
             "dir": "feed_log/ingest_date=2026-11-02",
             "inputs": ["feed_log/ingest_date=2026-11-02/part-in.parquet"],
             "output": "feed_log/ingest_date=2026-11-02/part-out.parquet"
         });
         lake.location
-            .put_atomic("_compact/crashed.json", serde_json::to_vec(&journal).unwrap().into())
+            .put_atomic(
+                "_compact/crashed.json",
+                serde_json::to_vec(&journal).unwrap().into(),
+            )
             .await
             .unwrap();
     });
-    assert_eq!(sql(s3.cli("compact"), q), "n,s\n7,24\n", "the duplicate is visible until recovery");
+    assert_eq!(
+        sql(s3.cli("compact"), q),
+        "n,s\n7,24\n",
+        "the duplicate is visible until recovery"
+    );
     let (ok, out, err) = run(s3.cli("compact").args(["lake", "compact"]));
-    assert!(ok && out.contains("finished 1 interrupted compaction"), "{out}{err}");
+    assert!(
+        ok && out.contains("finished 1 interrupted compaction"),
+        "{out}{err}"
+    );
     assert_eq!(sql(s3.cli("compact"), q), "n,s\n6,17\n");
 }

@@ -16,6 +16,7 @@ It exits when stdin closes (the test process ended) or after --max-seconds, whic
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -52,6 +53,7 @@ def _setup_class_raw_uri(self, request, full_url, headers, use_raw_body=False):
 
 BaseResponse.setup_class = _setup_class_raw_uri
 
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
 app = DomainDispatcherApplication(create_backend_app)
 state = {"puts": 0, "die_after": None, "server": None, "port": 0}
 lock = threading.Lock()
