@@ -38,8 +38,7 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// All requests so far.
-    pub fn total(&self) -> u64 {
+    fn counters(&self) -> [&AtomicU64; 7] {
         [
             &self.gets,
             &self.heads,
@@ -49,9 +48,14 @@ impl Counts {
             &self.deletes,
             &self.copies,
         ]
-        .iter()
-        .map(|c| c.load(Ordering::Relaxed))
-        .sum()
+    }
+
+    /// All requests so far.
+    pub fn total(&self) -> u64 {
+        self.counters()
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Number of distinct objects read.
@@ -61,15 +65,7 @@ impl Counts {
 
     /// Zero every counter.
     pub fn reset(&self) {
-        for c in [
-            &self.gets,
-            &self.heads,
-            &self.lists,
-            &self.list_dirs,
-            &self.puts,
-            &self.deletes,
-            &self.copies,
-        ] {
+        for c in self.counters() {
             c.store(0, Ordering::Relaxed);
         }
         if let Ok(mut s) = self.objects_read.lock() {

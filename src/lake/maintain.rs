@@ -74,12 +74,30 @@ pub async fn sync(
     dry_run: bool,
     ttl: std::time::Duration,
 ) -> Result<SyncReport, LakeError> {
+    under_all_locks(
+        to,
+        "lake sync",
+        dry_run,
+        ttl,
+        sync_locked(from, to, dry_run),
+    )
+    .await
+}
+
+/// Run `work` holding every writer lock of `loc` (none for a dry run), releasing them after.
+async fn under_all_locks<T>(
+    loc: &Location,
+    purpose: &str,
+    dry_run: bool,
+    ttl: std::time::Duration,
+    work: impl std::future::Future<Output = Result<T, LakeError>>,
+) -> Result<T, LakeError> {
     let locks = if dry_run {
         None
     } else {
-        Some(to.lock_all(&super::lock::ALL, "lake sync", ttl).await?)
+        Some(loc.lock_all(&super::lock::ALL, purpose, ttl).await?)
     };
-    let result = sync_locked(from, to, dry_run).await;
+    let result = work.await;
     if let Some(l) = locks {
         l.release().await?;
     }
@@ -194,16 +212,8 @@ pub async fn compact(
     dry_run: bool,
     ttl: std::time::Duration,
 ) -> Result<CompactReport, LakeError> {
-    let locks = if dry_run {
-        None
-    } else {
-        Some(loc.lock_all(&super::lock::ALL, "lake compact", ttl).await?)
-    };
-    let result = compact_locked(loc, min_files.max(2), dry_run).await;
-    if let Some(l) = locks {
-        l.release().await?;
-    }
-    result
+    let work = compact_locked(loc, min_files.max(2), dry_run);
+    under_all_locks(loc, "lake compact", dry_run, ttl, work).await
 }
 
 async fn compact_locked(

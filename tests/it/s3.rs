@@ -24,15 +24,15 @@ fn sql(mut c: Command, q: &str) -> String {
     out
 }
 
-fn ingest_ics(mut c: Command) -> (bool, String, String) {
-    run(c.args([
-        "ingest",
-        "attack",
-        "--domain",
-        "ics",
-        "--from",
-        common::bundle("ics").to_str().unwrap(),
-    ]))
+/// `c` set up to ingest the ICS bundle.
+fn ingest_ics_cmd(mut c: Command) -> Command {
+    c.args(["ingest", "attack", "--domain", "ics", "--from"])
+        .arg(common::bundle("ics"));
+    c
+}
+
+fn ingest_ics(c: Command) -> (bool, String, String) {
+    run(&mut ingest_ics_cmd(c))
 }
 
 /// The ICS tables as a local ingest writes them: what every S3 lake here must equal.
@@ -308,15 +308,7 @@ fn s3_concurrent_writers_serialise_or_fail_cleanly() {
     // Two ingests of the same source at once: each finishes or fails with the lock message, and
     // the lake ends up exactly as one ingest leaves it.
     let spawn = || {
-        let mut c = s3.cli("conc");
-        c.args([
-            "ingest",
-            "attack",
-            "--domain",
-            "ics",
-            "--from",
-            common::bundle("ics").to_str().unwrap(),
-        ]);
+        let mut c = ingest_ics_cmd(s3.cli("conc"));
         c.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         c.spawn().unwrap()
@@ -383,24 +375,17 @@ fn s3_compaction_merges_small_files_and_finishes_an_interrupted_swap() {
     assert_eq!(files.len(), 1);
     // A compaction that died after its output landed: the next one deletes the inputs it left.
     rt.block_on(async {
-        lake.write_file(
-            "feed_log",
-            &[("ingest_date", "2026-11-02")],
-            "in",
-            schema.clone(),
-            &[batch(7)],
-        )
-        .await
-        .unwrap();
-        lake.write_file(
-            "feed_log",
-            &[("ingest_date", "2026-11-02")],
-            "out",
-            schema.clone(),
-            &[batch(7)],
-        )
-        .await
-        .unwrap();
+        for id in ["in", "out"] {
+            lake.write_file(
+                "feed_log",
+                &[("ingest_date", "2026-11-02")],
+                id,
+                schema.clone(),
+                &[batch(7)],
+            )
+            .await
+            .unwrap();
+        }
         let journal = serde_json::json!({
             "dir": "feed_log/ingest_date=2026-11-02",
             "inputs": ["feed_log/ingest_date=2026-11-02/part-in.parquet"],
