@@ -704,12 +704,8 @@ async fn ingest_attack(
             .expect("static template"),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
-    let ttl = threatlake::lake::lock_ttl(&settings.lake);
-    let lock = lake.location.lock("attack", "ingest attack", ttl).await?;
-    let done = ingest_attack_jobs(&lake, &raw, jobs, attack_version, timeout, &bar).await;
-    let released = lock.release().await;
-    done?;
-    released?;
+    let work = ingest_attack_jobs(&lake, &raw, jobs, attack_version, timeout, &bar);
+    cli::locked(&lake, settings, &["attack"], "ingest attack", work).await?;
     bar.finish_and_clear();
     println!("lake: {}", lake.location);
     Ok(())

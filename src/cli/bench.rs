@@ -1,6 +1,5 @@
 //! `threatlake bench`: figures for ingest and query speed and peak memory (release builds only mean anything).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -428,7 +427,6 @@ pub async fn s3(
     partitions: usize,
     per_partition: usize,
 ) -> Result<()> {
-    use threatlake::lake::counting::CountingStore;
     let id = threatlake::feeds::new_batch_id(chrono::Utc::now());
     let s3_spec = format!("{}/bench-{id}", to.trim_end_matches('/'));
     let s3_lake = Lake {
@@ -456,9 +454,7 @@ pub async fn s3(
         .collect();
     let mut bytes = 0u64;
     for (label, lake) in [("local", &local), ("S3", &s3_lake)] {
-        let counting = Arc::new(CountingStore::new(lake.location.store.clone()));
-        let mut counted = lake.clone();
-        counted.location.store = counting.clone();
+        let (counted, counts) = lake.counted();
         let t = Instant::now();
         for (d, day) in days.iter().enumerate() {
             let batch = format!("bench-{d}");
@@ -483,18 +479,16 @@ pub async fn s3(
             partitions as f64 / el,
             (partitions * per_partition) as f64 / el,
             bytes as f64 / 1e6 / el,
-            counting.counts.summary()
+            counts.summary()
         );
     }
-    let counting = Arc::new(CountingStore::new(s3_lake.location.store.clone()));
-    let mut counted = s3_lake.clone();
-    counted.location.store = counting.clone();
+    let (counted, counts) = s3_lake.counted();
     let t = Instant::now();
     let engine = Engine::open(&counted).await?;
     println!(
         "  open engine on S3: {:.2} s, {}",
         t.elapsed().as_secs_f64(),
-        counting.counts.summary()
+        counts.summary()
     );
     let objects = s3_lake.location.list("").await?.len();
     let day = &days[partitions / 2];
@@ -508,7 +502,7 @@ pub async fn s3(
             "SELECT count(*) FROM otx_pulse_log".to_string(),
         ),
     ] {
-        counting.counts.reset();
+        counts.reset();
         let t = Instant::now();
         let r = engine.run(&sql).await?;
         let rows = r[0]
@@ -521,12 +515,12 @@ pub async fn s3(
                 arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).value(0)
             })
             .unwrap_or(0);
-        let read = counting.counts.distinct_read();
+        let read = counts.distinct_read();
         println!(
             "  query {what}: {rows} rows in {:.3} s; objects read {read} of {objects} ({:.2}%); {}",
             t.elapsed().as_secs_f64(),
             100.0 * read as f64 / objects.max(1) as f64,
-            counting.counts.summary()
+            counts.summary()
         );
     }
     println!(

@@ -6,7 +6,7 @@ pub mod model;
 pub mod repl;
 pub mod report;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use threatlake::{Lake, Settings};
 
 /// Run `work` holding the lake's writer locks `names` (see `threatlake::lake::lock`): a second writer
@@ -20,16 +20,5 @@ pub async fn locked<T>(
     work: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
     let ttl = threatlake::lake::lock_ttl(&settings.lake);
-    let locks = lake.location.lock_all(names, purpose, ttl).await?;
-    let out = work.await;
-    let released = locks.release().await;
-    let out = out?;
-    released.with_context(|| {
-        format!(
-            "releasing the {} lock on {}",
-            names.join("+"),
-            lake.location
-        )
-    })?;
-    Ok(out)
+    lake.location.with_locks(names, purpose, ttl, work).await
 }

@@ -109,6 +109,17 @@ impl CountingStore {
     }
 }
 
+impl super::Lake {
+    /// The same lake with every request counted.
+    pub fn counted(&self) -> (super::Lake, Arc<Counts>) {
+        let store = CountingStore::new(self.location.store.clone());
+        let counts = store.counts.clone();
+        let mut lake = self.clone();
+        lake.location.store = Arc::new(store);
+        (lake, counts)
+    }
+}
+
 impl std::fmt::Display for CountingStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Counting({})", self.inner)

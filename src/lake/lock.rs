@@ -201,6 +201,23 @@ impl Location {
         Ok(held)
     }
 
+    /// Run `work` holding the locks `names`, releasing them whether it succeeds or not; the work's
+    /// error wins over a release error.
+    pub async fn with_locks<T, E: From<LakeError>>(
+        &self,
+        names: &[&str],
+        purpose: &str,
+        ttl: Duration,
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let locks = self.lock_all(names, purpose, ttl).await?;
+        let out = work.await;
+        let released = locks.release().await;
+        let out = out?;
+        released?;
+        Ok(out)
+    }
+
     /// Remove a lock by hand (after its holder died); returns who held it.
     pub async fn unlock(&self, name: &str) -> Result<Option<Holder>, LakeError> {
         let rel = format!("{LOCKS}/{name}.json");

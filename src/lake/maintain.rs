@@ -92,16 +92,10 @@ async fn under_all_locks<T>(
     ttl: std::time::Duration,
     work: impl std::future::Future<Output = Result<T, LakeError>>,
 ) -> Result<T, LakeError> {
-    let locks = if dry_run {
-        None
-    } else {
-        Some(loc.lock_all(&super::lock::ALL, purpose, ttl).await?)
-    };
-    let result = work.await;
-    if let Some(l) = locks {
-        l.release().await?;
+    if dry_run {
+        return work.await;
     }
-    result
+    loc.with_locks(&super::lock::ALL, purpose, ttl, work).await
 }
 
 async fn sync_locked(

@@ -284,9 +284,8 @@ impl Location {
         let p = self.path(rel);
         match self.store.list(Some(&p)).try_collect::<Vec<_>>().await {
             Ok(v) => Ok(v),
-            Err(e @ object_store::Error::NotFound { .. })
-                if self.atomic_put() || format!("{e:?}").contains("NoSuchBucket") =>
-            {
+            // S3 answers an absent prefix with an empty listing: NotFound there is the bucket.
+            Err(e @ object_store::Error::NotFound { .. }) if self.atomic_put() => {
                 Err(self.error(&p, e))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(vec![]),
@@ -359,16 +358,6 @@ impl Lake {
         Ok(Self {
             location: Location::open_with(&s.root, &s.store)?,
         })
-    }
-
-    /// Take writer lock `name` (see [`lock`]) with the settings' expiry.
-    pub async fn lock(
-        &self,
-        s: &crate::config::LakeSettings,
-        name: &str,
-        purpose: &str,
-    ) -> Result<lock::LakeLock, LakeError> {
-        self.location.lock(name, purpose, lock_ttl(s)).await
     }
 
     /// Replace one partition of `table` with `batches`, atomically: the new file is staged, renamed
