@@ -240,6 +240,29 @@ pub struct AttackSettings {
     pub sources: BTreeMap<Domain, String>,
     /// Download timeout.
     pub http_timeout_secs: u64,
+    /// Largest bundle accepted, in MB once decompressed (ATT&CK Enterprise v18.1 is 45 MB).
+    #[serde(default = "default_max_bundle_mb")]
+    pub max_bundle_mb: f64,
+    /// Most STIX objects in one bundle (Enterprise v18.1 has 24,771).
+    #[serde(default = "default_max_objects")]
+    pub max_objects: usize,
+}
+
+fn default_max_bundle_mb() -> f64 {
+    256.0
+}
+fn default_max_objects() -> usize {
+    250_000
+}
+
+impl AttackSettings {
+    /// The bundle caps.
+    pub fn limits(&self) -> crate::attack::BundleLimits {
+        crate::attack::BundleLimits {
+            max_bytes: (self.max_bundle_mb.clamp(0.001, 1e6) * 1_048_576.0) as u64,
+            max_objects: self.max_objects.max(1),
+        }
+    }
 }
 
 /// `sql:` section.
@@ -286,6 +309,9 @@ pub struct HttpSettings {
     /// Longest single wait, including a server's Retry-After.
     #[serde(default = "default_max_wait")]
     pub max_wait_secs: f64,
+    /// Largest response body accepted (MB, decompressed); larger answers are refused unread.
+    #[serde(default = "default_max_body_mb")]
+    pub max_body_mb: f64,
 }
 
 fn default_timeout() -> f64 {
@@ -300,6 +326,9 @@ fn default_backoff() -> f64 {
 fn default_max_wait() -> f64 {
     120.0
 }
+fn default_max_body_mb() -> f64 {
+    64.0
+}
 
 impl Default for HttpSettings {
     fn default() -> Self {
@@ -308,6 +337,7 @@ impl Default for HttpSettings {
             attempts: default_attempts(),
             backoff_secs: default_backoff(),
             max_wait_secs: default_max_wait(),
+            max_body_mb: default_max_body_mb(),
         }
     }
 }
@@ -322,6 +352,7 @@ impl HttpSettings {
             backoff: secs(self.backoff_secs),
             max_wait: secs(self.max_wait_secs),
             timeout: secs(self.timeout_secs.max(0.001)),
+            max_body: (self.max_body_mb.clamp(0.001, 1e6) * 1_048_576.0) as u64,
         }
     }
 }
@@ -437,10 +468,14 @@ impl Settings {
             let secrets = parse_yaml(&read(&secrets_path)?, &secrets_path.display().to_string())?;
             merge(&mut value, secrets);
         }
-        apply_env(&mut value, env)?;
+        let applied = apply_env(&mut value, env)?;
         let settings: Settings =
             serde_yaml_ng::from_value(value).map_err(|e| ConfigError::Invalid {
-                path: label.clone(),
+                path: if applied.is_empty() {
+                    label.clone()
+                } else {
+                    format!("{label} with the overrides {}", applied.join(", "))
+                },
                 message: e.to_string(),
             })?;
         Ok(Loaded { settings, path })
@@ -504,12 +539,14 @@ fn merge(base: &mut Value, overlay: Value) {
     }
 }
 
+/// Apply `THREATLAKE_<SECTION>_<KEY>` overrides; returns the variables applied (for messages).
 fn apply_env(
     value: &mut Value,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
+    let mut applied = Vec::new();
     let Value::Mapping(root) = value else {
-        return Ok(());
+        return Ok(applied);
     };
     let mut sections: Vec<String> = root
         .keys()
@@ -546,14 +583,56 @@ fn apply_env(
                 sections: sections.join(", "),
             });
         };
-        sec.insert(Value::String(key.to_string()), parsed);
+        set_nested(sec, key, parsed);
+        applied.push(var);
     }
-    Ok(())
+    Ok(applied)
+}
+
+/// Set `key` in `map`, descending into a nested mapping whose name prefixes it, so
+/// `THREATLAKE_LAKE_STORE_MAX_RETRIES` sets `lake.store.max_retries` (a key of the map itself wins).
+fn set_nested(map: &mut serde_yaml_ng::Mapping, key: &str, v: Value) {
+    if !map.contains_key(key) {
+        let mut nested: Vec<String> = map
+            .iter()
+            .filter(|(_, val)| val.is_mapping())
+            .filter_map(|(k, _)| k.as_str())
+            .filter(|k| key.starts_with(&format!("{k}_")))
+            .map(str::to_string)
+            .collect();
+        nested.sort_by_key(|k| std::cmp::Reverse(k.len()));
+        if let Some(k) = nested.first() {
+            if let Some(Value::Mapping(m)) = map.get_mut(k.as_str()) {
+                return set_nested(m, &key[k.len() + 1..], v);
+            }
+        }
+    }
+    map.insert(Value::String(key.to_string()), v);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nested_settings_are_overridden_from_the_environment() {
+        let l = Settings::load_with_env(
+            None,
+            env(&[
+                ("THREATLAKE_LAKE_STORE_MAX_RETRIES", "9"),
+                ("THREATLAKE_OTX_HTTP_MAX_BODY_MB", "2"),
+                ("THREATLAKE_LAKE_ROOT", "/tmp/l"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(l.settings.lake.store.max_retries, 9);
+        assert_eq!(l.settings.otx.http.max_body_mb, 2.0);
+        assert_eq!(l.settings.lake.root, "/tmp/l");
+        let e = Settings::load_with_env(None, env(&[("THREATLAKE_LAKE_STORE_NOPE", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("THREATLAKE_LAKE_STORE_NOPE") && e.contains("nope"), "{e}");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

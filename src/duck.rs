@@ -36,6 +36,9 @@ pub enum DuckError {
         /// DuckDB's error.
         source: duckdb::Error,
     },
+    /// A statement that would write (same message as on DataFusion).
+    #[error(transparent)]
+    ReadOnly(crate::sql::SqlError),
     /// A result could not be converted.
     #[error("converting a DuckDB result: {0}")]
     Arrow(String),
@@ -75,6 +78,17 @@ impl DuckEngine {
                 source,
             })?;
         }
+        // Lock the session down: files are reachable only under the lake root (reads of its views;
+        // COPY … TO elsewhere fails), and the settings cannot be changed back from SQL.
+        let lockdown = format!(
+            "SET allowed_directories = [{}]; SET enable_external_access = false; SET lock_configuration = true;",
+            crate::sql::duckdb_sql::quote_literal(&format!("{}/", root.display()))
+        );
+        con.execute_batch(&lockdown)
+            .map_err(|source| DuckError::Setup {
+                sql: lockdown.clone(),
+                source,
+            })?;
         Ok(Self { con, root, mapper })
     }
 
@@ -137,8 +151,12 @@ impl DuckEngine {
             .collect()
     }
 
-    /// Run one statement.
+    /// Run one statement. Statements that write files or tables of the lake are refused, as on
+    /// DataFusion (see [`crate::sql::SqlError::ReadOnly`]).
     pub fn run_statement(&self, sql: &str) -> Result<QueryResult, DuckError> {
+        if let Some(what) = writing_statement(sql) {
+            return Err(DuckError::ReadOnly(crate::sql::SqlError::ReadOnly { what }));
+        }
         let mut stmt = self.con.prepare(sql)?;
         let batches60: Vec<duckdb::arrow::record_batch::RecordBatch> =
             stmt.query_arrow([])?.collect();
@@ -193,6 +211,49 @@ impl DuckEngine {
     }
 }
 
+/// The kind of a statement that writes (its first keyword, after comments and parentheses), if
+/// it is one. DuckDB's own statement type is not exposed by duckdb-rs; the session's file lockdown
+/// is the second line of defence.
+fn writing_statement(sql: &str) -> Option<String> {
+    const WRITERS: &[&str] = &[
+        "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "EXPORT", "IMPORT", "ATTACH", "DETACH",
+        "INSTALL", "LOAD", "TRUNCATE", "VACUUM", "CHECKPOINT",
+    ];
+    let mut rest = sql.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else if let Some(r) = rest.strip_prefix('(') {
+            rest = r.trim_start();
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    if WRITERS.contains(&word.as_str()) {
+        return Some(word);
+    }
+    // A CTE may precede a write: WITH … INSERT/UPDATE/DELETE.
+    if word == "WITH" {
+        let upper = sql.to_ascii_uppercase();
+        for w in ["INSERT", "UPDATE", "DELETE"] {
+            if upper
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .any(|t| t == w)
+            {
+                return Some(w.to_string());
+            }
+        }
+    }
+    None
+}
+
 /// An arrow-60 schema as arrow 59 (types through the C schema; field names kept).
 fn schema_from_duckdb(s: &duckdb::arrow::datatypes::Schema) -> Result<SchemaRef, DuckError> {
     let empty = duckdb::arrow::record_batch::RecordBatch::new_empty(Arc::new(s.clone()));
@@ -207,6 +268,27 @@ fn schema_from_duckdb(s: &duckdb::arrow::datatypes::Schema) -> Result<SchemaRef,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writing_statements_are_recognised() {
+        for w in [
+            "INSERT INTO t VALUES (1)",
+            "  -- c\n/* x */ copy (SELECT 1) TO '/tmp/x.csv'",
+            "(COPY t TO 'x')",
+            "EXPORT DATABASE '/tmp/x'",
+            "WITH a AS (SELECT 1) DELETE FROM t",
+            "attach '/tmp/x.db'",
+        ] {
+            assert!(writing_statement(w).is_some(), "{w}");
+        }
+        for r in [
+            "SELECT 'INSERT'",
+            "WITH a AS (SELECT 1) SELECT * FROM a",
+            "DESCRIBE t",
+        ] {
+            assert_eq!(writing_statement(r), None, "{r}");
+        }
+    }
 
     #[test]
     fn splits_statements_outside_quotes_and_comments() {

@@ -210,6 +210,9 @@ enum IngestCommand {
         /// ATT&CK release of a bundle that does not state it (no x-mitre-collection).
         #[arg(long, value_name = "VERSION")]
         attack_version: Option<String>,
+        /// Replace the current release even with a bundle holding far fewer techniques.
+        #[arg(long)]
+        force: bool,
     },
     /// AlienVault OTX subscribed pulses modified since the last run (key: THREATLAKE_OTX_API_KEY).
     Otx,
@@ -478,7 +481,8 @@ async fn main_inner(cli: Cli) -> Result<()> {
             domain,
             from,
             attack_version,
-        }) => ingest_attack(&settings, domain, from, attack_version).await,
+            force,
+        }) => ingest_attack(&settings, domain, from, attack_version, force).await,
         Command::Ingest(IngestCommand::Otx) => cli::feeds::ingest_otx(&settings).await.map(drop),
         Command::Ingest(IngestCommand::Vt { observables, iocs }) => {
             cli::feeds::ingest_vt(&settings, observables, iocs)
@@ -674,7 +678,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
 
 /// ATT&CK for every configured domain from the configured sources (what `run` does on an empty lake).
 pub(crate) async fn ingest_attack_default(settings: &Settings) -> Result<()> {
-    ingest_attack(settings, DomainArg::All, None, None).await
+    ingest_attack(settings, DomainArg::All, None, None, false).await
 }
 
 async fn ingest_attack(
@@ -682,10 +686,17 @@ async fn ingest_attack(
     domain: DomainArg,
     from: Option<String>,
     attack_version: Option<String>,
+    force: bool,
 ) -> Result<()> {
     let lake = Lake::from_settings(&settings.lake)?;
     let raw = threatlake::lake::raw_from_settings(&settings.lake)?;
-    let timeout = Duration::from_secs(settings.attack.http_timeout_secs);
+    let options = threatlake::attack::IngestOptions {
+        expected: None,
+        version_override: attack_version,
+        timeout: Duration::from_secs(settings.attack.http_timeout_secs),
+        limits: settings.attack.limits(),
+        force,
+    };
     let jobs: Vec<(Option<Domain>, String)> = match (&from, domain.domain()) {
         (Some(src), d) => vec![(d, src.clone())],
         (None, Some(d)) => vec![(Some(d), source_for(settings, d)?)],
@@ -696,7 +707,7 @@ async fn ingest_attack(
             .map(|d| Ok((Some(*d), source_for(settings, *d)?)))
             .collect::<Result<_>>()?,
     };
-    if attack_version.is_some() && jobs.len() > 1 {
+    if options.version_override.is_some() && jobs.len() > 1 {
         bail!("--attack-version applies to one bundle; give --domain or --from as well");
     }
     let bar = indicatif::ProgressBar::new(jobs.len() as u64).with_style(
@@ -704,7 +715,7 @@ async fn ingest_attack(
             .expect("static template"),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
-    let work = ingest_attack_jobs(&lake, &raw, jobs, attack_version, timeout, &bar);
+    let work = ingest_attack_jobs(&lake, &raw, jobs, &options, &bar);
     cli::locked(&lake, settings, &["attack"], "ingest attack", work).await?;
     bar.finish_and_clear();
     println!("lake: {}", lake.location);
@@ -715,8 +726,7 @@ async fn ingest_attack_jobs(
     lake: &Lake,
     raw: &Location,
     jobs: Vec<(Option<Domain>, String)>,
-    attack_version: Option<String>,
-    timeout: Duration,
+    options: &threatlake::attack::IngestOptions,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
     for (d, src) in jobs {
@@ -724,8 +734,11 @@ async fn ingest_attack_jobs(
             "ingesting {}",
             d.map_or("bundle".to_string(), |d| d.to_string())
         ));
-        let report =
-            threatlake::attack::ingest(lake, raw, &src, d, attack_version.as_deref(), timeout)
+        let options = threatlake::attack::IngestOptions {
+            expected: d,
+            ..options.clone()
+        };
+        let report = threatlake::attack::ingest(lake, raw, &src, &options)
                 .await
                 .with_context(|| {
                     format!(

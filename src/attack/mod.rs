@@ -78,6 +78,32 @@ pub enum IngestError {
         /// Which version field and value.
         what: String,
     },
+    /// The input is over a configured cap.
+    #[error("{source_name}: refused: {what}; if this is a genuine bundle, raise {setting} in config/settings.yaml")]
+    TooLarge {
+        /// The input.
+        source_name: String,
+        /// Which cap and by how much.
+        what: String,
+        /// The setting that raises the cap.
+        setting: &'static str,
+    },
+    /// The bundle would replace a much larger current release (a subset or a broken export).
+    #[error("{source_name}: ATT&CK {domain} {version} has {new} techniques but the current release {current_version} has {current}; refusing to replace it with a subset. Pass --force if this is intended")]
+    Shrinks {
+        /// The input.
+        source_name: String,
+        /// Domain.
+        domain: Domain,
+        /// The bundle's version.
+        version: String,
+        /// Its technique count.
+        new: usize,
+        /// The current release.
+        current_version: String,
+        /// Its technique count.
+        current: usize,
+    },
     /// The bundle carries no ATT&CK version.
     #[error("{source_name}: the bundle has no x-mitre-collection with x_mitre_version; pass --attack-version to say which release it is")]
     NoVersion {
@@ -85,7 +111,7 @@ pub enum IngestError {
         source_name: String,
     },
     /// The ATT&CK version string cannot be used.
-    #[error("{source_name}: ATT&CK version {version:?} is not of the form MAJOR.MINOR")]
+    #[error("{source_name}: ATT&CK version {version:?} is not of the form MAJOR.MINOR (digits only, e.g. 18.1); pass --attack-version to give it")]
     BadVersion {
         /// The input.
         source_name: String,
@@ -111,6 +137,49 @@ pub enum IngestError {
     /// Writing to the lake failed.
     #[error(transparent)]
     Lake(#[from] LakeError),
+    /// Reading the current release from the lake failed.
+    #[error("reading the lake's current ATT&CK release: {0}")]
+    Sql(Box<crate::sql::SqlError>),
+}
+
+pub use stix::BundleLimits;
+
+/// How [`ingest`] treats one bundle.
+#[derive(Debug, Clone, Default)]
+pub struct IngestOptions {
+    /// The domain asked for (`--domain`); the bundle must be of it.
+    pub expected: Option<Domain>,
+    /// `--attack-version`, for bundles without a collection object.
+    pub version_override: Option<String>,
+    /// Download timeout.
+    pub timeout: Duration,
+    /// Size caps.
+    pub limits: BundleLimits,
+    /// Replace the current release even with one that has far fewer techniques.
+    pub force: bool,
+}
+
+/// The canonical spelling of an ATT&CK version: `v18.1`, `18.01`, ` 18.1 ` → `18.1`. Signs, empty
+/// parts, non-digits and more than three parts are refused, so two spellings of one release can
+/// never become two partitions.
+pub fn canonical_version(v: &str) -> Option<String> {
+    let v = v.trim();
+    let v = v.strip_prefix(['v', 'V']).unwrap_or(v);
+    let parts: Vec<&str> = v.split('.').collect();
+    if parts.is_empty() || parts.len() > 3 {
+        return None;
+    }
+    let mut nums = Vec::with_capacity(parts.len());
+    for p in parts {
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        nums.push(p.parse::<u32>().ok()?.to_string());
+    }
+    if nums.len() == 1 {
+        nums.push("0".into());
+    }
+    Some(nums.join("."))
 }
 
 /// What one ingest did.
@@ -129,7 +198,11 @@ pub struct IngestReport {
 }
 
 /// Fetch a source: an http(s) URL, a `file://` URL, or a local path.
-pub async fn fetch(source: &str, timeout: Duration) -> Result<Bytes, IngestError> {
+pub async fn fetch(
+    source: &str,
+    timeout: Duration,
+    limits: &BundleLimits,
+) -> Result<Bytes, IngestError> {
     if source.starts_with("http://") || source.starts_with("https://") {
         let http = |message: String| IngestError::Http {
             url: source.to_string(),
@@ -140,7 +213,7 @@ pub async fn fetch(source: &str, timeout: Duration) -> Result<Bytes, IngestError
             .user_agent(concat!("threatlake/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| http(e.to_string()))?;
-        let resp = client
+        let mut resp = client
             .get(source)
             .send()
             .await
@@ -149,18 +222,35 @@ pub async fn fetch(source: &str, timeout: Duration) -> Result<Bytes, IngestError
         if !status.is_success() {
             return Err(http(format!("HTTP {status}")));
         }
-        resp.bytes()
+        if resp.content_length().is_some_and(|n| n > limits.max_bytes) {
+            return Err(limits.too_large(source, "the download is"));
+        }
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| http(format!("reading the body: {e}")))
+            .map_err(|e| http(format!("reading the body: {e}")))?
+        {
+            if (body.len() + chunk.len()) as u64 > limits.max_bytes {
+                return Err(limits.too_large(source, "the download is"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
     } else {
         let path = source.strip_prefix("file://").unwrap_or(source);
+        let read_err = |e| IngestError::ReadFile {
+            path: path.to_string(),
+            source: e,
+        };
+        let len = tokio::fs::metadata(path).await.map_err(read_err)?.len();
+        if len > limits.max_bytes {
+            return Err(limits.too_large(source, "the file is"));
+        }
         tokio::fs::read(path)
             .await
             .map(Bytes::from)
-            .map_err(|e| IngestError::ReadFile {
-                path: path.to_string(),
-                source: e,
-            })
+            .map_err(read_err)
     }
 }
 
@@ -183,13 +273,14 @@ pub fn prepare(
     bytes: Bytes,
     expected: Option<Domain>,
     version_override: Option<&str>,
+    limits: &BundleLimits,
 ) -> Result<Prepared, IngestError> {
     let mut timings = Vec::new();
     let t = Instant::now();
-    let json = stix::decode_bytes(source, &bytes)?;
+    let json = stix::decode_bytes(source, &bytes, limits)?;
     timings.push(("decode", t.elapsed()));
     let t = Instant::now();
-    let bundle = stix::parse_bundle(source, &json)?;
+    let bundle = stix::parse_bundle(source, &json, limits)?;
     drop(json);
     timings.push(("parse", t.elapsed()));
 
@@ -209,12 +300,12 @@ pub fn prepare(
             })
         }
     };
-    if threatlake_udfs::kernels::version_key(&version).is_none() {
+    let Some(version) = canonical_version(&version) else {
         return Err(IngestError::BadVersion {
             source_name: source.to_string(),
             version,
         });
-    }
+    };
 
     let t = Instant::now();
     let prov = normalize::Provenance {
@@ -277,29 +368,95 @@ impl Prepared {
     }
 }
 
-/// Fetch, prepare and commit one bundle.
+/// Fetch, prepare and commit one bundle. A bundle that would become current with less than half
+/// the techniques of the current release is refused unless `options.force`.
 pub async fn ingest(
     lake: &Lake,
     raw: &Location,
     source: &str,
-    expected: Option<Domain>,
-    version_override: Option<&str>,
-    timeout: Duration,
+    options: &IngestOptions,
 ) -> Result<IngestReport, IngestError> {
     let t = Instant::now();
-    let bytes = fetch(source, timeout).await?;
+    let bytes = fetch(source, options.timeout, &options.limits).await?;
     let fetched = t.elapsed();
     let source_owned = source.to_string();
-    let version_owned = version_override.map(str::to_string);
+    let (expected, version_owned, limits) = (
+        options.expected,
+        options.version_override.clone(),
+        options.limits,
+    );
     // Decoding and normalising 45 MB of JSON is CPU work; keep it off the async workers.
     let prepared = tokio::task::spawn_blocking(move || {
-        prepare(&source_owned, bytes, expected, version_owned.as_deref())
+        prepare(
+            &source_owned,
+            bytes,
+            expected,
+            version_owned.as_deref(),
+            &limits,
+        )
     })
     .await
     .expect("ingest worker panicked")?;
+    if !options.force {
+        refuse_shrinking(lake, source, &prepared).await?;
+    }
     let mut report = prepared.commit(lake, raw).await?;
     report.timings.insert(0, ("fetch", fetched));
     Ok(report)
+}
+
+/// Refuse a bundle that would become current with fewer than half the techniques of the current
+/// release of its domain (a subset or a broken export silently shrinking every view).
+async fn refuse_shrinking(
+    lake: &Lake,
+    source: &str,
+    prepared: &Prepared,
+) -> Result<(), IngestError> {
+    let sql_err = |e: crate::sql::SqlError| IngestError::Sql(Box::new(e));
+    let engine = crate::sql::Engine::open(lake).await.map_err(sql_err)?;
+    let r = engine
+        .run(
+            "SELECT t.domain, t.attack_version, count(*) AS n \
+             FROM mitre_attack_techniques t JOIN attack_versions_current v \
+               ON t.domain = v.domain AND t.attack_version = v.attack_version \
+             GROUP BY 1, 2",
+        )
+        .await
+        .map_err(sql_err)?;
+    let new = prepared
+        .tables
+        .iter()
+        .find(|(n, _)| *n == "mitre_attack_techniques")
+        .map_or(0, |(_, b)| b.num_rows());
+    let key = threatlake_udfs::kernels::version_key;
+    for b in &r[0].batches {
+        let domains = crate::feeds::column_strings(b, 0);
+        let versions = crate::feeds::column_strings(b, 1);
+        let counts = b
+            .column(2)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .map(|a| a.values().to_vec())
+            .unwrap_or_default();
+        for ((d, v), n) in domains.into_iter().zip(versions).zip(counts) {
+            let (Some(d), Some(v)) = (d, v) else { continue };
+            let current = n as usize;
+            if d == prepared.domain.as_str()
+                && key(&prepared.attack_version) >= key(&v)
+                && new * 2 < current
+            {
+                return Err(IngestError::Shrinks {
+                    source_name: source.to_string(),
+                    domain: prepared.domain,
+                    version: prepared.attack_version.clone(),
+                    new,
+                    current_version: v,
+                    current,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn bundle_domain(
@@ -349,4 +506,26 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_version;
+
+    #[test]
+    fn versions_have_one_spelling() {
+        for (given, canonical) in [
+            ("18.1", "18.1"),
+            ("v18.1", "18.1"),
+            ("V18.01", "18.1"),
+            (" 18.1 ", "18.1"),
+            ("18", "18.0"),
+            ("9.0.2", "9.0.2"),
+        ] {
+            assert_eq!(canonical_version(given).as_deref(), Some(canonical), "{given}");
+        }
+        for bad in ["+18.1", "-1.0", "18.", ".1", "18.1.2.3", "18,1", "1e2", "", "v", "1234.0", "18 .1"] {
+            assert_eq!(canonical_version(bad), None, "{bad}");
+        }
+    }
 }

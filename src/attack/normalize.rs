@@ -204,43 +204,44 @@ static SPACE_PUNCT: LazyLock<Regex> =
 /// Clean ATT&CK prose: drop `(Citation: …)` markers (returned separately, in order, de-duplicated),
 /// reduce markdown links to their text and `<code>` tags to their content, tidy spaces.
 pub fn clean_text(text: &str) -> (String, Vec<String>) {
-    let mut citations: Vec<String> = Vec::new();
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(m) = CITATION.find(rest) {
-        out.push_str(&rest[..m.start()]);
-        // The citation name may itself contain balanced parentheses: "(Citation: Foo (2019))".
-        let after = &rest[m.end()..];
-        let mut depth = 1usize;
-        let mut end = None;
-        for (i, c) in after.char_indices() {
-            match c {
-                '(' => depth += 1,
-                ')' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = Some(i);
-                        break;
-                    }
+    // One pass pairs every '(' with its ')' (stack matching), so each marker's end is a lookup:
+    // linear however many unbalanced markers hostile text holds.
+    let mut closes: HashMap<usize, usize> = HashMap::new();
+    let mut open: Vec<usize> = Vec::new();
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            b'(' => open.push(i),
+            b')' => {
+                if let Some(o) = open.pop() {
+                    closes.insert(o, i);
                 }
-                _ => {}
             }
+            _ => {}
         }
-        match end {
-            Some(i) => {
-                let name = after[..i].trim().to_string();
-                if !name.is_empty() && !citations.contains(&name) {
-                    citations.push(name);
+    }
+    let mut citations: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut out = String::with_capacity(text.len());
+    let mut pos = 0;
+    while let Some(m) = CITATION.find_at(text, pos) {
+        out.push_str(&text[pos..m.start()]);
+        // The citation name may itself contain balanced parentheses: "(Citation: Foo (2019))".
+        match closes.get(&m.start()) {
+            Some(&close) => {
+                let name = text[m.end()..close].trim();
+                if !name.is_empty() && seen.insert(name.to_string()) {
+                    citations.push(name.to_string());
                 }
-                rest = &after[i + 1..];
+                pos = close + 1;
             }
             None => {
                 // Unbalanced marker: keep the text as is rather than swallow the rest.
-                out.push_str(&rest[m.start()..m.end()]);
-                rest = after;
+                out.push_str(m.as_str());
+                pos = m.end();
             }
         }
     }
+    let rest = &text[pos..];
     out.push_str(rest);
     let out = MD_LINK.replace_all(&out, "$1");
     let out = CODE_TAG.replace_all(&out, "");
@@ -705,5 +706,33 @@ mod tests {
     fn duplicate_citations_collapse() {
         let (_, c) = clean_text("a (Citation: X) b (Citation: X)");
         assert_eq!(c, vec!["X"]);
+    }
+
+    #[test]
+    fn nested_and_unbalanced_markers_resolve_like_a_paren_scan() {
+        // An unbalanced outer marker does not hide a balanced inner one.
+        let (t, c) = clean_text("x (Citation: a (Citation: b) y");
+        assert_eq!(t, "x (Citation: a y");
+        assert_eq!(c, vec!["b"]);
+        // Hostile text: many unclosed markers, then many citations (linear now; figures in bench).
+        let text = format!(
+            "{}{}",
+            "(Citation: ".repeat(2_000),
+            (0..2_000)
+                .map(|i| format!("(Citation: C{})", i % 50))
+                .collect::<String>()
+        );
+        let (t, c) = clean_text(&text);
+        assert_eq!(c.len(), 50, "balanced markers after unclosed ones still count");
+        assert_eq!(t.matches("(Citation:").count(), 2_000, "unclosed markers stay");
+        let (_, c) = clean_text(&format!(
+            "{}{}",
+            "text ".repeat(100),
+            (0..2_000)
+                .map(|i| format!("(Citation: C{})", i % 50))
+                .collect::<String>()
+        ));
+        assert_eq!(c.len(), 50);
+        assert_eq!(c[49], "C49");
     }
 }

@@ -39,7 +39,7 @@ pub async fn ingest(from: &str, runs: usize, query_runs: usize) -> Result<()> {
     for i in 0..runs.max(1) {
         let t = Instant::now();
         let report =
-            threatlake::attack::ingest(&lake, &raw, from, None, None, Duration::from_secs(600))
+            threatlake::attack::ingest(&lake, &raw, from, &bench_ingest(600))
                 .await?;
         let wall = t.elapsed();
         walls.push(wall);
@@ -327,7 +327,7 @@ pub async fn report(
     let lake = Lake::open(lake_dir.to_str().context("utf-8 lake path")?)?;
     let raw = Location::open(root.join("raw").to_str().context("utf-8 raw path")?)?;
     let t = Instant::now();
-    threatlake::attack::ingest(&lake, &raw, from, None, None, Duration::from_secs(300))
+    threatlake::attack::ingest(&lake, &raw, from, &bench_ingest(300))
         .await
         .with_context(|| format!("ingesting {from}"))?;
     let engine = Engine::open(&lake).await?;
@@ -379,11 +379,11 @@ pub async fn report(
                 "attack_ids": [], "indicators": []
             }));
             if chunk.len() == 1000 {
-                w.add(&chunk, &prov).await.map_err(anyhow::Error::msg)?;
+                w.add(&chunk, &prov).await?;
                 chunk.clear();
             }
         }
-        w.add(&chunk, &prov).await.map_err(anyhow::Error::msg)?;
+        w.add(&chunk, &prov).await?;
         w.flush().await?;
         crate::cli::feeds::map_intel(&s).await?;
         crate::cli::feeds::snapshot(&s).await?;
@@ -469,7 +469,7 @@ pub async fn s3(
             let pulses: Vec<serde_json::Value> = (0..per_partition)
                 .map(|i| synthetic_pulse(d * per_partition + i, 0))
                 .collect();
-            w.add(&pulses, &prov).await.map_err(anyhow::Error::msg)?;
+            w.add(&pulses, &prov).await?;
             w.flush().await?;
         }
         let el = t.elapsed().as_secs_f64();
@@ -528,4 +528,14 @@ pub async fn s3(
         bytes as f64 / 1e6
     );
     Ok(())
+}
+
+/// Ingest options of the benchmarks: default caps, a generous timeout, never blocked by a
+/// release already in the lake.
+fn bench_ingest(timeout_secs: u64) -> threatlake::attack::IngestOptions {
+    threatlake::attack::IngestOptions {
+        timeout: Duration::from_secs(timeout_secs),
+        force: true,
+        ..Default::default()
+    }
 }

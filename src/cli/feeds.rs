@@ -77,6 +77,13 @@ pub async fn ingest_otx(settings: &Settings) -> Result<otx::OtxReport> {
         r.since.as_deref().unwrap_or("(first run)"),
         r.watermark.as_deref().unwrap_or("-")
     );
+    if r.rejected > 0 {
+        eprintln!(
+            "OTX: {} pulse(s) rejected for fields of the wrong type and not stored (the raw pages are kept), e.g. {}",
+            r.rejected,
+            r.rejections.join("; ")
+        );
+    }
     Ok(r)
 }
 

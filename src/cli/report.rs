@@ -43,6 +43,7 @@ pub async fn report(
     let engine = Engine::open_with(&lake, &options).await?;
     let domain = settings.mapping.domain.as_str();
     let version = current_version(&engine, domain).await?;
+    let platforms = domain_platforms(&engine, domain).await?;
     let templates = reports::html::Templates::load(Path::new(&settings.reports.templates))?;
     let ctx = reports::Context {
         domain,
@@ -51,6 +52,7 @@ pub async fn report(
         since: since_at.map(|s| s.format("%Y-%m-%d %H:%M UTC").to_string()),
         templates: &templates,
         formats: &formats,
+        platforms: &platforms,
     };
     let bar = indicatif::ProgressBar::new(defs.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {elapsed}")
@@ -208,6 +210,26 @@ pub async fn chart(settings: &Settings, a: ChartArgs) -> Result<()> {
         img.size.1
     );
     Ok(())
+}
+
+/// The platforms of `domain`'s current techniques, sorted (filtered here, not spliced into SQL).
+async fn domain_platforms(engine: &Engine, domain: &str) -> Result<Vec<String>> {
+    let r = engine
+        .run("SELECT DISTINCT domain, unnest(platforms) AS p FROM attack_techniques_current ORDER BY 2")
+        .await?;
+    let mut out = Vec::new();
+    for b in &r[0].batches {
+        let d = threatlake::feeds::column_strings(b, 0);
+        let p = threatlake::feeds::column_strings(b, 1);
+        for (d, p) in d.into_iter().zip(p) {
+            if let (Some(d), Some(p)) = (d, p) {
+                if d == domain && !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 async fn current_version(engine: &Engine, domain: &str) -> Result<String> {

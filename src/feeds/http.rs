@@ -1,5 +1,6 @@
-//! HTTP for feeds: API key in a header (never in URLs or messages), a token-bucket throttle, retries
-//! with `Retry-After` for 429 and exponential backoff for 5xx/timeouts, and a request counter for
+//! HTTP for feeds: API key in a header (never in URLs or messages, never sent outside the configured
+//! base URL, redirects included), a token-bucket throttle, retries with `Retry-After` for 429 and
+//! jittered exponential backoff for 5xx/timeouts, a cap on body size, and a request counter for
 //! daily budgets.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,6 +24,8 @@ pub struct RetryPolicy {
     pub max_wait: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Largest response body accepted, in bytes (after decompression).
+    pub max_body: u64,
 }
 
 /// Outcome of a GET that reached the service.
@@ -105,7 +108,21 @@ impl FeedClient {
         if !base_url.path().ends_with('/') {
             base_url.set_path(&format!("{}/", base_url.path()));
         }
+        // reqwest strips `Authorization` and `Cookie` on a cross-host redirect but not our key
+        // headers, so a redirect is followed only when it stays under the base URL; any other is
+        // stopped and reported (the key never leaves for another host).
+        let allowed = base_url.clone();
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 10 {
+                attempt.error("more than 10 redirects")
+            } else if under(&allowed, attempt.url()) {
+                attempt.follow()
+            } else {
+                attempt.stop()
+            }
+        });
         let http = reqwest::Client::builder()
+            .redirect(redirects)
             .timeout(policy.timeout)
             .connect_timeout(policy.timeout)
             .user_agent(concat!("threatlake/", env!("CARGO_PKG_VERSION")))
@@ -138,10 +155,7 @@ impl FeedClient {
 
     /// True when `url` is under the configured base (same scheme, host, port and path prefix).
     pub fn is_under_base(&self, url: &Url) -> bool {
-        url.scheme() == self.base.scheme()
-            && url.host_str() == self.base.host_str()
-            && url.port_or_known_default() == self.base.port_or_known_default()
-            && url.path().starts_with(self.base.path())
+        under(&self.base, url)
     }
 
     /// Requests sent so far (every attempt counts: that is what the service bills).
@@ -165,11 +179,12 @@ impl FeedClient {
                 b.take().await;
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let backoff = self
-                .policy
-                .backoff
-                .saturating_mul(1 << (attempt - 1).min(10))
-                .min(self.policy.max_wait);
+            let backoff = jittered(
+                self.policy
+                    .backoff
+                    .saturating_mul(1 << (attempt - 1).min(10))
+                    .min(self.policy.max_wait),
+            );
             let resp = self
                 .http
                 .get(url.clone())
@@ -194,12 +209,25 @@ impl FeedClient {
             };
             let status = resp.status();
             match status.as_u16() {
-                200..=299 => match resp.bytes().await {
+                200..=299 => match self.read_body(url, resp).await? {
                     Ok(b) => return Ok(Fetched::Body(b)),
-                    Err(e) => {
-                        last = format!("reading the body: {}", without_url(&e));
-                    }
+                    Err(message) => last = message,
                 },
+                300..=399 => {
+                    // Only redirects away from the base stop here (the policy follows the others).
+                    let to = resp
+                        .headers()
+                        .get("location")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|l| resp.url().join(l).ok())
+                        .map_or_else(|| "(no Location)".to_string(), |u| u.to_string());
+                    return Err(FeedError::ForeignRedirect {
+                        service: self.service,
+                        url: url.to_string(),
+                        to,
+                        base: self.base.to_string(),
+                    });
+                }
                 404 => return Ok(Fetched::NotFound),
                 401 | 403 => {
                     return Err(FeedError::Auth {
@@ -214,8 +242,8 @@ impl FeedClient {
                         .headers()
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<f64>().ok())
-                        .map(|s| Duration::from_secs_f64(s.max(0.0)).min(self.policy.max_wait))
+                        .and_then(|v| retry_after(v, chrono::Utc::now()))
+                        .map(|d| d.min(self.policy.max_wait))
                         .unwrap_or(backoff);
                     last = "HTTP 429 Too Many Requests (quota)".to_string();
                     tracing::warn!(service = self.service, %url, attempt, ?wait, "rate limited");
@@ -250,6 +278,81 @@ impl FeedClient {
     }
 }
 
+impl FeedClient {
+    /// The body of a 2xx answer, at most `max_body` bytes. `Ok(Err(message))` is a transport
+    /// failure worth a retry; a body over the cap is an error at once (retrying would not shrink it).
+    async fn read_body(
+        &self,
+        url: &Url,
+        mut resp: reqwest::Response,
+    ) -> Result<Result<Bytes, String>, FeedError> {
+        let too_large = || FeedError::TooLarge {
+            service: self.service,
+            url: url.to_string(),
+            limit_mb: self.policy.max_body as f64 / 1_048_576.0,
+        };
+        if resp
+            .content_length()
+            .is_some_and(|n| n > self.policy.max_body)
+        {
+            return Err(too_large());
+        }
+        let mut body = bytes::BytesMut::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > self.policy.max_body {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(Ok(body.freeze())),
+                Err(e) if e.is_timeout() => {
+                    return Ok(Err(format!(
+                        "timed out after {:?} while reading the body ({} bytes received): the server sent it too slowly",
+                        self.policy.timeout,
+                        body.len()
+                    )))
+                }
+                Err(e) => {
+                    return Ok(Err(format!("reading the body: {}", without_url(&e))));
+                }
+            }
+        }
+    }
+}
+
+/// True when `url` is under `base` (same scheme, host, port and path prefix).
+fn under(base: &Url, url: &Url) -> bool {
+    url.scheme() == base.scheme()
+        && url.host_str() == base.host_str()
+        && url.port_or_known_default() == base.port_or_known_default()
+        && url.path().starts_with(base.path())
+}
+
+/// A `Retry-After` value: delay seconds or an HTTP date (RFC 9110 §10.2.3).
+fn retry_after(v: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return secs
+            .is_finite()
+            .then(|| Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    Some(
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Equal jitter: half the backoff plus a random share of the other half, so clients that failed
+/// together do not retry together.
+fn jittered(d: Duration) -> Duration {
+    use rand::Rng;
+    d / 2 + d.mul_f64(rand::thread_rng().gen_range(0.0..0.5))
+}
+
 /// reqwest errors print their URL; ours are already in the message, so drop it.
 fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
@@ -275,6 +378,7 @@ mod tests {
                 backoff: Duration::from_millis(1),
                 max_wait: Duration::from_millis(1),
                 timeout: Duration::from_secs(1),
+                max_body: 1 << 20,
             },
             None,
         )
@@ -305,5 +409,33 @@ mod tests {
         // 4 at once, then one every 15 s.
         let waited = t.elapsed().as_secs_f64();
         assert!((29.0..31.0).contains(&waited), "{waited}");
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        // A date in the past means "now".
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("NaN", now), None);
+    }
+
+    #[test]
+    fn jitter_stays_between_half_and_full() {
+        let d = Duration::from_secs(10);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(d)).collect();
+        assert!(waits.iter().all(|w| *w >= d / 2 && *w < d), "{waits:?}");
+        let first = waits[0];
+        assert!(waits.iter().any(|w| *w != first), "no jitter: {first:?}");
     }
 }

@@ -51,13 +51,21 @@ pub enum FeedError {
         message: String,
     },
     /// The body is not the JSON the API documents.
-    #[error("{service}: malformed response from {url}: {message}; the response was kept under the raw store for inspection, nothing from it was stored — re-run later")]
+    #[error("{service}: malformed response from {url}: {message}; the response was kept under the raw store for inspection, no row from it was stored (pages before it were) — re-run later")]
     Malformed {
         /// OTX or VirusTotal.
         service: &'static str,
         /// Request URL.
         url: String,
         /// Parser message.
+        message: String,
+    },
+    /// OTX paging does not end (a repeated or runaway `next` link).
+    #[error("OTX: stopped paging at {url}: {message}; the pages fetched before it were stored and the watermark was not moved — re-run later or report the feed")]
+    Paging {
+        /// The link that was not followed.
+        url: String,
+        /// What went wrong.
         message: String,
     },
     /// A paging link points somewhere else (the key would be sent to another host).
@@ -69,6 +77,28 @@ pub enum FeedError {
         url: String,
         /// The configured base.
         base: String,
+    },
+    /// The service redirected outside the configured base URL; not followed, so the key stayed here.
+    #[error("{service}: {url} redirected to {to}, which is not under the configured base URL {base}; the redirect was not followed and the API key was not sent there. If the service moved, set the base URL to its new address")]
+    ForeignRedirect {
+        /// OTX or VirusTotal.
+        service: &'static str,
+        /// The request.
+        url: String,
+        /// The redirect target.
+        to: String,
+        /// The configured base.
+        base: String,
+    },
+    /// A response body exceeded the configured cap.
+    #[error("{service}: the response from {url} is larger than {limit_mb} MB; nothing from it was stored. If it is genuine, raise http.max_body_mb in the feed's settings")]
+    TooLarge {
+        /// OTX or VirusTotal.
+        service: &'static str,
+        /// Request URL.
+        url: String,
+        /// The cap.
+        limit_mb: f64,
     },
     /// A local input file (IOC list, sample) is unreadable or malformed.
     #[error("{path}: {message}")]

@@ -25,6 +25,8 @@ pub const KEY_ENV: &str = "THREATLAKE_OTX_API_KEY";
 const FLUSH_PULSES: usize = 5_000;
 /// Hard stop for runaway paging.
 const MAX_PAGES: usize = 1_000_000;
+/// Consecutive empty pages that still link a next page before paging is taken to be runaway.
+const MAX_EMPTY_PAGES: usize = 3;
 
 /// Schema of [`PULSE_LOG`] (the `otx_data` view has the same columns).
 pub fn pulse_schema() -> SchemaRef {
@@ -127,8 +129,52 @@ pub struct Provenance {
 /// Parse one pulse object, current or old (2015) format. Errors say which field is wrong.
 pub fn parse_pulse(v: &Value, p: &Provenance) -> Result<(PulseRow, Vec<IndicatorRow>), String> {
     let o = v.as_object().ok_or("a pulse is not a JSON object")?;
-    let id = text(o.get("id")).ok_or("a pulse has no 'id'")?;
-    let modified = rfc3339(o.get("modified")).or_else(|| rfc3339(o.get("created")));
+    let id = match o.get("id") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => return Err("a pulse has no 'id' (a string)".into()),
+    };
+    let wrong = |field: &str, expected: &str| {
+        format!(
+            "pulse {id}: '{field}' is {}, expected {expected}",
+            describe(o.get(field))
+        )
+    };
+    let time = |field: &str| -> Result<Option<String>, String> {
+        match o.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+            Some(v @ Value::String(_)) => rfc3339(Some(v))
+                .map(Some)
+                .ok_or_else(|| wrong(field, "an ISO 8601 timestamp")),
+            Some(_) => Err(wrong(field, "an ISO 8601 timestamp string")),
+        }
+    };
+    let created = time("created")?;
+    let modified = time("modified")?.or_else(|| created.clone());
+    for field in ["name", "description", "author_name", "tlp", "adversary"] {
+        if !matches!(o.get(field), None | Some(Value::Null | Value::String(_))) {
+            return Err(wrong(field, "a string"));
+        }
+    }
+    for field in [
+        "tags",
+        "references",
+        "targeted_countries",
+        "industries",
+        "malware_families",
+        "attack_ids",
+        "indicators",
+    ] {
+        if !matches!(o.get(field), None | Some(Value::Null | Value::Array(_))) {
+            return Err(wrong(field, "an array"));
+        }
+    }
+    let revision = match o.get("revision") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64(),
+        Some(_) => return Err(wrong("revision", "an integer")),
+    };
     let attack_ids: Vec<String> = o
         .get("attack_ids")
         .and_then(Value::as_array)
@@ -186,9 +232,9 @@ pub fn parse_pulse(v: &Value, p: &Provenance) -> Result<(PulseRow, Vec<Indicator
                 .and_then(Value::as_str)
                 .map(str::to_string)
         }),
-        created: rfc3339(o.get("created")),
+        created,
         modified,
-        revision: o.get("revision").and_then(|r| r.as_f64()).map(|r| r as i64),
+        revision,
         tlp: text(o.get("tlp")).or_else(|| text(o.get("TLP"))),
         tags: string_list(o.get("tags")),
         reference_urls: string_list(o.get("references")),
@@ -203,6 +249,22 @@ pub fn parse_pulse(v: &Value, p: &Provenance) -> Result<(PulseRow, Vec<Indicator
         ingested_at: p.ingested_at.clone(),
     };
     Ok((pulse, rows))
+}
+
+/// A JSON value's kind and (short) content for rejection messages.
+fn describe(v: Option<&Value>) -> String {
+    match v {
+        None => "absent".into(),
+        Some(Value::String(s)) => {
+            let short: String = s.chars().take(40).collect();
+            format!("the string {short:?}")
+        }
+        Some(Value::Number(n)) => format!("the number {n}"),
+        Some(Value::Bool(b)) => format!("the boolean {b}"),
+        Some(Value::Array(_)) => "an array".into(),
+        Some(Value::Object(_)) => "an object".into(),
+        Some(Value::Null) => "null".into(),
+    }
 }
 
 /// A page of `/api/v1/pulses/subscribed`: its pulses and the `next` link. A bare array of pulses
@@ -236,6 +298,10 @@ pub struct OtxReport {
     pub unchanged: usize,
     /// Indicators stored.
     pub indicators: usize,
+    /// Pulses rejected for fields of the wrong type (logged; not stored).
+    pub rejected: usize,
+    /// The first rejection reasons.
+    pub rejections: Vec<String>,
     /// `modified_since` used.
     pub since: Option<String>,
     /// Watermark after the run.
@@ -284,11 +350,21 @@ impl<'a> OtxWriter<'a> {
         }
     }
 
-    /// Parse and buffer a page's pulses; flushes when the buffer is large.
-    pub async fn add(&mut self, pulses: &[Value], p: &Provenance) -> Result<(), String> {
+    /// Parse and buffer a page's pulses; flushes when the buffer is large. A pulse with fields of
+    /// the wrong type is rejected (counted and logged with its reason), not coerced.
+    pub async fn add(&mut self, pulses: &[Value], p: &Provenance) -> Result<(), FeedError> {
         let mut parsed = Vec::with_capacity(pulses.len());
         for v in pulses {
-            parsed.push(parse_pulse(v, p)?);
+            match parse_pulse(v, p) {
+                Ok(x) => parsed.push(x),
+                Err(reason) => {
+                    tracing::warn!(raw = %p.raw_ref, "OTX pulse rejected: {reason}");
+                    self.report.rejected += 1;
+                    if self.report.rejections.len() < 10 {
+                        self.report.rejections.push(reason);
+                    }
+                }
+            }
         }
         for (pulse, inds) in parsed {
             let key = (pulse.pulse_id.clone(), pulse.modified.clone());
@@ -309,7 +385,7 @@ impl<'a> OtxWriter<'a> {
             self.indicators.extend(inds);
         }
         if self.pulses.len() >= FLUSH_PULSES {
-            self.flush().await.map_err(|e| e.to_string())?;
+            self.flush().await?;
         }
         Ok(())
     }
@@ -404,13 +480,22 @@ pub async fn ingest(
     // Pages are pulled inside this block so that, whatever fails, the pages before it are written.
     let pulled: Result<(), FeedError> = async {
         let mut page = 0usize;
+        let mut visited: HashSet<String> = HashSet::new();
+        let mut empty_pages = 0usize;
         loop {
+            if !visited.insert(url.to_string()) {
+                return Err(FeedError::Paging {
+                    url: url.to_string(),
+                    message: format!(
+                        "the 'next' link of page {page} repeats a page already fetched (a paging loop)"
+                    ),
+                });
+            }
             page += 1;
             if page > MAX_PAGES {
-                return Err(FeedError::Malformed {
-                    service: "OTX",
+                return Err(FeedError::Paging {
                     url: url.to_string(),
-                    message: format!("more than {MAX_PAGES} pages; the 'next' links loop"),
+                    message: format!("more than {MAX_PAGES} pages"),
                 });
             }
             let body = match client.get(&url).await? {
@@ -439,7 +524,16 @@ pub async fn ingest(
                 raw_ref: raw_ref.clone(),
                 ingested_at: super::fixed(now),
             };
-            w.add(&pulses, &prov).await.map_err(malformed)?;
+            empty_pages = if pulses.is_empty() { empty_pages + 1 } else { 0 };
+            if empty_pages >= MAX_EMPTY_PAGES && next.as_deref().is_some_and(|n| !n.is_empty()) {
+                return Err(FeedError::Paging {
+                    url: url.to_string(),
+                    message: format!(
+                        "{MAX_EMPTY_PAGES} pages in a row had no pulses but a 'next' link"
+                    ),
+                });
+            }
+            w.add(&pulses, &prov).await?;
             w.report.pages = page;
             progress(&format!(
                 "page {page}: {} new or revised pulse(s), {} indicator(s)",
@@ -534,5 +628,27 @@ mod tests {
         assert!(parse_page(br#"{"detail": "x"}"#)
             .unwrap_err()
             .contains("results"));
+    }
+
+    #[test]
+    fn fields_of_the_wrong_type_reject_the_pulse() {
+        let cases = [
+            ("modified", serde_json::json!(12345)),
+            ("created", serde_json::json!("yesterday")),
+            ("revision", serde_json::json!("3")),
+            ("revision", serde_json::json!(2.7)),
+            ("tags", serde_json::json!("a,b")),
+            ("name", serde_json::json!({"x": 1})),
+            ("indicators", serde_json::json!({"indicator": "1.2.3.4"})),
+        ];
+        for (field, bad) in cases {
+            let mut v = serde_json::json!({"id": "p1", "name": "n", "modified": "2023-08-22T09:43:18.855000"});
+            v[field] = bad.clone();
+            let e = parse_pulse(&v, &prov()).unwrap_err();
+            assert!(e.contains(field) && e.contains("p1"), "{field}={bad}: {e}");
+        }
+        let ok = serde_json::json!({"id": "p1", "modified": null, "created": "", "revision": 3, "tags": null});
+        let (row, _) = parse_pulse(&ok, &prov()).unwrap();
+        assert_eq!((row.modified, row.revision), (None, Some(3)));
     }
 }

@@ -65,7 +65,7 @@ pub async fn load(lake: &Lake, raw: &Location, dir: &Path) -> Result<SampleRepor
             raw_ref,
             ingested_at: fixed(now),
         };
-        w.add(&pulses, &prov).await.map_err(bad)?;
+        w.add(&pulses, &prov).await?;
         report.otx_files += 1;
     }
     w.flush().await?;

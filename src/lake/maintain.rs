@@ -45,7 +45,7 @@ pub struct SyncReport {
     pub copied: usize,
     /// Bytes copied.
     pub bytes: u64,
-    /// Objects already present with the same size.
+    /// Objects already present with the same size and not modified since.
     pub unchanged: usize,
     /// Objects deleted at the destination (gone from the source's tables).
     pub deleted: usize,
@@ -64,7 +64,8 @@ async fn inventory(loc: &Location) -> Result<BTreeMap<String, ObjectMeta>, LakeE
         .collect())
 }
 
-/// Copy `from` to `to`: every object missing at the destination or of a different size is copied
+/// Copy `from` to `to`: every object missing at the destination, of a different size or modified
+/// at the source after the destination's copy was written is copied
 /// (each one atomically), then Parquet files that the source's tables no longer have are deleted at
 /// the destination, so both sides answer queries the same. Objects outside the source's top-level
 /// folders are left alone. The destination's writer locks are held throughout.
@@ -109,7 +110,10 @@ async fn sync_locked(
     let todo: Vec<(&String, &ObjectMeta)> = src
         .iter()
         .filter(|(rel, o)| match dst.get(*rel) {
-            Some(d) if d.size == o.size => {
+            // Equal size is not enough: feed state and version rows are rewritten at the same
+            // size. A copy is newer than its source, so a source modified after it is changed.
+            // (ETags cannot be compared across stores: S3's are MD5s, the file system's are not.)
+            Some(d) if d.size == o.size && d.last_modified >= o.last_modified => {
                 report.unchanged += 1;
                 false
             }
@@ -345,6 +349,7 @@ async fn recover(loc: &Location) -> Result<usize, LakeError> {
 mod tests {
     use super::*;
     use arrow::array::Int64Array;
+    use bytes::Bytes;
     use arrow::datatypes::{DataType, Field, Schema};
     use std::sync::Arc;
 
@@ -377,6 +382,32 @@ mod tests {
         }
         vals.sort();
         (files, vals)
+    }
+
+    #[tokio::test]
+    async fn sync_copies_changes_of_equal_size() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = Location::open(a.path().to_str().unwrap()).unwrap();
+        let to = Location::open(b.path().to_str().unwrap()).unwrap();
+        let ttl = std::time::Duration::from_secs(60);
+        from.put_atomic("feed_state/otx.json", Bytes::from_static(b"{\"w\":\"2024-01-01\"}"))
+            .await
+            .unwrap();
+        let r = sync(&from, &to, false, ttl).await.unwrap();
+        assert_eq!((r.copied, r.unchanged), (1, 0));
+        let r = sync(&from, &to, false, ttl).await.unwrap();
+        assert_eq!((r.copied, r.unchanged), (0, 1));
+        // The same size, new content (fixed-width state): copied, not skipped.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        from.put_atomic("feed_state/otx.json", Bytes::from_static(b"{\"w\":\"2024-02-02\"}"))
+            .await
+            .unwrap();
+        let r = sync(&from, &to, false, ttl).await.unwrap();
+        assert_eq!((r.copied, r.unchanged), (1, 0));
+        assert_eq!(
+            to.get_opt("feed_state/otx.json").await.unwrap().unwrap(),
+            Bytes::from_static(b"{\"w\":\"2024-02-02\"}")
+        );
     }
 
     #[tokio::test]

@@ -333,6 +333,8 @@ pub struct Context<'a> {
     pub templates: &'a html::Templates,
     /// Formats written in this run (for cross-links).
     pub formats: &'a [Format],
+    /// The domain's platforms in its current release (Navigator layer filters).
+    pub platforms: &'a [String],
 }
 
 /// Rows shown in HTML pages and PDFs (the CSV and JSON outputs hold all).
@@ -409,7 +411,7 @@ pub fn write(
             buf
         }
         Format::Navigator => {
-            let layer = navigator::layer(&built.data, ctx.domain, ctx.attack_version)?;
+            let layer = navigator::layer(&built.data, ctx.domain, ctx.attack_version, ctx.platforms)?;
             let mut v = serde_json::to_vec_pretty(&layer).expect("layer serialises");
             v.push(b'\n');
             v

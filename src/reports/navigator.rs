@@ -30,7 +30,14 @@ pub fn is_technique_id(s: &str) -> bool {
 
 /// The layer: one entry per (technique, tactic) row, scores summed when a technique repeats, ids that
 /// are not ATT&CK technique ids dropped.
-pub fn layer(data: &Dataset, domain: &str, attack_version: &str) -> Result<Value, ReportError> {
+/// `platforms` are the domain's platforms: the layer's platform filter shows them all (an empty
+/// filter hides every technique in the Navigator, and MITRE's `mitreattack-python` rejects it).
+pub fn layer(
+    data: &Dataset,
+    domain: &str,
+    attack_version: &str,
+    platforms: &[String],
+) -> Result<Value, ReportError> {
     let idx = |n: &str| data.schema.index_of(n).ok();
     let tid = idx("technique_id").ok_or_else(|| ReportError::Navigator {
         name: data.def.name.clone(),
@@ -77,18 +84,20 @@ pub fn layer(data: &Dataset, domain: &str, attack_version: &str) -> Result<Value
         })
         .collect();
     let major = attack_version.split('.').next().unwrap_or(attack_version);
-    Ok(json!({
+    // The gradient's bounds are integers in the Navigator's own tooling (mitreattack-python
+    // rejects 2.5); scores keep their decimals.
+    let max_value = (max.ceil() as i64).max(1);
+    let mut layer = json!({
         "name": data.def.title,
         "versions": {"attack": major, "navigator": "5.1.0", "layer": "4.5"},
         "domain": format!("{domain}-attack"),
         "description": data.def.description,
-        "filters": {"platforms": []},
         "sorting": 3,
         "layout": {"layout": "side", "aggregateFunction": "average", "showID": true, "showName": true,
                    "showAggregateScores": false, "countUnscored": false, "expandedSubtechniques": "annotated"},
         "hideDisabled": false,
         "techniques": techniques,
-        "gradient": {"colors": ["#ffffffff", "#ffb366ff", "#e60d0dff"], "minValue": 0, "maxValue": if max > 0.0 { max } else { 1.0 }},
+        "gradient": {"colors": ["#ffffffff", "#ffb366ff", "#e60d0dff"], "minValue": 0, "maxValue": max_value},
         "legendItems": [
             {"label": "no evidence", "color": "#ffffffff"},
             {"label": format!("strongest ({max:.3})"), "color": "#e60d0dff"}
@@ -100,7 +109,11 @@ pub fn layer(data: &Dataset, domain: &str, attack_version: &str) -> Result<Value
         "selectTechniquesAcrossTactics": true,
         "selectSubtechniquesWithParent": false,
         "selectVisibleTechniques": false
-    }))
+    });
+    if !platforms.is_empty() {
+        layer["filters"] = json!({ "platforms": platforms });
+    }
+    Ok(layer)
 }
 
 #[cfg(test)]

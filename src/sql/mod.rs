@@ -77,6 +77,20 @@ pub enum SqlError {
     /// not chained as a source, since DataFusion's message already includes its causes).
     #[error("{0}")]
     DataFusion(Box<DataFusionError>),
+    /// A statement that would write: lake tables change only through threatlake's commit path.
+    #[error("{what} is not allowed: SQL here is read-only, because lake tables change only through threatlake's own commit path (`threatlake ingest …`, `run`, `map-intel`, `lake compact`). To save a result, use `threatlake sql --format csv|json -c \"SELECT …\" > file` or `threatlake report`")]
+    ReadOnly {
+        /// The statement kind (INSERT, COPY, …).
+        what: String,
+    },
+    /// A statement nested beyond what is planned safely and quickly.
+    #[error("the statement nests {what} deeper than {limit} levels and was not run: split it, use IN (…) instead of long OR chains, or UNION a table of values instead of many SELECTs")]
+    TooDeep {
+        /// What is nested (expressions, set operations).
+        what: &'static str,
+        /// The limit.
+        limit: usize,
+    },
     /// A shipped view failed to create; a bug, or a lake written by an incompatible version.
     #[error("creating view {name} from sql/views/{name}.sql: {source}")]
     View {
@@ -239,10 +253,11 @@ impl Engine {
         Ok(out)
     }
 
-    /// Run one parsed statement.
+    /// Run one parsed statement. Statements that write (INSERT, UPDATE, DELETE, COPY) are refused.
     pub async fn run_statement(&self, stmt: Statement) -> Result<QueryResult, SqlError> {
         let state = self.ctx.state();
         let plan = state.statement_to_plan(stmt).await?;
+        refuse_writes(&plan)?;
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
@@ -299,9 +314,120 @@ impl QueryResult {
     }
 }
 
-/// Split SQL text into statements (DataFusion's parser, so `;` inside strings is handled).
+/// Deepest expression or set-operation nesting a statement may have. DataFusion plans deep trees in
+/// time quadratic in their depth (3,000 terms: 9 s) and recursively; 1,000 plans in about a second.
+pub const MAX_SQL_DEPTH: usize = 1_000;
+
+/// Stack for parsing, checking and dropping one SQL text: a 20,000-term chain nests that deep, and
+/// both the checks and dropping the tree recurse. Grown on the heap only when needed (`stacker`).
+const PARSE_STACK: usize = 512 << 20;
+
+/// Split SQL text into statements (DataFusion's parser, so `;` inside strings is handled). A
+/// statement nested deeper than [`MAX_SQL_DEPTH`] is refused here, before planning.
 pub fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
-    Ok(DFParser::parse_sql(sql)?.into_iter().collect())
+    stacker::grow(PARSE_STACK, || {
+        let stmts: Vec<Statement> = DFParser::parse_sql(sql)?.into_iter().collect();
+        for stmt in &stmts {
+            check_depth(stmt)?;
+        }
+        Ok(stmts)
+    })
+}
+
+/// Refuse [`MAX_SQL_DEPTH`]-deep statements (see there).
+fn check_depth(stmt: &Statement) -> Result<(), SqlError> {
+    use datafusion::sql::sqlparser::ast::{Expr, Query, SetExpr, Visit, Visitor};
+    use std::ops::ControlFlow;
+
+    struct Depth {
+        now: usize,
+    }
+    impl Depth {
+        fn enter(&mut self, what: &'static str, levels: usize) -> ControlFlow<SqlError> {
+            self.now += levels;
+            if self.now > MAX_SQL_DEPTH {
+                return ControlFlow::Break(SqlError::TooDeep {
+                    what,
+                    limit: MAX_SQL_DEPTH,
+                });
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    impl Visitor for Depth {
+        type Break = SqlError;
+        fn pre_visit_expr(&mut self, _: &Expr) -> ControlFlow<SqlError> {
+            self.enter("expressions", 1)
+        }
+        fn post_visit_expr(&mut self, _: &Expr) -> ControlFlow<SqlError> {
+            self.now -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<SqlError> {
+            // UNION/INTERSECT/EXCEPT chains nest SetExprs, which have no visitor hook: measure the
+            // chain here, without recursion, before the visitor descends into it.
+            let mut deepest = 1;
+            let mut stack: Vec<(&SetExpr, usize)> = vec![(&q.body, 1)];
+            while let Some((e, d)) = stack.pop() {
+                deepest = deepest.max(d);
+                if d > MAX_SQL_DEPTH {
+                    break;
+                }
+                if let SetExpr::SetOperation { left, right, .. } = e {
+                    stack.push((left, d + 1));
+                    stack.push((right, d + 1));
+                }
+            }
+            if deepest > MAX_SQL_DEPTH {
+                return ControlFlow::Break(SqlError::TooDeep {
+                    what: "set operations (UNION, INTERSECT, EXCEPT)",
+                    limit: MAX_SQL_DEPTH,
+                });
+            }
+            self.enter("subqueries and expressions", 1)
+        }
+        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<SqlError> {
+            self.now -= 1;
+            ControlFlow::Continue(())
+        }
+    }
+
+    let mut v = Depth { now: 0 };
+    let flow = match stmt {
+        Statement::Statement(s) => s.visit(&mut v),
+        Statement::Explain(e) => return check_depth(&e.statement),
+        Statement::CopyTo(c) => match &c.source {
+            datafusion::sql::parser::CopyToSource::Query(q) => q.visit(&mut v),
+            datafusion::sql::parser::CopyToSource::Relation(_) => ControlFlow::Continue(()),
+        },
+        _ => ControlFlow::Continue(()),
+    };
+    match flow {
+        ControlFlow::Break(e) => Err(e),
+        ControlFlow::Continue(()) => Ok(()),
+    }
+}
+
+/// Lake tables are written only by threatlake's commit path (staging, locks, versions rows), so
+/// plans that write are refused whatever their target: INSERT/UPDATE/DELETE would add files to the
+/// lake unlocked, COPY … TO writes anywhere on disk or in the bucket.
+fn refuse_writes(plan: &datafusion::logical_expr::LogicalPlan) -> Result<(), SqlError> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::LogicalPlan;
+    let mut what = None;
+    // Walks EXPLAIN [ANALYZE] inputs too: EXPLAIN ANALYZE INSERT would run the insert.
+    plan.apply(|p| {
+        what = match p {
+            LogicalPlan::Dml(d) => Some(d.op.to_string()),
+            LogicalPlan::Copy(_) => Some("COPY … TO".to_string()),
+            _ => return Ok(TreeNodeRecursion::Continue),
+        };
+        Ok(TreeNodeRecursion::Stop)
+    })?;
+    match what {
+        Some(what) => Err(SqlError::ReadOnly { what }),
+        None => Ok(()),
+    }
 }
 
 /// Tables with a fixed schema: ATT&CK and feed tables. They are registered even when the lake has no

@@ -96,6 +96,11 @@ pub fn write(
     batches: &[RecordBatch],
     max_rows: usize,
 ) -> Result<(), OutputError> {
+    // A statement without a result set (CREATE VIEW, CREATE EXTERNAL TABLE, SET) prints nothing in
+    // the data formats, so a script can create a table and query it in one run.
+    if schema.fields().is_empty() && format != OutputFormat::Table {
+        return Ok(());
+    }
     match format {
         OutputFormat::Table => write_table(out, schema, batches, max_rows),
         OutputFormat::Csv => write_delimited(out, schema, batches, b','),
@@ -294,7 +299,9 @@ fn flatten_batch(
 
 /// Prefix a cell that a spreadsheet would evaluate (`= + - @`, tab, CR) with `'` (OWASP CSV injection).
 pub fn neutralise_formula(s: &str) -> String {
-    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+    // Spreadsheets skip leading blanks before deciding that a cell is a formula (` =1+2` runs too).
+    let lead = s.trim_start_matches([' ', '\u{a0}', '\n']);
+    if lead.starts_with(['=', '+', '-', '@', '\t', '\r', '\u{ff1d}', '\u{ff0b}', '\u{ff0d}', '\u{ff20}']) {
         format!("'{s}")
     } else {
         s.to_string()
@@ -354,5 +361,31 @@ mod tests {
             .parse::<OutputFormat>()
             .unwrap_err()
             .contains("markdown"));
+    }
+
+    #[test]
+    fn formulas_behind_blanks_are_neutralised() {
+        for cell in [" =1+2", "  @SUM(A1)", "\u{a0}-2+3", "\n+1", "\u{ff1d}1+1"] {
+            assert!(neutralise_formula(cell).starts_with('\''), "{cell:?}");
+        }
+        for cell in ["a=1", "1+2", "", "   "] {
+            assert_eq!(neutralise_formula(cell), cell);
+        }
+    }
+
+    #[test]
+    fn statements_without_a_result_set_print_nothing_in_data_formats() {
+        let empty: SchemaRef = Arc::new(Schema::empty());
+        for f in [
+            OutputFormat::Csv,
+            OutputFormat::Tsv,
+            OutputFormat::Json,
+            OutputFormat::Ndjson,
+            OutputFormat::Markdown,
+        ] {
+            let mut out = Vec::new();
+            write(&mut out, f, &empty, &[], 0).unwrap();
+            assert!(out.is_empty(), "{f:?}: {}", String::from_utf8_lossy(&out));
+        }
     }
 }

@@ -40,14 +40,11 @@ pub async fn ingest(dir: &Path, domains: &[&str]) -> Lake {
     let raw = Location::open(dir.join("raw").to_str().unwrap()).unwrap();
     for d in domains {
         let src = bundle(d);
-        threatlake::attack::ingest(
-            &lake,
-            &raw,
-            src.to_str().unwrap(),
-            None,
-            None,
-            Duration::from_secs(60),
-        )
+        let options = threatlake::attack::IngestOptions {
+            timeout: Duration::from_secs(60),
+            ..Default::default()
+        };
+        threatlake::attack::ingest(&lake, &raw, src.to_str().unwrap(), &options)
         .await
         .unwrap_or_else(|e| panic!("ingest {d}: {e}"));
     }

@@ -108,6 +108,65 @@ fn sql_file_and_format_command() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 row in"));
 }
 
+/// Hostile SQL nested thousands deep ends with a clear error instead of overflowing the stack (it
+/// aborted the process), while a deep but reasonable statement still runs.
+#[test]
+fn deep_sql_is_refused_not_a_crash() {
+    let dir = common::scratch("cli-deep-sql");
+    let terms = |n: usize, sep: &str, term: &str| vec![term; n].join(sep);
+    let cases = [
+        format!("SELECT {}", terms(5_000, "+", "1")),
+        format!("SELECT 1 WHERE {}", terms(20_000, " OR ", "1 = 2")),
+        terms(2_000, " UNION ALL ", "SELECT 1"),
+        format!("SELECT {}1{}", "(".repeat(3_000), ")".repeat(3_000)),
+    ];
+    for (i, q) in cases.iter().enumerate() {
+        let f = dir.join(format!("deep{i}.sql"));
+        std::fs::write(&f, q).unwrap();
+        let out = sql(&["--format", "csv", "-f", f.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "case {i}: {err}");
+        assert!(
+            err.contains("deeper than 1000 levels") || err.contains("recursion limit"),
+            "case {i}: {err}"
+        );
+    }
+    let ok = format!("SELECT {} AS n", terms(900, "+", "1"));
+    let out = sql(&["--format", "csv", "-c", &ok]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "n\n900\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `CREATE EXTERNAL TABLE` / `CREATE VIEW` in a data format print nothing, so one batch run can
+/// create a table and query it.
+#[test]
+fn ddl_then_query_in_one_batch_run() {
+    let dir = common::scratch("cli-ddl");
+    let csv = dir.join("iocs.csv");
+    std::fs::write(&csv, "ioc,kind\nevil.example,domain\n1.2.3.4,ip\n").unwrap();
+    for format in ["csv", "tsv", "json", "ndjson", "markdown"] {
+        let script = format!(
+            "CREATE EXTERNAL TABLE iocs STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true'); \
+             CREATE VIEW ips AS SELECT ioc FROM iocs WHERE kind = 'ip'; SELECT ioc FROM ips",
+            csv.display()
+        );
+        let out = sql(&["--format", format, "-c", &script]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("1.2.3.4") && !text.contains("evil"), "{format}: {text}");
+    }
+}
+
 #[test]
 fn closed_pipe_is_not_an_error() {
     use std::io::Read;

@@ -18,6 +18,7 @@ struct Reply {
     status: u16,
     body: Vec<u8>,
     retry_after: Option<&'static str>,
+    location: Option<String>,
     delay: Duration,
 }
 
@@ -30,7 +31,14 @@ impl Reply {
             status,
             body,
             retry_after: None,
+            location: None,
             delay: Duration::ZERO,
+        }
+    }
+    fn redirect(to: &str) -> Self {
+        Reply {
+            location: Some(to.to_string()),
+            ..Self::raw(302, Vec::new())
         }
     }
 }
@@ -50,7 +58,12 @@ struct Fake {
 
 impl Fake {
     fn start(key_header: &'static str, handler: Box<Handler>) -> Self {
-        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1:0", key_header, handler)
+    }
+
+    /// [`Fake::start`] on another loopback address (another "host" for redirect tests).
+    fn start_on(addr: &str, key_header: &'static str, handler: Box<Handler>) -> Self {
+        let server = tiny_http::Server::http(addr).unwrap();
         let base = format!("http://{}", server.server_addr().to_ip().unwrap());
         let log: RequestLog = Arc::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -76,6 +89,11 @@ impl Fake {
                 if let Some(ra) = r.retry_after {
                     resp = resp.with_header(
                         tiny_http::Header::from_bytes(&b"Retry-After"[..], ra.as_bytes()).unwrap(),
+                    );
+                }
+                if let Some(to) = &r.location {
+                    resp = resp.with_header(
+                        tiny_http::Header::from_bytes(&b"Location"[..], to.as_bytes()).unwrap(),
                     );
                 }
                 let _ = req.respond(resp);
@@ -379,6 +397,171 @@ fn otx_retries_429_and_500_and_keeps_pages_before_a_bad_one() {
         "{err}"
     );
     assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n4\n");
+}
+
+/// A service that answers every request with a redirect to another host (127.0.0.2, which serves
+/// pulses to anyone): the key must not travel there and nothing it serves may be stored. A redirect
+/// within the base URL is still followed, with the key.
+#[test]
+fn redirects_off_the_base_url_never_carry_the_api_keys() {
+    let dir = common::scratch("redirect");
+    let pulse = sample_pulses().remove(0);
+    let elsewhere = Fake::start_on(
+        "127.0.0.2:0",
+        "X-OTX-API-KEY",
+        Box::new(move |_, _, _| {
+            Reply::json(&json!({"count": 1, "results": [pulse.clone()], "next": null}))
+        }),
+    );
+    let elsewhere_vt = Fake::start_on(
+        "127.0.0.2:0",
+        "x-apikey",
+        Box::new(|url, _, _| vt_routes(url, Some(VT_KEY))),
+    );
+    let (to_otx, to_vt) = (elsewhere.base.clone(), elsewhere_vt.base.clone());
+    let otx = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(move |url, _, _| Reply::redirect(&format!("{to_otx}{url}"))),
+    );
+    let vt = Fake::start(
+        "x-apikey",
+        Box::new(move |url, _, _| Reply::redirect(&format!("{to_vt}{url}"))),
+    );
+
+    let (ok, out, err) = run(otx_cmd(&dir, &otx.base).args(["ingest", "otx"]));
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("redirected to") && err.contains("127.0.0.2") && err.contains("not sent"),
+        "{err}"
+    );
+    let (_, out, err) = run(vt_cmd(&dir, &vt.base, 10).args(["ingest", "vt", "github.com"]));
+    assert!(
+        err.contains("redirected to") || out.contains("redirected to"),
+        "VirusTotal redirect not reported: {out} {err}"
+    );
+    assert!(
+        elsewhere.requests().is_empty() && elsewhere_vt.requests().is_empty(),
+        "the other host was contacted: {:?} {:?}",
+        elsewhere.requests(),
+        elsewhere_vt.requests()
+    );
+    assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n0\n");
+    assert_eq!(
+        sql(&dir, "SELECT count(*) AS n FROM virustotal_data WHERE found"),
+        "n\n0\n"
+    );
+
+    // A redirect that stays under the base URL (an API moving a path) is followed with the key.
+    let pulses = sample_pulses();
+    let base_cell: Arc<Mutex<String>> = Arc::default();
+    let b2 = base_cell.clone();
+    let moved = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(move |url, key, _| match url.strip_prefix("/api/v1/") {
+            Some(rest) => Reply::redirect(&format!("/moved/{rest}")),
+            None => otx_page(
+                &b2.lock().unwrap(),
+                &url.replacen("/moved/", "/api/v1/", 1),
+                key,
+                &pulses,
+            ),
+        }),
+    );
+    *base_cell.lock().unwrap() = moved.base.clone();
+    let (ok, out, err) = run(otx_cmd(&dir, &moved.base).args(["ingest", "otx"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("6 new or revised pulse(s)"), "{out}");
+    assert!(moved
+        .requests()
+        .iter()
+        .all(|(_, k)| k.as_deref() == Some(KEY)));
+}
+
+/// A body over `http.max_body_mb` is refused without being buffered whole, and nothing is stored.
+#[test]
+fn oversized_feed_bodies_are_refused() {
+    let dir = common::scratch("otx-big");
+    let big = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(|_, _, _| {
+            let mut body = br#"{"count": 1, "next": null, "results": [{"id": ""#.to_vec();
+            body.extend(std::iter::repeat_n(b'a', 3 << 20));
+            body.extend(br#""}]}"#);
+            Reply::raw(200, body)
+        }),
+    );
+    let (ok, _, err) = run(otx_cmd(&dir, &big.base)
+        .env(
+            "THREATLAKE_OTX_HTTP",
+            "{timeout_secs: 5, attempts: 1, backoff_secs: 0.05, max_wait_secs: 1, max_body_mb: 1}",
+        )
+        .args(["ingest", "otx"]));
+    assert!(!ok);
+    assert!(
+        err.contains("larger than 1 MB") && err.contains("max_body_mb"),
+        "{err}"
+    );
+    assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n0\n");
+}
+
+/// A `next` link that points back at a page already fetched ends paging at once with a clear
+/// error; the pulses of the pages before are stored, and a pulse with a wrongly typed field is
+/// rejected (counted) instead of being stored with a coerced value.
+#[test]
+fn otx_paging_loops_end_and_bad_pulses_are_rejected() {
+    let dir = common::scratch("otx-loop");
+    let mut pulses = sample_pulses();
+    pulses.truncate(2);
+    let mut bad = pulses[0].clone();
+    bad["id"] = json!("bad0000000000000000000001");
+    bad["modified"] = json!(12345);
+    pulses.push(bad);
+    let base_cell: Arc<Mutex<String>> = Arc::default();
+    let b2 = base_cell.clone();
+    let served = pulses.clone();
+    let fake = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(move |url, key, n| {
+            if key != Some(KEY) {
+                return Reply::raw(403, b"{}".to_vec());
+            }
+            // Page 1 links page 2; page 2 links itself.
+            let base = b2.lock().unwrap().clone();
+            let (results, next) = match n {
+                0 => (json!(served), format!("{base}/api/v1/pulses/subscribed?page=2")),
+                _ => (json!([]), format!("{base}{url}")),
+            };
+            Reply::json(&json!({"count": 3, "results": results, "next": next}))
+        }),
+    );
+    *base_cell.lock().unwrap() = fake.base.clone();
+    let (ok, _, err) = run(otx_cmd(&dir, &fake.base).args(["ingest", "otx"]));
+    assert!(!ok);
+    assert!(
+        err.contains("stopped paging") && err.contains("repeats a page"),
+        "{err}"
+    );
+    assert_eq!(fake.requests().len(), 2, "{:?}", fake.requests());
+    assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n2\n");
+    drop(fake);
+
+    // The same pulses from a well-behaved server: the good ones are unchanged, the bad one is
+    // rejected with its reason and never stored.
+    let fake = otx_fake(Arc::new(Mutex::new(pulses)));
+    let (ok, out, err) = run(otx_cmd(&dir, &fake.base).args(["ingest", "otx"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("2 unchanged"), "{out}");
+    assert!(
+        err.contains("1 pulse(s) rejected") && err.contains("'modified' is the number 12345"),
+        "{err}"
+    );
+    assert_eq!(
+        sql(
+            &dir,
+            "SELECT count(*) AS n FROM otx_pulse_log WHERE pulse_id = 'bad0000000000000000000001'"
+        ),
+        "n\n0\n"
+    );
 }
 
 fn vt_routes(url: &str, key: Option<&str>) -> Reply {

@@ -87,16 +87,13 @@ async fn second_version_lands_beside_and_current_views_pick_the_newest() {
     let v9 = dir.join("ics-9.0.json");
     relabelled_ics(&v9, "9.0", "Renamed In 9");
     for p in [&v19, &v9] {
-        threatlake::attack::ingest(
-            &lake,
-            &raw,
-            p.to_str().unwrap(),
-            None,
-            None,
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+        let options = threatlake::attack::IngestOptions {
+            timeout: Duration::from_secs(30),
+            ..Default::default()
+        };
+        threatlake::attack::ingest(&lake, &raw, p.to_str().unwrap(), &options)
+            .await
+            .unwrap();
     }
     let e = Engine::open(&lake).await.unwrap();
     assert_eq!(
@@ -338,4 +335,118 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
             path.display()
         );
     }
+
+    // Bundles that would be accepted silently before: caps (a gzip bomb under a 1 MB cap, an object
+    // flood), duplicate ids, no ATT&CK ids, a subset replacing the release, a signed version.
+    let ics = ics_json();
+    let bomb = bad.join("bomb.json.gz");
+    {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(br#"{"type": "bundle", "objects": [], "pad": ""#).unwrap();
+        gz.write_all(&vec![b' '; 4 << 20]).unwrap();
+        gz.write_all(br#""}"#).unwrap();
+        std::fs::write(&bomb, gz.finish().unwrap()).unwrap();
+    }
+    let dup = bad.join("duplicate-ids.json");
+    let mut v = ics.clone();
+    let first = v["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["type"] == "attack-pattern")
+        .unwrap()
+        .clone();
+    v["objects"].as_array_mut().unwrap().push(first);
+    std::fs::write(&dup, serde_json::to_vec(&v).unwrap()).unwrap();
+    let no_ids = bad.join("no-attack-ids.json");
+    let mut v = ics.clone();
+    for o in v["objects"].as_array_mut().unwrap() {
+        o["external_references"] = serde_json::json!([]);
+    }
+    std::fs::write(&no_ids, serde_json::to_vec(&v).unwrap()).unwrap();
+    let subset = bad.join("subset.json");
+    let mut v = ics.clone();
+    let mut kept = 0;
+    v["objects"].as_array_mut().unwrap().retain(|o| {
+        kept += usize::from(o["type"] == "attack-pattern");
+        o["type"] != "attack-pattern" || kept <= 10
+    });
+    std::fs::write(&subset, serde_json::to_vec(&v).unwrap()).unwrap();
+    let ics_path = common::bundle("ics");
+    let cases: Vec<(&Path, Vec<(&str, &str)>, Vec<&str>, Vec<&str>)> = vec![
+        (
+            &bomb,
+            vec![("THREATLAKE_ATTACK_MAX_BUNDLE_MB", "1")],
+            vec![],
+            vec!["decompressed, it is more than 1 MB", "attack.max_bundle_mb"],
+        ),
+        (
+            &ics_path,
+            vec![("THREATLAKE_ATTACK_MAX_OBJECTS", "100")],
+            vec![],
+            vec!["more than 100 STIX objects", "attack.max_objects"],
+        ),
+        (&dup, vec![], vec![], vec!["occurs more than once"]),
+        (&no_ids, vec![], vec![], vec!["no attack-pattern has"]),
+        (&subset, vec![], vec![], vec!["has 10 techniques", "--force"]),
+        (
+            &ics_path,
+            vec![],
+            vec!["--attack-version", "+18.1"],
+            vec!["\"+18.1\" is not of the form"],
+        ),
+    ];
+    for (path, env, args, needles) in cases {
+        let out = common::cli_on(&dir)
+            .envs(env)
+            .args(["ingest", "attack", "--from", path.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} should fail", path.display());
+        for n in needles {
+            assert!(err.contains(n), "{}: expected {n:?} in: {err}", path.display());
+        }
+        assert!(err.contains(path.to_str().unwrap()), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one clear message: {err}");
+        assert_eq!(before, common::listing(&dir), "lake changed after {}", path.display());
+    }
+    // --force takes the subset when it is what the user means.
+    let out = common::cli_on(&dir)
+        .args(["ingest", "attack", "--force", "--from", subset.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The ICS bundle as JSON.
+fn ics_json() -> serde_json::Value {
+    let gz = std::fs::read(common::bundle("ics")).unwrap();
+    let mut json = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut json).unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+/// Spellings of one release (`v19.0`, `19.00`, ` 19.0`) land in one partition, `19.0`, and
+/// `attack_versions_current` has one row per domain.
+#[test]
+fn version_spellings_are_normalised() {
+    let dir = common::scratch("version-spellings");
+    let ics = common::bundle("ics");
+    for v in ["v19.0", "19.00", " 19.0", "19"] {
+        let out = common::cli_on(&dir)
+            .args(["ingest", "attack", "--from", ics.to_str().unwrap(), "--attack-version", v])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(
+        common::sql(&dir, "SELECT DISTINCT attack_version FROM mitre_attack_versions"),
+        "attack_version\n19.0\n"
+    );
+    assert_eq!(
+        common::sql(&dir, "SELECT domain, attack_version FROM attack_versions_current"),
+        "domain,attack_version\nics,19.0\n"
+    );
 }

@@ -270,6 +270,29 @@ async fn golden_csv_json_and_navigator_outputs() {
     }
     assert_eq!(layer["versions"]["layer"], "4.5");
     assert_eq!(layer["domain"], "ics-attack");
+    // MITRE's own client (PyPI mitreattack-python) loads every layer, with a platform filter that
+    // hides nothing.
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        let p = e.path();
+        if !p.to_string_lossy().ends_with(".layer.json") {
+            continue;
+        }
+        let o = std::process::Command::new("python3")
+            .args(["-c", MITRE_LOAD_LAYER, p.to_str().unwrap()])
+            .output()
+            .expect("python3 with mitreattack-python (pip install mitreattack-python)");
+        let v: Value = serde_json::from_str(&read(&p)).unwrap();
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            v["techniques"].as_array().unwrap().len().to_string()
+        );
+    }
     let ids = common::sql(
         &dir,
         "SELECT technique_id FROM attack_techniques_current WHERE domain = 'ics'",
@@ -290,6 +313,22 @@ async fn golden_csv_json_and_navigator_outputs() {
         .unwrap();
     assert_eq!(freq["rows"], 7);
 }
+
+/// Loads a Navigator layer with mitreattack-python; prints its technique count. `from_file` reports
+/// problems by printing and leaving a string in place of the layer, so that is checked too.
+const MITRE_LOAD_LAYER: &str = r#"
+import sys
+from mitreattack.navlayers import Layer
+layer = Layer()
+layer.from_file(sys.argv[1])
+obj = layer.layer
+if isinstance(obj, str):
+    sys.exit("not loaded: " + obj)
+platforms = obj.filters.platforms if obj.filters else None
+if not platforms:
+    sys.exit("empty platform filter hides every technique")
+print(len(obj.techniques or []))
+"#;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn html_pdf_and_images_escape_and_render() {
