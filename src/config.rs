@@ -431,6 +431,15 @@ impl Settings {
         Self::load_with_env(explicit, std::env::vars())
     }
 
+    /// Settings from YAML text alone (no secrets file, no environment); `label` names the text in
+    /// errors.
+    pub fn from_yaml(text: &str, label: &str) -> Result<Settings, ConfigError> {
+        serde_yaml_ng::from_value(parse_yaml(text, label)?).map_err(|e| ConfigError::Invalid {
+            path: label.to_string(),
+            message: e.to_string(),
+        })
+    }
+
     /// [`Settings::load`] with the environment given explicitly (tests).
     pub fn load_with_env(
         explicit: Option<&Path>,

@@ -69,6 +69,9 @@ impl DuckEngine {
         ));
         duckdb_adapter::register(&con, &mapper)?;
         for sql in setup {
+            if sql.lines().all(|l| l.trim().is_empty() || l.starts_with("--")) {
+                continue;
+            }
             con.execute_batch(&sql).map_err(|source| DuckError::Setup {
                 sql: sql
                     .lines()

@@ -50,9 +50,44 @@ impl Kind {
     }
 }
 
-/// Classify and normalise an observable; None for anything VirusTotal cannot look up.
+/// Undo the defanging analysts apply when they share IOCs: `hxxp://`, `example[.]com`,
+/// `1.2.3[.]4`, `evil(.)com`, `[dot]`, `[:]`, `[://]`, `[@]`.
+pub fn refang(s: &str) -> String {
+    let mut out = s.trim().to_string();
+    for (from, to) in [
+        ("[://]", "://"),
+        ("[:]", ":"),
+        ("[.]", "."),
+        ("(.)", "."),
+        ("{.}", "."),
+        ("[dot]", "."),
+        ("(dot)", "."),
+        ("[@]", "@"),
+        ("[at]", "@"),
+    ] {
+        if out.contains(from) {
+            out = out.replace(from, to);
+        }
+    }
+    if let Some((scheme, rest)) = out.split_once("://") {
+        let fixed = match scheme.to_ascii_lowercase().as_str() {
+            "hxxp" | "hxp" => Some("http"),
+            "hxxps" | "hxps" => Some("https"),
+            "fxp" => Some("ftp"),
+            _ => None,
+        };
+        if let Some(f) = fixed {
+            out = format!("{f}://{rest}");
+        }
+    }
+    out
+}
+
+/// Classify and normalise an observable (refanged first); None for anything VirusTotal cannot look
+/// up.
 pub fn classify(s: &str) -> Option<(Kind, String)> {
-    let s = s.trim();
+    let refanged = refang(s);
+    let s = refanged.as_str();
     if s.is_empty() || s.len() > 2048 {
         return None;
     }
@@ -445,7 +480,7 @@ fn max_severity(a: Option<String>, b: Option<String>) -> Option<String> {
 }
 
 /// Observables from a file: one per line, or a CSV/JSON-lines whose first field / `observable` /
-/// `indicator` holds it. Blank lines and `#` comments are skipped; unusable lines are reported.
+/// `indicator` holds it; defanged ones (`hxxp://`, `example[.]com`) are refanged. Blank lines and `#` comments are skipped; unusable lines are reported.
 pub fn read_iocs(path: &str) -> Result<(Vec<String>, Vec<String>), FeedError> {
     let bytes = std::fs::read(path).map_err(|e| FeedError::Input {
         path: path.to_string(),
@@ -458,6 +493,12 @@ pub fn read_iocs(path: &str) -> Result<(Vec<String>, Vec<String>), FeedError> {
             e.utf8_error().valid_up_to()
         ),
     })?;
+    Ok(parse_iocs(&text))
+}
+
+/// The observables of an IOC list's text (see [`read_iocs`]): usable ones normalised, and the
+/// unusable lines (shortened) for the report.
+pub fn parse_iocs(text: &str) -> (Vec<String>, Vec<String>) {
     let (mut ok, mut bad) = (Vec::new(), Vec::new());
     for line in text.lines() {
         let l = line.trim();
@@ -470,20 +511,26 @@ pub fn read_iocs(path: &str) -> Result<(Vec<String>, Vec<String>), FeedError> {
                 .and_then(|v| text_field(&v))
                 .unwrap_or_default()
         } else {
-            l.split([',', '\t'])
+            // The csv crate, so quoted fields with commas ("a, b",…) stay one field.
+            let delimiter = if l.contains('\t') { b'\t' } else { b',' };
+            csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .delimiter(delimiter)
+                .from_reader(l.as_bytes())
+                .records()
                 .next()
-                .unwrap_or("")
-                .trim()
-                .trim_matches('"')
-                .to_string()
+                .and_then(Result::ok)
+                .and_then(|r| r.get(0).map(|f| f.trim().to_string()))
+                .unwrap_or_default()
         };
-        if classify(&cand).is_some() {
-            ok.push(cand);
+        if let Some((_, normalised)) = classify(&cand) {
+            ok.push(normalised);
         } else {
             bad.push(l.chars().take(80).collect());
         }
     }
-    Ok((ok, bad))
+    (ok, bad)
 }
 
 fn text_field(v: &Value) -> Option<String> {
@@ -724,6 +771,48 @@ async fn lookup(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defanged_observables_are_refanged() {
+        assert_eq!(
+            classify("hxxp://evil[.]example/path").unwrap(),
+            (Kind::Url, "http://evil.example/path".into())
+        );
+        assert_eq!(
+            classify("hxxps[://]evil(.)example").unwrap(),
+            (Kind::Url, "https://evil.example".into())
+        );
+        assert_eq!(
+            classify("Example[.]COM").unwrap(),
+            (Kind::Domain, "example.com".into())
+        );
+        assert_eq!(
+            classify("10.0.0[.]1").unwrap(),
+            (Kind::Ip, "10.0.0.1".into())
+        );
+        assert_eq!(
+            classify("bad[dot]example[dot]org").unwrap(),
+            (Kind::Domain, "bad.example.org".into())
+        );
+    }
+
+    #[test]
+    fn ioc_files_keep_quoted_commas_and_refang() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("iocs.csv");
+        std::fs::write(
+            &p,
+            "# exported\n\"hxxp://evil[.]example/a,b\",url,\"seen, twice\"\nexample[.]org,domain\n\"1.2.3.4\"\t ip\n",
+        )
+        .unwrap();
+        let (ok, bad) = read_iocs(p.to_str().unwrap()).unwrap();
+        assert_eq!(
+            ok,
+            vec!["http://evil.example/a,b", "example.org", "1.2.3.4"],
+            "{bad:?}"
+        );
+        assert!(bad.is_empty(), "{bad:?}");
+    }
 
     #[test]
     fn observables_are_classified() {

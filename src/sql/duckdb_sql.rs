@@ -48,6 +48,14 @@ pub async fn setup(lake: &Lake) -> Result<Vec<String>, LakeError> {
     let found = lake.tables().await?;
     let known = known_tables();
     let mut out = vec![COMPAT.to_string()];
+    // The template's comment explains the placeholders: print it once as written, and substitute
+    // them in the statement only (not in the comment, where they would read as nonsense).
+    let (comment, view): (Vec<&str>, Vec<&str>) =
+        LAKE_VIEW.lines().partition(|l| l.starts_with("--"));
+    let view = view.join("\n") + "\n";
+    if !found.is_empty() {
+        out.push(comment.join("\n"));
+    }
     for name in found.keys() {
         let glob = format!("{root}/{name}/**/*.parquet");
         let tz: Vec<String> = known
@@ -71,8 +79,7 @@ pub async fn setup(lake: &Lake) -> Result<Vec<String>, LakeError> {
             format!("REPLACE ({})", tz.join(", "))
         };
         out.push(
-            LAKE_VIEW
-                .replace("{table}", &quote_ident(name))
+            view.replace("{table}", &quote_ident(name))
                 .replace("{glob}", &quote_literal(&glob))
                 .replace("{replace}", &replace),
         );
@@ -114,6 +121,34 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[tokio::test]
+    async fn the_template_comment_keeps_its_placeholders() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("x", DataType::Int64, false),
+        ]));
+        let batch = arrow::array::RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(arrow::array::Int64Array::from(vec![1]))],
+        )
+        .unwrap();
+        for t in ["t1", "t2"] {
+            lake.write_file(t, &[], "0", schema.clone(), std::slice::from_ref(&batch))
+                .await
+                .unwrap();
+        }
+        let text = setup(&lake).await.unwrap().join("\n");
+        let comments: Vec<&str> = text.lines().filter(|l| l.starts_with("--")).collect();
+        assert_eq!(
+            comments.iter().filter(|l| l.contains("{table}")).count(),
+            1,
+            "{text}"
+        );
+        assert!(!comments.iter().any(|l| l.contains("\"t1\"")), "{text}");
+        assert!(text.contains("CREATE VIEW \"t1\"") && text.contains("CREATE VIEW \"t2\""));
+    }
 
     #[test]
     fn quotes_and_types() {

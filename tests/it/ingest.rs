@@ -299,6 +299,23 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
 
     let missing = bad.join("does-not-exist.json");
 
+    let flipped = bad.join("bit-flipped.json.gz");
+    let mut f = gz.clone();
+    let mid = f.len() / 2;
+    f[mid] ^= 0x5a;
+    std::fs::write(&flipped, f).unwrap();
+
+    let nested = bad.join("nested.json");
+    std::fs::write(
+        &nested,
+        format!(
+            "{{\"type\":\"bundle\",\"x_pad\":{}{},\"objects\":[]}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        ),
+    )
+    .unwrap();
+
     let cases: Vec<(&Path, &[&str])> = vec![
         (&truncated, &["gzip", "truncated"]),
         (&not_bundle, &["not a STIX ATT&CK bundle", "\"report\""]),
@@ -307,6 +324,8 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
         (&not_utf8, &["not UTF-8", "offset"]),
         (&truncated_json, &["truncated"]),
         (&missing, &["cannot read", "No such file"]),
+        (&flipped, &["gzip"]),
+        (&nested, &["recursion limit"]),
     ];
     for (path, needles) in cases {
         let out = common::cli_on(&dir)

@@ -140,12 +140,8 @@ impl ScalarUDFImpl for MappingUdf {
                 mapping_kernels::explain_mapping(&m, text, self.mapper.threshold())
             }
             MapKind::MapTechniques => {
-                let k = arrow::compute::cast(&arrays[1], &DataType::Int64).map_err(|e| {
-                    DataFusionError::Execution(format!(
-                        "map_techniques: k must be an integer ({e})"
-                    ))
-                })?;
-                mapping_kernels::map_techniques(&m, text, k.as_primitive()).map_err(ext)?
+                let k = mapping_kernels::k_argument(&arrays[1]).map_err(ext)?;
+                mapping_kernels::map_techniques(&m, text, &k).map_err(ext)?
             }
             MapKind::TechniqueScore => {
                 let ids = arrow::compute::cast(&arrays[1], &DataType::Utf8)?;

@@ -5,7 +5,7 @@
 use std::error::Error;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array};
+use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::DataType;
 use duckdb::arrow as a60;
 use duckdb::vscalar::{ArrowFunctionSignature, VArrowScalar};
@@ -114,9 +114,8 @@ impl<const F: u8> VArrowScalar for Function<F> {
                     }
                     MAP_TECHNIQUES => {
                         let k = from_duckdb(input.column(1).as_ref())?;
-                        let k = arrow::compute::cast(&k, &DataType::Int64)?;
-                        let k: &Int64Array = k.as_primitive();
-                        mapping_kernels::map_techniques(&m, text, k)?
+                        let k = mapping_kernels::k_argument(&k)?;
+                        mapping_kernels::map_techniques(&m, text, &k)?
                     }
                     TECHNIQUE_SCORE => {
                         let ids = text_column(&input, 1)?;

@@ -24,6 +24,12 @@ pub enum KernelError {
         /// Largest allowed.
         max: usize,
     },
+    /// `k` is not a whole number (text that is no number, a fraction).
+    #[error("map_techniques: k must be a whole number, got {given}")]
+    NotAnInteger {
+        /// The value given, as text.
+        given: String,
+    },
     /// A technique id the model does not know.
     #[error("technique_score: unknown technique id '{id}' (the model for ATT&CK {domain} {version} has no such active or revoked technique)")]
     UnknownTechnique {
@@ -104,6 +110,54 @@ pub fn ranked_list_type() -> DataType {
     )))
 }
 
+/// The `k` argument as integers: integer types as they are; floats only when whole (2.0, not
+/// 2.7); text only when it spells an integer. Casting would turn 'abc' into NULL and 2.7 into 2.
+pub fn k_argument(k: &ArrayRef) -> Result<Int64Array, KernelError> {
+    use arrow::datatypes::DataType;
+    let bad = |given: String| KernelError::NotAnInteger { given };
+    match k.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let text = arrow::compute::cast(k, &DataType::Utf8).map_err(|e| bad(e.to_string()))?;
+            let text = text
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("cast to Utf8");
+            text.iter()
+                .map(|v| {
+                    v.map(|t| t.trim().parse::<i64>().map_err(|_| bad(format!("'{t}'"))))
+                        .transpose()
+                })
+                .collect()
+        }
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => {
+            let f = arrow::compute::cast(k, &DataType::Float64).map_err(|e| bad(e.to_string()))?;
+            let f = f
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .expect("cast to Float64");
+            f.iter()
+                .map(|v| {
+                    v.map(|x| {
+                        if x.fract() == 0.0 && x.abs() < 1e15 {
+                            Ok(x as i64)
+                        } else {
+                            Err(bad(x.to_string()))
+                        }
+                    })
+                    .transpose()
+                })
+                .collect()
+        }
+        _ => {
+            let i = arrow::compute::cast(k, &DataType::Int64).map_err(|e| bad(e.to_string()))?;
+            Ok(i.as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("cast to Int64")
+                .clone())
+        }
+    }
+}
+
 /// Top-k per text as `List<Struct<technique_id, name, tactics, score>>`; `ks` holds k per row
 /// (broadcast a scalar by passing one value). NULL text or NULL k gives NULL.
 pub fn map_techniques(
@@ -113,7 +167,7 @@ pub fn map_techniques(
 ) -> Result<ArrayRef, KernelError> {
     let max = m.model.techniques.len();
     for k in ks.iter().flatten() {
-        if k < 0 || k as usize > 10_000 {
+        if k < 0 || k as usize > max {
             return Err(KernelError::InvalidK { k, max });
         }
     }

@@ -21,7 +21,9 @@ enum Source {
 pub struct LazyMapper {
     source: Source,
     threshold: f64,
-    cell: RwLock<Option<Result<Arc<Mapper>, String>>>,
+    /// Only a loaded model is kept: a failed load (no model yet, a model being written) is tried
+    /// again on the next use, so `model build` in another process is picked up without a restart.
+    cell: RwLock<Option<Arc<Mapper>>>,
 }
 
 /// Default abstain threshold (see `mapping.threshold` in the settings).
@@ -45,7 +47,7 @@ impl LazyMapper {
         Self {
             source: Source::Dir(m.path.clone().unwrap_or_default()),
             threshold,
-            cell: RwLock::new(Some(Ok(m))),
+            cell: RwLock::new(Some(m)),
         }
     }
 
@@ -95,17 +97,22 @@ impl LazyMapper {
 
     /// The model, or a message that says how to get one.
     pub fn get(&self) -> Result<Arc<Mapper>, String> {
-        if let Some(r) = self.cell.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return r.clone();
+        if let Some(m) = self.cell.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(m.clone());
         }
         let mut w = self.cell.write().unwrap_or_else(|e| e.into_inner());
-        w.get_or_insert_with(|| Self::load(&self.source)).clone()
+        if let Some(m) = w.as_ref() {
+            return Ok(m.clone());
+        }
+        let m = Self::load(&self.source)?;
+        *w = Some(m.clone());
+        Ok(m)
     }
 
     /// Switch to the model in `dir` (loaded now; on error the current model stays).
     pub fn use_dir(&self, dir: impl Into<PathBuf>) -> Result<Arc<Mapper>, String> {
         let m = Self::load(&Source::Dir(dir.into()))?;
-        *self.cell.write().unwrap_or_else(|e| e.into_inner()) = Some(Ok(m.clone()));
+        *self.cell.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         Ok(m)
     }
 
@@ -118,5 +125,29 @@ impl LazyMapper {
 impl Default for LazyMapper {
     fn default() -> Self {
         Self::from_env()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_load_is_retried() {
+        let root = std::env::temp_dir().join(format!("threatlake-slot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let slot = LazyMapper::new(&root, "enterprise", DEFAULT_THRESHOLD);
+        let first = slot.get().unwrap_err();
+        assert!(first.contains("no enterprise mapping model"), "{first}");
+        // A model directory appears (a broken one here): the next use looks again and reports
+        // what it found now, not the first error.
+        let dir = root.join("enterprise-18.1");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.json"), b"{}").unwrap();
+        std::fs::write(dir.join("model.bin"), 7u32.to_le_bytes()).unwrap();
+        let second = slot.get().unwrap_err();
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(second.contains("has format 7"), "{second}");
+        assert_ne!(first, second);
     }
 }

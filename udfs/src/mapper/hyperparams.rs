@@ -145,13 +145,38 @@ impl MapperParams {
     }
 }
 
-/// Parameters that passed [`MapperParams::check`].
+/// Parameters that passed [`MapperParams::check`]. Deserialising (a saved model) checks them
+/// again, so a model file can never smuggle in parameters `check` refuses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "MapperParams")]
 pub struct ValidParams(pub(crate) MapperParams);
+
+impl TryFrom<MapperParams> for ValidParams {
+    type Error = MapperError;
+    fn try_from(p: MapperParams) -> Result<Self, MapperError> {
+        p.check()
+    }
+}
 
 impl std::ops::Deref for ValidParams {
     type Target = MapperParams;
     fn deref(&self) -> &MapperParams {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deserialising_checks_the_params() {
+        let good = MapperParams::default().check().unwrap();
+        let json = serde_json::to_string(&good).unwrap();
+        assert_eq!(serde_json::from_str::<ValidParams>(&json).unwrap(), good);
+        let mut bad: serde_json::Value = serde_json::from_str(&json).unwrap();
+        bad["sentence_dims"] = serde_json::json!(0);
+        let e = serde_json::from_value::<ValidParams>(bad).unwrap_err().to_string();
+        assert!(e.contains("sentence_dims"), "{e}");
     }
 }

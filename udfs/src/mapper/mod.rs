@@ -143,12 +143,15 @@ impl Mapper {
         let p = dir.join(MODEL_FILE);
         let bytes = std::fs::read(&p)
             .map_err(|e| MapperError::Io(p.display().to_string(), e.to_string()))?;
-        let (format, model): (u32, Model) = bincode::deserialize(&bytes).map_err(|e| {
+        let corrupt = |e: bincode::Error| {
             MapperError::Io(
                 p.display().to_string(),
                 format!("{e}; rebuild with `threatlake model build`"),
             )
-        })?;
+        };
+        // The format version leads the file: check it before decoding a model of another layout
+        // (which would fail obscurely or allocate by stale lengths).
+        let format: u32 = bincode::deserialize(&bytes).map_err(corrupt)?;
         if format != FORMAT_VERSION {
             return Err(MapperError::Format {
                 path: dir.display().to_string(),
@@ -156,6 +159,7 @@ impl Mapper {
                 expected: FORMAT_VERSION,
             });
         }
+        let (_, model): (u32, Model) = bincode::deserialize(&bytes).map_err(corrupt)?;
         let vectors = WordVectors::load(&dir.join(VECTORS_FILE))?;
         Ok(Self {
             model: model.prepared(),
