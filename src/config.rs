@@ -640,7 +640,10 @@ mod tests {
         let e = Settings::load_with_env(None, env(&[("THREATLAKE_LAKE_STORE_NOPE", "1")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("THREATLAKE_LAKE_STORE_NOPE") && e.contains("nope"), "{e}");
+        assert!(
+            e.contains("THREATLAKE_LAKE_STORE_NOPE") && e.contains("nope"),
+            "{e}"
+        );
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

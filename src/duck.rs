@@ -69,7 +69,10 @@ impl DuckEngine {
         ));
         duckdb_adapter::register(&con, &mapper)?;
         for sql in setup {
-            if sql.lines().all(|l| l.trim().is_empty() || l.starts_with("--")) {
+            if sql
+                .lines()
+                .all(|l| l.trim().is_empty() || l.starts_with("--"))
+            {
                 continue;
             }
             con.execute_batch(&sql).map_err(|source| DuckError::Setup {
@@ -219,8 +222,20 @@ impl DuckEngine {
 /// is the second line of defence.
 fn writing_statement(sql: &str) -> Option<String> {
     const WRITERS: &[&str] = &[
-        "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "EXPORT", "IMPORT", "ATTACH", "DETACH",
-        "INSTALL", "LOAD", "TRUNCATE", "VACUUM", "CHECKPOINT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "MERGE",
+        "COPY",
+        "EXPORT",
+        "IMPORT",
+        "ATTACH",
+        "DETACH",
+        "INSTALL",
+        "LOAD",
+        "TRUNCATE",
+        "VACUUM",
+        "CHECKPOINT",
     ];
     let mut rest = sql.trim_start();
     loop {

@@ -1,5 +1,8 @@
-//! Runs `tests/slt/*.slt` (sqllogictest) against a lake holding the real ATT&CK v18.1 bundles.
-//! `cargo test --test sqllogictests -- --complete` rewrites the expected output.
+//! Runs `tests/slt/*.slt` (sqllogictest) against a lake holding the real ATT&CK v18.1 bundles, on
+//! DataFusion and — built with `--features duckdb` — on the embedded DuckDB engine too, as DuckDB's
+//! extension template does, so the engines cannot drift. Records that only one engine can run say
+//! so with `onlyif datafusion` / `skipif duckdb` (the runner labels each engine).
+//! `cargo test --test sqllogictests -- --complete` rewrites the expected output (DataFusion's).
 
 mod common;
 
@@ -11,8 +14,11 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use sqllogictest::{DBOutput, DefaultColumnType};
 use threatlake::{Engine, Lake};
 
-struct Db {
-    engine: Engine,
+/// The engines the files run on.
+enum Db {
+    DataFusion(Engine),
+    #[cfg(feature = "duckdb")]
+    DuckDb(threatlake::duck::DuckEngine),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +31,11 @@ impl sqllogictest::AsyncDB for Db {
     type ColumnType = DefaultColumnType;
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DbError> {
-        let results = self
-            .engine
-            .run(sql)
-            .await
-            .map_err(|e| DbError(e.to_string()))?;
+        let results = match self {
+            Db::DataFusion(engine) => engine.run(sql).await.map_err(|e| DbError(e.to_string()))?,
+            #[cfg(feature = "duckdb")]
+            Db::DuckDb(engine) => engine.run(sql).map_err(|e| DbError(e.to_string()))?,
+        };
         let Some(r) = results.into_iter().last() else {
             return Ok(DBOutput::StatementComplete(0));
         };
@@ -80,6 +86,37 @@ impl sqllogictest::AsyncDB for Db {
     async fn shutdown(&mut self) {}
 }
 
+/// A fresh session of `engine` over the fixture lake and model.
+async fn open(
+    engine: &str,
+    lake: &Lake,
+    mapper: std::sync::Arc<threatlake_udfs::LazyMapper>,
+    models: &std::path::Path,
+) -> Result<Db, DbError> {
+    let err = |e: &dyn std::fmt::Display| DbError(e.to_string());
+    match engine {
+        #[cfg(feature = "duckdb")]
+        "duckdb" => {
+            let _ = &mapper;
+            let options = threatlake::sql::EngineOptions {
+                models_root: models.to_path_buf(),
+                ..Default::default()
+            };
+            threatlake::duck::DuckEngine::open(lake, &options)
+                .await
+                .map(Db::DuckDb)
+                .map_err(|e| err(&e))
+        }
+        _ => {
+            let _ = models;
+            Engine::open_with_mapper(lake, mapper)
+                .await
+                .map(Db::DataFusion)
+                .map_err(|e| err(&e))
+        }
+    }
+}
+
 fn main() {
     let complete = std::env::args().any(|a| a == "--complete");
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -128,41 +165,47 @@ fn main() {
         files.sort();
         assert!(!files.is_empty(), "no .slt files found");
         let mut failed = 0;
+        let mut engines = vec!["datafusion"];
+        if cfg!(feature = "duckdb") {
+            engines.push("duckdb");
+        }
         for f in files {
-            let lake: Lake = lake.clone();
-            let mapper = mapper.clone();
-            let mut runner = sqllogictest::Runner::new(move || {
-                let (lake, mapper) = (lake.clone(), mapper.clone());
-                async move {
-                    let engine = Engine::open_with_mapper(&lake, mapper)
-                        .await
-                        .map_err(|e| DbError(e.to_string()))?;
-                    Ok::<_, DbError>(Db { engine })
+            for engine in &engines {
+                if complete && *engine != "datafusion" {
+                    continue;
                 }
-            });
-            let name = f.file_name().unwrap().to_string_lossy().to_string();
-            let result = if complete {
-                runner
-                    .update_test_file(
-                        &f,
-                        " ",
-                        sqllogictest::default_validator,
-                        sqllogictest::default_normalizer,
-                        sqllogictest::default_column_validator,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                runner
-                    .run_file_async(&f)
-                    .await
-                    .map_err(|e| e.display(true).to_string())
-            };
-            match result {
-                Ok(()) => eprintln!("ok   {name}"),
-                Err(e) => {
-                    failed += 1;
-                    eprintln!("FAIL {name}\n{e}");
+                let (lake, mapper, models) = (lake.clone(), mapper.clone(), dir.join("models"));
+                let engine_name = engine.to_string();
+                let mut runner = sqllogictest::Runner::new(move || {
+                    let (lake, mapper, models) = (lake.clone(), mapper.clone(), models.clone());
+                    let engine_name = engine_name.clone();
+                    async move { open(&engine_name, &lake, mapper, &models).await }
+                });
+                runner.add_label(engine);
+                let name = format!("{} ({engine})", f.file_name().unwrap().to_string_lossy());
+                let result = if complete {
+                    runner
+                        .update_test_file(
+                            &f,
+                            " ",
+                            sqllogictest::default_validator,
+                            sqllogictest::default_normalizer,
+                            sqllogictest::default_column_validator,
+                        )
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    runner
+                        .run_file_async(&f)
+                        .await
+                        .map_err(|e| e.display(true).to_string())
+                };
+                match result {
+                    Ok(()) => eprintln!("ok   {name}"),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("FAIL {name}\n{e}");
+                    }
                 }
             }
         }

@@ -522,9 +522,15 @@ mod tests {
             ("18", "18.0"),
             ("9.0.2", "9.0.2"),
         ] {
-            assert_eq!(canonical_version(given).as_deref(), Some(canonical), "{given}");
+            assert_eq!(
+                canonical_version(given).as_deref(),
+                Some(canonical),
+                "{given}"
+            );
         }
-        for bad in ["+18.1", "-1.0", "18.", ".1", "18.1.2.3", "18,1", "1e2", "", "v", "1234.0", "18 .1"] {
+        for bad in [
+            "+18.1", "-1.0", "18.", ".1", "18.1.2.3", "18,1", "1e2", "", "v", "1234.0", "18 .1",
+        ] {
             assert_eq!(canonical_version(bad), None, "{bad}");
         }
     }

@@ -723,8 +723,16 @@ mod tests {
                 .collect::<String>()
         );
         let (t, c) = clean_text(&text);
-        assert_eq!(c.len(), 50, "balanced markers after unclosed ones still count");
-        assert_eq!(t.matches("(Citation:").count(), 2_000, "unclosed markers stay");
+        assert_eq!(
+            c.len(),
+            50,
+            "balanced markers after unclosed ones still count"
+        );
+        assert_eq!(
+            t.matches("(Citation:").count(),
+            2_000,
+            "unclosed markers stay"
+        );
         let (_, c) = clean_text(&format!(
             "{}{}",
             "text ".repeat(100),

@@ -339,7 +339,8 @@ pub fn parse_bundle(
         });
     }
     // Each object once: a repeated id would double every current view built from the bundle.
-    let mut ids: std::collections::HashSet<&str> = std::collections::HashSet::with_capacity(objects.len());
+    let mut ids: std::collections::HashSet<&str> =
+        std::collections::HashSet::with_capacity(objects.len());
     if let Some(dup) = objects.iter().find(|o| !ids.insert(o.id.as_str())) {
         return Err(IngestError::NotABundle {
             source_name: source.to_string(),
@@ -356,7 +357,9 @@ pub fn parse_bundle(
     {
         return Err(IngestError::NotABundle {
             source_name: source.to_string(),
-            reason: "no attack-pattern has a mitre-attack external reference with an ATT&CK id (T…)".into(),
+            reason:
+                "no attack-pattern has a mitre-attack external reference with an ATT&CK id (T…)"
+                    .into(),
         });
     }
     Ok(Bundle { objects })

@@ -38,9 +38,7 @@ pub async fn ingest(from: &str, runs: usize, query_runs: usize) -> Result<()> {
     let mut walls = Vec::new();
     for i in 0..runs.max(1) {
         let t = Instant::now();
-        let report =
-            threatlake::attack::ingest(&lake, &raw, from, &bench_ingest(600))
-                .await?;
+        let report = threatlake::attack::ingest(&lake, &raw, from, &bench_ingest(600)).await?;
         let wall = t.elapsed();
         walls.push(wall);
         let stages: Vec<String> = report

@@ -349,8 +349,8 @@ async fn recover(loc: &Location) -> Result<usize, LakeError> {
 mod tests {
     use super::*;
     use arrow::array::Int64Array;
-    use bytes::Bytes;
     use arrow::datatypes::{DataType, Field, Schema};
+    use bytes::Bytes;
     use std::sync::Arc;
 
     fn batch(v: &[i64]) -> (SchemaRef, RecordBatch) {
@@ -390,18 +390,24 @@ mod tests {
         let from = Location::open(a.path().to_str().unwrap()).unwrap();
         let to = Location::open(b.path().to_str().unwrap()).unwrap();
         let ttl = std::time::Duration::from_secs(60);
-        from.put_atomic("feed_state/otx.json", Bytes::from_static(b"{\"w\":\"2024-01-01\"}"))
-            .await
-            .unwrap();
+        from.put_atomic(
+            "feed_state/otx.json",
+            Bytes::from_static(b"{\"w\":\"2024-01-01\"}"),
+        )
+        .await
+        .unwrap();
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (1, 0));
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (0, 1));
         // The same size, new content (fixed-width state): copied, not skipped.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        from.put_atomic("feed_state/otx.json", Bytes::from_static(b"{\"w\":\"2024-02-02\"}"))
-            .await
-            .unwrap();
+        from.put_atomic(
+            "feed_state/otx.json",
+            Bytes::from_static(b"{\"w\":\"2024-02-02\"}"),
+        )
+        .await
+        .unwrap();
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (1, 0));
         assert_eq!(

@@ -411,7 +411,8 @@ pub fn write(
             buf
         }
         Format::Navigator => {
-            let layer = navigator::layer(&built.data, ctx.domain, ctx.attack_version, ctx.platforms)?;
+            let layer =
+                navigator::layer(&built.data, ctx.domain, ctx.attack_version, ctx.platforms)?;
             let mut v = serde_json::to_vec_pretty(&layer).expect("layer serialises");
             v.push(b'\n');
             v

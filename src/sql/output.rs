@@ -301,7 +301,9 @@ fn flatten_batch(
 pub fn neutralise_formula(s: &str) -> String {
     // Spreadsheets skip leading blanks before deciding that a cell is a formula (` =1+2` runs too).
     let lead = s.trim_start_matches([' ', '\u{a0}', '\n']);
-    if lead.starts_with(['=', '+', '-', '@', '\t', '\r', '\u{ff1d}', '\u{ff0b}', '\u{ff0d}', '\u{ff20}']) {
+    if lead.starts_with([
+        '=', '+', '-', '@', '\t', '\r', '\u{ff1d}', '\u{ff0b}', '\u{ff0d}', '\u{ff20}',
+    ]) {
         format!("'{s}")
     } else {
         s.to_string()

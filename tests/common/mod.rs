@@ -45,8 +45,8 @@ pub async fn ingest(dir: &Path, domains: &[&str]) -> Lake {
             ..Default::default()
         };
         threatlake::attack::ingest(&lake, &raw, src.to_str().unwrap(), &options)
-        .await
-        .unwrap_or_else(|e| panic!("ingest {d}: {e}"));
+            .await
+            .unwrap_or_else(|e| panic!("ingest {d}: {e}"));
     }
     lake
 }

@@ -163,7 +163,10 @@ fn ddl_then_query_in_one_batch_run() {
             "{format}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(text.contains("1.2.3.4") && !text.contains("evil"), "{format}: {text}");
+        assert!(
+            text.contains("1.2.3.4") && !text.contains("evil"),
+            "{format}: {text}"
+        );
     }
 }
 
@@ -256,6 +259,16 @@ fn repl_in_a_pty() {
     p.send_line("SELECT tactic_id FROM attack_tactics_current WHERE matrix_order = 1;")
         .unwrap();
     p.exp_string("tactic_id\r\nTA0108").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    settle();
+    // Hostile SQL nested too deep ends that statement with an error, and the session goes on.
+    p.send_line(&format!("SELECT {};", vec!["1"; 1_500].join("+")))
+        .unwrap();
+    p.exp_string("deeper than 1000 levels").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    settle();
+    p.send_line("SELECT 40 + 2 AS answer;").unwrap();
+    p.exp_string("42").unwrap();
     p.exp_string("threatlake>").unwrap();
     settle();
     p.send_line("\\q").unwrap();

@@ -20,6 +20,8 @@ struct Reply {
     retry_after: Option<&'static str>,
     location: Option<String>,
     delay: Duration,
+    /// Send the body one byte per this interval (a slow-drip server).
+    drip: Option<Duration>,
 }
 
 impl Reply {
@@ -33,6 +35,7 @@ impl Reply {
             retry_after: None,
             location: None,
             delay: Duration::ZERO,
+            drip: None,
         }
     }
     fn redirect(to: &str) -> Self {
@@ -85,6 +88,26 @@ impl Fake {
                 let r = handler(&url, key.as_deref(), n);
                 n += 1;
                 std::thread::sleep(r.delay);
+                if let Some(every) = r.drip {
+                    // Headers at once, then the body a byte at a time (tiny_http's own responses
+                    // are buffered until complete, so write the exchange by hand).
+                    use std::io::Write;
+                    let mut w = req.into_writer();
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 {} OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        r.status,
+                        r.body.len()
+                    );
+                    let _ = w.flush();
+                    for b in r.body {
+                        std::thread::sleep(every);
+                        if w.write_all(&[b]).and_then(|()| w.flush()).is_err() {
+                            break;
+                        }
+                    }
+                    continue;
+                }
                 let mut resp = tiny_http::Response::from_data(r.body).with_status_code(r.status);
                 if let Some(ra) = r.retry_after {
                     resp = resp.with_header(
@@ -397,6 +420,30 @@ fn otx_retries_429_and_500_and_keeps_pages_before_a_bad_one() {
         "{err}"
     );
     assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n4\n");
+    drop(slow);
+
+    // A server that answers at once but drips the body: a timeout while reading, said so.
+    let drip = Fake::start(
+        "X-OTX-API-KEY",
+        Box::new(|_, _, _| Reply {
+            drip: Some(Duration::from_millis(100)),
+            ..Reply::raw(
+                200,
+                br#"{"count": 0, "results": [], "next": null}"#.to_vec(),
+            )
+        }),
+    );
+    let (ok, _, err) = run(otx_cmd(&dir, &drip.base)
+        .env(
+            "THREATLAKE_OTX_HTTP",
+            "{timeout_secs: 0.5, attempts: 1, backoff_secs: 0.05, max_wait_secs: 1}",
+        )
+        .args(["ingest", "otx"]));
+    assert!(!ok);
+    assert!(
+        err.contains("timed out") && err.contains("while reading the body"),
+        "{err}"
+    );
 }
 
 /// A service that answers every request with a redirect to another host (127.0.0.2, which serves
@@ -447,7 +494,10 @@ fn redirects_off_the_base_url_never_carry_the_api_keys() {
     );
     assert_eq!(sql(&dir, "SELECT count(*) AS n FROM otx_data"), "n\n0\n");
     assert_eq!(
-        sql(&dir, "SELECT count(*) AS n FROM virustotal_data WHERE found"),
+        sql(
+            &dir,
+            "SELECT count(*) AS n FROM virustotal_data WHERE found"
+        ),
         "n\n0\n"
     );
 
@@ -528,7 +578,10 @@ fn otx_paging_loops_end_and_bad_pulses_are_rejected() {
             // Page 1 links page 2; page 2 links itself.
             let base = b2.lock().unwrap().clone();
             let (results, next) = match n {
-                0 => (json!(served), format!("{base}/api/v1/pulses/subscribed?page=2")),
+                0 => (
+                    json!(served),
+                    format!("{base}/api/v1/pulses/subscribed?page=2"),
+                ),
                 _ => (json!([]), format!("{base}{url}")),
             };
             Reply::json(&json!({"count": 3, "results": results, "next": next}))

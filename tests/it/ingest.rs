@@ -361,7 +361,8 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
     let bomb = bad.join("bomb.json.gz");
     {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(br#"{"type": "bundle", "objects": [], "pad": ""#).unwrap();
+        gz.write_all(br#"{"type": "bundle", "objects": [], "pad": ""#)
+            .unwrap();
         gz.write_all(&vec![b' '; 4 << 20]).unwrap();
         gz.write_all(br#""}"#).unwrap();
         std::fs::write(&bomb, gz.finish().unwrap()).unwrap();
@@ -407,7 +408,12 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
         ),
         (&dup, vec![], vec![], vec!["occurs more than once"]),
         (&no_ids, vec![], vec![], vec!["no attack-pattern has"]),
-        (&subset, vec![], vec![], vec!["has 10 techniques", "--force"]),
+        (
+            &subset,
+            vec![],
+            vec![],
+            vec!["has 10 techniques", "--force"],
+        ),
         (
             &ics_path,
             vec![],
@@ -425,18 +431,37 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{} should fail", path.display());
         for n in needles {
-            assert!(err.contains(n), "{}: expected {n:?} in: {err}", path.display());
+            assert!(
+                err.contains(n),
+                "{}: expected {n:?} in: {err}",
+                path.display()
+            );
         }
         assert!(err.contains(path.to_str().unwrap()), "{err}");
         assert_eq!(err.trim().lines().count(), 1, "one clear message: {err}");
-        assert_eq!(before, common::listing(&dir), "lake changed after {}", path.display());
+        assert_eq!(
+            before,
+            common::listing(&dir),
+            "lake changed after {}",
+            path.display()
+        );
     }
     // --force takes the subset when it is what the user means.
     let out = common::cli_on(&dir)
-        .args(["ingest", "attack", "--force", "--from", subset.to_str().unwrap()])
+        .args([
+            "ingest",
+            "attack",
+            "--force",
+            "--from",
+            subset.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The ICS bundle as JSON.
@@ -455,17 +480,34 @@ fn version_spellings_are_normalised() {
     let ics = common::bundle("ics");
     for v in ["v19.0", "19.00", " 19.0", "19"] {
         let out = common::cli_on(&dir)
-            .args(["ingest", "attack", "--from", ics.to_str().unwrap(), "--attack-version", v])
+            .args([
+                "ingest",
+                "attack",
+                "--from",
+                ics.to_str().unwrap(),
+                "--attack-version",
+                v,
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{v}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert_eq!(
-        common::sql(&dir, "SELECT DISTINCT attack_version FROM mitre_attack_versions"),
+        common::sql(
+            &dir,
+            "SELECT DISTINCT attack_version FROM mitre_attack_versions"
+        ),
         "attack_version\n19.0\n"
     );
     assert_eq!(
-        common::sql(&dir, "SELECT domain, attack_version FROM attack_versions_current"),
+        common::sql(
+            &dir,
+            "SELECT domain, attack_version FROM attack_versions_current"
+        ),
         "domain,attack_version\nics,19.0\n"
     );
 }

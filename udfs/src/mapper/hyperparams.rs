@@ -176,7 +176,9 @@ mod tests {
         assert_eq!(serde_json::from_str::<ValidParams>(&json).unwrap(), good);
         let mut bad: serde_json::Value = serde_json::from_str(&json).unwrap();
         bad["sentence_dims"] = serde_json::json!(0);
-        let e = serde_json::from_value::<ValidParams>(bad).unwrap_err().to_string();
+        let e = serde_json::from_value::<ValidParams>(bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sentence_dims"), "{e}");
     }
 }
