@@ -249,11 +249,18 @@ fn writing_statement(sql: &str) -> Option<String> {
             break;
         }
     }
-    let word: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_uppercase();
+    let first_word = |t: &str| -> String {
+        t.chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect::<String>()
+            .to_ascii_uppercase()
+    };
+    let mut word = first_word(rest);
+    // EXPLAIN ANALYZE runs the statement it explains.
+    while matches!(word.as_str(), "EXPLAIN" | "ANALYZE") {
+        rest = rest[word.len()..].trim_start();
+        word = first_word(rest);
+    }
     if WRITERS.contains(&word.as_str()) {
         return Some(word);
     }
@@ -296,6 +303,7 @@ mod tests {
             "EXPORT DATABASE '/tmp/x'",
             "WITH a AS (SELECT 1) DELETE FROM t",
             "attach '/tmp/x.db'",
+            "EXPLAIN ANALYZE INSERT INTO t VALUES (1)",
         ] {
             assert!(writing_statement(w).is_some(), "{w}");
         }

@@ -172,8 +172,14 @@ pub fn parse_pulse(v: &Value, p: &Provenance) -> Result<(PulseRow, Vec<Indicator
     }
     let revision = match o.get("revision") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64(),
-        Some(_) => return Err(wrong("revision", "an integer")),
+        // The 2015 format writes whole numbers as floats (`2.0`).
+        Some(Value::Number(n))
+            if n.as_f64()
+                .is_some_and(|f| f.fract() == 0.0 && f.abs() < 1e15) =>
+        {
+            n.as_f64().map(|f| f as i64)
+        }
+        Some(_) => return Err(wrong("revision", "a whole number")),
     };
     let attack_ids: Vec<String> = o
         .get("attack_ids")

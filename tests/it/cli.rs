@@ -401,9 +401,31 @@ fn model_eval_reports_metrics() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for key in ["n          2", "top1 ", "top1_parent", "recall@5", "mrr@10"] {
-        assert!(text.contains(key), "{key} missing in {text}");
+    let value = |key: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("{key} missing in {text}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(value("n"), 2.0, "{text}");
+    let (top1, parent, recall, mrr) = (
+        value("top1"),
+        value("top1_parent"),
+        value("recall@5"),
+        value("mrr@10"),
+    );
+    // Metrics of 2 texts are multiples of 1/2 (MRR aside) and ordered as their definitions imply.
+    for m in [top1, parent, recall, mrr] {
+        assert!((0.0..=1.0).contains(&m), "{text}");
     }
+    assert!(top1 <= parent && top1 <= recall && top1 <= mrr, "{text}");
+    assert!(
+        [0.0, 0.5, 1.0].contains(&top1) && [0.0, 0.5, 1.0].contains(&recall),
+        "{text}"
+    );
+    // The controller-program sentence is ranked T0889 (or near it): something is found in the top 5.
+    assert!(recall > 0.0, "{text}");
 }
 
 #[test]

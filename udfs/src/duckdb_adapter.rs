@@ -131,20 +131,31 @@ impl<const F: u8> VArrowScalar for Function<F> {
     fn signatures() -> Vec<ArrowFunctionSignature> {
         let t = |d: DataType| type_to_duckdb(&d);
         let text = || t(DataType::Utf8);
-        vec![match F {
+        match F {
             MAP_TECHNIQUE | EXPLAIN_MAPPING | USE_MODEL | TECHNIQUE_PARENT => {
-                ArrowFunctionSignature::exact(vec![text()], text())
+                vec![ArrowFunctionSignature::exact(vec![text()], text())]
             }
-            VERSION_KEY => ArrowFunctionSignature::exact(vec![text()], t(DataType::Int64)),
-            MAP_TECHNIQUES => ArrowFunctionSignature::exact(
-                vec![text(), t(DataType::Int64)],
-                t(mapping_kernels::ranked_list_type()),
-            ),
-            TECHNIQUE_SCORE => {
-                ArrowFunctionSignature::exact(vec![text(), text()], t(DataType::Float64))
-            }
+            VERSION_KEY => vec![ArrowFunctionSignature::exact(
+                vec![text()],
+                t(DataType::Int64),
+            )],
+            // k as integer, float or text: the kernel checks it (2.7 and 'abc' are errors, as on
+            // DataFusion) instead of DuckDB casting text or rounding a fraction first.
+            MAP_TECHNIQUES => [DataType::Int64, DataType::Float64, DataType::Utf8]
+                .into_iter()
+                .map(|k| {
+                    ArrowFunctionSignature::exact(
+                        vec![text(), t(k)],
+                        t(mapping_kernels::ranked_list_type()),
+                    )
+                })
+                .collect(),
+            TECHNIQUE_SCORE => vec![ArrowFunctionSignature::exact(
+                vec![text(), text()],
+                t(DataType::Float64),
+            )],
             _ => unreachable!("function ids are the constants above"),
-        }]
+        }
     }
 
     fn volatile() -> bool {
