@@ -97,7 +97,9 @@ pub fn layer(
                    "showAggregateScores": false, "countUnscored": false, "expandedSubtechniques": "annotated"},
         "hideDisabled": false,
         "techniques": techniques,
-        "gradient": {"colors": ["#ffffffff", "#ffb366ff", "#e60d0dff"], "minValue": 0, "maxValue": max_value},
+        // Two stops: the Navigator's tooling needs at least one integer step between stops, and
+        // scores of 0..1 have only one.
+        "gradient": {"colors": ["#ffffffff", "#e60d0dff"], "minValue": 0, "maxValue": max_value},
         "legendItems": [
             {"label": "no evidence", "color": "#ffffffff"},
             {"label": format!("strongest ({max:.3})"), "color": "#e60d0dff"}

@@ -318,6 +318,9 @@ impl QueryResult {
 /// time quadratic in their depth (3,000 terms: 9 s) and recursively; 1,000 plans in about a second.
 pub const MAX_SQL_DEPTH: usize = 1_000;
 
+/// sqlparser's nesting limit for parentheses and subqueries (DataFusion's default).
+const PARSER_RECURSION_LIMIT: usize = 50;
+
 /// Stack for parsing, checking and dropping one SQL text: a 20,000-term chain nests that deep, and
 /// both the checks and dropping the tree recurse. Grown on the heap only when needed (`stacker`).
 const PARSE_STACK: usize = 512 << 20;
@@ -326,7 +329,21 @@ const PARSE_STACK: usize = 512 << 20;
 /// statement nested deeper than [`MAX_SQL_DEPTH`] is refused here, before planning.
 pub fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
     stacker::grow(PARSE_STACK, || {
-        let stmts: Vec<Statement> = DFParser::parse_sql(sql)?.into_iter().collect();
+        let stmts: Vec<Statement> = DFParser::parse_sql(sql)
+            .map_err(|e| {
+                // sqlparser stops nested parentheses and subqueries at its recursion limit; say
+                // so in words rather than as `RecursionLimitExceeded (current limit: 50)`.
+                if e.to_string().contains("RecursionLimitExceeded") {
+                    SqlError::TooDeep {
+                        what: "parentheses or subqueries",
+                        limit: PARSER_RECURSION_LIMIT,
+                    }
+                } else {
+                    SqlError::from(e)
+                }
+            })?
+            .into_iter()
+            .collect();
         for stmt in &stmts {
             check_depth(stmt)?;
         }
