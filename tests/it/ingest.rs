@@ -394,7 +394,9 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
     });
     std::fs::write(&subset, serde_json::to_vec(&v).unwrap()).unwrap();
     let ics_path = common::bundle("ics");
-    let cases: Vec<(&Path, Vec<(&str, &str)>, Vec<&str>, Vec<&str>)> = vec![
+    /// Input, environment, extra arguments, expected message parts.
+    type Case<'a> = (&'a Path, Vec<(&'a str, &'a str)>, Vec<&'a str>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             &bomb,
             vec![("THREATLAKE_ATTACK_MAX_BUNDLE_MB", "1")],
