@@ -380,6 +380,12 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         per_partition: usize,
     },
+    /// Hostile input: cleaning hostile citation markup, refusing deep SQL, refusing a gzip bomb.
+    Hostile {
+        /// Megabytes of hostile text to clean.
+        #[arg(long, default_value_t = 1)]
+        mb: usize,
+    },
     /// Ingest a bundle into a throwaway lake and time a representative query.
     Ingest {
         /// Bundle to ingest.
@@ -673,6 +679,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             runs,
             query_runs,
         }) => cli::bench::ingest(&from, runs, query_runs).await,
+        Command::Bench(BenchCommand::Hostile { mb }) => cli::bench::hostile(mb).await,
     }
 }
 

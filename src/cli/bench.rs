@@ -537,3 +537,103 @@ fn bench_ingest(timeout_secs: u64) -> threatlake::attack::IngestOptions {
         ..Default::default()
     }
 }
+
+/// Hostile input: how long cleaning hostile citation markup takes, how long deep SQL takes to be
+/// refused (and an accepted deep statement to plan and run), and the peak memory of refusing a
+/// gzip bomb. Each figure is what a hardening fix bounds; none may grow faster than its input.
+pub async fn hostile(mb: usize) -> Result<()> {
+    println!("bench hostile ({})", build_kind());
+    let n = mb.max(1) << 20;
+    let unbalanced = "(Citation: ".repeat(n / 11);
+    let balanced: String = (0..)
+        .map(|i| format!("text (Citation: Ref {}) ", i % 500))
+        .take_while({
+            let mut len = 0;
+            move |s: &String| {
+                len += s.len();
+                len <= n
+            }
+        })
+        .collect();
+    for (name, text) in [
+        ("unbalanced (Citation: markers", &unbalanced),
+        ("balanced citations", &balanced),
+    ] {
+        let t = Instant::now();
+        let (out, cites) = threatlake::attack::normalize::clean_text(text);
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "clean_text {:.1} MB of {name}: {:.3} s ({:.1} MB/s; {} citations, {} bytes out)",
+            text.len() as f64 / 1e6,
+            s,
+            text.len() as f64 / 1e6 / s.max(1e-9),
+            cites.len(),
+            out.len()
+        );
+    }
+    let chain = |n: usize, sep: &str, term: &str| vec![term; n].join(sep);
+    let dir = tempfile::tempdir().context("creating a temporary lake")?;
+    let lake = Lake::open(dir.path().join("lake").to_str().expect("utf-8 temp path"))?;
+    let engine = Engine::open(&lake).await?;
+    for (name, sql) in [
+        (
+            "SELECT 1+1+… (5,000 terms)",
+            format!("SELECT {}", chain(5_000, "+", "1")),
+        ),
+        (
+            "WHERE … OR … (20,000 terms)",
+            format!("SELECT 1 WHERE {}", chain(20_000, " OR ", "1 = 2")),
+        ),
+        ("2,000 UNION ALL", chain(2_000, " UNION ALL ", "SELECT 1")),
+        (
+            "SELECT 1+1+… (1,000 terms, accepted)",
+            format!("SELECT {}", chain(1_000, "+", "1")),
+        ),
+        (
+            "WHERE … OR … (900 terms, accepted)",
+            format!("SELECT 1 WHERE {}", chain(900, " OR ", "1 = 2")),
+        ),
+    ] {
+        let t = Instant::now();
+        let outcome = match engine.run(&sql).await {
+            Ok(r) => format!(
+                "ran, {} row(s)",
+                r.iter().map(|q| q.num_rows()).sum::<usize>()
+            ),
+            Err(e) => format!(
+                "refused: {}",
+                e.to_string().chars().take(60).collect::<String>()
+            ),
+        };
+        println!("sql {name}: {:.3} s, {outcome}", t.elapsed().as_secs_f64());
+    }
+    let before = peak_rss_mib().unwrap_or(0.0);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut gz, br#"{"type": "bundle", "objects": [], "x": ""#)?;
+    let zeros = vec![b' '; 64 << 20];
+    for _ in 0..16 {
+        std::io::Write::write_all(&mut gz, &zeros)?;
+    }
+    drop(zeros);
+    let bomb = gz.finish()?;
+    let t = Instant::now();
+    let refused = threatlake::attack::prepare(
+        "bomb.json.gz",
+        bytes::Bytes::from(bomb.clone()),
+        None,
+        None,
+        &threatlake::attack::BundleLimits::default(),
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_else(|| "accepted?!".into());
+    println!(
+        "gzip bomb {:.1} MB → 1 GB: {:.3} s, peak RSS {:.0} MiB (before {:.0} MiB): {}",
+        bomb.len() as f64 / 1e6,
+        t.elapsed().as_secs_f64(),
+        peak_rss_mib().unwrap_or(0.0),
+        before,
+        refused.chars().take(90).collect::<String>()
+    );
+    Ok(())
+}

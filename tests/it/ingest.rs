@@ -395,7 +395,12 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
     std::fs::write(&subset, serde_json::to_vec(&v).unwrap()).unwrap();
     let ics_path = common::bundle("ics");
     /// Input, environment, extra arguments, expected message parts.
-    type Case<'a> = (&'a Path, Vec<(&'a str, &'a str)>, Vec<&'a str>, Vec<&'a str>);
+    type Case<'a> = (
+        &'a Path,
+        Vec<(&'a str, &'a str)>,
+        Vec<&'a str>,
+        Vec<&'a str>,
+    );
     let cases: Vec<Case> = vec![
         (
             &bomb,
