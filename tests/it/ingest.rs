@@ -60,10 +60,7 @@ async fn reingest_is_idempotent() {
 
 /// Write the ICS bundle re-labelled as another ATT&CK release, with one technique renamed.
 fn relabelled_ics(path: &Path, version: &str, rename_to: &str) {
-    let gz = std::fs::read(common::bundle("ics")).unwrap();
-    let mut json = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut json).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut v = ics_json();
     for o in v["objects"].as_array_mut().unwrap() {
         if o["type"] == "x-mitre-collection" {
             o["x_mitre_version"] = version.into();
@@ -455,21 +452,14 @@ async fn bad_input_fails_clearly_and_leaves_the_lake_untouched() {
         );
     }
     // --force takes the subset when it is what the user means.
-    let out = common::cli_on(&dir)
-        .args([
-            "ingest",
-            "attack",
-            "--force",
-            "--from",
-            subset.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = common::run(common::cli_on(&dir).args([
+        "ingest",
+        "attack",
+        "--force",
+        "--from",
+        subset.to_str().unwrap(),
+    ]));
+    assert!(ok, "{err}");
 }
 
 /// The ICS bundle as JSON.
@@ -487,22 +477,15 @@ fn version_spellings_are_normalised() {
     let dir = common::scratch("version-spellings");
     let ics = common::bundle("ics");
     for v in ["v19.0", "19.00", " 19.0", "19"] {
-        let out = common::cli_on(&dir)
-            .args([
-                "ingest",
-                "attack",
-                "--from",
-                ics.to_str().unwrap(),
-                "--attack-version",
-                v,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{v}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, _, err) = common::run(common::cli_on(&dir).args([
+            "ingest",
+            "attack",
+            "--from",
+            ics.to_str().unwrap(),
+            "--attack-version",
+            v,
+        ]));
+        assert!(ok, "{v}: {err}");
     }
     assert_eq!(
         common::sql(
