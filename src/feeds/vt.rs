@@ -54,19 +54,27 @@ impl Kind {
 /// `1.2.3[.]4`, `evil(.)com`, `[dot]`, `[:]`, `[://]`, `[@]`.
 pub fn refang(s: &str) -> String {
     let mut out = s.trim().to_string();
-    for (from, to) in [
-        ("[://]", "://"),
-        ("[:]", ":"),
-        ("[.]", "."),
-        ("(.)", "."),
-        ("{.}", "."),
-        ("[dot]", "."),
-        ("(dot)", "."),
-        ("[@]", "@"),
-        ("[at]", "@"),
-    ] {
-        if out.contains(from) {
-            out = out.replace(from, to);
+    // Until nothing changes: `[[.]]` is `[.]` after one pass (found by fuzzing), and a refanged
+    // value must refang to itself. Each pass that changes the text shortens it, so this ends.
+    loop {
+        let before = out.len();
+        for (from, to) in [
+            ("[://]", "://"),
+            ("[:]", ":"),
+            ("[.]", "."),
+            ("(.)", "."),
+            ("{.}", "."),
+            ("[dot]", "."),
+            ("(dot)", "."),
+            ("[@]", "@"),
+            ("[at]", "@"),
+        ] {
+            if out.contains(from) {
+                out = out.replace(from, to);
+            }
+        }
+        if out.len() == before {
+            break;
         }
     }
     if let Some((scheme, rest)) = out.split_once("://") {
@@ -86,6 +94,9 @@ pub fn refang(s: &str) -> String {
 /// Classify and normalise an observable (refanged first); None for anything VirusTotal cannot look
 /// up.
 pub fn classify(s: &str) -> Option<(Kind, String)> {
+    if s.len() > 8192 {
+        return None;
+    }
     let refanged = refang(s);
     let s = refanged.as_str();
     if s.is_empty() || s.len() > 2048 {
@@ -794,6 +805,23 @@ mod tests {
             classify("bad[dot]example[dot]org").unwrap(),
             (Kind::Domain, "bad.example.org".into())
         );
+    }
+
+    #[test]
+    fn refanging_is_idempotent() {
+        assert_eq!(
+            classify("hxxp://evil[[.]]example[.]com/x").unwrap(),
+            (Kind::Url, "http://evil.example.com/x".into())
+        );
+        // The fuzzer's find (tests/fuzz/regressions): every accepted observable classifies to itself.
+        let text = String::from_utf8_lossy(include_bytes!(
+            "../../tests/fuzz/regressions/ioc_lines-refang-not-idempotent"
+        ));
+        let (ok, _) = parse_iocs(&text);
+        assert!(!ok.is_empty());
+        for o in ok {
+            assert_eq!(classify(&o).unwrap().1, o);
+        }
     }
 
     #[test]
