@@ -222,21 +222,13 @@ pub async fn fetch(
         if !status.is_success() {
             return Err(http(format!("HTTP {status}")));
         }
-        if resp.content_length().is_some_and(|n| n > limits.max_bytes) {
-            return Err(limits.too_large(source, "the download is"));
-        }
-        let mut body = bytes::BytesMut::new();
-        while let Some(chunk) = resp
-            .chunk()
+        use crate::feeds::http::{read_capped, CappedError};
+        read_capped(&mut resp, limits.max_bytes)
             .await
-            .map_err(|e| http(format!("reading the body: {e}")))?
-        {
-            if (body.len() + chunk.len()) as u64 > limits.max_bytes {
-                return Err(limits.too_large(source, "the download is"));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body.freeze())
+            .map_err(|e| match e {
+                CappedError::TooLarge => limits.too_large(source, "the download is"),
+                CappedError::Transport { error, .. } => http(format!("reading the body: {error}")),
+            })
     } else {
         let path = source.strip_prefix("file://").unwrap_or(source);
         let read_err = |e| IngestError::ReadFile {

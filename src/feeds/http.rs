@@ -291,32 +291,55 @@ impl FeedClient {
             url: url.to_string(),
             limit_mb: self.policy.max_body as f64 / 1_048_576.0,
         };
-        if resp
-            .content_length()
-            .is_some_and(|n| n > self.policy.max_body)
-        {
-            return Err(too_large());
+        match read_capped(&mut resp, self.policy.max_body).await {
+            Ok(b) => Ok(Ok(b)),
+            Err(CappedError::TooLarge) => Err(too_large()),
+            Err(CappedError::Transport { error, received }) if error.is_timeout() => Ok(Err(format!(
+                "timed out after {:?} while reading the body ({received} bytes received): the server sent it too slowly",
+                self.policy.timeout
+            ))),
+            Err(CappedError::Transport { error, .. }) => {
+                Ok(Err(format!("reading the body: {}", without_url(&error))))
+            }
         }
-        let mut body = bytes::BytesMut::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if (body.len() + chunk.len()) as u64 > self.policy.max_body {
-                        return Err(too_large());
-                    }
-                    body.extend_from_slice(&chunk);
+    }
+}
+
+/// Why [`read_capped`] stopped.
+#[derive(Debug)]
+pub enum CappedError {
+    /// The body is larger than the cap (by its Content-Length, or as it streamed in).
+    TooLarge,
+    /// The connection failed while reading, after `received` bytes.
+    Transport {
+        /// reqwest's error.
+        error: reqwest::Error,
+        /// Bytes read before it.
+        received: usize,
+    },
+}
+
+/// A response body of at most `max` bytes, refused by its Content-Length or as soon as it streams
+/// past the cap, so an oversized answer is never buffered whole.
+pub async fn read_capped(resp: &mut reqwest::Response, max: u64) -> Result<Bytes, CappedError> {
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(CappedError::TooLarge);
+    }
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if (body.len() + chunk.len()) as u64 > max {
+                    return Err(CappedError::TooLarge);
                 }
-                Ok(None) => return Ok(Ok(body.freeze())),
-                Err(e) if e.is_timeout() => {
-                    return Ok(Err(format!(
-                        "timed out after {:?} while reading the body ({} bytes received): the server sent it too slowly",
-                        self.policy.timeout,
-                        body.len()
-                    )))
-                }
-                Err(e) => {
-                    return Ok(Err(format!("reading the body: {}", without_url(&e))));
-                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(error) => {
+                return Err(CappedError::Transport {
+                    error,
+                    received: body.len(),
+                })
             }
         }
     }
