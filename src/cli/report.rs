@@ -212,38 +212,41 @@ pub async fn chart(settings: &Settings, a: ChartArgs) -> Result<()> {
     Ok(())
 }
 
-/// The platforms of `domain`'s current techniques, sorted (filtered here, not spliced into SQL).
+/// The platforms of `domain`'s current techniques, sorted.
 async fn domain_platforms(engine: &Engine, domain: &str) -> Result<Vec<String>> {
-    let r = engine
-        .run("SELECT DISTINCT domain, unnest(platforms) AS p FROM attack_techniques_current ORDER BY 2")
-        .await?;
+    domain_values(
+        engine,
+        "SELECT DISTINCT domain, unnest(platforms) AS p FROM attack_techniques_current ORDER BY 2",
+        domain,
+    )
+    .await
+}
+
+async fn current_version(engine: &Engine, domain: &str) -> Result<String> {
+    let v = domain_values(
+        engine,
+        "SELECT domain, attack_version FROM attack_versions_current",
+        domain,
+    )
+    .await?;
+    Ok(v.into_iter().next().unwrap_or_default())
+}
+
+/// The second column of `sql`'s rows whose first column is `domain` (filtered here, so the domain
+/// is never spliced into SQL).
+async fn domain_values(engine: &Engine, sql: &str, domain: &str) -> Result<Vec<String>> {
+    let r = engine.run(sql).await?;
     let mut out = Vec::new();
     for b in &r[0].batches {
         let d = threatlake::feeds::column_strings(b, 0);
-        let p = threatlake::feeds::column_strings(b, 1);
-        for (d, p) in d.into_iter().zip(p) {
-            if let (Some(d), Some(p)) = (d, p) {
-                if d == domain && !out.contains(&p) {
-                    out.push(p);
+        let v = threatlake::feeds::column_strings(b, 1);
+        for (d, v) in d.into_iter().zip(v) {
+            if let (Some(d), Some(v)) = (d, v) {
+                if d == domain {
+                    out.push(v);
                 }
             }
         }
     }
     Ok(out)
-}
-
-async fn current_version(engine: &Engine, domain: &str) -> Result<String> {
-    let r = engine
-        .run("SELECT domain, attack_version FROM attack_versions_current")
-        .await?;
-    for b in &r[0].batches {
-        let d = threatlake::feeds::column_strings(b, 0);
-        let v = threatlake::feeds::column_strings(b, 1);
-        for (d, v) in d.into_iter().zip(v) {
-            if d.as_deref() == Some(domain) {
-                return Ok(v.unwrap_or_default());
-            }
-        }
-    }
-    Ok(String::new())
 }
