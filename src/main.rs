@@ -311,15 +311,35 @@ enum LakeCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Merge each partition's small files into one (feeds add a file per batch), so scans stay fast.
-    Compact {
-        /// Merge partitions with at least this many files.
-        #[arg(long, default_value_t = 2)]
-        min_files: usize,
-        /// Only say what would be merged.
+    /// Compact each table's small files (feeds add one per batch) in one commit per table, so scans
+    /// stay fast; readers are not disturbed and time travel still reaches the versions before.
+    #[command(alias = "compact")]
+    Optimize {
+        /// Target file size in MB.
+        #[arg(long, default_value_t = 128)]
+        target_mb: u64,
+    },
+    /// Delete data files no version within the retention reads (replaced or compacted files, and
+    /// files of writers that died before committing); time travel reaches back as far as kept.
+    Vacuum {
+        /// Keep what versions of this age read, e.g. 7d, 12h, 0s.
+        #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = humantime::parse_duration)]
+        retain: std::time::Duration,
+        /// Only say how many files would be deleted.
         #[arg(long)]
         dry_run: bool,
     },
+    /// List a table's commits, newest first: version, time, operation, what threatlake did, metrics.
+    History {
+        /// Table name.
+        table: String,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Convert a lake of plain Parquet tables (written before Delta Lake) into Delta tables in
+    /// place, without copying, losing or duplicating a row. Safe to re-run.
+    Upgrade,
     /// Show the writer locks held on the lake.
     Locks,
     /// Remove a writer lock whose process died (see `lake locks`).
@@ -548,29 +568,61 @@ async fn main_inner(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Lake(LakeCommand::Compact { min_files, dry_run }) => {
+        Command::Lake(LakeCommand::Optimize { target_mb }) => {
             let lake = Lake::from_settings(&settings.lake)?;
-            let ttl = threatlake::lake::lock_ttl(&settings.lake);
             let t = std::time::Instant::now();
-            let r = threatlake::lake::maintain::compact(&lake.location, min_files, dry_run, ttl)
-                .await?;
-            if r.recovered > 0 {
-                println!("finished {} interrupted compaction(s)", r.recovered);
-            }
+            let r = threatlake::lake::maintain::optimize(&lake, target_mb).await?;
             println!(
-                "{}{}: {} partition(s), {} file(s) → {}, {} row(s), {:.1} KB → {:.1} KB in {:.1} s",
-                if dry_run { "dry run: " } else { "" },
+                "{}: {} table(s) compacted, {} file(s) → {} in {:.1} s",
                 lake.location,
-                r.partitions,
-                r.files_in,
-                r.files_out,
-                r.rows,
-                r.bytes_in as f64 / 1024.0,
-                r.bytes_out as f64 / 1024.0,
+                r.tables,
+                r.files_removed,
+                r.files_added,
                 t.elapsed().as_secs_f64()
             );
-            for (dir, why) in &r.skipped {
-                println!("  skipped {dir}: {why}");
+            Ok(())
+        }
+        Command::Lake(LakeCommand::Vacuum { retain, dry_run }) => {
+            let lake = Lake::from_settings(&settings.lake)?;
+            let r = threatlake::lake::maintain::vacuum(&lake, retain, dry_run).await?;
+            println!(
+                "{}{}: {} file(s) {} in {} table(s) (kept what the last {} of versions read)",
+                if dry_run { "dry run: " } else { "" },
+                lake.location,
+                r.files,
+                if dry_run { "would be deleted" } else { "deleted" },
+                r.tables,
+                humantime::format_duration(retain)
+            );
+            Ok(())
+        }
+        Command::Lake(LakeCommand::History { table, limit }) => {
+            let lake = Lake::from_settings(&settings.lake)?;
+            for c in lake.history(&table, Some(limit)).await? {
+                println!(
+                    "{:>6}  {}  {:<14} {:<40} {}",
+                    c.version,
+                    c.timestamp
+                        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    c.operation,
+                    c.purpose.unwrap_or_default(),
+                    c.metrics
+                );
+            }
+            Ok(())
+        }
+        Command::Lake(LakeCommand::Upgrade) => {
+            let lake = Lake::from_settings(&settings.lake)?;
+            let r = threatlake::lake::maintain::upgrade(&lake).await?;
+            if r.recovered > 0 {
+                println!("finished {} interrupted compaction(s) of the old release", r.recovered);
+            }
+            for (name, files) in &r.converted {
+                println!("{name}: {files} Parquet file(s) → Delta table (version 0)");
+            }
+            if r.converted.is_empty() {
+                println!("{}: every table is already a Delta table", lake.location);
             }
             Ok(())
         }
@@ -608,7 +660,8 @@ async fn main_inner(cli: Cli) -> Result<()> {
             }
             for (name, t) in tables {
                 println!(
-                    "{name:<32} {:>5} files {:>10.1} KB  partitioned by {}",
+                    "{name:<32} v{:<4} {:>5} files {:>10.1} KB  partitioned by {}",
+                    t.version,
                     t.files,
                     t.bytes as f64 / 1024.0,
                     if t.partition_cols.is_empty() {

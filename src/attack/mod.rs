@@ -344,6 +344,7 @@ impl Prepared {
                 &partition,
                 batch.schema(),
                 std::slice::from_ref(batch),
+                &format!("ingest attack {} {}", self.domain, self.attack_version),
             )
             .await?;
             rows.insert(name.to_string(), batch.num_rows());

@@ -125,9 +125,12 @@ pub async fn map_intel(
         batch_id: batch.clone(),
         ..Default::default()
     };
-    // Items not mapped yet (by id and version). Intel text only ever travels as column data.
+    // Items not mapped yet (by id and version). An item whose evidence is committed counts as
+    // mapped even if the `mapped_items` commit after it never happened (a crash between the two):
+    // its evidence is never written twice. Intel text only ever travels as column data.
     let pending = "SELECT t.item_id, t.item_version, t.source, t.text FROM threat_intelligence_data t \
-        WHERE NOT EXISTS (SELECT 1 FROM mapped_items m WHERE m.item_id = t.item_id AND m.item_version = t.item_version)";
+        WHERE NOT EXISTS (SELECT 1 FROM mapped_items m WHERE m.item_id = t.item_id AND m.item_version = t.item_version) \
+          AND NOT EXISTS (SELECT 1 FROM mapped_threat_data d WHERE d.item_id = t.item_id AND d.item_version = t.item_version)";
     let sql = format!(
         "SELECT p.item_id, p.item_version, p.source, map_techniques(p.text, {top_k}) AS ranked FROM ({pending}) p ORDER BY p.item_id"
     );
@@ -259,7 +262,8 @@ pub async fn map_intel(
         })
         .collect();
     let part = [("mapped_date", date.as_str())];
-    // Evidence first, then the items: an interrupted run maps its items again rather than losing them.
+    // Evidence first (one commit), then the items (one commit): after a crash in between, the items
+    // with evidence are not pending (see above) and those without are mapped again — nothing twice.
     append(lake, MAPPED, &mapped_schema(), &part, &batch, &rows).await?;
     append(
         lake,
@@ -311,8 +315,14 @@ pub async fn snapshot(lake: &Lake, engine: &Engine) -> Result<(String, usize), F
         n += batch.num_rows();
         batches.push(batch);
     }
-    lake.write_file(THREAT_MODEL, &[("run_id", &run)], "0", schema, &batches)
-        .await?;
+    lake.append(
+        THREAT_MODEL,
+        &[("run_id", &run)],
+        schema,
+        &batches,
+        &format!("threat model snapshot {run}"),
+    )
+    .await?;
     Ok((run, n))
 }
 

@@ -14,7 +14,7 @@ pub mod vt;
 use std::io::Write;
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -216,7 +216,7 @@ pub fn to_batch<T: Serialize>(
         .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
 }
 
-/// Append `rows` to a log table as one new file `part-<batch>.parquet` in today's partition (atomic).
+/// Append `rows` to a log table in today's partition: one commit, recorded with the batch id.
 pub async fn append<T: Serialize>(
     lake: &Lake,
     table: &'static str,
@@ -229,7 +229,7 @@ pub async fn append<T: Serialize>(
         return Ok(());
     }
     let batch = to_batch(table, schema, rows)?;
-    lake.write_file(table, partition, file_id, schema.clone(), &[batch])
+    lake.append(table, partition, schema.clone(), &[batch], file_id)
         .await?;
     Ok(())
 }
@@ -282,28 +282,34 @@ pub async fn read_state(
     lake: &Lake,
     source: &str,
 ) -> Result<std::collections::BTreeMap<String, String>, FeedError> {
-    let rel = format!("{STATE}/source={source}/{}", crate::lake::PART_FILE);
-    let Some(bytes) = lake.location.get_opt(&rel).await? else {
-        return Ok(Default::default());
+    let mut out = std::collections::BTreeMap::new();
+    let Some(snap) = lake.snapshot(STATE, &crate::lake::delta::AsOf::Latest).await? else {
+        return Ok(out);
     };
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .and_then(|b| b.build())
-        .map_err(|e| FeedError::Input {
+    let prefix = format!("source={source}/");
+    for (file, _) in snap.files.iter().filter(|(f, _)| f.starts_with(&prefix)) {
+        let rel = format!("{STATE}/{file}");
+        let unreadable = |e: &dyn std::fmt::Display| FeedError::Input {
             path: rel.clone(),
             message: format!(
-                "unreadable feed state ({e}); delete it to start the feed from scratch"
+                "unreadable feed state ({e}); `threatlake lake history {STATE}` and time travel show the last good state"
             ),
-        })?;
-    let mut out = std::collections::BTreeMap::new();
-    for b in reader {
-        let b = b.map_err(|e| FeedError::Input {
-            path: rel.clone(),
-            message: e.to_string(),
-        })?;
-        let k = arrow::array::AsArray::as_string::<i32>(b.column(0));
-        let v = arrow::array::AsArray::as_string::<i32>(b.column(1));
-        for i in 0..b.num_rows() {
-            out.insert(k.value(i).to_string(), v.value(i).to_string());
+        };
+        let bytes = lake.location.get(&rel).await?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| unreadable(&e))?;
+        for b in reader {
+            let b = b.map_err(|e| unreadable(&e))?;
+            let (Some(k), Some(v)) = (
+                b.column_by_name("key").and_then(|c| c.as_string_opt::<i32>()),
+                b.column_by_name("value").and_then(|c| c.as_string_opt::<i32>()),
+            ) else {
+                return Err(unreadable(&"no key/value text columns"));
+            };
+            for i in 0..b.num_rows() {
+                out.insert(k.value(i).to_string(), v.value(i).to_string());
+            }
         }
     }
     Ok(out)
@@ -326,8 +332,14 @@ pub async fn write_state(
         .collect();
     let schema = state_schema();
     let batch = to_batch(STATE, &schema, &rows)?;
-    lake.replace_partition(STATE, &[("source", source)], schema, &[batch])
-        .await?;
+    lake.replace_partition(
+        STATE,
+        &[("source", source)],
+        schema,
+        &[batch],
+        &format!("feed state {source}"),
+    )
+    .await?;
     Ok(())
 }
 

@@ -142,14 +142,14 @@ impl Location {
         // Someone holds it. Read who; take it over only when it has expired, and only if nobody else
         // replaced it meanwhile (conditional update on the version we read).
         let current = self.store.get(&path).await;
-        let (other, version) = match current {
+        let (other, version, seen) = match current {
             Ok(r) => {
                 let version = UpdateVersion {
                     e_tag: r.meta.e_tag.clone(),
                     version: r.meta.version.clone(),
                 };
                 let bytes = r.bytes().await.map_err(|e| self.error(&path, e))?;
-                (serde_json::from_slice::<Holder>(&bytes).ok(), version)
+                (serde_json::from_slice::<Holder>(&bytes).ok(), version, bytes)
             }
             // Released between our two requests: try once more from the start.
             Err(object_store::Error::NotFound { .. }) => {
@@ -162,7 +162,17 @@ impl Location {
             .is_none_or(|h| h.expires < now || h.is_dead());
         if expired {
             let update = PutOptions::from(PutMode::Update(version));
-            if self.store.put_opts(&path, body, update).await.is_ok() {
+            let taken = match self.store.put_opts(&path, body.clone(), update).await {
+                Ok(_) => true,
+                // The local file system has no conditional update: move the dead holder's object
+                // aside (a rename is atomic, so of several takers one moves it), check that what
+                // moved is what we read, then create ours as usual.
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    self.take_over_by_rename(&path, &seen, body).await?
+                }
+                Err(_) => false,
+            };
+            if taken {
                 tracing::warn!(lock = name, previous = ?other, "took over an abandoned lake lock");
                 return Ok(LakeLock {
                     location: self.clone(),
@@ -179,6 +189,38 @@ impl Location {
                 .unwrap_or_else(|| "an unreadable lock object".into()),
             expired,
         })
+    }
+
+    /// Replace the lock object at `path`, whose content was `seen`, where stores cannot update
+    /// conditionally. Returns whether the lock is now ours.
+    async fn take_over_by_rename(
+        &self,
+        path: &object_store::path::Path,
+        seen: &[u8],
+        body: PutPayload,
+    ) -> Result<bool, LakeError> {
+        let aside = object_store::path::Path::from(format!(
+            "{path}.stale-{}",
+            uuid::Uuid::new_v4()
+        ));
+        if self.store.rename_if_not_exists(path, &aside).await.is_err() {
+            return Ok(false);
+        }
+        let moved = match self.store.get(&aside).await {
+            Ok(r) => r.bytes().await.map_err(|e| self.error(&aside, e))?,
+            Err(e) => return Err(self.error(&aside, e)),
+        };
+        if moved.as_ref() != seen {
+            // Another taker got there first and we moved its fresh lock: put it back.
+            let back = self.store.rename_if_not_exists(&aside, path).await;
+            if back.is_err() {
+                let _ = self.store.delete(&aside).await;
+            }
+            return Ok(false);
+        }
+        let _ = self.store.delete(&aside).await;
+        let create = PutOptions::from(PutMode::Create);
+        Ok(self.store.put_opts(path, body, create).await.is_ok())
     }
 
     /// Take several locks (in [`ALL`] order), releasing those already taken if one is held elsewhere.

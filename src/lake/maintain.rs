@@ -1,25 +1,21 @@
-//! Lake upkeep: `lake sync` (copy a lake between a directory and S3, either way) and `lake compact`
-//! (merge the many small files long-running feeds leave in a partition).
-//!
-//! Compaction swaps several files for one, which no object store can do atomically, so it keeps a
-//! journal: `_compact/<id>.json` names the inputs and the output before anything changes. The output
-//! lands (atomically), then the inputs are deleted, then the journal. A crash before the output lands
-//! leaves the inputs untouched; a crash after it leaves a journal that the next `compact` rolls
-//! forward (deleting the inputs). Until then a query could count those rows twice, never lose them.
+//! Lake upkeep: `lake sync` (copy a lake between a directory and S3, either way, log-aware),
+//! `lake optimize` (compact small files in one commit), `lake vacuum` (delete files no version
+//! within the retention reads) and `lake upgrade` (plain-Parquet lake → Delta tables in place).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use arrow::array::{RecordBatch, RecordBatchReader};
-use arrow::datatypes::SchemaRef;
+use deltalake_core::kernel::{DataType as DeltaType, StructField};
+use deltalake_core::operations::convert_to_delta::{ConvertToDeltaBuilder, PartitionStrategy};
+use deltalake_core::operations::vacuum::VacuumMode;
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use object_store::ObjectMeta;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::{encode_parquet, LakeError, Location, STAGING};
+use super::delta::{AsOf, DELTA_LOG};
+use super::{Lake, LakeError, Location, STAGING};
 
-/// Folder of compaction journals under a lake root.
+/// Folder of the compaction journals older releases kept (rolled forward by `lake upgrade`).
 pub const JOURNAL: &str = "_compact";
 
 /// Objects that belong to one lake and not to another: staging files and held locks.
@@ -132,8 +128,13 @@ async fn sync_locked(
         report.deleted = stale.len();
         return Ok(report);
     }
-    let pb = progress(todo.len() as u64, &format!("sync → {to}"));
-    let copied: Vec<Option<u64>> = futures::stream::iter(todo)
+    // Data files first, then each table's commit log in version order: a reader of the destination
+    // sees a version only once every file it names is there.
+    let (logs, data): (Vec<_>, Vec<_>) = todo
+        .into_iter()
+        .partition(|(rel, _)| rel.contains(&format!("/{DELTA_LOG}/")));
+    let pb = progress((logs.len() + data.len()) as u64, &format!("sync → {to}"));
+    let mut copied: Vec<Option<u64>> = futures::stream::iter(data)
         .map(|(rel, _)| {
             let pb = pb.clone();
             async move {
@@ -152,6 +153,20 @@ async fn sync_locked(
         .buffer_unordered(8)
         .try_collect()
         .await?;
+    let mut logs = logs;
+    // `_last_checkpoint` points at a checkpoint: after every numbered entry.
+    logs.sort_by_key(|(rel, _)| (rel.ends_with("_last_checkpoint"), rel.to_string()));
+    for (rel, _) in logs {
+        copied.push(match from.get_opt(rel).await? {
+            Some(bytes) => {
+                let n = bytes.len() as u64;
+                to.put_atomic(rel, bytes).await?;
+                Some(n)
+            }
+            None => None,
+        });
+        pb.inc(1);
+    }
     pb.finish_and_clear();
     for c in copied {
         match c {
@@ -162,7 +177,8 @@ async fn sync_locked(
             None => report.vanished += 1,
         }
     }
-    // Deletions last: a crash before this point leaves extra files, never missing ones.
+    // Deletions last (files the source vacuumed): a crash before this point leaves extra files,
+    // never missing ones.
     for rel in stale {
         to.delete(rel).await?;
         report.deleted += 1;
@@ -170,187 +186,172 @@ async fn sync_locked(
     Ok(report)
 }
 
-/// A compaction in progress, written before anything changes.
-#[derive(Debug, Serialize, Deserialize)]
-struct Journal {
-    /// Partition folder (relative to the root).
-    dir: String,
-    /// Files being merged (relative paths).
-    inputs: Vec<String>,
-    /// The merged file (relative path).
-    output: String,
-}
-
-/// What a compaction did.
+/// What `lake optimize` did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct CompactReport {
-    /// Partitions merged.
-    pub partitions: usize,
-    /// Files before.
-    pub files_in: usize,
-    /// Files after.
-    pub files_out: usize,
-    /// Rows rewritten.
-    pub rows: usize,
-    /// Bytes before / after.
-    pub bytes_in: u64,
-    /// Bytes after.
-    pub bytes_out: u64,
-    /// Journals of interrupted compactions finished.
-    pub recovered: usize,
-    /// Partitions left alone because their files' schemas differ: (folder, reason).
-    pub skipped: Vec<(String, String)>,
+pub struct OptimizeReport {
+    /// Tables rewritten.
+    pub tables: usize,
+    /// Files removed (merged into others).
+    pub files_removed: u64,
+    /// Files added.
+    pub files_added: u64,
 }
 
-/// Merge every partition holding at least `min_files` Parquet files into one file, under all of
-/// the lake's writer locks. Interrupted compactions are finished first.
-pub async fn compact(
-    loc: &Location,
-    min_files: usize,
-    dry_run: bool,
-    ttl: std::time::Duration,
-) -> Result<CompactReport, LakeError> {
-    let work = compact_locked(loc, min_files.max(2), dry_run);
-    under_all_locks(loc, "lake compact", dry_run, ttl, work).await
-}
-
-async fn compact_locked(
-    loc: &Location,
-    min_files: usize,
-    dry_run: bool,
-) -> Result<CompactReport, LakeError> {
-    let mut report = CompactReport::default();
-    if !dry_run {
-        report.recovered = recover(loc).await?;
-    }
-    let mut groups: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
-    for obj in loc.list("").await? {
-        let parts = loc.relative_parts(&obj.location);
-        let [table, .., file] = parts.as_slice() else {
+/// Compact every table's small files (feeds add one per batch) into files of up to `target_mb`,
+/// one commit per table: readers see the table before or after, with the same rows.
+pub async fn optimize(lake: &Lake, target_mb: u64) -> Result<OptimizeReport, LakeError> {
+    let mut report = OptimizeReport::default();
+    for name in lake.require_delta().await? {
+        let Some(t) = lake.delta_table(&name, &AsOf::Latest).await? else {
             continue;
         };
-        if parts.len() < 2 || table.starts_with(['_', '.']) || !file.ends_with(".parquet") {
-            continue;
+        let target = std::num::NonZeroU64::new(target_mb.max(1) * 1024 * 1024).expect("nonzero");
+        let (_, m) = t
+            .optimize()
+            .with_target_size(target)
+            .await
+            .map_err(|e| LakeError::Delta {
+                table: name.clone(),
+                message: e.to_string(),
+            })?;
+        if m.num_files_removed > 0 {
+            report.tables += 1;
         }
-        groups
-            .entry(parts[..parts.len() - 1].join("/"))
-            .or_default()
-            .push(obj);
+        report.files_removed += m.num_files_removed;
+        report.files_added += m.num_files_added;
     }
-    let work: Vec<(String, Vec<ObjectMeta>)> = groups
-        .into_iter()
-        .filter(|(_, files)| files.len() >= min_files)
-        .collect();
-    let pb = progress(work.len() as u64, "compact");
-    for (dir, files) in work {
-        pb.inc(1);
-        let inputs: Vec<String> = files
-            .iter()
-            .map(|o| loc.relative_parts(&o.location).join("/"))
-            .collect();
-        let bytes_in: u64 = files.iter().map(|o| o.size).sum();
-        let (schema, batches) = match read_all(loc, &inputs).await? {
-            Ok(x) => x,
-            Err(reason) => {
-                report.skipped.push((dir, reason));
-                continue;
-            }
-        };
-        report.partitions += 1;
-        report.files_in += files.len();
-        report.files_out += 1;
-        report.bytes_in += bytes_in;
-        report.rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
-        if dry_run {
-            continue;
-        }
-        let id = crate::feeds::new_batch_id(chrono::Utc::now());
-        let output = format!("{dir}/part-c{id}.parquet");
-        let bytes = encode_parquet(&output, schema, &batches)?;
-        report.bytes_out += bytes.len() as u64;
-        let journal_rel = format!("{JOURNAL}/{id}.json");
-        let journal = Journal {
-            dir: dir.clone(),
-            inputs: inputs.clone(),
-            output: output.clone(),
-        };
-        loc.put_atomic(
-            &journal_rel,
-            serde_json::to_vec(&journal)
-                .expect("journal serialises")
-                .into(),
-        )
-        .await?;
-        loc.put_atomic(&output, bytes).await?;
-        for rel in &inputs {
-            loc.delete(rel).await?;
-        }
-        loc.delete(&journal_rel).await?;
-    }
-    pb.finish_and_clear();
     Ok(report)
 }
 
-/// Every batch of the given Parquet files, or why they cannot be merged (differing schemas).
-async fn read_all(
-    loc: &Location,
-    rels: &[String],
-) -> Result<Result<(SchemaRef, Vec<RecordBatch>), String>, LakeError> {
-    let mut schema: Option<SchemaRef> = None;
-    let mut out = Vec::new();
-    for rel in rels {
-        let bytes = loc.get(rel).await?;
-        let perr = |source| LakeError::Parquet {
-            path: rel.clone(),
-            source,
-        };
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .and_then(|b| b.build())
-            .map_err(perr)?;
-        let s = reader.schema();
-        match &schema {
-            None => schema = Some(s.clone()),
-            Some(first) if first.fields() != s.fields() => {
-                return Ok(Err(format!(
-                    "{rel} has a different schema from the partition's other files"
-                )));
-            }
-            Some(_) => {}
-        }
-        for b in reader {
-            out.push(b.map_err(|e| perr(e.into()))?);
-        }
-    }
-    Ok(Ok((schema.expect("at least one file"), out)))
+/// What `lake vacuum` did (or would do).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VacuumReport {
+    /// Files deleted (or that would be).
+    pub files: usize,
+    /// Tables with something to delete.
+    pub tables: usize,
 }
 
-/// Finish interrupted compactions: when the output landed, delete the inputs; then the journal.
-async fn recover(loc: &Location) -> Result<usize, LakeError> {
-    let mut n = 0;
-    for obj in loc.list(JOURNAL).await? {
-        let rel = loc.relative_parts(&obj.location).join("/");
-        let Some(bytes) = loc.get_opt(&rel).await? else {
+/// Delete every data file that no version committed within `retain` reads (replaced, compacted,
+/// or left by a writer that died before committing). Time travel reaches back `retain`.
+pub async fn vacuum(
+    lake: &Lake,
+    retain: std::time::Duration,
+    dry_run: bool,
+) -> Result<VacuumReport, LakeError> {
+    let mut report = VacuumReport::default();
+    let retain = chrono::Duration::from_std(retain).unwrap_or(chrono::Duration::MAX);
+    for name in lake.require_delta().await? {
+        let Some(t) = lake.delta_table(&name, &AsOf::Latest).await? else {
             continue;
         };
-        if let Ok(j) = serde_json::from_slice::<Journal>(&bytes) {
+        let (_, m) = t
+            .vacuum()
+            .with_retention_period(retain)
+            .with_enforce_retention_duration(false)
+            .with_mode(VacuumMode::Full)
+            .with_dry_run(dry_run)
+            .await
+            .map_err(|e| LakeError::Delta {
+                table: name.clone(),
+                message: e.to_string(),
+            })?;
+        if !m.files_deleted.is_empty() {
+            report.tables += 1;
+        }
+        report.files += m.files_deleted.len();
+    }
+    Ok(report)
+}
+
+/// A compaction journal of an older release.
+#[derive(Debug, Deserialize)]
+struct Journal {
+    inputs: Vec<String>,
+    output: String,
+}
+
+/// What `lake upgrade` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UpgradeReport {
+    /// Tables converted: (name, files).
+    pub converted: Vec<(String, usize)>,
+    /// Interrupted compactions of the old release finished first.
+    pub recovered: usize,
+    /// Staging leftovers removed.
+    pub staging_removed: usize,
+}
+
+/// Convert a plain-Parquet lake (as releases before Delta wrote it) into Delta tables in place: the
+/// Parquet files stay where they are and each table gets a commit log naming all of them (version 0).
+/// Interrupted compactions are rolled forward first so no row is counted twice. Idempotent: tables
+/// already converted are left alone, so an interrupted upgrade is finished by running it again.
+pub async fn upgrade(lake: &Lake) -> Result<UpgradeReport, LakeError> {
+    let loc = &lake.location;
+    let mut report = UpgradeReport::default();
+    for obj in loc.list(JOURNAL).await? {
+        let rel = loc.relative_parts(&obj.location).join("/");
+        let j: Option<Journal> = serde_json::from_slice(&loc.get(&rel).await?).ok();
+        if let Some(j) = j {
             if loc.get_opt(&j.output).await?.is_some() {
                 for input in &j.inputs {
                     loc.delete(input).await?;
                 }
+            } else {
+                loc.delete(&j.output).await?;
             }
         }
         loc.delete(&rel).await?;
-        n += 1;
+        report.recovered += 1;
     }
-    Ok(n)
+    for obj in loc.list(STAGING).await? {
+        let rel = loc.relative_parts(&obj.location).join("/");
+        loc.delete(&rel).await?;
+        report.staging_removed += 1;
+    }
+    let (_, legacy) = lake.table_dirs().await?;
+    for name in legacy {
+        let files: Vec<Vec<String>> = loc
+            .list(&name)
+            .await?
+            .iter()
+            .filter(|o| o.location.extension() == Some("parquet"))
+            .map(|o| loc.relative_parts(&o.location))
+            .collect();
+        let cols: Vec<String> = files
+            .first()
+            .map(|parts| {
+                parts[1..parts.len() - 1]
+                    .iter()
+                    .filter_map(|m| m.split_once('=').map(|(k, _)| k.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let log_store = lake.log_store(&name)?;
+        ConvertToDeltaBuilder::new()
+            .with_log_store(log_store)
+            .with_partition_strategy(PartitionStrategy::Hive)
+            .with_partition_schema(
+                cols.iter()
+                    .map(|c| StructField::new(c.clone(), DeltaType::STRING, true)),
+            )
+            .await
+            .map_err(|e| LakeError::Delta {
+                table: name.clone(),
+                message: format!("converting to Delta: {e}"),
+            })?;
+        report.converted.push((name, files.len()));
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::Int64Array;
-    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
     use bytes::Bytes;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use std::sync::Arc;
 
     fn batch(v: &[i64]) -> (SchemaRef, RecordBatch) {
@@ -360,13 +361,12 @@ mod tests {
         (schema, b)
     }
 
-    async fn rows(lake: &super::super::Lake, dir: &str) -> (usize, Vec<i64>) {
-        let mut files = 0;
+    /// Files and sorted values of `table` at `at`, read from the snapshot's files.
+    async fn rows(lake: &Lake, table: &str, at: AsOf) -> (usize, Vec<i64>) {
+        let snap = lake.snapshot(table, &at).await.unwrap().unwrap();
         let mut vals = Vec::new();
-        for o in lake.location.list(dir).await.unwrap() {
-            files += 1;
-            let rel = lake.location.relative_parts(&o.location).join("/");
-            let bytes = lake.location.get(&rel).await.unwrap();
+        for (f, _) in &snap.files {
+            let bytes = lake.location.get(&format!("{table}/{f}")).await.unwrap();
             for b in ParquetRecordBatchReaderBuilder::try_new(bytes)
                 .unwrap()
                 .build()
@@ -374,14 +374,25 @@ mod tests {
             {
                 let b = b.unwrap();
                 vals.extend(
-                    arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0))
-                        .values()
-                        .iter(),
+                    arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(
+                        b.column_by_name("x").unwrap(),
+                    )
+                    .values()
+                    .iter(),
                 );
             }
         }
         vals.sort();
-        (files, vals)
+        (snap.files.len(), vals)
+    }
+
+    async fn parquet_objects(loc: &Location, dir: &str) -> usize {
+        loc.list(dir)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|o| o.location.extension() == Some("parquet"))
+            .count()
     }
 
     #[tokio::test]
@@ -390,125 +401,125 @@ mod tests {
         let from = Location::open(a.path().to_str().unwrap()).unwrap();
         let to = Location::open(b.path().to_str().unwrap()).unwrap();
         let ttl = std::time::Duration::from_secs(60);
-        from.put_atomic(
-            "feed_state/otx.json",
-            Bytes::from_static(b"{\"w\":\"2024-01-01\"}"),
-        )
-        .await
-        .unwrap();
+        from.put_atomic("notes/otx.json", Bytes::from_static(b"{\"w\":\"2024-01-01\"}"))
+            .await
+            .unwrap();
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (1, 0));
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (0, 1));
-        // The same size, new content (fixed-width state): copied, not skipped.
+        // The same size, new content: copied, not skipped.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        from.put_atomic(
-            "feed_state/otx.json",
-            Bytes::from_static(b"{\"w\":\"2024-02-02\"}"),
-        )
-        .await
-        .unwrap();
+        from.put_atomic("notes/otx.json", Bytes::from_static(b"{\"w\":\"2024-02-02\"}"))
+            .await
+            .unwrap();
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (1, 0));
         assert_eq!(
-            to.get_opt("feed_state/otx.json").await.unwrap().unwrap(),
+            to.get_opt("notes/otx.json").await.unwrap().unwrap(),
             Bytes::from_static(b"{\"w\":\"2024-02-02\"}")
         );
     }
 
     #[tokio::test]
-    async fn compaction_merges_and_recovers_an_interrupted_swap() {
+    async fn optimize_keeps_rows_and_history_vacuum_keeps_what_retention_asks() {
         let dir = tempfile::tempdir().unwrap();
-        let lake = super::super::Lake::open(dir.path().to_str().unwrap()).unwrap();
-        for (i, v) in [[1, 2], [3, 4], [5, 6]].iter().enumerate() {
-            let (s, b) = batch(v);
-            lake.write_file("t", &[("d", "2024-01-01")], &i.to_string(), s, &[b])
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        for v in [[1, 2], [3, 4], [5, 6]] {
+            let (s, b) = batch(&v);
+            lake.append("t", &[("d", "2024-01-01")], s, &[b], "test")
                 .await
                 .unwrap();
         }
-        let (s, b) = batch(&[9]);
-        lake.write_file("t", &[("d", "2024-01-02")], "0", s, &[b])
-            .await
-            .unwrap();
-        // An interrupted swap: the output landed, one input is still there.
-        let (s, b) = batch(&[7]);
-        lake.write_file("u", &[("d", "x")], "merged", s.clone(), &[b])
-            .await
-            .unwrap();
-        let (_, b) = batch(&[7]);
-        lake.write_file("u", &[("d", "x")], "old", s, &[b])
-            .await
-            .unwrap();
-        let j = Journal {
-            dir: "u/d=x".into(),
-            inputs: vec!["u/d=x/part-old.parquet".into()],
-            output: "u/d=x/part-merged.parquet".into(),
-        };
-        lake.location
-            .put_atomic("_compact/j.json", serde_json::to_vec(&j).unwrap().into())
-            .await
-            .unwrap();
-
-        let ttl = std::time::Duration::from_secs(60);
-        let dry = compact(&lake.location, 2, true, ttl).await.unwrap();
-        assert_eq!((dry.partitions, dry.files_in), (2, 5));
-        assert_eq!(
-            rows(&lake, "t/d=2024-01-01").await.0,
-            3,
-            "dry run changes nothing"
-        );
-
-        let r = compact(&lake.location, 2, false, ttl).await.unwrap();
-        assert_eq!(r.recovered, 1);
-        assert_eq!(
-            (r.partitions, r.files_in, r.files_out, r.rows),
-            (1, 3, 1, 6)
-        );
-        assert_eq!(
-            rows(&lake, "t/d=2024-01-01").await,
-            (1, vec![1, 2, 3, 4, 5, 6])
-        );
-        assert_eq!(rows(&lake, "t/d=2024-01-02").await, (1, vec![9]));
-        assert_eq!(
-            rows(&lake, "u/d=x").await,
-            (1, vec![7]),
-            "rolled forward, no duplicate"
-        );
-        assert!(lake.location.list(JOURNAL).await.unwrap().is_empty());
-        assert!(lake.location.locks().await.unwrap().is_empty());
+        assert_eq!(rows(&lake, "t", AsOf::Latest).await, (3, vec![1, 2, 3, 4, 5, 6]));
+        let r = optimize(&lake, 128).await.unwrap();
+        assert_eq!((r.tables, r.files_removed, r.files_added), (1, 3, 1));
+        assert_eq!(rows(&lake, "t", AsOf::Latest).await, (1, vec![1, 2, 3, 4, 5, 6]));
+        // Time travel: version 0 is the first append.
+        assert_eq!(rows(&lake, "t", AsOf::Version(0)).await, (1, vec![1, 2]));
+        assert_eq!(parquet_objects(&lake.location, "t").await, 4);
+        // A week's retention keeps everything written just now.
+        let week = std::time::Duration::from_secs(7 * 86400);
+        assert_eq!(vacuum(&lake, week, false).await.unwrap().files, 0);
+        let dry = vacuum(&lake, std::time::Duration::ZERO, true).await.unwrap();
+        assert_eq!(dry.files, 3);
+        assert_eq!(parquet_objects(&lake.location, "t").await, 4, "dry run deletes nothing");
+        let r = vacuum(&lake, std::time::Duration::ZERO, false).await.unwrap();
+        assert_eq!((r.files, r.tables), (3, 1));
+        assert_eq!(parquet_objects(&lake.location, "t").await, 1);
+        assert_eq!(rows(&lake, "t", AsOf::Latest).await, (1, vec![1, 2, 3, 4, 5, 6]));
     }
 
     #[tokio::test]
-    async fn sync_copies_then_mirrors_deletions_within_tables() {
+    async fn sync_copies_tables_log_aware_and_mirrors_vacuum() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let src = super::super::Lake::open(a.path().to_str().unwrap()).unwrap();
-        let dst = Location::open(b.path().to_str().unwrap()).unwrap();
+        let src = Lake::open(a.path().to_str().unwrap()).unwrap();
+        let dst = Lake::open(b.path().to_str().unwrap()).unwrap();
         for i in 0..3 {
             let (s, bt) = batch(&[i]);
-            src.write_file("t", &[("d", "1")], &i.to_string(), s, &[bt])
-                .await
-                .unwrap();
+            src.append("t", &[("d", "1")], s, &[bt], "test").await.unwrap();
         }
-        dst.put_atomic("notes/keep.txt", "mine".into())
+        dst.location
+            .put_atomic("notes/keep.txt", "mine".into())
             .await
             .unwrap();
         let ttl = std::time::Duration::from_secs(60);
-        let r = sync(&src.location, &dst, false, ttl).await.unwrap();
-        assert_eq!((r.copied, r.deleted, r.unchanged), (3, 0, 0));
-        let again = sync(&src.location, &dst, false, ttl).await.unwrap();
-        assert_eq!((again.copied, again.unchanged), (0, 3));
-        compact(&src.location, 2, false, ttl).await.unwrap();
-        let after = sync(&src.location, &dst, false, ttl).await.unwrap();
-        assert_eq!((after.copied, after.deleted), (1, 3));
-        let left: Vec<String> = dst
-            .list("")
+        let r = sync(&src.location, &dst.location, false, ttl).await.unwrap();
+        assert_eq!((r.copied, r.deleted, r.unchanged), (6, 0, 0), "3 files, 3 commits");
+        assert_eq!(rows(&dst, "t", AsOf::Latest).await, (3, vec![0, 1, 2]));
+        let again = sync(&src.location, &dst.location, false, ttl).await.unwrap();
+        assert_eq!((again.copied, again.unchanged), (0, 6));
+        optimize(&src, 128).await.unwrap();
+        vacuum(&src, std::time::Duration::ZERO, false).await.unwrap();
+        let after = sync(&src.location, &dst.location, false, ttl).await.unwrap();
+        assert_eq!(after.deleted, 3, "{after:?}");
+        assert_eq!(rows(&dst, "t", AsOf::Latest).await, (1, vec![0, 1, 2]));
+        assert!(dst.location.get_opt("notes/keep.txt").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn upgrade_converts_a_plain_parquet_lake_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        // The layout releases before Delta wrote, with an interrupted compaction: its output
+        // landed and one input is still there.
+        let put = |rel: &'static str, v: &'static [i64]| {
+            let lake = lake.clone();
+            async move {
+                let (s, b) = batch(v);
+                let bytes = crate::lake::encode_parquet(rel, s, &[b]).unwrap();
+                lake.location.put_atomic(rel, bytes).await.unwrap();
+            }
+        };
+        put("t/d=2024-01-01/part-a.parquet", &[1, 2]).await;
+        put("t/d=2024-01-02/part-b.parquet", &[3]).await;
+        put("u/part-merged.parquet", &[7, 8]).await;
+        put("u/part-old.parquet", &[8]).await;
+        lake.location
+            .put_atomic(
+                "_compact/j.json",
+                serde_json::to_vec(&serde_json::json!({
+                    "dir": "u", "inputs": ["u/part-old.parquet"], "output": "u/part-merged.parquet"
+                }))
+                .unwrap()
+                .into(),
+            )
             .await
-            .unwrap()
-            .iter()
-            .map(|o| dst.relative_parts(&o.location).join("/"))
-            .collect();
-        assert_eq!(left.len(), 2, "{left:?}");
-        assert!(left.contains(&"notes/keep.txt".to_string()));
+            .unwrap();
+        let e = lake.tables().await.unwrap_err().to_string();
+        assert!(e.contains("lake upgrade") && e.contains("t, u"), "{e}");
+        let (s, b) = batch(&[9]);
+        let e = lake.append("t", &[("d", "x")], s, &[b], "x").await.unwrap_err();
+        assert!(e.to_string().contains("lake upgrade"), "{e}");
+
+        let r = upgrade(&lake).await.unwrap();
+        assert_eq!(r.recovered, 1);
+        assert_eq!(r.converted, vec![("t".to_string(), 2), ("u".to_string(), 1)]);
+        assert_eq!(rows(&lake, "t", AsOf::Latest).await, (2, vec![1, 2, 3]));
+        assert_eq!(rows(&lake, "u", AsOf::Latest).await, (1, vec![7, 8]));
+        let tables = lake.tables().await.unwrap();
+        assert_eq!(tables["t"].partition_cols, vec!["d"]);
+        assert!(upgrade(&lake).await.unwrap().converted.is_empty(), "idempotent");
     }
 }

@@ -1,14 +1,15 @@
-//! The lake: hive-partitioned Parquet tables and raw objects behind `object_store`, written atomically.
+//! The lake: Delta Lake tables (hive-partitioned Parquet plus a commit log) and raw objects behind
+//! `object_store`.
 //!
 //! Everything that touches lake storage goes through [`Location`]: a local directory or an
-//! `s3://bucket/prefix`, the same code either way. Readers never see a half-written file: on disk a
-//! file is written to a staging key and renamed into place; on S3 a PUT is already all-or-nothing (an
-//! object appears whole or not at all), so files go straight to their final key. Changes that touch
-//! several files add the new ones first and delete the old ones after, so a crash in between can
-//! leave an extra file but never loses rows; compaction journals its swaps (see [`maintain`]).
-//! Writers of the same tables exclude each other with [`lock`]s.
+//! `s3://bucket/prefix`, the same code either way. Tables change only by Delta commits
+//! ([`delta`]): each write is one transaction that readers see whole or not at all, queries read one
+//! version, and history allows time travel. Raw responses are single objects written atomically (a
+//! staged file renamed into place on disk, a PUT on S3). Writers that would duplicate each other's
+//! work (two OTX pulls) exclude each other with [`lock`]s.
 
 pub mod counting;
+pub mod delta;
 pub mod lock;
 pub mod maintain;
 pub mod s3;
@@ -33,8 +34,6 @@ use crate::config::StoreSettings;
 
 /// Name of the staging area under a root; names starting with `_` are never tables.
 pub const STAGING: &str = "_staging";
-/// File name of a partition's data.
-pub const PART_FILE: &str = "part-0.parquet";
 
 /// Errors reading or writing the lake.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +80,38 @@ pub enum LakeError {
         path: String,
         /// Underlying error.
         source: parquet::errors::ParquetError,
+    },
+    /// delta-rs could not read or commit a table.
+    #[error("Delta table {table}: {message}")]
+    Delta {
+        /// Table name.
+        table: String,
+        /// What went wrong, and what to do.
+        message: String,
+    },
+    /// A time-travel target does not exist.
+    #[error("table {table} has no snapshot at {at}: {reason}")]
+    AsOf {
+        /// Table name.
+        table: String,
+        /// The version or time asked for.
+        at: String,
+        /// Why, and where to look.
+        reason: String,
+    },
+    /// The lake has no such table.
+    #[error("the lake has no table {table}; `threatlake lake tables` lists them")]
+    NoTable {
+        /// Table name.
+        table: String,
+    },
+    /// The lake was written by a threatlake before Delta Lake tables.
+    #[error("{lake} holds plain Parquet tables ({tables}) from an older threatlake; run `threatlake lake upgrade` once to convert them to Delta Lake tables (no row is lost or duplicated), then re-run")]
+    NeedsUpgrade {
+        /// The lake.
+        lake: String,
+        /// Tables still in the old layout.
+        tables: String,
     },
     /// A partition value cannot be used in a hive path.
     #[error("partition value {value:?} for {column} has characters other than letters, digits, '.', '_' and '-'")]
@@ -332,10 +363,12 @@ fn absolute(p: &std::path::Path) -> std::io::Result<PathBuf> {
 pub struct TableInfo {
     /// Hive partition columns in path order.
     pub partition_cols: Vec<String>,
-    /// Number of Parquet files.
+    /// Number of Parquet files in the current snapshot.
     pub files: usize,
     /// Total bytes.
     pub bytes: u64,
+    /// Current Delta version.
+    pub version: u64,
 }
 
 /// The processed lake: tables of hive-partitioned Parquet under one [`Location`].
@@ -360,70 +393,109 @@ impl Lake {
         })
     }
 
-    /// Replace one partition of `table` with `batches`, atomically: the new file is staged, renamed
-    /// over `part-0.parquet`, and only then are any other files of that partition removed.
+    /// Replace one partition of `table` with `batches` in one commit: readers see the old rows or
+    /// the new ones, never both or neither.
     pub async fn replace_partition(
         &self,
         table: &str,
         partition: &[(&str, &str)],
         schema: SchemaRef,
         batches: &[RecordBatch],
-    ) -> Result<(), LakeError> {
-        let dir = partition_dir(table, partition)?;
-        let rel = format!("{dir}/{PART_FILE}");
-        let bytes = encode_parquet(&rel, schema, batches)?;
-        self.location.put_atomic(&rel, bytes).await?;
-        let keep = self.location.path(&rel);
-        for obj in self.location.list(&dir).await? {
-            if obj.location != keep && obj.location.extension() == Some("parquet") {
-                let rel = self.location.relative_parts(&obj.location).join("/");
-                self.location.delete(&rel).await?;
-            }
-        }
-        Ok(())
+        purpose: &str,
+    ) -> Result<u64, LakeError> {
+        self.commit(
+            table,
+            partition,
+            schema,
+            batches,
+            delta::WriteMode::ReplacePartition,
+            purpose,
+        )
+        .await
     }
 
-    /// Add one file `part-<file_id>.parquet` to a partition of `table` (staged, then renamed), leaving
-    /// the partition's other files in place: how append-only log tables grow.
-    pub async fn write_file(
+    /// Append `batches` to a partition of `table` in one commit (how log tables grow); `purpose`
+    /// (e.g. the batch id) is recorded in the commit.
+    pub async fn append(
         &self,
         table: &str,
         partition: &[(&str, &str)],
-        file_id: &str,
         schema: SchemaRef,
         batches: &[RecordBatch],
-    ) -> Result<String, LakeError> {
-        let dir = partition_dir(table, partition)?;
-        partition_dir("file", &[("id", file_id)])?;
-        let rel = format!("{dir}/part-{file_id}.parquet");
-        let bytes = encode_parquet(&rel, schema, batches)?;
-        self.location.put_atomic(&rel, bytes).await?;
-        Ok(rel)
+        purpose: &str,
+    ) -> Result<u64, LakeError> {
+        self.commit(
+            table,
+            partition,
+            schema,
+            batches,
+            delta::WriteMode::Append,
+            purpose,
+        )
+        .await
     }
 
-    /// Tables present in the lake, by name, with their partition columns.
-    pub async fn tables(&self) -> Result<BTreeMap<String, TableInfo>, LakeError> {
-        let mut out: BTreeMap<String, TableInfo> = BTreeMap::new();
-        for obj in self.location.list("").await? {
-            let parts = self.location.relative_parts(&obj.location);
-            let [table, middle @ .., file] = parts.as_slice() else {
+    /// Top-level table directories: (Delta tables, plain-Parquet tables of an older release).
+    pub async fn table_dirs(&self) -> Result<(Vec<String>, Vec<String>), LakeError> {
+        let root = &self.location.root;
+        let listing = match self.location.store.list_with_delimiter(Some(root)).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) if !self.location.atomic_put() => {
+                return Ok(Default::default())
+            }
+            Err(e) => return Err(self.location.error(root, e)),
+        };
+        let (mut delta, mut legacy) = (Vec::new(), Vec::new());
+        for dir in listing.common_prefixes {
+            let Some(name) = dir.filename().map(str::to_string) else {
                 continue;
             };
-            if table.starts_with(['_', '.']) || !file.ends_with(".parquet") || file.starts_with('.')
-            {
+            if name.starts_with(['_', '.']) {
                 continue;
             }
-            let cols: Vec<String> = middle
+            if self.is_delta(&name).await? {
+                delta.push(name);
+            } else if self
+                .location
+                .list(&name)
+                .await?
                 .iter()
-                .filter_map(|m| m.split_once('=').map(|(k, _)| k.to_string()))
-                .collect();
-            let e = out.entry(table.clone()).or_insert_with(|| TableInfo {
-                partition_cols: cols.clone(),
-                files: 0,
-                bytes: 0,
-            });
-            e.files += 1;
-            e.bytes += obj.size;
+                .any(|o| o.location.extension() == Some("parquet"))
+            {
+                legacy.push(name);
+            }
+        }
+        Ok((delta, legacy))
+    }
+
+    /// Fail with [`LakeError::NeedsUpgrade`] when the lake still has plain-Parquet tables.
+    pub async fn require_delta(&self) -> Result<Vec<String>, LakeError> {
+        let (delta, legacy) = self.table_dirs().await?;
+        if legacy.is_empty() {
+            Ok(delta)
+        } else {
+            Err(LakeError::NeedsUpgrade {
+                lake: self.location.to_string(),
+                tables: legacy.join(", "),
+            })
+        }
+    }
+
+    /// Tables present in the lake (their current snapshots), by name.
+    pub async fn tables(&self) -> Result<BTreeMap<String, TableInfo>, LakeError> {
+        let mut out = BTreeMap::new();
+        for name in self.require_delta().await? {
+            if let Some(s) = self.snapshot(&name, &delta::AsOf::Latest).await? {
+                out.insert(
+                    name,
+                    TableInfo {
+                        partition_cols: s.partition_cols,
+                        files: s.files.len(),
+                        bytes: s.files.iter().map(|(_, b)| b).sum(),
+                        version: s.version,
+                    },
+                );
+            }
         }
         Ok(out)
     }
@@ -499,15 +571,15 @@ mod tests {
                 &[("domain", "enterprise"), ("v", "1.0")],
                 schema.clone(),
                 std::slice::from_ref(&b),
+                "test",
             )
             .await
             .unwrap();
         }
         let tables = lake.tables().await.unwrap();
-        assert_eq!(tables["t"].files, 1);
+        assert_eq!(tables["t"].files, 1, "the second replace removed the first file");
+        assert_eq!(tables["t"].version, 1);
         assert_eq!(tables["t"].partition_cols, vec!["domain", "v"]);
-        // nothing left in staging
-        assert!(lake.location.list(STAGING).await.unwrap().is_empty());
     }
 
     #[test]

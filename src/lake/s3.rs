@@ -191,7 +191,12 @@ pub fn hint(err: &object_store::Error) -> &'static str {
 /// An object-store error in one line: S3's error code and message and the request, instead of
 /// the client's nested chain that repeats the XML body at every level.
 pub fn condense(err: &object_store::Error) -> String {
-    let text = err.to_string();
+    condense_text(&err.to_string())
+}
+
+/// [`condense`] for an error already turned into text (e.g. wrapped by delta-rs).
+pub fn condense_text(text: &str) -> String {
+    let text = text.to_string();
     let between = |open: &str, close: &str| {
         let start = text.find(open)? + open.len();
         let len = text[start..].find(close)?;

@@ -6,7 +6,16 @@
 use arrow::datatypes::DataType;
 
 use super::{known_tables, VIEWS};
+use crate::lake::delta::AsOf;
 use crate::lake::{Lake, LakeError};
+
+/// A Delta log path (percent-encoded, e.g. `%3A` in partition values) as a file name.
+pub fn decode_path(p: &str) -> String {
+    url::form_urlencoded::parse(format!("p={}", p.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| p.to_string())
+}
 
 /// DuckDB-dialect helpers the shipped views need (DataFusion function names DuckDB lacks).
 pub const COMPAT: &str = include_str!("../../sql/duckdb/compat.sql");
@@ -45,7 +54,15 @@ pub fn duck_type(t: &DataType) -> String {
 /// threatlake functions must be registered first (the views use `attack_version_key`).
 pub async fn setup(lake: &Lake) -> Result<Vec<String>, LakeError> {
     let root = lake.location.reader_root();
-    let found = lake.tables().await?;
+    // Each table's current snapshot: exactly the files of its latest commit.
+    let mut found = std::collections::BTreeMap::new();
+    for name in lake.require_delta().await? {
+        if let Some(snap) = lake.snapshot(&name, &AsOf::Latest).await? {
+            if !snap.files.is_empty() {
+                found.insert(name, snap.files);
+            }
+        }
+    }
     let known = known_tables();
     let mut out = vec![COMPAT.to_string()];
     // The template's comment explains the placeholders: print it once as written, and substitute
@@ -56,8 +73,13 @@ pub async fn setup(lake: &Lake) -> Result<Vec<String>, LakeError> {
     if !found.is_empty() {
         out.push(comment.join("\n"));
     }
-    for name in found.keys() {
-        let glob = format!("{root}/{name}/**/*.parquet");
+    for (name, files) in &found {
+        let list = files
+            .iter()
+            .map(|(f, _)| quote_literal(&format!("{root}/{name}/{}", decode_path(f))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let glob = format!("[{list}]");
         let tz: Vec<String> = known
             .iter()
             .find(|(k, _, _)| k == name)
@@ -80,7 +102,7 @@ pub async fn setup(lake: &Lake) -> Result<Vec<String>, LakeError> {
         };
         out.push(
             view.replace("{table}", &quote_ident(name))
-                .replace("{glob}", &quote_literal(&glob))
+                .replace("{glob}", &glob)
                 .replace("{replace}", &replace),
         );
     }
@@ -135,7 +157,7 @@ mod tests {
         )
         .unwrap();
         for t in ["t1", "t2"] {
-            lake.write_file(t, &[], "0", schema.clone(), std::slice::from_ref(&batch))
+            lake.append(t, &[], schema.clone(), std::slice::from_ref(&batch), "test")
                 .await
                 .unwrap();
         }

@@ -4,6 +4,7 @@
 pub mod distributed;
 pub mod duckdb_sql;
 pub mod output;
+pub mod time_travel;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,10 +12,6 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::TableProvider;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -23,6 +20,7 @@ use datafusion::sql::parser::{DFParser, Statement};
 use threatlake_udfs::LazyMapper;
 
 use crate::attack;
+use crate::lake::delta::AsOf;
 use crate::lake::{Lake, LakeError};
 
 /// Views shipped in `sql/views/`, created on every session in this order (later ones may use earlier ones).
@@ -158,6 +156,8 @@ pub struct Engine {
     pub lake: Lake,
     /// The mapping model its functions use (loaded on first use).
     pub mapper: Arc<LazyMapper>,
+    /// Snapshots `as_of(…)` reads (time travel).
+    as_of: Arc<time_travel::AsOfTables>,
 }
 
 impl Engine {
@@ -197,22 +197,24 @@ impl Engine {
             let mut state = state.write();
             threatlake_udfs::register_all(&mut *state, mapper.clone())?;
         }
-        let found = lake.tables().await?;
+        // Each table is registered at its current snapshot: a query reads the files of one
+        // committed version, whatever writers commit meanwhile.
+        let found = lake.require_delta().await?;
         let known = known_tables();
         for (name, schema, cols) in &known {
-            let provider: Arc<dyn TableProvider> = match found.get(*name) {
-                Some(_) => listing_table(&ctx, lake, name, Some(schema.clone()), cols).await?,
+            let provider = match lake.provider(name, &AsOf::Latest, &ctx.state()).await? {
+                Some(p) => p,
                 None => empty_table(schema.clone(), cols)?,
             };
             ctx.register_table(*name, provider)?;
         }
-        for (name, info) in &found {
+        for name in &found {
             if known.iter().any(|(k, _, _)| k == name) {
                 continue;
             }
-            let cols: Vec<&str> = info.partition_cols.iter().map(String::as_str).collect();
-            let provider = listing_table(&ctx, lake, name, None, &cols).await?;
-            ctx.register_table(name.as_str(), provider)?;
+            if let Some(provider) = lake.provider(name, &AsOf::Latest, &ctx.state()).await? {
+                ctx.register_table(name.as_str(), provider)?;
+            }
         }
         for (name, sql) in VIEWS {
             let view_err = |source| SqlError::View {
@@ -237,10 +239,16 @@ impl Engine {
                 ctx.sql(&filtered).await.map_err(view_err)?;
             }
         }
+        let as_of = Arc::new(time_travel::AsOfTables::default());
+        ctx.register_udtf(
+            time_travel::NAME,
+            Arc::new(time_travel::AsOfFunction(as_of.clone())),
+        );
         Ok(Self {
             ctx,
             lake: lake.clone(),
             mapper,
+            as_of,
         })
     }
 
@@ -255,6 +263,9 @@ impl Engine {
 
     /// Run one parsed statement. Statements that write (INSERT, UPDATE, DELETE, COPY) are refused.
     pub async fn run_statement(&self, stmt: Statement) -> Result<QueryResult, SqlError> {
+        self.as_of
+            .prepare(&self.lake, &stmt, &self.ctx.state())
+            .await?;
         let state = self.ctx.state();
         let plan = state.statement_to_plan(stmt).await?;
         refuse_writes(&plan)?;
@@ -456,32 +467,6 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef, &'static [&'static str])>
         .collect();
     v.extend(crate::feeds::table_schemas());
     v
-}
-
-async fn listing_table(
-    ctx: &SessionContext,
-    lake: &Lake,
-    name: &str,
-    schema: Option<SchemaRef>,
-    partition_cols: &[&str],
-) -> Result<Arc<dyn TableProvider>, SqlError> {
-    let url = ListingTableUrl::parse(lake.location.dir_url(name))?;
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-        .with_file_extension(".parquet")
-        .with_table_partition_cols(
-            partition_cols
-                .iter()
-                .map(|c| (c.to_string(), DataType::Utf8))
-                .collect(),
-        );
-    let schema = match schema {
-        Some(s) => s,
-        None => options.infer_schema(&ctx.state(), &url).await?,
-    };
-    let config = ListingTableConfig::new(url)
-        .with_listing_options(options)
-        .with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
 fn empty_table(
