@@ -14,12 +14,13 @@ pub const DEFAULT_SETTINGS: &str = include_str!("../config/settings.yaml");
 pub const DEFAULT_PATH: &str = "config/settings.yaml";
 /// Environment variables with the `THREATLAKE_` prefix that are not setting overrides.
 /// `THREATLAKE_MODEL` and `THREATLAKE_DUCKDB_EXTENSION` are read by the DuckDB extension and the
-/// notebooks, which share a shell with the CLI.
+/// notebooks, which share a shell with the CLI; the crash tests set the fault store's variable.
 const RESERVED_ENV: &[&str] = &[
     "THREATLAKE_CONFIG",
     "THREATLAKE_LOG",
     "THREATLAKE_MODEL",
     "THREATLAKE_DUCKDB_EXTENSION",
+    crate::lake::fault::ABORT_AT_ENV,
 ];
 /// Settings that hold secrets: only the environment or the secrets file may set them.
 const SECRET_KEYS: &[(&str, &str)] = &[("otx", "api_key"), ("virustotal", "api_key")];

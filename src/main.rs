@@ -590,7 +590,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 if dry_run { "dry run: " } else { "" },
                 lake.location,
                 r.files,
-                if dry_run { "would be deleted" } else { "deleted" },
+                if dry_run {
+                    "would be deleted"
+                } else {
+                    "deleted"
+                },
                 r.tables,
                 humantime::format_duration(retain)
             );
@@ -616,7 +620,10 @@ async fn main_inner(cli: Cli) -> Result<()> {
             let lake = Lake::from_settings(&settings.lake)?;
             let r = threatlake::lake::maintain::upgrade(&lake).await?;
             if r.recovered > 0 {
-                println!("finished {} interrupted compaction(s) of the old release", r.recovered);
+                println!(
+                    "finished {} interrupted compaction(s) of the old release",
+                    r.recovered
+                );
             }
             for (name, files) in &r.converted {
                 println!("{name}: {files} Parquet file(s) → Delta table (version 0)");

@@ -8,6 +8,9 @@ mod it {
     mod ballista;
     /// `threatlake` CLI output, snapshot-tested (insta-cmd) per output format and for `\d`.
     mod cli;
+    /// The lake's Delta tables: aborts at every write, readers during re-ingests, concurrent
+    /// appends, time travel, upgrade of a plain-Parquet lake.
+    mod delta;
     /// DuckDB: embedded engine and the loadable extension in stock DuckDB agree with DataFusion.
     #[cfg(feature = "duckdb")]
     mod duckdb;
@@ -17,6 +20,6 @@ mod it {
     mod ingest;
     /// Reports and charts over a fixed fixture lake: golden outputs, escaping, PDF text, chart marks.
     mod reports;
-    /// The lake on S3 (a real moto server on loopback): every command, faults, locks, compaction.
+    /// The lake on S3 (a real moto server on loopback): every command, faults, locks, concurrent commits, optimize and vacuum.
     mod s3;
 }

@@ -283,17 +283,22 @@ pub async fn read_state(
     source: &str,
 ) -> Result<std::collections::BTreeMap<String, String>, FeedError> {
     let mut out = std::collections::BTreeMap::new();
-    let Some(snap) = lake.snapshot(STATE, &crate::lake::delta::AsOf::Latest).await? else {
+    let Some(snap) = lake
+        .snapshot(STATE, &crate::lake::delta::AsOf::Latest)
+        .await?
+    else {
         return Ok(out);
     };
     let prefix = format!("source={source}/");
     for (file, _) in snap.files.iter().filter(|(f, _)| f.starts_with(&prefix)) {
         let rel = format!("{STATE}/{file}");
-        let unreadable = |e: &dyn std::fmt::Display| FeedError::Input {
+        let unreadable = |e: &dyn std::fmt::Display| {
+            FeedError::Input {
             path: rel.clone(),
             message: format!(
                 "unreadable feed state ({e}); `threatlake lake history {STATE}` and time travel show the last good state"
             ),
+        }
         };
         let bytes = lake.location.get(&rel).await?;
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
@@ -302,8 +307,10 @@ pub async fn read_state(
         for b in reader {
             let b = b.map_err(|e| unreadable(&e))?;
             let (Some(k), Some(v)) = (
-                b.column_by_name("key").and_then(|c| c.as_string_opt::<i32>()),
-                b.column_by_name("value").and_then(|c| c.as_string_opt::<i32>()),
+                b.column_by_name("key")
+                    .and_then(|c| c.as_string_opt::<i32>()),
+                b.column_by_name("value")
+                    .and_then(|c| c.as_string_opt::<i32>()),
             ) else {
                 return Err(unreadable(&"no key/value text columns"));
             };

@@ -75,7 +75,9 @@ impl std::str::FromStr for AsOf {
             return Ok(AsOf::Time(t.with_timezone(&Utc)));
         }
         if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-            return Ok(AsOf::Time(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc()));
+            return Ok(AsOf::Time(
+                d.and_hms_opt(0, 0, 0).expect("midnight").and_utc(),
+            ));
         }
         Err(format!(
             "'{s}' is neither a version number nor a time; give e.g. 3, 2026-12-01 or 2026-12-01T06:00:00Z"
@@ -176,7 +178,14 @@ fn describe(e: &DeltaTableError) -> String {
             ),
             other => other.to_string(),
         },
-        other => super::s3::condense_text(&other.to_string()),
+        other => {
+            let text = other.to_string();
+            format!(
+                "{}{}",
+                super::s3::condense_text(&text),
+                super::s3::hint_text(&format!("{other:?} {text}"), false)
+            )
+        }
     }
 }
 
@@ -203,7 +212,11 @@ impl Lake {
     }
 
     /// The Delta table `name` as of `at`, or None when the lake has no such table.
-    pub async fn delta_table(&self, name: &str, at: &AsOf) -> Result<Option<DeltaTable>, LakeError> {
+    pub async fn delta_table(
+        &self,
+        name: &str,
+        at: &AsOf,
+    ) -> Result<Option<DeltaTable>, LakeError> {
         if !self.is_delta(name).await? {
             return Ok(None);
         }
@@ -215,18 +228,14 @@ impl Lake {
         };
         match b.load().await {
             Ok(t) => Ok(Some(t)),
-            Err(e @ (DeltaTableError::InvalidVersion(_) | DeltaTableError::NotATable(_)))
-                if *at != AsOf::Latest =>
-            {
-                Err(LakeError::AsOf {
-                    table: name.to_string(),
-                    at: at.to_string(),
-                    reason: format!(
-                        "{}; `threatlake lake history {name}` lists the versions kept",
-                        describe(&e)
-                    ),
-                })
-            }
+            Err(e) if *at != AsOf::Latest => Err(LakeError::AsOf {
+                table: name.to_string(),
+                at: at.to_string(),
+                reason: format!(
+                    "{}; `threatlake lake history {name}` lists the versions kept",
+                    describe(&e)
+                ),
+            }),
             Err(e) => Err(LakeError::delta(name, e)),
         }
     }
@@ -260,8 +269,8 @@ impl Lake {
             schema_force_view_types: false,
             ..config
         };
-        let scan = DeltaScanNext::new(state.snapshot().clone(), config)
-            .map_err(|e| LakeError::Delta {
+        let scan =
+            DeltaScanNext::new(state.snapshot().clone(), config).map_err(|e| LakeError::Delta {
                 table: name.to_string(),
                 message: e.to_string(),
             })?;
@@ -292,7 +301,10 @@ impl Lake {
             Some(t) => t,
             None => {
                 let old = self.location.list(table).await?;
-                if old.iter().any(|o| o.location.extension() == Some("parquet")) {
+                if old
+                    .iter()
+                    .any(|o| o.location.extension() == Some("parquet"))
+                {
                     return Err(LakeError::NeedsUpgrade {
                         lake: self.location.to_string(),
                         tables: table.to_string(),
@@ -304,12 +316,12 @@ impl Lake {
             }
         };
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(|source| {
-                LakeError::Parquet {
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(
+                |source| LakeError::Parquet {
                     path: table.to_string(),
                     source,
-                }
-            })?))
+                },
+            )?))
             .set_created_by(format!("threatlake {}", env!("CARGO_PKG_VERSION")))
             .build();
         let meta = HashMap::from([(
@@ -339,7 +351,11 @@ impl Lake {
     }
 
     /// The commits of `table`, newest first (at most `limit`).
-    pub async fn history(&self, table: &str, limit: Option<usize>) -> Result<Vec<Commit>, LakeError> {
+    pub async fn history(
+        &self,
+        table: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<Commit>, LakeError> {
         let Some(t) = self.delta_table(table, &AsOf::Latest).await? else {
             return Err(LakeError::NoTable {
                 table: table.to_string(),
@@ -355,7 +371,10 @@ impl Lake {
             .into_iter()
             .enumerate()
             .map(|(i, c)| Commit {
-                version: c.read_version.map(|v| v as u64 + 1).unwrap_or(latest.saturating_sub(i as u64)),
+                version: c
+                    .read_version
+                    .map(|v| v as u64 + 1)
+                    .unwrap_or(latest.saturating_sub(i as u64)),
                 timestamp: c.timestamp.and_then(DateTime::<Utc>::from_timestamp_millis),
                 operation: c.operation.clone().unwrap_or_default(),
                 purpose: c
@@ -406,9 +425,11 @@ fn with_partition_columns(
         .iter()
         .map(|b| {
             let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-            cols.extend(partition.iter().map(|(_, v)| {
-                Arc::new(StringArray::from(vec![*v; b.num_rows()])) as ArrayRef
-            }));
+            cols.extend(
+                partition
+                    .iter()
+                    .map(|(_, v)| Arc::new(StringArray::from(vec![*v; b.num_rows()])) as ArrayRef),
+            );
             RecordBatch::try_new(full.clone(), cols).map_err(|e| LakeError::Delta {
                 table: table.to_string(),
                 message: format!("batch does not match the table's schema: {e}"),

@@ -149,7 +149,11 @@ impl Location {
                     version: r.meta.version.clone(),
                 };
                 let bytes = r.bytes().await.map_err(|e| self.error(&path, e))?;
-                (serde_json::from_slice::<Holder>(&bytes).ok(), version, bytes)
+                (
+                    serde_json::from_slice::<Holder>(&bytes).ok(),
+                    version,
+                    bytes,
+                )
             }
             // Released between our two requests: try once more from the start.
             Err(object_store::Error::NotFound { .. }) => {
@@ -199,10 +203,8 @@ impl Location {
         seen: &[u8],
         body: PutPayload,
     ) -> Result<bool, LakeError> {
-        let aside = object_store::path::Path::from(format!(
-            "{path}.stale-{}",
-            uuid::Uuid::new_v4()
-        ));
+        let aside =
+            object_store::path::Path::from(format!("{path}.stale-{}", uuid::Uuid::new_v4()));
         if self.store.rename_if_not_exists(path, &aside).await.is_err() {
             return Ok(false);
         }

@@ -401,18 +401,24 @@ mod tests {
         let from = Location::open(a.path().to_str().unwrap()).unwrap();
         let to = Location::open(b.path().to_str().unwrap()).unwrap();
         let ttl = std::time::Duration::from_secs(60);
-        from.put_atomic("notes/otx.json", Bytes::from_static(b"{\"w\":\"2024-01-01\"}"))
-            .await
-            .unwrap();
+        from.put_atomic(
+            "notes/otx.json",
+            Bytes::from_static(b"{\"w\":\"2024-01-01\"}"),
+        )
+        .await
+        .unwrap();
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (1, 0));
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (0, 1));
         // The same size, new content: copied, not skipped.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        from.put_atomic("notes/otx.json", Bytes::from_static(b"{\"w\":\"2024-02-02\"}"))
-            .await
-            .unwrap();
+        from.put_atomic(
+            "notes/otx.json",
+            Bytes::from_static(b"{\"w\":\"2024-02-02\"}"),
+        )
+        .await
+        .unwrap();
         let r = sync(&from, &to, false, ttl).await.unwrap();
         assert_eq!((r.copied, r.unchanged), (1, 0));
         assert_eq!(
@@ -431,23 +437,40 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert_eq!(rows(&lake, "t", AsOf::Latest).await, (3, vec![1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            rows(&lake, "t", AsOf::Latest).await,
+            (3, vec![1, 2, 3, 4, 5, 6])
+        );
         let r = optimize(&lake, 128).await.unwrap();
         assert_eq!((r.tables, r.files_removed, r.files_added), (1, 3, 1));
-        assert_eq!(rows(&lake, "t", AsOf::Latest).await, (1, vec![1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            rows(&lake, "t", AsOf::Latest).await,
+            (1, vec![1, 2, 3, 4, 5, 6])
+        );
         // Time travel: version 0 is the first append.
         assert_eq!(rows(&lake, "t", AsOf::Version(0)).await, (1, vec![1, 2]));
         assert_eq!(parquet_objects(&lake.location, "t").await, 4);
         // A week's retention keeps everything written just now.
         let week = std::time::Duration::from_secs(7 * 86400);
         assert_eq!(vacuum(&lake, week, false).await.unwrap().files, 0);
-        let dry = vacuum(&lake, std::time::Duration::ZERO, true).await.unwrap();
+        let dry = vacuum(&lake, std::time::Duration::ZERO, true)
+            .await
+            .unwrap();
         assert_eq!(dry.files, 3);
-        assert_eq!(parquet_objects(&lake.location, "t").await, 4, "dry run deletes nothing");
-        let r = vacuum(&lake, std::time::Duration::ZERO, false).await.unwrap();
+        assert_eq!(
+            parquet_objects(&lake.location, "t").await,
+            4,
+            "dry run deletes nothing"
+        );
+        let r = vacuum(&lake, std::time::Duration::ZERO, false)
+            .await
+            .unwrap();
         assert_eq!((r.files, r.tables), (3, 1));
         assert_eq!(parquet_objects(&lake.location, "t").await, 1);
-        assert_eq!(rows(&lake, "t", AsOf::Latest).await, (1, vec![1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            rows(&lake, "t", AsOf::Latest).await,
+            (1, vec![1, 2, 3, 4, 5, 6])
+        );
     }
 
     #[tokio::test]
@@ -458,24 +481,43 @@ mod tests {
         let dst = Lake::open(b.path().to_str().unwrap()).unwrap();
         for i in 0..3 {
             let (s, bt) = batch(&[i]);
-            src.append("t", &[("d", "1")], s, &[bt], "test").await.unwrap();
+            src.append("t", &[("d", "1")], s, &[bt], "test")
+                .await
+                .unwrap();
         }
         dst.location
             .put_atomic("notes/keep.txt", "mine".into())
             .await
             .unwrap();
         let ttl = std::time::Duration::from_secs(60);
-        let r = sync(&src.location, &dst.location, false, ttl).await.unwrap();
-        assert_eq!((r.copied, r.deleted, r.unchanged), (6, 0, 0), "3 files, 3 commits");
+        let r = sync(&src.location, &dst.location, false, ttl)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.copied, r.deleted, r.unchanged),
+            (6, 0, 0),
+            "3 files, 3 commits"
+        );
         assert_eq!(rows(&dst, "t", AsOf::Latest).await, (3, vec![0, 1, 2]));
-        let again = sync(&src.location, &dst.location, false, ttl).await.unwrap();
+        let again = sync(&src.location, &dst.location, false, ttl)
+            .await
+            .unwrap();
         assert_eq!((again.copied, again.unchanged), (0, 6));
         optimize(&src, 128).await.unwrap();
-        vacuum(&src, std::time::Duration::ZERO, false).await.unwrap();
-        let after = sync(&src.location, &dst.location, false, ttl).await.unwrap();
+        vacuum(&src, std::time::Duration::ZERO, false)
+            .await
+            .unwrap();
+        let after = sync(&src.location, &dst.location, false, ttl)
+            .await
+            .unwrap();
         assert_eq!(after.deleted, 3, "{after:?}");
         assert_eq!(rows(&dst, "t", AsOf::Latest).await, (1, vec![0, 1, 2]));
-        assert!(dst.location.get_opt("notes/keep.txt").await.unwrap().is_some());
+        assert!(dst
+            .location
+            .get_opt("notes/keep.txt")
+            .await
+            .unwrap()
+            .is_some());
     }
 
     #[tokio::test]
@@ -510,16 +552,25 @@ mod tests {
         let e = lake.tables().await.unwrap_err().to_string();
         assert!(e.contains("lake upgrade") && e.contains("t, u"), "{e}");
         let (s, b) = batch(&[9]);
-        let e = lake.append("t", &[("d", "x")], s, &[b], "x").await.unwrap_err();
+        let e = lake
+            .append("t", &[("d", "x")], s, &[b], "x")
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("lake upgrade"), "{e}");
 
         let r = upgrade(&lake).await.unwrap();
         assert_eq!(r.recovered, 1);
-        assert_eq!(r.converted, vec![("t".to_string(), 2), ("u".to_string(), 1)]);
+        assert_eq!(
+            r.converted,
+            vec![("t".to_string(), 2), ("u".to_string(), 1)]
+        );
         assert_eq!(rows(&lake, "t", AsOf::Latest).await, (2, vec![1, 2, 3]));
         assert_eq!(rows(&lake, "u", AsOf::Latest).await, (1, vec![7, 8]));
         let tables = lake.tables().await.unwrap();
         assert_eq!(tables["t"].partition_cols, vec!["d"]);
-        assert!(upgrade(&lake).await.unwrap().converted.is_empty(), "idempotent");
+        assert!(
+            upgrade(&lake).await.unwrap().converted.is_empty(),
+            "idempotent"
+        );
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod counting;
 pub mod delta;
+pub mod fault;
 pub mod lock;
 pub mod maintain;
 pub mod s3;
@@ -185,7 +186,7 @@ impl Location {
             let (bucket, prefix) = s3::parse(spec).map_err(err)?;
             let store = s3::store_with_env(&bucket, opts, env).map_err(err)?;
             return Ok(Self {
-                store: Arc::new(store),
+                store: fault::FaultStore::wrap_from_env(Arc::new(store)),
                 base_url: Url::parse(&format!("s3://{bucket}/")).map_err(|e| err(e.to_string()))?,
                 root: Path::parse(&prefix).map_err(|e| err(e.to_string()))?,
                 spec: spec.trim_end_matches('/').to_string(),
@@ -206,7 +207,7 @@ impl Location {
         }
         let root = Path::from_absolute_path(&abs).map_err(|e| err(e.to_string()))?;
         Ok(Self {
-            store: Arc::new(LocalFileSystem::new()),
+            store: fault::FaultStore::wrap_from_env(Arc::new(LocalFileSystem::new())),
             base_url: Url::parse("file:///").expect("static URL"),
             root,
             spec: spec.to_string(),
@@ -577,7 +578,10 @@ mod tests {
             .unwrap();
         }
         let tables = lake.tables().await.unwrap();
-        assert_eq!(tables["t"].files, 1, "the second replace removed the first file");
+        assert_eq!(
+            tables["t"].files, 1,
+            "the second replace removed the first file"
+        );
         assert_eq!(tables["t"].version, 1);
         assert_eq!(tables["t"].partition_cols, vec!["domain", "v"]);
     }

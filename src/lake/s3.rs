@@ -158,7 +158,16 @@ fn ini_section(text: &str, profile: &str, is_config: bool) -> Vec<(String, Strin
 
 /// What to do about a failed S3 request, judged from the error text (empty when nothing useful).
 pub fn hint(err: &object_store::Error) -> &'static str {
-    let text = format!("{err:?} {err}");
+    let auth = matches!(
+        err,
+        object_store::Error::Unauthenticated { .. } | object_store::Error::PermissionDenied { .. }
+    );
+    hint_text(&format!("{err:?} {err}"), auth)
+}
+
+/// [`hint`] for an error already turned into text (e.g. wrapped by delta-rs); `auth` when the
+/// store said the credentials were refused.
+pub fn hint_text(text: &str, auth: bool) -> &'static str {
     let has = |s: &str| text.contains(s);
     if has("169.254.169.254") || has("Missing AccessKeyId") {
         "; no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials), or run where an instance or task role provides them"
@@ -166,11 +175,7 @@ pub fn hint(err: &object_store::Error) -> &'static str {
         || has("SignatureDoesNotMatch")
         || has("403")
         || has("Forbidden")
-        || matches!(
-            err,
-            object_store::Error::Unauthenticated { .. }
-                | object_store::Error::PermissionDenied { .. }
-        )
+        || auth
     {
         "; the S3 server refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and ~/.aws/credentials)"
     } else if has("NoSuchBucket") {

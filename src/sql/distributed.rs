@@ -4,9 +4,16 @@
 
 use std::sync::Arc;
 
-use ballista::prelude::SessionContextExt;
+use ballista::prelude::{SessionConfigExt, SessionContextExt};
+use ballista_core::serde::BallistaLogicalExtensionCodec;
 use datafusion::catalog::{MemorySchemaProvider, TableProvider};
+use datafusion::common::TableReference;
+use datafusion::datasource::file_format::FileFormatFactory;
+use datafusion::error::DataFusionError;
+use datafusion::execution::{SessionState, SessionStateBuilder, TaskContext};
+use datafusion::logical_expr::{Extension, LogicalPlan};
 use datafusion::prelude::SessionContext;
+use datafusion_proto::logical_plan::LogicalExtensionCodec;
 
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::catalog::Session;
@@ -36,15 +43,22 @@ async fn tables(engine: &Engine) -> Result<Vec<(String, Arc<dyn TableProvider>)>
         .and_then(|c| c.schema("lake"))
     {
         for name in schema.table_names() {
-            if let Some(provider) = schema.table(&name).await? {
-                let provider = match engine.lake.snapshot(&name, &AsOf::Latest).await? {
-                    Some(snap) if provider.table_type() == TableType::Base => {
-                        Arc::new(SnapshotFiles::new(&engine.lake, &name, &snap, provider.schema())?)
-                    }
-                    _ => provider,
-                };
-                out.push((name, provider));
+            let Some(provider) = schema.table(&name).await? else {
+                continue;
+            };
+            if provider.table_type() == TableType::View {
+                continue; // re-created over the shipped tables (see `carry_over`)
             }
+            let provider = match engine.lake.snapshot(&name, &AsOf::Latest).await? {
+                Some(snap) => Arc::new(SnapshotFiles::new(
+                    &engine.lake,
+                    &name,
+                    &snap,
+                    provider.schema(),
+                )?),
+                None => provider,
+            };
+            out.push((name, provider));
         }
     }
     Ok(out)
@@ -64,7 +78,12 @@ impl SnapshotFiles {
     fn new(lake: &Lake, name: &str, snap: &Snapshot, schema: SchemaRef) -> Result<Self, SqlError> {
         let is_part = |f: &FieldRef| snap.partition_cols.contains(f.name());
         let file_schema = Arc::new(Schema::new(
-            schema.fields().iter().filter(|f| !is_part(f)).cloned().collect::<Vec<_>>(),
+            schema
+                .fields()
+                .iter()
+                .filter(|f| !is_part(f))
+                .cloned()
+                .collect::<Vec<_>>(),
         ));
         let partition_cols: Vec<FieldRef> = snap
             .partition_cols
@@ -78,7 +97,10 @@ impl SnapshotFiles {
             .iter()
             .map(|(rel, size)| {
                 let rel = crate::sql::duckdb_sql::decode_path(rel);
-                let mut f = PartitionedFile::new(lake.location.path(&format!("{name}/{rel}")).to_string(), *size);
+                let mut f = PartitionedFile::new(
+                    lake.location.path(&format!("{name}/{rel}")).to_string(),
+                    *size,
+                );
                 f.partition_values = snap
                     .partition_cols
                     .iter()
@@ -158,21 +180,168 @@ fn carry_over(
     Ok(Engine { ctx: to, ..from })
 }
 
+/// [`carry_over`], then the shipped views over the carried tables.
+async fn carry_over_with_views(
+    from: Engine,
+    tables: Vec<(String, Arc<dyn TableProvider>)>,
+    to: SessionContext,
+) -> Result<Engine, SqlError> {
+    let since = from.since;
+    let engine = carry_over(from, tables, to)?;
+    super::create_views(&engine.ctx, since).await?;
+    Ok(engine)
+}
+
+/// What a [`SnapshotFiles`] table sends to the scheduler (the schema travels beside it).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotFilesProto {
+    store: String,
+    partition_cols: Vec<String>,
+    /// (object path, size, partition values)
+    files: Vec<(String, u64, Vec<Option<String>>)>,
+}
+
+/// Ballista's logical codec, plus lake tables as snapshot file lists.
+#[derive(Debug, Default)]
+struct LakeCodec(BallistaLogicalExtensionCodec);
+
+impl LogicalExtensionCodec for LakeCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[LogicalPlan],
+        ctx: &TaskContext,
+    ) -> datafusion::error::Result<Extension> {
+        self.0.try_decode(buf, inputs, ctx)
+    }
+
+    fn try_encode(&self, node: &Extension, buf: &mut Vec<u8>) -> datafusion::error::Result<()> {
+        self.0.try_encode(node, buf)
+    }
+
+    fn try_decode_table_provider(
+        &self,
+        buf: &[u8],
+        table_ref: &TableReference,
+        schema: SchemaRef,
+        ctx: &TaskContext,
+    ) -> datafusion::error::Result<Arc<dyn TableProvider>> {
+        let Ok(p) = serde_json::from_slice::<SnapshotFilesProto>(buf) else {
+            return self
+                .0
+                .try_decode_table_provider(buf, table_ref, schema, ctx);
+        };
+        let partition_cols: Vec<FieldRef> = p
+            .partition_cols
+            .iter()
+            .map(|c| Arc::new(Field::new(c, DataType::Utf8, true)))
+            .collect();
+        let file_schema = Arc::new(Schema::new(
+            schema
+                .fields()
+                .iter()
+                .filter(|f| !p.partition_cols.contains(f.name()))
+                .cloned()
+                .collect::<Vec<_>>(),
+        ));
+        let files = p
+            .files
+            .into_iter()
+            .map(|(path, size, values)| {
+                let mut f = PartitionedFile::new(path, size);
+                f.partition_values = values.into_iter().map(ScalarValue::Utf8).collect();
+                f
+            })
+            .collect();
+        Ok(Arc::new(SnapshotFiles {
+            schema,
+            file_schema,
+            partition_cols,
+            files,
+            store: ObjectStoreUrl::parse(&p.store)?,
+        }))
+    }
+
+    fn try_encode_table_provider(
+        &self,
+        table_ref: &TableReference,
+        node: Arc<dyn TableProvider>,
+        buf: &mut Vec<u8>,
+    ) -> datafusion::error::Result<()> {
+        let any: &dyn std::any::Any = node.as_ref();
+        let Some(t) = any.downcast_ref::<SnapshotFiles>() else {
+            return self.0.try_encode_table_provider(table_ref, node, buf);
+        };
+        let p = SnapshotFilesProto {
+            store: t.store.as_str().to_string(),
+            partition_cols: t.partition_cols.iter().map(|f| f.name().clone()).collect(),
+            files: t
+                .files
+                .iter()
+                .map(|f| {
+                    let values = f
+                        .partition_values
+                        .iter()
+                        .map(|v| match v {
+                            ScalarValue::Utf8(s) => s.clone(),
+                            other => Some(other.to_string()),
+                        })
+                        .collect();
+                    (
+                        f.object_meta.location.to_string(),
+                        f.object_meta.size,
+                        values,
+                    )
+                })
+                .collect(),
+        };
+        serde_json::to_writer(buf, &p).map_err(|e| DataFusionError::External(Box::new(e)))
+    }
+
+    fn try_decode_file_format(
+        &self,
+        buf: &[u8],
+        ctx: &TaskContext,
+    ) -> datafusion::error::Result<Arc<dyn FileFormatFactory>> {
+        self.0.try_decode_file_format(buf, ctx)
+    }
+
+    fn try_encode_file_format(
+        &self,
+        buf: &mut Vec<u8>,
+        node: Arc<dyn FileFormatFactory>,
+    ) -> datafusion::error::Result<()> {
+        self.0.try_encode_file_format(buf, node)
+    }
+}
+
+/// This session's state with the codec that ships lake tables to the scheduler.
+fn with_codec(engine: &Engine) -> SessionState {
+    let state = engine.ctx.state();
+    let config = state
+        .config()
+        .clone()
+        .with_ballista_logical_extension_codec(Arc::new(LakeCodec::default()));
+    SessionStateBuilder::new_from_existing(state)
+        .with_config(config)
+        .build()
+}
+
 impl Engine {
     /// Move this session onto a Ballista scheduler and executor started in this process on
     /// loopback ports (gRPC and Arrow Flight between them, as between machines); the executor is
     /// built from this session's state, so it has the threatlake functions and the lake's store.
     pub async fn into_ballista_standalone(self) -> Result<Engine, SqlError> {
         let tables = tables(&self).await?;
-        let ctx = SessionContext::standalone_with_state(self.ctx.state()).await?;
-        carry_over(self, tables, ctx)
+        let ctx = SessionContext::standalone_with_state(with_codec(&self)).await?;
+        carry_over_with_views(self, tables, ctx).await
     }
 
     /// Send this session's queries to a running Ballista scheduler (`df://host:port`); its executors
     /// must register the threatlake functions to run `map_technique`.
     pub async fn into_ballista_remote(self, url: &str) -> Result<Engine, SqlError> {
         let tables = tables(&self).await?;
-        let ctx = SessionContext::remote_with_state(url, self.ctx.state()).await?;
-        carry_over(self, tables, ctx)
+        let ctx = SessionContext::remote_with_state(url, with_codec(&self)).await?;
+        carry_over_with_views(self, tables, ctx).await
     }
 }

@@ -158,6 +158,8 @@ pub struct Engine {
     pub mapper: Arc<LazyMapper>,
     /// Snapshots `as_of(…)` reads (time travel).
     as_of: Arc<time_travel::AsOfTables>,
+    /// The `--since` filter of the views.
+    since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Engine {
@@ -216,29 +218,7 @@ impl Engine {
                 ctx.register_table(name.as_str(), provider)?;
             }
         }
-        for (name, sql) in VIEWS {
-            let view_err = |source| SqlError::View {
-                name: name.to_string(),
-                source,
-            };
-            ctx.sql(sql).await.map_err(view_err)?;
-            let time = match *name {
-                "otx_data" => "coalesce(modified, created)",
-                "virustotal_data" => "coalesce(last_analysis, fetched_at)",
-                _ => continue,
-            };
-            if let Some(since) = since {
-                // Keep the unfiltered view as `<name>_all`; later views bind to the filtered one.
-                // The instant is formatted here from a parsed timestamp, never taken from input text.
-                let all = ctx.deregister_table(*name)?.expect("view just created");
-                ctx.register_table(format!("{name}_all"), all)?;
-                let filtered = format!(
-                    "CREATE VIEW {name} AS SELECT * FROM {name}_all WHERE {time} >= TIMESTAMP '{}'",
-                    since.format("%Y-%m-%dT%H:%M:%SZ")
-                );
-                ctx.sql(&filtered).await.map_err(view_err)?;
-            }
-        }
+        create_views(&ctx, since).await?;
         let as_of = Arc::new(time_travel::AsOfTables::default());
         ctx.register_udtf(
             time_travel::NAME,
@@ -249,6 +229,7 @@ impl Engine {
             lake: lake.clone(),
             mapper,
             as_of,
+            since,
         })
     }
 
@@ -456,6 +437,38 @@ fn refuse_writes(plan: &datafusion::logical_expr::LogicalPlan) -> Result<(), Sql
         Some(what) => Err(SqlError::ReadOnly { what }),
         None => Ok(()),
     }
+}
+
+/// Create the shipped views on `ctx` (over tables already registered), with `otx_data` and
+/// `virustotal_data` filtered to `since` when given (the unfiltered ones stay as `<name>_all`).
+pub(crate) async fn create_views(
+    ctx: &SessionContext,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(), SqlError> {
+    for (name, sql) in VIEWS {
+        let view_err = |source| SqlError::View {
+            name: name.to_string(),
+            source,
+        };
+        ctx.sql(sql).await.map_err(view_err)?;
+        let time = match *name {
+            "otx_data" => "coalesce(modified, created)",
+            "virustotal_data" => "coalesce(last_analysis, fetched_at)",
+            _ => continue,
+        };
+        if let Some(since) = since {
+            // Keep the unfiltered view as `<name>_all`; later views bind to the filtered one.
+            // The instant is formatted here from a parsed timestamp, never taken from input text.
+            let all = ctx.deregister_table(*name)?.expect("view just created");
+            ctx.register_table(format!("{name}_all"), all)?;
+            let filtered = format!(
+                "CREATE VIEW {name} AS SELECT * FROM {name}_all WHERE {time} >= TIMESTAMP '{}'",
+                since.format("%Y-%m-%dT%H:%M:%SZ")
+            );
+            ctx.sql(&filtered).await.map_err(view_err)?;
+        }
+    }
+    Ok(())
 }
 
 /// Tables with a fixed schema: ATT&CK and feed tables. They are registered even when the lake has no

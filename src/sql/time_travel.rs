@@ -79,15 +79,20 @@ impl AsOfTables {
             let Ok(k) = key(table, at) else {
                 continue; // and a malformed version or time
             };
-            if self.loaded.lock().map(|m| m.contains_key(&k)).unwrap_or(false) {
+            if self
+                .loaded
+                .lock()
+                .map(|m| m.contains_key(&k))
+                .unwrap_or(false)
+            {
                 continue;
             }
-            let provider = lake
-                .provider(table, &k.1, session)
-                .await?
-                .ok_or_else(|| LakeError::NoTable {
-                    table: table.clone(),
-                })?;
+            let provider =
+                lake.provider(table, &k.1, session)
+                    .await?
+                    .ok_or_else(|| LakeError::NoTable {
+                        table: table.clone(),
+                    })?;
             if let Ok(mut m) = self.loaded.lock() {
                 m.insert(k, provider);
             }
@@ -109,16 +114,16 @@ impl TableFunctionImpl for AsOfFunction {
             Expr::Literal(v, _) if !v.is_null() => Some(v.to_string()),
             _ => None,
         };
-        let (Some(table), Some(at)) = (
-            args.first().and_then(text),
-            args.get(1).and_then(text),
-        ) else {
+        let (Some(table), Some(at)) = (args.first().and_then(text), args.get(1).and_then(text))
+        else {
             return plan_err!(
                 "{NAME} takes a table name and a version or time, e.g. {NAME}('mitre_attack_techniques', 3) or {NAME}('otx_log', '2026-12-01T06:00:00Z')"
             );
         };
         if args.len() != 2 {
-            return plan_err!("{NAME} takes exactly two arguments: a table name and a version or time");
+            return plan_err!(
+                "{NAME} takes exactly two arguments: a table name and a version or time"
+            );
         }
         let k = match key(&table, &at) {
             Ok(k) => k,

@@ -35,20 +35,29 @@ async fn reingest_is_idempotent() {
     let dir = common::scratch("reingest");
     let lake = common::ingest(&dir, &["ics"]).await;
     let before = all_counts(&lake).await;
-    let files_before: Vec<String> = common::listing(&dir.join("lake"))
-        .into_iter()
-        .map(|(p, _, _)| p)
-        .collect();
+    let tables_before = lake.tables().await.unwrap();
     common::ingest(&dir, &["ics"]).await;
     assert_eq!(before, all_counts(&lake).await);
-    let files_after: Vec<String> = common::listing(&dir.join("lake"))
-        .into_iter()
-        .map(|(p, _, _)| p)
-        .collect();
-    assert_eq!(
-        files_before, files_after,
-        "re-ingest must replace files, not add"
-    );
+    // One commit per table replaced the partition: still one file each, one version on.
+    let tables_after = lake.tables().await.unwrap();
+    assert_eq!(tables_before.len(), tables_after.len());
+    for (name, t) in &tables_after {
+        assert_eq!(t.files, 1, "{name}: re-ingest must replace files, not add");
+        assert_eq!(t.version, tables_before[name].version + 1, "{name}");
+    }
+    // The replaced files stay for time travel until vacuumed.
+    let parquet = || {
+        common::listing(&dir.join("lake"))
+            .into_iter()
+            .filter(|(p, _, _)| p.ends_with(".parquet"))
+            .count()
+    };
+    assert_eq!(parquet(), 2 * tables_after.len());
+    threatlake::lake::maintain::vacuum(&lake, std::time::Duration::ZERO, false)
+        .await
+        .unwrap();
+    assert_eq!(parquet(), tables_after.len());
+    assert_eq!(before, all_counts(&lake).await);
     assert!(
         before
             .iter()
