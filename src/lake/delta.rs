@@ -17,7 +17,9 @@ use chrono::{DateTime, Utc};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::prelude::{col, lit, Expr};
 use deltalake_core::delta_datafusion::{DeltaScanConfig, DeltaScanNext};
+use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake_core::kernel::transaction::CommitProperties;
+use deltalake_core::kernel::StructType;
 use deltalake_core::logstore::{
     default_logstore, logstore_factories, LogStore, LogStoreFactory, StorageConfig,
 };
@@ -227,7 +229,28 @@ impl Lake {
             AsOf::Time(t) => b.with_timestamp(*t),
         };
         match b.load().await {
-            Ok(t) => Ok(Some(t)),
+            Ok(t) => {
+                if let AsOf::Time(when) = at {
+                    // delta-rs answers an instant before the first commit with version 0.
+                    let first = t
+                        .snapshot()
+                        .ok()
+                        .filter(|s| s.version() == 0)
+                        .and_then(|s| s.version_timestamp(0))
+                        .and_then(DateTime::<Utc>::from_timestamp_millis);
+                    if let Some(first) = first.filter(|f| f > when) {
+                        return Err(LakeError::AsOf {
+                            table: name.to_string(),
+                            at: at.to_string(),
+                            reason: format!(
+                                "its first commit is at {}",
+                                first.format("%Y-%m-%dT%H:%M:%SZ")
+                            ),
+                        });
+                    }
+                }
+                Ok(Some(t))
+            }
             Err(e) if *at != AsOf::Latest => Err(LakeError::AsOf {
                 table: name.to_string(),
                 at: at.to_string(),
@@ -294,7 +317,7 @@ impl Lake {
         if batches.is_empty() {
             // Still one commit (a run with nothing to add is part of the history), and the table
             // exists with its schema afterwards.
-            batches.push(RecordBatch::new_empty(full));
+            batches.push(RecordBatch::new_empty(full.clone()));
         }
         let current = self.delta_table(table, &AsOf::Latest).await?;
         let t = match current {
@@ -310,9 +333,7 @@ impl Lake {
                         tables: table.to_string(),
                     });
                 }
-                self.builder(table)?
-                    .build()
-                    .map_err(|e| LakeError::delta(table, e))?
+                self.create(table, &full, partition).await?
             }
         };
         let props = WriterProperties::builder()
@@ -348,6 +369,39 @@ impl Lake {
         }
         let t = w.await.map_err(|e| LakeError::delta(table, e))?;
         Ok(t.version().unwrap_or(0))
+    }
+
+    /// Create `table` (schema and partition columns, no rows) as version 0, so that data files only
+    /// ever land in a table with a commit log: a directory of Parquet without `_delta_log` is then
+    /// always a lake from before Delta, never a first write that died before its commit.
+    async fn create(
+        &self,
+        table: &str,
+        schema: &Schema,
+        partition: &[(&str, &str)],
+    ) -> Result<DeltaTable, LakeError> {
+        let st: StructType = schema.try_into_kernel().map_err(|e| LakeError::Delta {
+            table: table.to_string(),
+            message: format!("schema not representable in Delta: {e}"),
+        })?;
+        let t = self
+            .builder(table)?
+            .build()
+            .map_err(|e| LakeError::delta(table, e))?;
+        let created = t
+            .create()
+            .with_columns(st.fields().cloned())
+            .with_partition_columns(partition.iter().map(|(k, _)| k.to_string()))
+            .with_save_mode(SaveMode::Ignore)
+            .await;
+        match created {
+            Ok(t) => Ok(t),
+            // Another writer created it first.
+            Err(e) => match self.delta_table(table, &AsOf::Latest).await? {
+                Some(t) => Ok(t),
+                None => Err(LakeError::delta(table, e)),
+            },
+        }
     }
 
     /// The commits of `table`, newest first (at most `limit`).

@@ -3,7 +3,9 @@
 //!
 //! It is how the crash tests stop `ingest attack`, `run`, `map-intel`, `lake optimize` and
 //! `lake upgrade` at every step of their writes, on disk and on S3. Switched on only by the
-//! environment variable [`ABORT_AT_ENV`] (a positive number), which no deployment sets.
+//! environment variable [`ABORT_AT_ENV`], which no deployment sets: a positive number aborts at that
+//! write; `trace` only prints every write (`write N: put PATH`) so a test can pick the steps of one
+//! stage.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,26 +19,41 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
 };
 
-/// Abort the process at this write or delete (1 = the first).
+/// Abort the process at this write or delete (1 = the first), or `trace`.
 pub const ABORT_AT_ENV: &str = "THREATLAKE_TEST_ABORT_AT_WRITE";
 
 /// Counts writes and deletes; aborts at the configured one.
 #[derive(Debug)]
 pub struct FaultStore {
     inner: Arc<dyn ObjectStore>,
+    /// 0: trace only.
     abort_at: u64,
     writes: Arc<AtomicU64>,
+}
+
+/// Count one write; print it when tracing, abort when it is the chosen one.
+fn step(writes: &AtomicU64, abort_at: u64, what: &str, path: &str) {
+    let n = writes.fetch_add(1, Ordering::SeqCst) + 1;
+    if abort_at == 0 {
+        eprintln!("write {n}: {what} {path}");
+    } else if n >= abort_at {
+        eprintln!("{ABORT_AT_ENV}: aborting at write {n} ({what} {path})");
+        std::process::abort();
+    }
 }
 
 impl FaultStore {
     /// Wrap `inner` when [`ABORT_AT_ENV`] asks for it (all stores of a process share one count).
     pub fn wrap_from_env(inner: Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> {
         static WRITES: std::sync::OnceLock<Arc<AtomicU64>> = std::sync::OnceLock::new();
-        match std::env::var(ABORT_AT_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            Some(n) if n > 0 => Arc::new(Self {
+        let setting = std::env::var(ABORT_AT_ENV).ok();
+        let abort_at = match setting.as_deref().map(str::trim) {
+            Some("trace") => Some(0),
+            Some(v) => v.parse::<u64>().ok().filter(|n| *n > 0),
+            None => None,
+        };
+        match abort_at {
+            Some(n) => Arc::new(Self {
                 inner,
                 abort_at: n,
                 writes: WRITES.get_or_init(Arc::default).clone(),
@@ -46,11 +63,7 @@ impl FaultStore {
     }
 
     fn step(&self, what: &str, path: &Path) {
-        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
-        if n >= self.abort_at {
-            eprintln!("{ABORT_AT_ENV}: aborting at write {n} ({what} {path})");
-            std::process::abort();
-        }
+        step(&self.writes, self.abort_at, what, path.as_ref());
     }
 }
 
@@ -92,12 +105,8 @@ impl ObjectStore for FaultStore {
         let (abort_at, writes) = (self.abort_at, self.writes.clone());
         let counted = locations
             .inspect(move |p| {
-                let n = writes.fetch_add(1, Ordering::SeqCst) + 1;
-                if n >= abort_at {
-                    let shown = p.as_ref().map(|p| p.to_string()).unwrap_or_default();
-                    eprintln!("{ABORT_AT_ENV}: aborting at write {n} (delete {shown})");
-                    std::process::abort();
-                }
+                let shown = p.as_ref().map(|p| p.to_string()).unwrap_or_default();
+                step(&writes, abort_at, "delete", &shown);
             })
             .boxed();
         self.inner.delete_stream(counted)

@@ -447,8 +447,9 @@ mod tests {
             rows(&lake, "t", AsOf::Latest).await,
             (1, vec![1, 2, 3, 4, 5, 6])
         );
-        // Time travel: version 0 is the first append.
-        assert_eq!(rows(&lake, "t", AsOf::Version(0)).await, (1, vec![1, 2]));
+        // Time travel: version 0 created the table, version 1 is the first append.
+        assert_eq!(rows(&lake, "t", AsOf::Version(0)).await, (0, vec![]));
+        assert_eq!(rows(&lake, "t", AsOf::Version(1)).await, (1, vec![1, 2]));
         assert_eq!(parquet_objects(&lake.location, "t").await, 4);
         // A week's retention keeps everything written just now.
         let week = std::time::Duration::from_secs(7 * 86400);
@@ -495,14 +496,14 @@ mod tests {
             .unwrap();
         assert_eq!(
             (r.copied, r.deleted, r.unchanged),
-            (6, 0, 0),
-            "3 files, 3 commits"
+            (7, 0, 0),
+            "3 files, 4 commits"
         );
         assert_eq!(rows(&dst, "t", AsOf::Latest).await, (3, vec![0, 1, 2]));
         let again = sync(&src.location, &dst.location, false, ttl)
             .await
             .unwrap();
-        assert_eq!((again.copied, again.unchanged), (0, 6));
+        assert_eq!((again.copied, again.unchanged), (0, 7));
         optimize(&src, 128).await.unwrap();
         vacuum(&src, std::time::Duration::ZERO, false)
             .await

@@ -582,7 +582,7 @@ mod tests {
             tables["t"].files, 1,
             "the second replace removed the first file"
         );
-        assert_eq!(tables["t"].version, 1);
+        assert_eq!(tables["t"].version, 2, "created, then replaced twice");
         assert_eq!(tables["t"].partition_cols, vec!["domain", "v"]);
     }
 

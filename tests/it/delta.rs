@@ -209,8 +209,9 @@ fn time_travel_reads_the_release_before_a_reingest() {
             &format!("SELECT count(*) AS n FROM as_of('mitre_attack_techniques', {at})"),
         )
     };
-    assert_eq!(q("0"), "n\n95\n");
-    assert_eq!(q("1"), "n\n20\n");
+    assert_eq!(q("0"), "n\n0\n", "version 0 created the table");
+    assert_eq!(q("1"), "n\n95\n");
+    assert_eq!(q("2"), "n\n20\n");
     assert_eq!(q(&format!("'{between}'")), "n\n95\n");
     assert_eq!(
         sql(&dir, "SELECT count(*) AS n FROM mitre_attack_techniques"),
@@ -229,11 +230,121 @@ fn time_travel_reads_the_release_before_a_reingest() {
         run(common::cli_on(&dir).args(["lake", "history", "mitre_attack_techniques"]));
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[2].contains("CREATE TABLE"), "{out}");
     assert!(
-        lines[0].trim_start().starts_with('1') && lines[0].contains("ingest attack ics 18.1"),
+        lines[0].trim_start().starts_with('2') && lines[0].contains("ingest attack ics 18.1"),
         "{out}"
     );
+}
+
+/// Rewrite the Delta lake `lake` in the layout of releases before Delta: each table's current files
+/// as `table/<k=v>/part-N.parquet`, no `_delta_log`.
+fn to_plain_parquet(lake: &Path) {
+    let old = lake.with_extension("old");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let l = threatlake::Lake::open(lake.to_str().unwrap()).unwrap();
+    for table in std::fs::read_dir(lake).unwrap() {
+        let table = table.unwrap().path();
+        let name = table.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with('_') {
+            continue;
+        }
+        let snap = rt
+            .block_on(l.snapshot(&name, &threatlake::lake::delta::AsOf::Latest))
+            .unwrap()
+            .unwrap();
+        for (i, (f, _)) in snap.files.iter().enumerate() {
+            let rel = Path::new(f);
+            let target = old
+                .join(&name)
+                .join(rel.parent().unwrap())
+                .join(format!("part-{i}.parquet"));
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::copy(table.join(rel), target).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(lake).unwrap();
+    std::fs::rename(old, lake).unwrap();
+}
+
+/// Run `args` on a copy of `base` aborted at write 1, 2, … until it completes; after each abort
+/// `check` sees the lake, then the command is re-run to completion and `check` sees it again.
+/// Returns how many aborts there were.
+fn abort_at_each_write(base: &Path, work: &Path, args: &[&str], check: &dyn Fn(&Path, u64)) -> u64 {
+    for n in 1..500 {
+        copy_dir(&base.join("lake"), &work.join("lake"));
+        let mut c = common::cli_on(work);
+        c.args(args)
+            .env(threatlake::lake::fault::ABORT_AT_ENV, n.to_string());
+        let (ok, _, err) = run(&mut c);
+        if ok {
+            return n - 1;
+        }
+        assert!(
+            err.contains("aborting at write"),
+            "{args:?} write {n}: {err}"
+        );
+        check(work, n);
+        let (ok, out, err) = run(common::cli_on(work).args(args));
+        assert!(ok, "{args:?} re-run after abort at write {n}: {out}{err}");
+        check(work, n);
+    }
+    panic!("{args:?} never completed");
+}
+
+/// `lake optimize` and `lake upgrade` aborted at every write: the answers never change, and a re-run
+/// finishes the job.
+#[test]
+fn abort_at_every_write_of_optimize_and_upgrade_keeps_every_answer() {
+    let base = common::scratch("crash-maint-base");
+    let (ok, _, err) = run(&mut ingest(&base, &common::bundle("ics")));
+    assert!(ok, "{err}");
+    {
+        let lake = threatlake::Lake::open(base.join("lake").to_str().unwrap()).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("x", arrow::datatypes::DataType::Int64, false),
+        ]));
+        for i in 0..4 {
+            let b = arrow::array::RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(arrow::array::Int64Array::from(vec![i, 10 * i]))],
+            )
+            .unwrap();
+            rt.block_on(lake.append(
+                "feed_log",
+                &[("d", "2026-11-01")],
+                schema.clone(),
+                &[b],
+                "b",
+            ))
+            .unwrap();
+        }
+    }
+    let q = "SELECT (SELECT count(*) FROM feed_log) AS n, (SELECT sum(x) FROM feed_log) AS s, \
+             (SELECT count(*) FROM attack_techniques_current) AS t";
+    let want = sql(&base, q);
+    assert_eq!(want, "n,s,t\n8,66,83\n");
+    let work = common::scratch("crash-maint-work");
+    let same = |dir: &Path, n: u64| assert_eq!(sql(dir, q), want, "after abort at write {n}");
+    let aborts = abort_at_each_write(&base, &work, &["lake", "optimize"], &same);
+    assert!(aborts >= 2, "optimize writes a file and a commit: {aborts}");
+
+    to_plain_parquet(&base.join("lake"));
+    let upgraded = |dir: &Path, n: u64| {
+        // Mid-upgrade the lake is refused as a whole (some tables converted, some not)...
+        let (ok, out, err) =
+            run(common::cli_on(dir).args(["sql", "--format", "csv", "--quiet", "-c", q]));
+        assert!(
+            ok && out == want || !ok && err.contains("lake upgrade"),
+            "after abort at write {n}: {out}{err}"
+        );
+    };
+    let aborts = abort_at_each_write(&base, &work, &["lake", "upgrade"], &upgraded);
+    assert!(aborts >= 10, "upgrade commits every table: {aborts}");
+    // ... and after the re-run it answers as before the conversion.
+    assert_eq!(sql(&work, q), want);
 }
 
 /// Two writers appending to one table at once, on local disk: both commits land, nothing is lost
@@ -261,7 +372,11 @@ async fn concurrent_appends_both_land() {
         versions.push(w.await.unwrap().unwrap());
     }
     versions.sort();
-    assert_eq!(versions, (0..6).collect::<Vec<u64>>());
+    assert_eq!(
+        versions,
+        (1..=6).collect::<Vec<u64>>(),
+        "version 0 created the table"
+    );
     let engine = threatlake::sql::Engine::open(&lake).await.unwrap();
     let r = engine
         .run("SELECT count(*) AS n, count(DISTINCT x) AS d, sum(x) AS s FROM log")
@@ -283,32 +398,7 @@ fn upgrade_of_a_plain_parquet_lake_gives_identical_answers() {
     let q =
         "SELECT technique_id, name, domain FROM attack_techniques_current ORDER BY technique_id";
     let want = (counts(&dir), sql(&dir, q));
-    // The old layout: each table's current files as `table/<k=v>/part-N.parquet`, no `_delta_log`.
-    let lake = dir.join("lake");
-    for table in std::fs::read_dir(&lake).unwrap() {
-        let table = table.unwrap().path();
-        let name = table.file_name().unwrap().to_string_lossy().to_string();
-        if name.starts_with('_') {
-            continue;
-        }
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let l = threatlake::Lake::open(lake.to_str().unwrap()).unwrap();
-        let snap = rt
-            .block_on(l.snapshot(&name, &threatlake::lake::delta::AsOf::Latest))
-            .unwrap()
-            .unwrap();
-        let old = dir.join("old").join(&name);
-        for (i, (f, _)) in snap.files.iter().enumerate() {
-            let rel = Path::new(f);
-            let target = old
-                .join(rel.parent().unwrap())
-                .join(format!("part-{i}.parquet"));
-            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-            std::fs::copy(table.join(rel), target).unwrap();
-        }
-    }
-    std::fs::remove_dir_all(&lake).unwrap();
-    std::fs::rename(dir.join("old"), &lake).unwrap();
+    to_plain_parquet(&dir.join("lake"));
 
     let (ok, _, err) = run(common::cli_on(&dir).args(["sql", "-c", "SELECT 1"]));
     assert!(
@@ -328,4 +418,96 @@ fn upgrade_of_a_plain_parquet_lake_gives_identical_answers() {
     assert_eq!((counts(&dir), sql(&dir, q)), want);
     let (ok, out, _) = run(common::cli_on(&dir).args(["lake", "upgrade"]));
     assert!(ok && out.contains("already a Delta table"), "{out}");
+}
+
+/// `run` aborted at every write of its map and threat-model stages: evidence is never counted twice,
+/// and the next run completes the job with the same evidence as an uninterrupted run.
+#[test]
+fn abort_during_mapping_never_counts_evidence_twice() {
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/samples");
+    let job = |dir: &Path, abort: Option<&str>| {
+        let mut c = common::ics_cli_on(dir);
+        c.env("THREATLAKE_OTX_API_KEY", "unused")
+            .env("THREATLAKE_OTX_BASE_URL", "http://127.0.0.1:9")
+            .args(["run", "--offline", "--samples", "--samples-dir"])
+            .arg(&samples);
+        if let Some(a) = abort {
+            c.env(threatlake::lake::fault::ABORT_AT_ENV, a);
+        }
+        run(&mut c)
+    };
+    let evidence = |dir: &Path| {
+        sql(
+            dir,
+            "SELECT count(*) AS n, count(DISTINCT item_id || '|' || item_version || '|' || technique_id || '|' || method) AS d \
+             FROM mapped_threat_data",
+        )
+    };
+    let model = |dir: &Path| {
+        sql(
+            dir,
+            "SELECT sum(evidence_count) AS e FROM threat_model WHERE run_id = (SELECT max(run_id) FROM threat_model)",
+        )
+    };
+    // The lake before `run`: ICS and a model.
+    let prep = common::scratch("crash-run-prep");
+    let (ok, _, err) = run(&mut ingest(&prep, &common::bundle("ics")));
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(common::ics_cli_on(&prep).args([
+        "model",
+        "build",
+        "--domain",
+        "ics",
+        "--no-pretrained",
+    ]));
+    assert!(ok, "{err}");
+    // One traced run: which writes belong to mapping and the snapshot, and what they leave.
+    let reference = common::scratch("crash-run-ref");
+    copy_dir(&prep.join("lake"), &reference.join("lake"));
+    copy_dir(&prep.join("models"), &reference.join("models"));
+    let (ok, out, err) = job(&reference, Some("trace"));
+    assert!(ok, "{out}{err}");
+    let steps: Vec<u64> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("write "))
+        .filter(|l| {
+            [
+                "mapped_threat_data",
+                "mapped_items",
+                "threat_model",
+                "_locks/intel",
+            ]
+            .iter()
+            .any(|t| l.contains(&format!("/{t}")))
+        })
+        .filter_map(|l| l.split(':').next()?.parse().ok())
+        .collect();
+    assert!(
+        steps.len() >= 6,
+        "map and snapshot write data and log for 3 tables: {err}"
+    );
+    let (want_evidence, want_model) = (evidence(&reference), model(&reference));
+    assert!(!want_evidence.ends_with("\n0,0\n"), "{want_evidence}");
+
+    let work = common::scratch("crash-run-work");
+    for n in steps {
+        copy_dir(&prep.join("lake"), &work.join("lake"));
+        copy_dir(&prep.join("models"), &work.join("models"));
+        let (ok, _, err) = job(&work, Some(&n.to_string()));
+        assert!(!ok && err.contains("aborting at write"), "write {n}: {err}");
+        let e = evidence(&work);
+        let (n_rows, distinct) = e.lines().nth(1).unwrap().split_once(',').unwrap();
+        assert_eq!(
+            n_rows, distinct,
+            "abort at write {n} left duplicate evidence: {e}"
+        );
+        let (ok, out, err) = job(&work, None);
+        assert!(ok, "re-run after abort at write {n}: {out}{err}");
+        assert_eq!(
+            evidence(&work),
+            want_evidence,
+            "abort at write {n}, then re-run"
+        );
+        assert_eq!(model(&work), want_model, "abort at write {n}, then re-run");
+    }
 }

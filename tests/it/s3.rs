@@ -390,7 +390,7 @@ fn s3_delta_commits_concurrent_appends_optimize_vacuum_and_time_travel() {
         sorted.sort();
         assert_eq!(
             sorted,
-            vec![1, 2, 3, 4],
+            vec![2, 3, 4, 5],
             "one commit per writer: {versions:?}"
         );
     });
@@ -401,11 +401,11 @@ fn s3_delta_commits_concurrent_appends_optimize_vacuum_and_time_travel() {
     assert!(ok, "{err}");
     assert!(out.contains("1 table(s) compacted, 5 file(s) → 1"), "{out}");
     assert_eq!(sql(s3.cli("delta"), q), before);
-    // Time travel to version 2 (three appends), before the compaction.
+    // Time travel to version 3 (created, then three appends), before the compaction.
     assert_eq!(
         sql(
             s3.cli("delta"),
-            "SELECT count(*) AS n FROM as_of('feed_log', 2)"
+            "SELECT count(*) AS n FROM as_of('feed_log', 3)"
         ),
         "n\n3\n"
     );
