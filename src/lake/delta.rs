@@ -425,10 +425,9 @@ impl Lake {
             .into_iter()
             .enumerate()
             .map(|(i, c)| Commit {
-                version: c
-                    .read_version
-                    .map(|v| v as u64 + 1)
-                    .unwrap_or(latest.saturating_sub(i as u64)),
+                // Newest first, one per version (the commit info has no version of its own;
+                // `readVersion` is what the writer read, older than its own after a retry).
+                version: latest.saturating_sub(i as u64),
                 timestamp: c.timestamp.and_then(DateTime::<Utc>::from_timestamp_millis),
                 operation: c.operation.clone().unwrap_or_default(),
                 purpose: c
