@@ -138,14 +138,7 @@ async fn sync_locked(
         .map(|(rel, _)| {
             let pb = pb.clone();
             async move {
-                let out = match from.get_opt(rel).await? {
-                    Some(bytes) => {
-                        let n = bytes.len() as u64;
-                        to.put_atomic(rel, bytes).await?;
-                        Some(n)
-                    }
-                    None => None,
-                };
+                let out = copy_object(from, to, rel).await?;
                 pb.inc(1);
                 Ok::<_, LakeError>(out)
             }
@@ -157,14 +150,7 @@ async fn sync_locked(
     // `_last_checkpoint` points at a checkpoint: after every numbered entry.
     logs.sort_by_key(|(rel, _)| (rel.ends_with("_last_checkpoint"), rel.to_string()));
     for (rel, _) in logs {
-        copied.push(match from.get_opt(rel).await? {
-            Some(bytes) => {
-                let n = bytes.len() as u64;
-                to.put_atomic(rel, bytes).await?;
-                Some(n)
-            }
-            None => None,
-        });
+        copied.push(copy_object(from, to, rel).await?);
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -184,6 +170,18 @@ async fn sync_locked(
         report.deleted += 1;
     }
     Ok(report)
+}
+
+/// Copy one object (atomically at the destination); its size, or None when it vanished at the source.
+async fn copy_object(from: &Location, to: &Location, rel: &str) -> Result<Option<u64>, LakeError> {
+    Ok(match from.get_opt(rel).await? {
+        Some(bytes) => {
+            let n = bytes.len() as u64;
+            to.put_atomic(rel, bytes).await?;
+            Some(n)
+        }
+        None => None,
+    })
 }
 
 /// What `lake optimize` did.

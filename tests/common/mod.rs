@@ -51,6 +51,16 @@ pub async fn ingest(dir: &Path, domains: &[&str]) -> Lake {
     lake
 }
 
+/// SQL giving the row count of every ATT&CK table, one `table,count` row each, by table.
+pub fn attack_counts_sql() -> String {
+    threatlake::attack::table_schemas()
+        .iter()
+        .map(|(t, _)| format!("SELECT '{t}' AS t, count(*) AS n FROM {t}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+        + " ORDER BY t"
+}
+
 /// The `threatlake` binary with built-in default settings, run from cargo's temp dir.
 pub fn cli() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_threatlake"));

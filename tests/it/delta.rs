@@ -7,13 +7,7 @@ use crate::common::{self, run};
 
 /// Row counts of every ATT&CK table, one `table,count` line each (CSV).
 fn counts(dir: &Path) -> String {
-    let q = threatlake::attack::table_schemas()
-        .iter()
-        .map(|(t, _)| format!("SELECT '{t}' AS t, count(*) AS n FROM {t}"))
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ")
-        + " ORDER BY t";
-    sql(dir, &q)
+    sql(dir, &common::attack_counts_sql())
 }
 
 fn sql(dir: &Path, q: &str) -> String {

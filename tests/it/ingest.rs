@@ -12,18 +12,9 @@ async fn count(engine: &Engine, sql: &str) -> i64 {
     arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(0)).value(0)
 }
 
-fn table_counts_sql() -> String {
-    threatlake::attack::table_schemas()
-        .iter()
-        .map(|(t, _)| format!("SELECT '{t}' AS t, count(*) AS n FROM {t}"))
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ")
-        + " ORDER BY t"
-}
-
 async fn all_counts(lake: &Lake) -> Vec<String> {
     let e = Engine::open(lake).await.unwrap();
-    let r = e.run(&table_counts_sql()).await.unwrap();
+    let r = e.run(&common::attack_counts_sql()).await.unwrap();
     let text = arrow::util::pretty::pretty_format_batches(&r[0].batches)
         .unwrap()
         .to_string();

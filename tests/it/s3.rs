@@ -7,12 +7,7 @@ use crate::common::{self, run};
 
 /// Row counts of every ATT&CK table, one `table,count` line each (CSV), from a `threatlake` command.
 fn counts(mut c: Command) -> String {
-    let q = threatlake::attack::table_schemas()
-        .iter()
-        .map(|(t, _)| format!("SELECT '{t}' AS t, count(*) AS n FROM {t}"))
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ")
-        + " ORDER BY t";
+    let q = common::attack_counts_sql();
     let (ok, out, err) = run(c.args(["sql", "--format", "csv", "--quiet", "-c", &q]));
     assert!(ok, "{err}");
     out
