@@ -25,7 +25,7 @@ fn ingest(dir: &Path, bundle: &Path) -> Command {
 }
 
 /// The ICS bundle cut to its first 20 techniques (and the relationships among what is left).
-fn subset_bundle(dir: &Path) -> PathBuf {
+pub(super) fn subset_bundle(dir: &Path) -> PathBuf {
     let gz = std::fs::read(common::bundle("ics")).unwrap();
     let mut text = String::new();
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
@@ -70,7 +70,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// `table,count` lines as a map.
-fn per_table(csv: &str) -> std::collections::BTreeMap<String, String> {
+pub(super) fn per_table(csv: &str) -> std::collections::BTreeMap<String, String> {
     csv.lines()
         .skip(1)
         .filter_map(|l| {

@@ -422,3 +422,59 @@ fn s3_delta_commits_concurrent_appends_optimize_vacuum_and_time_travel() {
     assert_eq!(parquet(&lake), 1);
     assert_eq!(sql(s3.cli("delta"), q), before);
 }
+
+/// On S3 as on disk: the process aborted at every write of a re-ingest leaves every table as before or
+/// as after, and the re-run completes (the dead writer's lock taken over with a conditional update).
+#[test]
+fn s3_abort_at_every_write_of_an_attack_ingest_leaves_each_table_before_or_after() {
+    use super::delta::{per_table, subset_bundle};
+    let s3 = S3Server::shared();
+    let base = common::scratch("s3-crash-base");
+    let (ok, _, err) = ingest_ics(common::cli_on(&base));
+    assert!(ok, "{err}");
+    let subset = subset_bundle(&base);
+    let before = per_table(&counts(common::cli_on(&base)));
+    let ingest_subset = |mut c: Command| {
+        c.args(["ingest", "attack", "--domain", "ics", "--force", "--from"])
+            .arg(&subset);
+        c
+    };
+    let mut after = None;
+    let mut aborted = 0;
+    for n in 1..200 {
+        let prefix = format!("crash-{n}");
+        let (ok, _, err) = run(s3
+            .cli_env()
+            .args(["lake", "sync", "--to", &lake_url(&prefix), "--from"])
+            .arg(base.join("lake")));
+        assert!(ok, "{err}");
+        assert_eq!(per_table(&counts(s3.cli(&prefix))), before);
+        let mut c = ingest_subset(s3.cli(&prefix));
+        c.env(threatlake::lake::fault::ABORT_AT_ENV, n.to_string());
+        let (ok, _, err) = run(&mut c);
+        if ok {
+            break;
+        }
+        assert!(err.contains("aborting at write"), "write {n}: {err}");
+        aborted += 1;
+        let now = per_table(&counts(s3.cli(&prefix)));
+        let (ok, _, err) = run(&mut ingest_subset(s3.cli(&prefix)));
+        assert!(
+            ok,
+            "re-run after abort at write {n} needs no manual step: {err}"
+        );
+        let done = per_table(&counts(s3.cli(&prefix)));
+        assert_eq!(done["mitre_attack_techniques"], "20");
+        let after = after.get_or_insert(done.clone());
+        assert_eq!(&done, after, "abort at write {n}, then re-run");
+        for (t, v) in &now {
+            assert!(
+                v == &before[t] || v == &after[t],
+                "abort at write {n}: {t} has {v} rows, neither {} nor {}",
+                before[t],
+                after[t]
+            );
+        }
+    }
+    assert!(aborted >= 10, "{aborted}");
+}
