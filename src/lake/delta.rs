@@ -158,7 +158,8 @@ impl Location {
 }
 
 impl LakeError {
-    fn delta(table: &str, source: DeltaTableError) -> Self {
+    /// A delta-rs error on `table`, said so that a user can act on it (see [`describe`]).
+    pub(crate) fn delta(table: &str, source: DeltaTableError) -> Self {
         LakeError::Delta {
             table: table.to_string(),
             message: describe(&source),

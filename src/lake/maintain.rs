@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use deltalake_core::kernel::{DataType as DeltaType, StructField};
 use deltalake_core::operations::convert_to_delta::{ConvertToDeltaBuilder, PartitionStrategy};
 use deltalake_core::operations::vacuum::VacuumMode;
+use deltalake_core::DeltaTable;
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use object_store::ObjectMeta;
@@ -184,6 +185,17 @@ async fn copy_object(from: &Location, to: &Location, rel: &str) -> Result<Option
     })
 }
 
+/// Every table of the lake at its latest version (refusing a lake that still needs `lake upgrade`).
+async fn latest_tables(lake: &Lake) -> Result<Vec<(String, DeltaTable)>, LakeError> {
+    let mut out = Vec::new();
+    for name in lake.require_delta().await? {
+        if let Some(t) = lake.delta_table(&name, &AsOf::Latest).await? {
+            out.push((name, t));
+        }
+    }
+    Ok(out)
+}
+
 /// What `lake optimize` did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct OptimizeReport {
@@ -199,19 +211,13 @@ pub struct OptimizeReport {
 /// one commit per table: readers see the table before or after, with the same rows.
 pub async fn optimize(lake: &Lake, target_mb: u64) -> Result<OptimizeReport, LakeError> {
     let mut report = OptimizeReport::default();
-    for name in lake.require_delta().await? {
-        let Some(t) = lake.delta_table(&name, &AsOf::Latest).await? else {
-            continue;
-        };
-        let target = std::num::NonZeroU64::new(target_mb.max(1) * 1024 * 1024).expect("nonzero");
+    let target = std::num::NonZeroU64::new(target_mb.max(1) * 1024 * 1024).expect("nonzero");
+    for (name, t) in latest_tables(lake).await? {
         let (_, m) = t
             .optimize()
             .with_target_size(target)
             .await
-            .map_err(|e| LakeError::Delta {
-                table: name.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| LakeError::delta(&name, e))?;
         if m.num_files_removed > 0 {
             report.tables += 1;
         }
@@ -239,10 +245,7 @@ pub async fn vacuum(
 ) -> Result<VacuumReport, LakeError> {
     let mut report = VacuumReport::default();
     let retain = chrono::Duration::from_std(retain).unwrap_or(chrono::Duration::MAX);
-    for name in lake.require_delta().await? {
-        let Some(t) = lake.delta_table(&name, &AsOf::Latest).await? else {
-            continue;
-        };
+    for (name, t) in latest_tables(lake).await? {
         let (_, m) = t
             .vacuum()
             .with_retention_period(retain)
@@ -250,10 +253,7 @@ pub async fn vacuum(
             .with_mode(VacuumMode::Full)
             .with_dry_run(dry_run)
             .await
-            .map_err(|e| LakeError::Delta {
-                table: name.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| LakeError::delta(&name, e))?;
         if !m.files_deleted.is_empty() {
             report.tables += 1;
         }

@@ -69,6 +69,23 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Every table's row count is the one before or the one after (after an abort at write `n`).
+pub(super) fn assert_each_before_or_after(
+    now: &std::collections::BTreeMap<String, String>,
+    before: &std::collections::BTreeMap<String, String>,
+    after: &std::collections::BTreeMap<String, String>,
+    n: u64,
+) {
+    for (t, v) in now {
+        assert!(
+            v == &before[t] || v == &after[t],
+            "abort at write {n}: {t} has {v} rows, neither {} nor {}",
+            before[t],
+            after[t]
+        );
+    }
+}
+
 /// `table,count` lines as a map.
 pub(super) fn per_table(csv: &str) -> std::collections::BTreeMap<String, String> {
     csv.lines()
@@ -110,15 +127,7 @@ fn abort_at_every_write_of_an_attack_ingest_leaves_each_table_before_or_after() 
         }
         assert!(err.contains("aborting at write"), "write {n}: {err}");
         aborted += 1;
-        let now = per_table(&counts(&work));
-        for (t, v) in &now {
-            assert!(
-                v == &before[t] || v == &after[t],
-                "abort at write {n}: {t} has {v} rows, neither {} nor {}",
-                before[t],
-                after[t]
-            );
-        }
+        assert_each_before_or_after(&per_table(&counts(&work)), &before, &after, n);
         let (ok, _, err) = run(&mut ingest(&work, &subset));
         assert!(
             ok,

@@ -427,7 +427,7 @@ fn s3_delta_commits_concurrent_appends_optimize_vacuum_and_time_travel() {
 /// as after, and the re-run completes (the dead writer's lock taken over with a conditional update).
 #[test]
 fn s3_abort_at_every_write_of_an_attack_ingest_leaves_each_table_before_or_after() {
-    use super::delta::{per_table, subset_bundle};
+    use super::delta::{assert_each_before_or_after, per_table, subset_bundle};
     let s3 = S3Server::shared();
     let base = common::scratch("s3-crash-base");
     let (ok, _, err) = ingest_ics(common::cli_on(&base));
@@ -467,14 +467,7 @@ fn s3_abort_at_every_write_of_an_attack_ingest_leaves_each_table_before_or_after
         assert_eq!(done["mitre_attack_techniques"], "20");
         let after = after.get_or_insert(done.clone());
         assert_eq!(&done, after, "abort at write {n}, then re-run");
-        for (t, v) in &now {
-            assert!(
-                v == &before[t] || v == &after[t],
-                "abort at write {n}: {t} has {v} rows, neither {} nor {}",
-                before[t],
-                after[t]
-            );
-        }
+        assert_each_before_or_after(&now, &before, after, n);
     }
     assert!(aborted >= 10, "{aborted}");
 }
