@@ -239,6 +239,10 @@ pub struct AttackSettings {
     pub domains: Vec<Domain>,
     /// Bundle URL (or path) per domain.
     pub sources: BTreeMap<Domain, String>,
+    /// MITRE's collection index (every release of every domain with its bundle URL), read by `run`
+    /// and the `ingest_attack` job to ingest newer releases; null or empty: no check.
+    #[serde(default = "default_attack_index")]
+    pub index: Option<String>,
     /// Download timeout.
     pub http_timeout_secs: u64,
     /// Largest bundle accepted, in MB once decompressed (ATT&CK Enterprise v18.1 is 45 MB).
@@ -249,6 +253,11 @@ pub struct AttackSettings {
     pub max_objects: usize,
 }
 
+fn default_attack_index() -> Option<String> {
+    Some(
+        "https://raw.githubusercontent.com/mitre-attack/attack-stix-data/master/index.json".into(),
+    )
+}
 fn default_max_bundle_mb() -> f64 {
     256.0
 }

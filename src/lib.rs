@@ -12,6 +12,7 @@ pub mod feeds;
 pub mod lake;
 pub mod mapping;
 pub mod models;
+pub mod pipeline;
 pub mod reports;
 pub mod sql;
 

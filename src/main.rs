@@ -4,13 +4,13 @@ mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use threatlake::config::{Loaded, Settings};
 use threatlake::sql::output::OutputFormat;
-use threatlake::{Domain, Engine, Lake, Location};
+use threatlake::sql::{EngineKind, QueryEngine};
+use threatlake::{Domain, Lake, Location};
 
 /// threatlake: threat intelligence lake mapped to MITRE ATT&CK.
 #[derive(Debug, Parser)]
@@ -82,12 +82,20 @@ enum Command {
     Chart(cli::report::ChartArgs),
     /// Map threat items not mapped yet (model top-k and source-stated techniques) into mapped_threat_data.
     MapIntel,
-    /// The main job: ATT&CK (if absent), OTX and VirusTotal (when keyed), model (if absent), map, threat-model snapshot.
+    /// The main job: ATT&CK (a newer release from MITRE's index, or the first), OTX and VirusTotal
+    /// (when keyed), model (when missing or older than the ATT&CK release), map, threat-model
+    /// snapshot; recorded in the `job_runs` table.
     Run(RunArgs),
 }
 
 #[derive(Debug, Args)]
 struct RunArgs {
+    /// Another job instead of the whole run: ingest_attack, ingest_otx, ingest_vt, map, snapshot, report.
+    #[arg(long, value_name = "JOB")]
+    job: Option<String>,
+    /// Also write the reports (into reports.out_dir) at the end.
+    #[arg(long)]
+    reports: bool,
     /// No network: use what the lake and raw store hold (ATT&CK must be ingested already).
     #[arg(long)]
     offline: bool,
@@ -525,7 +533,22 @@ async fn main_inner(cli: Cli) -> Result<()> {
         Command::Chart(args) => cli::report::chart(&settings, args).await,
         Command::MapIntel => cli::feeds::map_intel(&settings).await.map(drop),
         Command::Run(a) => {
-            cli::feeds::run(&settings, a.offline, a.samples.then_some(a.samples_dir)).await
+            let job = match &a.job {
+                None => threatlake::pipeline::Job::Run,
+                Some(name) => threatlake::pipeline::Job::parse(name).with_context(|| {
+                    format!(
+                        "no job {name:?}; jobs: {}",
+                        threatlake::pipeline::Job::names()
+                    )
+                })?,
+            };
+            let options = threatlake::pipeline::RunOptions {
+                offline: a.offline,
+                samples: a.samples.then_some(a.samples_dir),
+                reports: a.reports,
+                ..Default::default()
+            };
+            cli::feeds::run(&settings, job, options).await
         }
         Command::Model(ModelCommand::Diff { run_a, run_b, all }) => {
             cli::feeds::diff(&settings, run_a, run_b, all).await
@@ -743,11 +766,6 @@ async fn main_inner(cli: Cli) -> Result<()> {
     }
 }
 
-/// ATT&CK for every configured domain from the configured sources (what `run` does on an empty lake).
-pub(crate) async fn ingest_attack_default(settings: &Settings) -> Result<()> {
-    ingest_attack(settings, DomainArg::All, None, None, false).await
-}
-
 async fn ingest_attack(
     settings: &Settings,
     domain: DomainArg,
@@ -755,15 +773,9 @@ async fn ingest_attack(
     attack_version: Option<String>,
     force: bool,
 ) -> Result<()> {
-    let lake = Lake::from_settings(&settings.lake)?;
-    let raw = threatlake::lake::raw_from_settings(&settings.lake)?;
-    let options = threatlake::attack::IngestOptions {
-        expected: None,
-        version_override: attack_version,
-        timeout: Duration::from_secs(settings.attack.http_timeout_secs),
-        limits: settings.attack.limits(),
-        force,
-    };
+    let mut options = threatlake::pipeline::attack_options(settings);
+    options.version_override = attack_version;
+    options.force = force;
     let jobs: Vec<(Option<Domain>, String)> = match (&from, domain.domain()) {
         (Some(src), d) => vec![(d, src.clone())],
         (None, Some(d)) => vec![(Some(d), source_for(settings, d)?)],
@@ -777,63 +789,13 @@ async fn ingest_attack(
     if options.version_override.is_some() && jobs.len() > 1 {
         bail!("--attack-version applies to one bundle; give --domain or --from as well");
     }
-    let bar = indicatif::ProgressBar::new(jobs.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} {elapsed}")
-            .expect("static template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let work = ingest_attack_jobs(&lake, &raw, jobs, &options, &bar);
-    cli::locked(&lake, settings, &["attack"], "ingest attack", work).await?;
-    bar.finish_and_clear();
-    println!("lake: {}", lake.location);
-    Ok(())
-}
-
-async fn ingest_attack_jobs(
-    lake: &Lake,
-    raw: &Location,
-    jobs: Vec<(Option<Domain>, String)>,
-    options: &threatlake::attack::IngestOptions,
-    bar: &indicatif::ProgressBar,
-) -> Result<()> {
-    for (d, src) in jobs {
-        bar.set_message(format!(
-            "ingesting {}",
-            d.map_or("bundle".to_string(), |d| d.to_string())
-        ));
-        let options = threatlake::attack::IngestOptions {
-            expected: d,
-            ..options.clone()
-        };
-        let report = threatlake::attack::ingest(lake, raw, &src, &options)
-                .await
-                .with_context(|| {
-                    format!(
-                        "ingest of ATT&CK from {src} failed; the lake's current ATT&CK is unchanged (a release becomes current only when its version row lands, last); re-run to finish"
-                    )
-                })?;
-        bar.inc(1);
-        let total: f64 = report.timings.iter().map(|(_, t)| t.as_secs_f64()).sum();
-        let r = |t: &str| report.rows.get(t).copied().unwrap_or(0);
-        bar.suspend(|| {
-            println!(
-                "{} ATT&CK {}: {} techniques, {} tactics, {} groups, {} software, {} campaigns, {} mitigations, {} relationships, {} procedures ({:.1} s; raw kept at {}/{})",
-                report.domain,
-                report.attack_version,
-                r("mitre_attack_techniques"),
-                r("mitre_attack_tactics"),
-                r("mitre_attack_groups"),
-                r("mitre_attack_software"),
-                r("mitre_attack_campaigns"),
-                r("mitre_attack_mitigations"),
-                r("mitre_attack_relationships"),
-                r("mitre_attack_procedures"),
-                total,
-                raw,
-                report.raw_path
-            )
-        });
-    }
+    let observer = cli::progress::CliObserver::plain();
+    let cx = threatlake::pipeline::Context::open(settings, &observer)?;
+    threatlake::pipeline::Observer::started(&observer, threatlake::pipeline::Stage::Attack);
+    let r = threatlake::pipeline::ingest_attack(&cx, &jobs, &options).await;
+    observer.clear();
+    r?;
+    println!("lake: {}", cx.lake.location);
     Ok(())
 }
 
@@ -846,34 +808,12 @@ fn source_for(settings: &Settings, d: Domain) -> Result<String> {
 async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
     let lake = Lake::from_settings(&settings.lake)?;
     let options = threatlake::sql::EngineOptions::from_settings(settings);
-    let engine = match args.engine {
-        SqlEngineKind::Datafusion => {
-            cli::repl::SqlEngine::DataFusion(Engine::open_with(&lake, &options).await?)
-        }
-        #[cfg(feature = "duckdb")]
-        SqlEngineKind::Duckdb => {
-            cli::repl::SqlEngine::DuckDb(threatlake::duck::DuckEngine::open(&lake, &options).await?)
-        }
-        #[cfg(feature = "ballista")]
-        SqlEngineKind::Ballista => {
-            let engine = Engine::open_with(&lake, &options).await?;
-            cli::repl::SqlEngine::DataFusion(match &args.scheduler {
-                Some(url) => engine.into_ballista_remote(url).await?,
-                None => engine.into_ballista_standalone().await?,
-            })
-        }
-        #[cfg(not(feature = "ballista"))]
-        SqlEngineKind::Ballista => {
-            let _ = &args.scheduler;
-            anyhow::bail!(
-                "this build has no Ballista engine; build with `cargo build --features ballista`"
-            )
-        }
-        #[cfg(not(feature = "duckdb"))]
-        SqlEngineKind::Duckdb => anyhow::bail!(
-            "this build has no DuckDB engine; build with `cargo build --features duckdb`"
-        ),
+    let kind = match args.engine {
+        SqlEngineKind::Datafusion => EngineKind::DataFusion,
+        SqlEngineKind::Duckdb => EngineKind::DuckDb,
+        SqlEngineKind::Ballista => EngineKind::Ballista,
     };
+    let engine = QueryEngine::open(kind, &lake, &options, args.scheduler.as_deref()).await?;
     let format = match args.format {
         Some(f) => f,
         None => settings

@@ -274,3 +274,57 @@ pub async fn build_model(
         bytes,
     })
 }
+
+/// Feed items labelled with the techniques their source states (OTX `attack_ids`, VirusTotal
+/// sandbox trees), on the items' real text: what `model eval --from-lake` measures against.
+pub struct FeedLabels {
+    /// Items with at least one label the model knows.
+    pub test: Vec<threatlake_udfs::mapper::eval::Labelled>,
+    /// Source-stated technique rows seen.
+    pub stated: usize,
+    /// Of which the model's domain does not know (dropped).
+    pub unknown: usize,
+}
+
+/// [`FeedLabels`] of the lake; `known` says whether the model knows a technique id.
+pub async fn feed_labelled(
+    engine: &Engine,
+    known: impl Fn(&str) -> bool,
+) -> Result<FeedLabels, crate::sql::SqlError> {
+    let r = engine
+        .run(
+            "SELECT t.item_id, t.source, t.text, m.technique_id \
+             FROM threat_intelligence_data t JOIN mapped_threat_data m \
+               ON m.item_id = t.item_id AND m.item_version = t.item_version AND m.method = 'source' \
+             ORDER BY t.item_id, m.technique_id",
+        )
+        .await?;
+    let mut items: std::collections::BTreeMap<String, (String, Vec<String>)> = Default::default();
+    let (mut stated, mut unknown) = (0usize, 0usize);
+    for b in &r[0].batches {
+        let col = |i| crate::feeds::column_strings(b, i);
+        let rows = col(0).into_iter().zip(col(2)).zip(col(3));
+        for ((id, text), t) in rows {
+            let (Some(id), Some(text), Some(t)) = (id, text, t) else {
+                continue;
+            };
+            stated += 1;
+            let e = items.entry(id).or_insert_with(|| (text, vec![]));
+            if known(&t) {
+                e.1.push(t);
+            } else {
+                unknown += 1;
+            }
+        }
+    }
+    let test = items
+        .into_values()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(text, labels)| threatlake_udfs::mapper::eval::Labelled { text, labels })
+        .collect();
+    Ok(FeedLabels {
+        test,
+        stated,
+        unknown,
+    })
+}

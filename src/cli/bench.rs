@@ -384,7 +384,8 @@ pub async fn report(
         w.add(&chunk, &prov).await?;
         w.flush().await?;
         crate::cli::feeds::map_intel(&s).await?;
-        crate::cli::feeds::snapshot(&s).await?;
+        let cx = threatlake::pipeline::Context::open(&s, &threatlake::pipeline::Silent)?;
+        threatlake::pipeline::snapshot(&cx).await?;
     }
     println!(
         "{items} pulses written, mapped and snapshotted in {:.1} s",

@@ -34,57 +34,10 @@ pub async fn build(
 ) -> Result<()> {
     let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open(&lake).await?;
-    let pre = if no_pretrained {
-        None
-    } else {
-        pretrained.or_else(|| settings.mapping.pretrained_vectors.clone())
-    };
-    if let Some(p) = &pre {
-        if !Path::new(p).is_file() {
-            bail!("pretrained vectors {p} not found; fix mapping.pretrained_vectors or pass --no-pretrained");
-        }
-    }
-    let t = Instant::now();
-    let report = mapping::build_model(
-        &engine,
-        domain,
-        Path::new(&settings.lake.models),
-        pre.as_deref().map(Path::new),
-        MapperParams::default(),
-    )
-    .await?;
-    let m = &report.manifest;
-    let stages: Vec<String> = report
-        .timings
-        .iter()
-        .map(|(n, d)| format!("{n} {:.1} s", d.as_secs_f64()))
-        .collect();
-    println!(
-        "model {} ATT&CK {}: {} techniques, {} training texts, {} prototypes, {} words × {} dims{} — {:.1} MB in {:.1} s ({})",
-        m.domain,
-        m.attack_version,
-        m.techniques,
-        m.units,
-        m.prototypes,
-        m.words,
-        m.dims,
-        m.pretrained.as_ref().map(|p| format!(" (+ {p})")).unwrap_or_default(),
-        report.bytes as f64 / 1e6,
-        t.elapsed().as_secs_f64(),
-        stages.join(", ")
-    );
-    println!("saved to {}", report.dir.display());
-    if let Some(remote) = &settings.lake.models_remote {
-        let n = threatlake::models::publish(&settings.lake, remote, &report.dir)
-            .await
-            .with_context(|| {
-                format!(
-                    "publishing the model to {remote} (lake.models); it is saved locally in {}",
-                    report.dir.display()
-                )
-            })?;
-        println!("published {n} file(s) to {remote}");
-    }
+    let built =
+        threatlake::pipeline::build_model(settings, &engine, domain, pretrained, no_pretrained)
+            .await?;
+    println!("{}", built.summary);
     Ok(())
 }
 
@@ -328,38 +281,11 @@ pub async fn eval_from_lake(
     let m = Mapper::load(&dir)?;
     let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open(&lake).await?;
-    let r = engine
-        .run(
-            "SELECT t.item_id, t.source, t.text, m.technique_id \
-             FROM threat_intelligence_data t JOIN mapped_threat_data m \
-               ON m.item_id = t.item_id AND m.item_version = t.item_version AND m.method = 'source' \
-             ORDER BY t.item_id, m.technique_id",
-        )
-        .await?;
-    let mut items: std::collections::BTreeMap<String, (String, String, Vec<String>)> =
-        Default::default();
-    let (mut stated, mut unknown) = (0usize, 0usize);
-    for b in &r[0].batches {
-        let col = |i| threatlake::feeds::column_strings(b, i);
-        let rows = col(0).into_iter().zip(col(1)).zip(col(2)).zip(col(3));
-        for (((id, src), text), t) in rows {
-            let (Some(id), Some(src), Some(text), Some(t)) = (id, src, text, t) else {
-                continue;
-            };
-            stated += 1;
-            let e = items.entry(id).or_insert_with(|| (src, text, vec![]));
-            if m.model.technique_index(&t).is_some() {
-                e.2.push(t);
-            } else {
-                unknown += 1;
-            }
-        }
-    }
-    let test: Vec<Labelled> = items
-        .into_values()
-        .filter(|(_, _, l)| !l.is_empty())
-        .map(|(_, text, labels)| Labelled { text, labels })
-        .collect();
+    let mapping::FeedLabels {
+        test,
+        stated,
+        unknown,
+    } = mapping::feed_labelled(&engine, |t| m.model.technique_index(t).is_some()).await?;
     if test.is_empty() {
         bail!(
             "no feed items with source-stated techniques the model knows; run `threatlake run` (OTX attack_ids, VirusTotal sandbox techniques) first"

@@ -4,7 +4,6 @@
 use std::io::{IsTerminal, Write};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Result;
 use arrow::array::{RecordBatch, StringArray};
@@ -15,7 +14,7 @@ use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Context, Editor, Helper, Highlighter, Hinter};
 use threatlake::sql::output::{self, OutputError, OutputFormat};
 use threatlake::sql::QueryResult;
-use threatlake::Engine;
+use threatlake::sql::QueryEngine;
 
 /// Backslash commands. `INFO` is the single source of truth for parsing and for `\?`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,70 +73,9 @@ impl FromStr for Command {
     }
 }
 
-/// The engine a session runs SQL on.
-pub enum SqlEngine {
-    /// DataFusion (the default).
-    DataFusion(Engine),
-    /// Embedded DuckDB over the same lake.
-    #[cfg(feature = "duckdb")]
-    DuckDb(threatlake::duck::DuckEngine),
-}
-
-impl SqlEngine {
-    /// Parse `text` and run each statement, calling `each` with every result as it completes.
-    async fn run_each(
-        &self,
-        text: &str,
-        mut each: impl FnMut(&QueryResult, f64) -> Result<()>,
-    ) -> Result<()> {
-        match self {
-            SqlEngine::DataFusion(e) => {
-                for stmt in threatlake::sql::parse(text)? {
-                    let start = Instant::now();
-                    let r = e.run_statement(stmt).await?;
-                    each(&r, start.elapsed().as_secs_f64())?;
-                }
-            }
-            #[cfg(feature = "duckdb")]
-            SqlEngine::DuckDb(e) => {
-                for stmt in threatlake::duck::DuckEngine::statements(text) {
-                    let start = Instant::now();
-                    let r = e.run_statement(&stmt)?;
-                    each(&r, start.elapsed().as_secs_f64())?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn table_names(&self) -> Vec<(String, &'static str)> {
-        match self {
-            SqlEngine::DataFusion(e) => e.table_names().await,
-            #[cfg(feature = "duckdb")]
-            SqlEngine::DuckDb(e) => e.table_names(),
-        }
-    }
-
-    async fn table_schema(&self, name: &str) -> Option<arrow::datatypes::SchemaRef> {
-        match self {
-            SqlEngine::DataFusion(e) => e.table_schema(name).await,
-            #[cfg(feature = "duckdb")]
-            SqlEngine::DuckDb(e) => e.table_schema(name),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            SqlEngine::DataFusion(e) => e.lake.location.to_string(),
-            #[cfg(feature = "duckdb")]
-            SqlEngine::DuckDb(e) => format!("{} (DuckDB)", e.root.display()),
-        }
-    }
-}
-
 /// State shared by the REPL and batch modes.
 pub struct Session {
-    pub engine: SqlEngine,
+    pub engine: QueryEngine,
     pub format: OutputFormat,
     pub max_rows: usize,
     pub timing: bool,
@@ -180,7 +118,7 @@ impl Session {
                         eprintln!("{line}");
                     }
                 }
-                Ok(())
+                Ok::<(), anyhow::Error>(())
             })
             .await?;
         Ok(Flow::Continue)
@@ -325,7 +263,7 @@ pub struct ReplHelper {
 }
 
 impl ReplHelper {
-    pub async fn new(engine: &SqlEngine) -> Self {
+    pub async fn new(engine: &QueryEngine) -> Self {
         let mut words: Vec<String> = KEYWORDS.iter().map(|k| k.to_string()).collect();
         words.extend(INFO.iter().map(|(c, _, _)| c.to_string()));
         for (t, _) in engine.table_names().await {

@@ -1,16 +1,16 @@
 //! `threatlake report` (run the report datasets in batch and write each in every asked format, plus
 //! `index.html` and `index.json`) and `threatlake chart` (one ad-hoc chart from any query).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use threatlake::charts::{Chart, ChartKind, ChartSpec, Frame, ImageFormat};
-use threatlake::reports::{self, Format};
+use threatlake::reports;
 use threatlake::sql::EngineOptions;
 use threatlake::{Engine, Lake, Settings};
 
 /// Every format, the default of `report --format`.
-pub const ALL_FORMATS: &str = "html,pdf,csv,json,navigator,stix,svg,png";
+pub const ALL_FORMATS: &str = reports::batch::ALL_FORMATS;
 
 /// Run `names` (all when empty) into `out` in `formats` (comma-separated names), counting only intel
 /// observed on or after `since` (YYYY-MM-DD or RFC 3339).
@@ -21,110 +21,35 @@ pub async fn report(
     out: Option<PathBuf>,
     since: Option<String>,
 ) -> Result<()> {
-    let formats: Vec<Format> = formats
-        .split(',')
-        .map(str::trim)
-        .filter(|f| !f.is_empty())
-        .map(|f| {
-            Format::parse(f).with_context(|| {
-                format!("unknown report format {f:?}; use any of {ALL_FORMATS} (comma-separated)")
-            })
-        })
-        .collect::<Result<_>>()?;
-    if formats.is_empty() {
-        bail!("no report format given; use --format {ALL_FORMATS}");
-    }
-    let since_at = since.as_deref().map(parse_since).transpose()?;
-    let defs = reports::select(&names)?;
-    let out = out.unwrap_or_else(|| PathBuf::from(&settings.reports.out_dir));
-    let lake = Lake::from_settings(&settings.lake)?;
-    let mut options = EngineOptions::from_settings(settings);
-    options.since = since_at;
-    let engine = Engine::open_with(&lake, &options).await?;
-    let domain = settings.mapping.domain.as_str();
-    let version = current_version(&engine, domain).await?;
-    let platforms = domain_platforms(&engine, domain).await?;
-    let templates = reports::html::Templates::load(Path::new(&settings.reports.templates))?;
-    let ctx = reports::Context {
-        domain,
-        attack_version: &version,
-        generated_at: threatlake::feeds::fixed(chrono::Utc::now()),
-        since: since_at.map(|s| s.format("%Y-%m-%d %H:%M UTC").to_string()),
-        templates: &templates,
-        formats: &formats,
-        platforms: &platforms,
+    let options = reports::batch::BatchOptions {
+        names,
+        formats: reports::batch::parse_formats(formats)?,
+        out: out.unwrap_or_else(|| PathBuf::from(&settings.reports.out_dir)),
+        since: since.as_deref().map(reports::batch::parse_since).transpose()?,
     };
+    let defs = reports::select(&options.names)?;
     let bar = indicatif::ProgressBar::new(defs.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {elapsed}")
             .expect("static template"),
     );
-    let mut built = Vec::new();
-    let mut index = Vec::new();
-    for def in &defs {
-        bar.set_message(def.name.clone());
-        let b = reports::build(&engine, def, domain).await?;
-        if let Err(e) = &b.chart {
-            bar.suspend(|| eprintln!("warning: report {}: no chart: {e}", def.name));
-        }
-        let mut files = Vec::new();
-        for f in &formats {
-            if let Some(p) = reports::write(&b, *f, &out, &ctx)? {
-                files.push(
-                    p.file_name()
-                        .map(|n| n.to_string_lossy().to_string())
-                        .unwrap_or_default(),
-                );
-            }
-        }
-        index.push(serde_json::json!({
-            "name": def.name, "title": def.title, "description": def.description,
-            "chart": def.chart, "rows": b.data.rows(), "files": files,
-            "chart_error": b.chart.as_ref().err().map(|e| e.to_string()),
-        }));
-        built.push((b, files));
+    // Position counts the reports started.
+    let r = reports::batch::write_all(settings, &options, &|name: &str| {
         bar.inc(1);
-    }
+        bar.set_message(name.to_string());
+    })
+    .await;
     bar.finish_and_clear();
-    let mut bundles = Vec::new();
-    if formats.contains(&Format::Stix) {
-        let b = reports::stix::bundle(&engine).await?;
-        let mut bytes = serde_json::to_vec_pretty(&b)?;
-        bytes.push(b'\n');
-        reports::write_atomic(&out.join("mapped_intel.stix.json"), &bytes)?;
-        bundles.push("mapped_intel.stix.json");
-    }
-    let mut idx = serde_json::to_vec_pretty(&serde_json::json!({
-        "generated_at": ctx.generated_at, "since": ctx.since,
-        "domain": domain, "attack_version": version, "reports": index, "bundles": bundles
-    }))?;
-    idx.push(b'\n');
-    reports::write_atomic(&out.join("index.json"), &idx)?;
-    if formats.contains(&Format::Html) {
-        let list: Vec<_> = built.iter().map(|(b, f)| (b, f.clone())).collect();
-        let page = reports::index_page(&list, &bundles, &ctx)?;
-        reports::write_atomic(&out.join("index.html"), page.as_bytes())?;
+    let r = r?;
+    for (name, e) in &r.chart_errors {
+        eprintln!("warning: report {name}: no chart: {e}");
     }
     println!(
         "{} report(s) written to {} (index.json{} lists them)",
-        defs.len(),
-        out.display(),
-        if formats.contains(&Format::Html) {
-            ", index.html"
-        } else {
-            ""
-        }
+        r.reports,
+        r.out_dir.display(),
+        if r.index_html { ", index.html" } else { "" }
     );
     Ok(())
-}
-
-/// `YYYY-MM-DD` (midnight UTC) or an RFC 3339 instant.
-pub fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
-    }
-    chrono::DateTime::parse_from_rfc3339(s.trim())
-        .map(|d| d.with_timezone(&chrono::Utc))
-        .with_context(|| format!("--since {s:?}: use a date like 2026-01-31 or an RFC 3339 time"))
 }
 
 /// Options of `threatlake chart`.
@@ -210,43 +135,4 @@ pub async fn chart(settings: &Settings, a: ChartArgs) -> Result<()> {
         img.size.1
     );
     Ok(())
-}
-
-/// The platforms of `domain`'s current techniques, sorted.
-async fn domain_platforms(engine: &Engine, domain: &str) -> Result<Vec<String>> {
-    domain_values(
-        engine,
-        "SELECT DISTINCT domain, unnest(platforms) AS p FROM attack_techniques_current ORDER BY 2",
-        domain,
-    )
-    .await
-}
-
-async fn current_version(engine: &Engine, domain: &str) -> Result<String> {
-    let v = domain_values(
-        engine,
-        "SELECT domain, attack_version FROM attack_versions_current",
-        domain,
-    )
-    .await?;
-    Ok(v.into_iter().next().unwrap_or_default())
-}
-
-/// The second column of `sql`'s rows whose first column is `domain` (filtered here, so the domain
-/// is never spliced into SQL).
-async fn domain_values(engine: &Engine, sql: &str, domain: &str) -> Result<Vec<String>> {
-    let r = engine.run(sql).await?;
-    let mut out = Vec::new();
-    for b in &r[0].batches {
-        let d = threatlake::feeds::column_strings(b, 0);
-        let v = threatlake::feeds::column_strings(b, 1);
-        for (d, v) in d.into_iter().zip(v) {
-            if let (Some(d), Some(v)) = (d, v) {
-                if d == domain {
-                    out.push(v);
-                }
-            }
-        }
-    }
-    Ok(out)
 }

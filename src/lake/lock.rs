@@ -96,7 +96,8 @@ impl LockSet {
     }
 }
 
-fn host() -> String {
+/// This machine's host name (recorded with locks and job runs).
+pub fn host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()

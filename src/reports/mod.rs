@@ -2,6 +2,7 @@
 //! `-- chart:` header, then one query); `threatlake report` runs them and writes HTML, PDF, CSV, JSON,
 //! chart images and ATT&CK Navigator layers, plus a STIX 2.1 bundle of the mapped intel.
 
+pub mod batch;
 pub mod html;
 pub mod navigator;
 pub mod pdf;
@@ -110,6 +111,16 @@ pub enum ReportError {
         name: String,
         /// Error.
         source: crate::charts::ChartError,
+    },
+    /// A report option (format list, `--since`) is invalid.
+    #[error("{option} {value:?}: {message}")]
+    Option {
+        /// The option.
+        option: &'static str,
+        /// What was given.
+        value: String,
+        /// What is accepted.
+        message: String,
     },
     /// The result cannot be shown as a Navigator layer.
     #[error("report {name} cannot be a Navigator layer: {message}")]

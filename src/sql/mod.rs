@@ -4,7 +4,10 @@
 pub mod distributed;
 pub mod duckdb_sql;
 pub mod output;
+pub mod query_engine;
 pub mod time_travel;
+
+pub use query_engine::{EngineKind, QueryEngine, QueryEngineError};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -479,6 +482,11 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef, &'static [&'static str])>
         .map(|(n, s)| (n, s, &attack::PARTITION_COLS[..]))
         .collect();
     v.extend(crate::feeds::table_schemas());
+    v.push((
+        crate::pipeline::runs::JOB_RUNS,
+        crate::pipeline::runs::schema(),
+        &crate::pipeline::runs::JOB_RUNS_PARTITION,
+    ));
     v
 }
 

@@ -1,0 +1,158 @@
+//! The query engines over one lake — DataFusion (default), embedded DuckDB, Ballista — behind one
+//! type that the REPL, batch `sql`, reports and the server all use.
+
+use std::time::Instant;
+
+use arrow::datatypes::SchemaRef;
+
+use super::{Engine, EngineOptions, QueryResult, SqlError};
+use crate::Lake;
+
+/// Which engine runs SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Apache DataFusion in process.
+    DataFusion,
+    /// Embedded DuckDB (the `duckdb` feature).
+    DuckDb,
+    /// Apache DataFusion Ballista (the `ballista` feature): in-process standalone or a remote
+    /// scheduler.
+    Ballista,
+}
+
+/// Errors opening an engine or running SQL on it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryEngineError {
+    /// DataFusion or Ballista.
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    /// DuckDB.
+    #[cfg(feature = "duckdb")]
+    #[error(transparent)]
+    Duck(#[from] crate::duck::DuckError),
+    /// The engine is not in this build.
+    #[error("this build has no {engine} engine; build with `cargo build --features {feature}`")]
+    NotBuilt {
+        /// Engine name.
+        engine: &'static str,
+        /// Cargo feature.
+        feature: &'static str,
+    },
+}
+
+/// A session on one engine.
+pub enum QueryEngine {
+    /// DataFusion (also Ballista, which runs DataFusion plans).
+    DataFusion(Engine),
+    /// Embedded DuckDB over the same lake.
+    #[cfg(feature = "duckdb")]
+    DuckDb(crate::duck::DuckEngine),
+}
+
+impl QueryEngine {
+    /// Open `kind` over `lake`; `scheduler` is a Ballista scheduler URL (standalone when None).
+    pub async fn open(
+        kind: EngineKind,
+        lake: &Lake,
+        options: &EngineOptions,
+        scheduler: Option<&str>,
+    ) -> Result<Self, QueryEngineError> {
+        match kind {
+            EngineKind::DataFusion => Ok(Self::DataFusion(Engine::open_with(lake, options).await?)),
+            #[cfg(feature = "duckdb")]
+            EngineKind::DuckDb => Ok(Self::DuckDb(
+                crate::duck::DuckEngine::open(lake, options).await?,
+            )),
+            #[cfg(not(feature = "duckdb"))]
+            EngineKind::DuckDb => Err(QueryEngineError::NotBuilt {
+                engine: "DuckDB",
+                feature: "duckdb",
+            }),
+            #[cfg(feature = "ballista")]
+            EngineKind::Ballista => {
+                let engine = Engine::open_with(lake, options).await?;
+                Ok(Self::DataFusion(match scheduler {
+                    Some(url) => engine.into_ballista_remote(url).await?,
+                    None => engine.into_ballista_standalone().await?,
+                }))
+            }
+            #[cfg(not(feature = "ballista"))]
+            EngineKind::Ballista => {
+                let _ = scheduler;
+                Err(QueryEngineError::NotBuilt {
+                    engine: "Ballista",
+                    feature: "ballista",
+                })
+            }
+        }
+    }
+
+    /// Parse `text` and run each statement, calling `each` with every result and its seconds as
+    /// it completes.
+    pub async fn run_each<E: From<QueryEngineError>>(
+        &self,
+        text: &str,
+        mut each: impl FnMut(&QueryResult, f64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match self {
+            QueryEngine::DataFusion(e) => {
+                for stmt in super::parse(text).map_err(QueryEngineError::from)? {
+                    let start = Instant::now();
+                    let r = e
+                        .run_statement(stmt)
+                        .await
+                        .map_err(QueryEngineError::from)?;
+                    each(&r, start.elapsed().as_secs_f64())?;
+                }
+            }
+            #[cfg(feature = "duckdb")]
+            QueryEngine::DuckDb(e) => {
+                for stmt in crate::duck::DuckEngine::statements(text) {
+                    let start = Instant::now();
+                    let r = e.run_statement(&stmt).map_err(QueryEngineError::from)?;
+                    each(&r, start.elapsed().as_secs_f64())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every statement's result.
+    pub async fn run(&self, text: &str) -> Result<Vec<QueryResult>, QueryEngineError> {
+        let mut out = Vec::new();
+        self.run_each(text, |r, _| {
+            out.push(r.clone());
+            Ok::<(), QueryEngineError>(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Tables and views, sorted, with their kind.
+    pub async fn table_names(&self) -> Vec<(String, &'static str)> {
+        match self {
+            QueryEngine::DataFusion(e) => e.table_names().await,
+            #[cfg(feature = "duckdb")]
+            QueryEngine::DuckDb(e) => e.table_names(),
+        }
+    }
+
+    /// A table's or view's schema.
+    pub async fn table_schema(&self, name: &str) -> Option<SchemaRef> {
+        match self {
+            QueryEngine::DataFusion(e) => e.table_schema(name).await,
+            #[cfg(feature = "duckdb")]
+            QueryEngine::DuckDb(e) => e.table_schema(name),
+        }
+    }
+
+    /// The lake it reads, for banners.
+    pub fn describe(&self) -> String {
+        match self {
+            QueryEngine::DataFusion(e) => e.lake.location.to_string(),
+            #[cfg(feature = "duckdb")]
+            QueryEngine::DuckDb(e) => format!("{} (DuckDB)", e.root.display()),
+        }
+    }
+}
