@@ -21,6 +21,7 @@ const RESERVED_ENV: &[&str] = &[
     "THREATLAKE_MODEL",
     "THREATLAKE_DUCKDB_EXTENSION",
     crate::lake::fault::ABORT_AT_ENV,
+    crate::server::auth::SECRET_ENV,
 ];
 /// Settings that hold secrets: only the environment or the secrets file may set them.
 const SECRET_KEYS: &[(&str, &str)] = &[("otx", "api_key"), ("virustotal", "api_key")];
@@ -121,8 +122,11 @@ pub struct Settings {
     pub mapping: MappingSettings,
     /// Report output.
     pub reports: ReportSettings,
-    /// Scheduler daemon.
+    /// Job schedule of `threatlake serve`.
     pub schedule: ScheduleSettings,
+    /// `threatlake serve` (defaults when the section is absent).
+    #[serde(default)]
+    pub server: ServerSettings,
     /// SIEM/SOAR targets, by name; their shape is defined by the integrations that read them.
     #[serde(default)]
     pub integrations: BTreeMap<String, Value>,
@@ -421,8 +425,106 @@ pub struct ReportSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSettings {
-    /// Minutes between runs; None = manual.
-    pub interval_minutes: Option<u64>,
+    /// Cron expression per job name (`run`, `ingest_attack`, `ingest_otx`, `ingest_vt`, `map`,
+    /// `snapshot`, `report`), UTC; six fields when the first is seconds.
+    #[serde(default)]
+    pub jobs: BTreeMap<String, String>,
+    /// Each scheduled start is delayed by a random 0..jitter_secs (spreads load on the feeds).
+    #[serde(default = "default_jitter")]
+    pub jitter_secs: u64,
+    /// At start, run a job once when its last scheduled time passed while the server was down.
+    #[serde(default = "default_true")]
+    pub catch_up: bool,
+}
+
+fn default_jitter() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+
+/// `server:` section (`threatlake serve`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Listen address.
+    pub bind: String,
+    /// Users, API tokens and the token key (outside the lake: the lake is readable through SQL).
+    pub auth_file: String,
+    /// `POST /api/v1/sql` limits.
+    pub sql: ServerSqlSettings,
+    /// Seconds a running job gets to reach a safe point at shutdown.
+    pub shutdown_grace_secs: u64,
+    /// Seconds between re-reads of the lake (so writes by CLI commands become visible).
+    pub refresh_secs: u64,
+    /// Browser sessions.
+    pub session: SessionSettings,
+    /// Failed logins.
+    pub login: LoginSettings,
+    /// Seconds between flushes of the audit log to the lake.
+    pub audit_flush_secs: u64,
+    /// Largest request body in KB.
+    pub max_body_kb: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            auth_file: "config/auth.yaml".into(),
+            sql: ServerSqlSettings {
+                max_rows: 10_000,
+                timeout_secs: 30,
+                memory_mb: 1024,
+            },
+            shutdown_grace_secs: 60,
+            refresh_secs: 60,
+            session: SessionSettings {
+                idle_minutes: 30,
+                max_hours: 12,
+            },
+            login: LoginSettings {
+                max_failures: 5,
+                window_minutes: 15,
+            },
+            audit_flush_secs: 5,
+            max_body_kb: 1024,
+        }
+    }
+}
+
+/// `server.sql`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSqlSettings {
+    /// Rows returned at most (the answer says when it was cut).
+    pub max_rows: usize,
+    /// Seconds a query may run.
+    pub timeout_secs: u64,
+    /// Memory all queries together may hold, in MB (DataFusion's memory pool).
+    pub memory_mb: usize,
+}
+
+/// `server.session`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Minutes without a request before a session ends.
+    pub idle_minutes: u64,
+    /// Hours after login when a session ends regardless.
+    pub max_hours: u64,
+}
+
+/// `server.login`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginSettings {
+    /// Failed logins per user name, and per client address, within the window before further
+    /// attempts are refused.
+    pub max_failures: u32,
+    /// The window, in minutes.
+    pub window_minutes: u64,
 }
 
 /// Where the settings came from, for messages.

@@ -14,6 +14,7 @@ pub mod mapping;
 pub mod models;
 pub mod pipeline;
 pub mod reports;
+pub mod server;
 pub mod sql;
 
 pub use config::{Domain, Settings};

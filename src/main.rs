@@ -82,10 +82,89 @@ enum Command {
     Chart(cli::report::ChartArgs),
     /// Map threat items not mapped yet (model top-k and source-stated techniques) into mapped_threat_data.
     MapIntel,
+    /// The service: jobs on the `schedule:` cron times, the HTTP API under /api/v1 (OpenAPI at
+    /// /api/v1/openapi.json), sign-in, /healthz, /readyz, /metrics. Stops cleanly on SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Users and API tokens of `serve` (kept in server.auth_file, outside the lake).
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// The main job: ATT&CK (a newer release from MITRE's index, or the first), OTX and VirusTotal
     /// (when keyed), model (when missing or older than the ATT&CK release), map, threat-model
     /// snapshot; recorded in the `job_runs` table.
     Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Listen address (default: server.bind, 127.0.0.1:8080); port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
+    /// PEM certificate chain: serve HTTPS.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address (behind a TLS-terminating proxy).
+    #[arg(long)]
+    insecure_http: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuthCommand {
+    /// API tokens for scripts (`Authorization: Bearer …`).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Users who sign in with a browser.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create a token; it is printed once, alone on the last line of stdout.
+    Create {
+        /// Unique name (who or what uses it).
+        #[arg(long)]
+        name: String,
+        /// reader, analyst or admin.
+        #[arg(long, default_value = "reader")]
+        role: String,
+        /// Lifetime, e.g. 90d (default: no expiry).
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+    /// List tokens (names, roles, dates; never the tokens).
+    List,
+    /// Revoke a token.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UserCommand {
+    /// Add a user; the password is read from the terminal (twice) or the first line of stdin.
+    Add {
+        /// Login name.
+        name: String,
+        /// reader, analyst or admin.
+        #[arg(long, default_value = "reader")]
+        role: String,
+    },
+    /// List users.
+    List,
+    /// Remove a user.
+    Remove {
+        /// Login name.
+        name: String,
+    },
+    /// Set a new password (terminal or stdin).
+    Passwd {
+        /// Login name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -486,6 +565,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
         let maps = matches!(
             cli.command,
             Command::Sql(_)
+                | Command::Serve(_)
                 | Command::Map(_)
                 | Command::MapIntel
                 | Command::Run(_)
@@ -554,6 +634,15 @@ async fn main_inner(cli: Cli) -> Result<()> {
             cli::feeds::diff(&settings, run_a, run_b, all).await
         }
         Command::Sql(args) => sql(&settings, args).await,
+        Command::Serve(a) => {
+            let options = threatlake::server::ServeOptions {
+                bind: a.bind.unwrap_or_else(|| settings.server.bind.clone()),
+                tls: a.tls_cert.zip(a.tls_key),
+                insecure_http: a.insecure_http,
+            };
+            Ok(threatlake::server::serve(settings, options).await?)
+        }
+        Command::Auth(c) => cli::auth::run(&settings, c),
         Command::Lake(LakeCommand::DuckdbSql) => {
             let lake = Lake::from_settings(&settings.lake)?;
             if lake.location.local_path().is_none() {

@@ -116,7 +116,7 @@ pub async fn diff(
 /// `run` (and the other jobs): the stages of `job` with `[i/n]` progress, recorded in `job_runs`.
 pub async fn run(settings: &Settings, job: Job, options: RunOptions) -> Result<()> {
     let observer = CliObserver::numbered(job.stages(&options).len());
-    let report = pipeline::run_job(settings, job, Trigger::Cli, &options, &observer).await?;
+    let report = pipeline::run_job(settings, job, &pipeline::new_run_id(), Trigger::Cli, &options, &observer).await?;
     let count = |s: StageStatus| report.stages.iter().filter(|o| o.status == s).count();
     println!(
         "summary: {job} {}: {} stage(s) done, {} skipped, {} failed in {:.1} s",

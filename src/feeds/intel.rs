@@ -327,7 +327,7 @@ pub async fn snapshot(lake: &Lake, engine: &Engine) -> Result<(String, usize), F
 }
 
 /// One line of a threat-model diff.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DiffLine {
     /// new | rising | fading | gone | steady
     pub change: &'static str,

@@ -393,13 +393,13 @@ impl Done {
 pub async fn run_job(
     settings: &Settings,
     job: Job,
+    run_id: &str,
     trigger: Trigger,
     options: &RunOptions,
     observer: &dyn Observer,
 ) -> Result<JobReport, PipelineError> {
     let started = chrono::Utc::now();
-    let run_id = crate::feeds::new_batch_id(started);
-    let report = execute(settings, job, &run_id, options, observer).await;
+    let report = execute(settings, job, run_id, options, observer).await;
     let finished = chrono::Utc::now();
     let lake = Lake::from_settings(&settings.lake)?;
     runs::record(
@@ -408,6 +408,11 @@ pub async fn run_job(
     )
     .await?;
     Ok(report)
+}
+
+/// A new run id: UTC start time plus a random suffix (sortable).
+pub fn new_run_id() -> String {
+    crate::feeds::new_batch_id(chrono::Utc::now())
 }
 
 /// Run the stages of `job` (not recorded; [`run_job`] records).

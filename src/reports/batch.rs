@@ -229,3 +229,49 @@ async fn domain_values(engine: &Engine, sql: &str, domain: &str) -> Result<Vec<S
     }
     Ok(out)
 }
+
+/// One report in one format, rendered through a scratch directory: (bytes, media type), or None
+/// when the format does not apply to it (no chart, no technique ids, STIX).
+pub async fn render_one(
+    settings: &Settings,
+    engine: &Engine,
+    name: &str,
+    format: Format,
+) -> Result<Option<(Vec<u8>, &'static str)>, ReportError> {
+    let def = super::select(&[name.to_string()])?.remove(0);
+    let domain = settings.mapping.domain.as_str();
+    let version = current_version(engine, domain).await?;
+    let platforms = domain_platforms(engine, domain).await?;
+    let templates = super::html::Templates::load(Path::new(&settings.reports.templates))?;
+    let formats = [format];
+    let ctx = super::Context {
+        domain,
+        attack_version: &version,
+        generated_at: crate::feeds::fixed(chrono::Utc::now()),
+        since: None,
+        templates: &templates,
+        formats: &formats,
+        platforms: &platforms,
+    };
+    let b = super::build(engine, &def, domain).await?;
+    let dir = tempfile::tempdir().map_err(|e| ReportError::Write {
+        path: std::env::temp_dir().display().to_string(),
+        message: e.to_string(),
+    })?;
+    let Some(path) = super::write(&b, format, dir.path(), &ctx)? else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(&path).map_err(|e| ReportError::Write {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let media = match format {
+        Format::Html => "text/html; charset=utf-8",
+        Format::Pdf => "application/pdf",
+        Format::Svg => "image/svg+xml",
+        Format::Png => "image/png",
+        Format::Csv => "text/csv; charset=utf-8",
+        Format::Json | Format::Navigator | Format::Stix => "application/json",
+    };
+    Ok(Some((bytes, media)))
+}

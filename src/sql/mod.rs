@@ -84,6 +84,18 @@ pub enum SqlError {
         /// The statement kind (INSERT, COPY, …).
         what: String,
     },
+    /// A statement other than a query where only queries are accepted (`POST /api/v1/sql`).
+    #[error("{what} is not allowed here: only a single SELECT (or WITH … SELECT, EXPLAIN SELECT) query is accepted; no DDL, SET, COPY or external tables")]
+    NotAQuery {
+        /// What was given.
+        what: String,
+    },
+    /// The query ran longer than allowed.
+    #[error("the query was stopped after {secs} s (server.sql.timeout_secs); add filters or a LIMIT, or query aggregates")]
+    Timeout {
+        /// The limit.
+        secs: u64,
+    },
     /// A statement nested beyond what is planned safely and quickly.
     #[error("the statement nests {what} deeper than {limit} levels and was not run: split it, use IN (…) instead of long OR chains, or UNION a table of values instead of many SELECTs")]
     TooDeep {
@@ -114,9 +126,12 @@ impl From<DataFusionError> for SqlError {
     }
 }
 
-/// Where the mapping functions find their model.
+/// Where the mapping functions find their model, and how much memory queries may take.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// Memory all queries of the session together may hold (DataFusion's memory pool); None:
+    /// unbounded.
+    pub memory_limit: Option<usize>,
     /// Directory holding `<domain>-<version>/` model artifacts.
     pub models_root: PathBuf,
     /// Domain whose newest model `map_technique` uses.
@@ -135,6 +150,7 @@ impl Default for EngineOptions {
             mapping_domain: "enterprise".into(),
             threshold: 0.03,
             since: None,
+            memory_limit: None,
         }
     }
 }
@@ -147,6 +163,7 @@ impl EngineOptions {
             mapping_domain: s.mapping.domain.to_string(),
             threshold: s.mapping.threshold,
             since: None,
+            memory_limit: None,
         }
     }
 }
@@ -179,23 +196,32 @@ impl Engine {
             &options.mapping_domain,
             options.threshold,
         ));
-        Self::open_filtered(lake, mapper, options.since).await
+        Self::open_filtered(lake, mapper, options.since, options.memory_limit).await
     }
 
     /// [`Engine::open`] with a given (possibly already loaded) mapping model.
     pub async fn open_with_mapper(lake: &Lake, mapper: Arc<LazyMapper>) -> Result<Self, SqlError> {
-        Self::open_filtered(lake, mapper, None).await
+        Self::open_filtered(lake, mapper, None, None).await
     }
 
     async fn open_filtered(
         lake: &Lake,
         mapper: Arc<LazyMapper>,
         since: Option<chrono::DateTime<chrono::Utc>>,
+        memory_limit: Option<usize>,
     ) -> Result<Self, SqlError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("threatlake", "lake");
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = match memory_limit {
+            None => SessionContext::new_with_config(config),
+            Some(bytes) => {
+                let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                    .with_memory_limit(bytes, 1.0)
+                    .build_arc()?;
+                SessionContext::new_with_config_rt(config, runtime)
+            }
+        };
         ctx.register_object_store(&lake.location.base_url, lake.location.store.clone());
         {
             let state = ctx.state_ref();
@@ -257,6 +283,69 @@ impl Engine {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
         Ok(QueryResult { schema, batches })
+    }
+
+    /// Run one query of untrusted text read-only: exactly one SELECT/WITH/EXPLAIN statement (no
+    /// DDL, SET, COPY, DML, external tables), at most `max_rows` rows (the flag says whether more
+    /// existed), stopped after `timeout`.
+    pub async fn query(
+        &self,
+        sql: &str,
+        max_rows: usize,
+        timeout: std::time::Duration,
+    ) -> Result<(QueryResult, bool), SqlError> {
+        use datafusion::sql::sqlparser::ast::Statement as Ast;
+        let mut stmts = parse(sql)?;
+        if stmts.len() != 1 {
+            return Err(SqlError::NotAQuery {
+                what: format!("{} statements", stmts.len()),
+            });
+        }
+        let stmt = stmts.remove(0);
+        let is_query = |s: &Statement| match s {
+            Statement::Statement(s) => matches!(s.as_ref(), Ast::Query(_)),
+            _ => false,
+        };
+        let ok = match &stmt {
+            Statement::Explain(e) => is_query(&e.statement),
+            s => is_query(s),
+        };
+        if !ok {
+            let what = match &stmt {
+                Statement::Statement(s) => s.to_string().split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+                Statement::CreateExternalTable(_) => "CREATE EXTERNAL TABLE".into(),
+                Statement::CopyTo(_) => "COPY".into(),
+                _ => "this statement".into(),
+            };
+            return Err(SqlError::NotAQuery { what });
+        }
+        let secs = timeout.as_secs();
+        let work = async {
+            self.as_of
+                .prepare(&self.lake, &stmt, &self.ctx.state())
+                .await?;
+            let plan = self.ctx.state().statement_to_plan(stmt).await?;
+            refuse_writes(&plan)?;
+            refuse_non_queries(&plan)?;
+            let df = self.ctx.execute_logical_plan(plan).await?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let df = df.limit(0, Some(max_rows.saturating_add(1)))?;
+            let mut batches = df.collect().await?;
+            let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+            let truncated = total > max_rows;
+            if truncated {
+                let mut keep = max_rows;
+                for b in batches.iter_mut() {
+                    let n = b.num_rows().min(keep);
+                    *b = b.slice(0, n);
+                    keep -= n;
+                }
+            }
+            Ok::<_, SqlError>((QueryResult { schema, batches }, truncated))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| SqlError::Timeout { secs })?
     }
 
     /// Names of tables and views in the lake schema, sorted, with their kind.
@@ -420,6 +509,25 @@ fn check_depth(stmt: &Statement) -> Result<(), SqlError> {
     }
 }
 
+/// Plans that change the session (CREATE/DROP, SET) are refused where only queries may run.
+fn refuse_non_queries(plan: &datafusion::logical_expr::LogicalPlan) -> Result<(), SqlError> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::LogicalPlan;
+    let mut what = None;
+    plan.apply(|p| {
+        what = match p {
+            LogicalPlan::Ddl(d) => Some(d.name().to_string()),
+            LogicalPlan::Statement(s) => Some(s.name().to_string()),
+            _ => return Ok(TreeNodeRecursion::Continue),
+        };
+        Ok(TreeNodeRecursion::Stop)
+    })?;
+    match what {
+        Some(what) => Err(SqlError::NotAQuery { what }),
+        None => Ok(()),
+    }
+}
+
 /// Lake tables are written only by threatlake's commit path (staging, locks, versions rows), so
 /// plans that write are refused whatever their target: INSERT/UPDATE/DELETE would add files to the
 /// lake unlocked, COPY … TO writes anywhere on disk or in the bucket.
@@ -486,6 +594,11 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef, &'static [&'static str])>
         crate::pipeline::runs::JOB_RUNS,
         crate::pipeline::runs::schema(),
         &crate::pipeline::runs::JOB_RUNS_PARTITION,
+    ));
+    v.push((
+        crate::server::audit::AUDIT_LOG,
+        crate::server::audit::schema(),
+        &crate::server::audit::AUDIT_PARTITION,
     ));
     v
 }
