@@ -502,3 +502,60 @@ fn version_spellings_are_normalised() {
         "domain,attack_version\nics,19.0\n"
     );
 }
+
+/// `run` (here its `ingest_attack` job) asks MITRE's release index (a loopback server speaking the
+/// index format) and ingests a newer release than the lake holds, once; an unreachable index
+/// leaves the lake as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_ingests_a_newer_release_listed_in_the_index() {
+    let dir = common::scratch("release-index");
+    common::ingest(&dir, &["ics"]).await;
+    let newer = dir.join("ics-18.2.json");
+    relabelled_ics(&newer, "18.2", "Autorun Image (renamed)");
+    let index = serde_json::json!({
+        "id": "x", "name": "MITRE ATT&CK", "description": "test index",
+        "collections": [
+            {"id": "c1", "name": "Enterprise ATT&CK", "versions": [{"version": "18.1", "url": "/never-fetched"}]},
+            {"id": "c2", "name": "ICS ATT&CK", "versions": [
+                {"version": "18.1", "url": common::bundle("ics").to_str().unwrap()},
+                {"version": "18.2", "url": newer.to_str().unwrap()},
+                {"version": "9.0", "url": "/never-fetched"}
+            ]}
+        ]
+    });
+    let (base, server) = serve(
+        vec![("/index.json", 200, serde_json::to_vec(&index).unwrap())],
+        2,
+    );
+    let job = |index: &str| {
+        common::run(
+            common::cli_on(&dir)
+                .env("THREATLAKE_ATTACK_INDEX", index)
+                .env("THREATLAKE_ATTACK_DOMAINS", "[ics]")
+                .args(["run", "--job", "ingest_attack"]),
+        )
+    };
+    let url = format!("{base}/index.json");
+    let (ok, out, err) = job(&url);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("ics ATT&CK 18.2:"), "{out}");
+    let current = common::sql(&dir, "SELECT domain, attack_version FROM attack_versions_current");
+    assert_eq!(current, "domain,attack_version\nics,18.2\n");
+    // Again: nothing newer, nothing ingested.
+    let (ok, out, err) = job(&url);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("up to date: ics 18.2"), "{out}");
+    server.join().unwrap();
+    // The index is gone: a warning, the lake kept, the job still succeeds.
+    let (ok, out, err) = job(&url);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("release index unreachable; kept ics 18.2"), "{out}");
+    let runs = common::sql(
+        &dir,
+        "SELECT job, trigger, status, stages[1]['status'] AS attack FROM job_runs ORDER BY started",
+    );
+    assert_eq!(
+        runs,
+        "job,trigger,status,attack\ningest_attack,cli,ok,ok\ningest_attack,cli,ok,skipped\ningest_attack,cli,ok,skipped\n"
+    );
+}
