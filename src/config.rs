@@ -258,9 +258,7 @@ pub struct AttackSettings {
 }
 
 fn default_attack_index() -> Option<String> {
-    Some(
-        "https://raw.githubusercontent.com/mitre-attack/attack-stix-data/master/index.json".into(),
-    )
+    Some("https://raw.githubusercontent.com/mitre-attack/attack-stix-data/master/index.json".into())
 }
 fn default_max_bundle_mb() -> f64 {
     256.0

@@ -438,6 +438,19 @@ enum LakeCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// The service in-process on a loopback port: POST /map texts/s with concurrent clients vs
+    /// in-process mapping, /sql p50/p99 of the report queries, peak RSS under 8 heavy queries.
+    Serve {
+        /// Concurrent clients of /map.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds of /map load (and of the in-process baseline).
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Runs of each report query through /sql.
+        #[arg(long, default_value_t = 20)]
+        sql_runs: usize,
+    },
     /// `SELECT map_technique(text)` over N sentence-length rows through DataFusion.
     Map {
         /// Rows.
@@ -852,6 +865,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
             query_runs,
         }) => cli::bench::ingest(&from, runs, query_runs).await,
         Command::Bench(BenchCommand::Hostile { mb }) => cli::bench::hostile(mb).await,
+        Command::Bench(BenchCommand::Serve {
+            clients,
+            secs,
+            sql_runs,
+        }) => cli::bench::serve(&settings, clients, secs, sql_runs).await,
     }
 }
 

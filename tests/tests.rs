@@ -20,9 +20,9 @@ mod it {
     mod ingest;
     /// Reports and charts over a fixed fixture lake: golden outputs, escaping, PDF text, chart marks.
     mod reports;
+    /// The lake on S3 (a real moto server on loopback): every command, faults, locks, concurrent commits, optimize and vacuum.
+    mod s3;
     /// `threatlake serve`: auth matrix, sessions and CSRF, read-only SQL with limits, the schedule,
     /// shutdown, metrics and the OpenAPI document, TLS.
     mod serve;
-    /// The lake on S3 (a real moto server on loopback): every command, faults, locks, concurrent commits, optimize and vacuum.
-    mod s3;
 }

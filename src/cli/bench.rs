@@ -638,3 +638,201 @@ pub async fn hostile(mb: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// Percentile `p` (0-100) of sorted durations, in ms.
+fn pct_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+/// `bench serve`: the service in this process on a loopback port, over the configured lake (with
+/// a model; e.g. one made by `bench report --keep DIR`, then `--lake DIR/lake`): `POST /map`
+/// texts/s with `clients` concurrent clients against in-process mapping, `/sql` p50/p99 of every
+/// report query, and peak RSS while 8 heavy queries run at once against the memory pool.
+pub async fn serve(
+    settings: &threatlake::Settings,
+    clients: usize,
+    secs: u64,
+    sql_runs: usize,
+) -> Result<()> {
+    use threatlake::server::auth::{AuthFile, Role};
+
+    let tmp = tempfile::tempdir().context("creating a temporary auth file")?;
+    let mut s = settings.clone();
+    s.server.auth_file = tmp.path().join("auth.yaml").display().to_string();
+    s.schedule.jobs.clear();
+    let (token, _) =
+        AuthFile::new(&s.server.auth_file).create_token("bench", Role::Reader, None)?;
+    // Texts: ATT&CK procedure examples.
+    let lake = Lake::from_settings(&s.lake)?;
+    let engine =
+        Engine::open_with(&lake, &threatlake::sql::EngineOptions::from_settings(&s)).await?;
+    let r = engine
+        .run("SELECT description FROM attack_procedures_current WHERE length(description) > 40 ORDER BY relationship_id LIMIT 4096")
+        .await?;
+    let texts: Vec<String> = r[0]
+        .batches
+        .iter()
+        .flat_map(|b| threatlake::feeds::column_strings(b, 0))
+        .flatten()
+        .collect();
+    anyhow::ensure!(
+        !texts.is_empty(),
+        "no procedures in the lake; run `threatlake ingest attack` first"
+    );
+    let mapper = engine
+        .mapper
+        .get()
+        .map_err(|e| anyhow::anyhow!("{e}; run `threatlake model build` first"))?;
+    let batch = 32usize;
+    // In-process baseline: the same batches through the kernel, same parallelism as the server.
+    let t = Instant::now();
+    let mut n = 0usize;
+    while t.elapsed() < Duration::from_secs(secs) {
+        for chunk in texts.chunks(batch) {
+            let _ = threatlake_udfs::mapping_kernels::par_top_k(&mapper, chunk, 5);
+            n += chunk.len();
+        }
+    }
+    let in_process = n as f64 / t.elapsed().as_secs_f64();
+    drop(engine);
+
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let options = threatlake::server::ServeOptions {
+        bind: "127.0.0.1:0".into(),
+        tls: None,
+        insecure_http: false,
+    };
+    let server = tokio::spawn(threatlake::server::serve_until(
+        s.clone(),
+        options,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |a| {
+            let _ = addr_tx.send(a);
+        },
+    ));
+    let addr = addr_rx.await.context("the server did not start")?;
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    println!(
+        "bench serve on {base} over {} ({} build), {clients} clients, batches of {batch} texts",
+        lake.location,
+        build_kind()
+    );
+
+    // POST /map with `clients` concurrent clients for `secs` seconds.
+    let texts = std::sync::Arc::new(texts);
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let (client, base, token, texts) =
+            (client.clone(), base.clone(), token.clone(), texts.clone());
+        tasks.spawn(async move {
+            let mut done = 0usize;
+            let mut i = c * batch;
+            while t.elapsed() < Duration::from_secs(secs) {
+                let chunk: Vec<&String> =
+                    (0..batch).map(|k| &texts[(i + k) % texts.len()]).collect();
+                i += batch * 8;
+                let r = client
+                    .post(format!("{base}/api/v1/map"))
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({"texts": chunk, "top_k": 5}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "POST /map: {}", r.status());
+                let _ = r.bytes().await?;
+                done += batch;
+            }
+            Ok::<usize, anyhow::Error>(done)
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = tasks.join_next().await {
+        total += r??;
+    }
+    let http = total as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "POST /api/v1/map: {http:.0} texts/s with {clients} clients; in-process par_top_k: {in_process:.0} texts/s ({:.0}%)",
+        100.0 * http / in_process
+    );
+
+    // /sql: every report query, `sql_runs` times each.
+    let defs = threatlake::reports::select(&[])?;
+    let mut all = Vec::new();
+    for d in &defs {
+        let mut times = Vec::new();
+        for _ in 0..sql_runs {
+            let t = Instant::now();
+            let r = client
+                .post(format!("{base}/api/v1/sql"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"sql": d.sql}))
+                .send()
+                .await?;
+            let status = r.status();
+            let _ = r.bytes().await?;
+            anyhow::ensure!(
+                status.is_success(),
+                "report {}: /sql answered {status}",
+                d.name
+            );
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "  /sql {:<24} p50 {:>8.1} ms  p99 {:>8.1} ms",
+            d.name,
+            pct_ms(&times, 50.0),
+            pct_ms(&times, 99.0)
+        );
+        all.extend(times);
+    }
+    all.sort();
+    println!(
+        "POST /api/v1/sql, {} report queries × {sql_runs}: p50 {:.1} ms, p99 {:.1} ms",
+        defs.len(),
+        pct_ms(&all, 50.0),
+        pct_ms(&all, 99.0)
+    );
+
+    // Peak RSS while 8 heavy queries run at once (each alone could take more than the pool).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = peak_rss_mib().unwrap_or(f64::NAN);
+    let heavy = "SELECT a.item_id, count(*) AS n, max(length(b.text)) AS m FROM threat_intelligence_data a \
+                 JOIN threat_intelligence_data b ON a.country = b.country GROUP BY a.item_id ORDER BY n DESC LIMIT 10";
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, base, token) = (client.clone(), base.clone(), token.clone());
+        tasks.spawn(async move {
+            let r = client
+                .post(format!("{base}/api/v1/sql"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"sql": heavy}))
+                .send()
+                .await?;
+            Ok::<u16, anyhow::Error>(r.status().as_u16())
+        });
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        *statuses.entry(r??).or_insert(0) += 1;
+    }
+    println!(
+        "8 concurrent heavy queries: statuses {statuses:?}; peak RSS {:.0} MiB (before {before:.0} MiB); pool {} MiB + 300 MiB = {} MiB goal",
+        peak_rss_mib().unwrap_or(f64::NAN),
+        s.server.sql.memory_mb,
+        s.server.sql.memory_mb + 300
+    );
+    let _ = stop_tx.send(());
+    server.await??;
+    Ok(())
+}

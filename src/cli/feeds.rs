@@ -50,7 +50,9 @@ pub async fn map_intel(settings: &Settings) -> Result<intel::MapReport> {
     let observer = CliObserver::plain();
     let cx = Context::open(settings, &observer)?;
     observer.started(pipeline::Stage::Map);
-    let r = pipeline::map_intel(&cx).await.context("mapping threat items");
+    let r = pipeline::map_intel(&cx)
+        .await
+        .context("mapping threat items");
     observer.clear();
     let r = r?;
     println!("{}", pipeline::map_summary(settings, &r));
@@ -116,7 +118,15 @@ pub async fn diff(
 /// `run` (and the other jobs): the stages of `job` with `[i/n]` progress, recorded in `job_runs`.
 pub async fn run(settings: &Settings, job: Job, options: RunOptions) -> Result<()> {
     let observer = CliObserver::numbered(job.stages(&options).len());
-    let report = pipeline::run_job(settings, job, &pipeline::new_run_id(), Trigger::Cli, &options, &observer).await?;
+    let report = pipeline::run_job(
+        settings,
+        job,
+        &pipeline::new_run_id(),
+        Trigger::Cli,
+        &options,
+        &observer,
+    )
+    .await?;
     let count = |s: StageStatus| report.stages.iter().filter(|o| o.status == s).count();
     println!(
         "summary: {job} {}: {} stage(s) done, {} skipped, {} failed in {:.1} s",

@@ -13,8 +13,8 @@ use rustyline::error::ReadlineError;
 use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Context, Editor, Helper, Highlighter, Hinter};
 use threatlake::sql::output::{self, OutputError, OutputFormat};
-use threatlake::sql::QueryResult;
 use threatlake::sql::QueryEngine;
+use threatlake::sql::QueryResult;
 
 /// Backslash commands. `INFO` is the single source of truth for parsing and for `\?`.
 #[derive(Debug, Clone, PartialEq, Eq)]

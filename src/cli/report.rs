@@ -25,7 +25,10 @@ pub async fn report(
         names,
         formats: reports::batch::parse_formats(formats)?,
         out: out.unwrap_or_else(|| PathBuf::from(&settings.reports.out_dir)),
-        since: since.as_deref().map(reports::batch::parse_since).transpose()?,
+        since: since
+            .as_deref()
+            .map(reports::batch::parse_since)
+            .transpose()?,
     };
     let defs = reports::select(&options.names)?;
     let bar = indicatif::ProgressBar::new(defs.len() as u64).with_style(

@@ -153,8 +153,7 @@ pub async fn fetch_index(settings: &AttackSettings) -> Result<ReleaseIndex, Pipe
         }
         std::fs::read(path).map_err(|e| err(e.to_string()))?
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| err(format!("not an ATT&CK collection index ({e})")))
+    serde_json::from_slice(&bytes).map_err(|e| err(format!("not an ATT&CK collection index ({e})")))
 }
 
 /// The lake's current release per domain.

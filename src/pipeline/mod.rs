@@ -513,7 +513,10 @@ async fn run_stage(
     match stage {
         Stage::Attack => attack_stage(cx, options.offline).await,
         Stage::Samples => {
-            let dir = options.samples.as_deref().unwrap_or(Path::new("data/samples"));
+            let dir = options
+                .samples
+                .as_deref()
+                .unwrap_or(Path::new("data/samples"));
             samples_stage(cx, dir).await
         }
         Stage::Otx if options.offline => Ok(Done::skipped("OTX: offline, not contacted")),
@@ -532,9 +535,7 @@ async fn run_stage(
                 "VirusTotal skipped: no API key ({} not set)",
                 vt::KEY_ENV
             ))),
-            Some(c) => ingest_vt(cx, &c, &[], &[])
-                .await
-                .map(|(r, _)| vt_done(&r)),
+            Some(c) => ingest_vt(cx, &c, &[], &[]).await.map(|(r, _)| vt_done(&r)),
         },
         Stage::Model => model_stage(cx).await,
         Stage::Map => map_intel(cx).await.map(|r| map_done(cx.settings, &r)),
@@ -552,11 +553,7 @@ async fn run_stage(
             )
             .await?;
             Ok(Done::ok(
-                format!(
-                    "{} report(s) written to {}",
-                    r.reports,
-                    r.out_dir.display()
-                ),
+                format!("{} report(s) written to {}", r.reports, r.out_dir.display()),
                 &[("reports", r.reports), ("files", r.files)],
             ))
         }
@@ -755,10 +752,7 @@ async fn model_stage(cx: &Context<'_>) -> Result<Done, PipelineError> {
     let current = attack_release::lake_versions(&engine).await?;
     let want = current.get(&domain).map(|v| format!("{domain}-{v}"));
     if have.is_some() && (want.is_none() || have == want) {
-        return Ok(Done::skipped(format!(
-            "using {}",
-            have.unwrap_or_default()
-        )));
+        return Ok(Done::skipped(format!("using {}", have.unwrap_or_default())));
     }
     if let Some(h) = &have {
         cx.observer.note(
@@ -769,7 +763,8 @@ async fn model_stage(cx: &Context<'_>) -> Result<Done, PipelineError> {
             ),
         );
     }
-    cx.observer.progress(Stage::Model, "building the mapping model");
+    cx.observer
+        .progress(Stage::Model, "building the mapping model");
     let b = build_model(cx.settings, &engine, domain, None, false).await?;
     Ok(Done::ok(b.summary, &[("techniques", b.techniques)]))
 }
@@ -1007,7 +1002,10 @@ async fn attack_stage(cx: &Context<'_>, offline: bool) -> Result<Done, PipelineE
         Some(Err(e)) if !current.is_empty() => {
             cx.observer.note(
                 Stage::Attack,
-                &format!("warning: {e}; keeping {}", attack_release::describe(&current)),
+                &format!(
+                    "warning: {e}; keeping {}",
+                    attack_release::describe(&current)
+                ),
             );
             return Ok(Done::skipped(format!(
                 "release index unreachable; kept {}",
@@ -1046,8 +1044,10 @@ async fn attack_stage(cx: &Context<'_>, offline: bool) -> Result<Done, PipelineE
             attack_release::describe(&current)
         )));
     }
-    let jobs: Vec<(Option<Domain>, String)> =
-        plan.iter().map(|p| (Some(p.domain), p.url.clone())).collect();
+    let jobs: Vec<(Option<Domain>, String)> = plan
+        .iter()
+        .map(|p| (Some(p.domain), p.url.clone()))
+        .collect();
     let reports = ingest_attack(cx, &jobs, &attack_options(cx.settings)).await?;
     let lines: Vec<String> = reports
         .iter()

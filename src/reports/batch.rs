@@ -60,7 +60,9 @@ pub fn parse_formats(list: &str) -> Result<Vec<Format>, ReportError> {
             Format::parse(f).ok_or_else(|| ReportError::Option {
                 option: "--format",
                 value: f.to_string(),
-                message: format!("unknown report format; use any of {ALL_FORMATS} (comma-separated)"),
+                message: format!(
+                    "unknown report format; use any of {ALL_FORMATS} (comma-separated)"
+                ),
             })
         })
         .collect::<Result<_, _>>()?;
@@ -213,7 +215,11 @@ pub async fn current_version(engine: &Engine, domain: &str) -> Result<String, Re
 
 /// The second column of `sql`'s rows whose first column is `domain` (filtered here, so the domain
 /// is never spliced into SQL).
-async fn domain_values(engine: &Engine, sql: &str, domain: &str) -> Result<Vec<String>, ReportError> {
+async fn domain_values(
+    engine: &Engine,
+    sql: &str,
+    domain: &str,
+) -> Result<Vec<String>, ReportError> {
     let r = engine.run(sql).await.map_err(meta_err)?;
     let mut out = Vec::new();
     for b in &r[0].batches {

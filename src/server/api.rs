@@ -66,6 +66,14 @@ fn sql_error(e: SqlError) -> Response {
                 error(StatusCode::BAD_REQUEST, "invalid_sql", &text)
             }
         }
+        SqlError::Lake(l)
+            if matches!(
+                *l,
+                crate::lake::LakeError::AsOf { .. } | crate::lake::LakeError::NoTable { .. }
+            ) =>
+        {
+            error(StatusCode::BAD_REQUEST, "invalid_sql", &l.to_string())
+        }
         other => {
             tracing::error!("query failed: {other}");
             error(
@@ -102,6 +110,49 @@ fn rows_json(batches: &[RecordBatch]) -> Result<Vec<serde_json::Value>, arrow::e
     serde_json::from_slice(&bytes).map_err(|e| arrow::error::ArrowError::JsonError(e.to_string()))
 }
 
+/// A JSON body whose rejection (bad JSON, wrong fields, wrong content type, too large) is an
+/// [`ApiError`] like every other error.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = Response;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) => {
+                let status = match e.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Err(error(status, "invalid_request", &e.body_text()))
+            }
+        }
+    }
+}
+
+/// Query parameters whose rejection is an [`ApiError`].
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = Response;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &e.body_text(),
+            )),
+        }
+    }
+}
+
 /// Route table of `/api/v1`.
 pub fn routes() -> axum::Router<Arc<AppState>> {
     use axum::routing::{get, post};
@@ -124,7 +175,11 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
 
 /// Unknown path.
 pub async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "not_found", "no such route; see /api/v1/openapi.json")
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see /api/v1/openapi.json",
+    )
 }
 
 /// Liveness.
@@ -183,7 +238,12 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (
         status,
         Json(Ready {
-            status: if detail.is_none() { "ready" } else { "not_ready" }.into(),
+            status: if detail.is_none() {
+                "ready"
+            } else {
+                "not_ready"
+            }
+            .into(),
             lake,
             model,
             detail,
@@ -224,8 +284,15 @@ pub struct SessionInfo {
 
 /// The caller's identity (and, for browser sessions, the CSRF token).
 #[utoipa::path(get, path = "/api/v1/session", responses((status = 200, body = SessionInfo), (status = 401, body = ApiError)))]
-pub async fn session(State(state): State<Arc<AppState>>, Extension(p): Extension<Principal>) -> Json<SessionInfo> {
-    let csrf = p.session.as_deref().and_then(|id| state.sessions.get(id)).map(|s| s.csrf);
+pub async fn session(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> Json<SessionInfo> {
+    let csrf = p
+        .session
+        .as_deref()
+        .and_then(|id| state.sessions.get(id))
+        .map(|s| s.csrf);
     Json(SessionInfo {
         user: p.name,
         role: p.role,
@@ -243,6 +310,7 @@ pub struct SqlRequest {
 
 /// Result format.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SqlParams {
     /// json (default), csv (formula-neutralised), arrow (Arrow IPC stream).
     pub format: Option<SqlFormat>,
@@ -293,8 +361,8 @@ pub struct SqlResult {
               (status = 422, body = ApiError), (status = 503, body = ApiError)))]
 pub async fn sql(
     State(state): State<Arc<AppState>>,
-    Query(params): Query<SqlParams>,
-    Json(req): Json<SqlRequest>,
+    ApiQuery(params): ApiQuery<SqlParams>,
+    ApiJson(req): ApiJson<SqlRequest>,
 ) -> Response {
     let note = AuditNote {
         sql: Some(req.sql.chars().take(10_000).collect()),
@@ -309,12 +377,25 @@ async fn run_sql(state: &AppState, format: SqlFormat, text: &str) -> Response {
     let limits = &state.settings.server.sql;
     let engine = state.engine();
     let t = Instant::now();
-    let (res, truncated) = match engine
-        .query(text, limits.max_rows, Duration::from_secs(limits.timeout_secs.max(1)))
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return sql_error(e),
+    let (max_rows, limit) = (
+        limits.max_rows,
+        Duration::from_secs(limits.timeout_secs.max(1)),
+    );
+    let text = text.to_string();
+    let run = state
+        .on_query_threads(limit + Duration::from_secs(1), async move {
+            engine.query(&text, max_rows, limit).await
+        })
+        .await;
+    let (res, truncated) = match run {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return sql_error(e),
+        Err(super::QueryAborted::Timeout(_)) => {
+            return sql_error(SqlError::Timeout {
+                secs: limit.as_secs(),
+            })
+        }
+        Err(super::QueryAborted::Failed(e)) => return internal("the query", e),
     };
     let elapsed_ms = t.elapsed().as_millis() as u64;
     let trunc = if truncated { "true" } else { "false" };
@@ -350,7 +431,10 @@ async fn run_sql(state: &AppState, format: SqlFormat, text: &str) -> Response {
                 Ok(()) => (
                     [
                         (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
-                        (header::HeaderName::from_static("x-threatlake-truncated"), trunc),
+                        (
+                            header::HeaderName::from_static("x-threatlake-truncated"),
+                            trunc,
+                        ),
                     ],
                     out,
                 )
@@ -360,17 +444,22 @@ async fn run_sql(state: &AppState, format: SqlFormat, text: &str) -> Response {
         }
         SqlFormat::Arrow => {
             let mut out = Vec::new();
-            let w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &res.schema).and_then(|mut w| {
-                for b in &res.batches {
-                    w.write(b)?;
-                }
-                w.finish()
-            });
+            let w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &res.schema).and_then(
+                |mut w| {
+                    for b in &res.batches {
+                        w.write(b)?;
+                    }
+                    w.finish()
+                },
+            );
             match w {
                 Ok(()) => (
                     [
                         (header::CONTENT_TYPE, "application/vnd.apache.arrow.stream"),
-                        (header::HeaderName::from_static("x-threatlake-truncated"), trunc),
+                        (
+                            header::HeaderName::from_static("x-threatlake-truncated"),
+                            trunc,
+                        ),
                     ],
                     out,
                 )
@@ -429,16 +518,31 @@ pub struct MapResponse {
 #[utoipa::path(post, path = "/api/v1/map", request_body = MapRequest,
     responses((status = 200, body = MapResponse), (status = 400, body = ApiError), (status = 401, body = ApiError),
               (status = 403, body = ApiError), (status = 503, body = ApiError)))]
-pub async fn map(State(state): State<Arc<AppState>>, Json(req): Json<MapRequest>) -> Response {
+pub async fn map(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<MapRequest>,
+) -> Response {
     if req.texts.is_empty() || req.texts.len() > 1000 {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "send 1 to 1000 texts");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "send 1 to 1000 texts",
+        );
     }
     if req.texts.iter().any(|t| t.len() > 100_000) {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "each text may be at most 100,000 bytes");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "each text may be at most 100,000 bytes",
+        );
     }
     let k = req.top_k.unwrap_or(state.settings.mapping.top_k);
     if !(1..=50).contains(&k) {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "top_k must be 1 to 50");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "top_k must be 1 to 50",
+        );
     }
     let engine = state.engine();
     let threshold = state.settings.mapping.threshold;
@@ -461,10 +565,14 @@ pub async fn map(State(state): State<Arc<AppState>>, Json(req): Json<MapRequest>
                         }
                     })
                     .collect(),
-                evidence: req.explain.then(|| {
-                    let mut s = threatlake_udfs::mapper::Scratch::default();
-                    m.model.explain(&m.vectors, &req.texts[i], threshold, &mut s)
-                }).flatten(),
+                evidence: req
+                    .explain
+                    .then(|| {
+                        let mut s = threatlake_udfs::mapper::Scratch::default();
+                        m.model
+                            .explain(&m.vectors, &req.texts[i], threshold, &mut s)
+                    })
+                    .flatten(),
             })
             .collect();
         Ok::<_, String>(MapResponse {
@@ -475,13 +583,28 @@ pub async fn map(State(state): State<Arc<AppState>>, Json(req): Json<MapRequest>
     .await;
     match res {
         Ok(Ok(r)) => Json(r).into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, "no_model", &format!("{e}; run `threatlake run` or `threatlake model build`")),
+        Ok(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            &format!("{e}; run `threatlake run` or `threatlake model build`"),
+        ),
         Err(e) => internal("mapping", e),
     }
 }
 
-async fn frame_rows(df: datafusion::prelude::DataFrame) -> Result<Vec<serde_json::Value>, Response> {
-    let batches = df.collect().await.map_err(|e| sql_error(e.into()))?;
+/// Collect `df` on the query threads (bounded by server.sql.timeout_secs) as JSON rows.
+async fn frame_rows(
+    state: &AppState,
+    df: datafusion::prelude::DataFrame,
+) -> Result<Vec<serde_json::Value>, Response> {
+    let limit = Duration::from_secs(state.settings.server.sql.timeout_secs.max(1));
+    let batches = match state.on_query_threads(limit, df.collect()).await {
+        Ok(r) => r.map_err(|e| sql_error(e.into()))?,
+        Err(super::QueryAborted::Timeout(s)) => {
+            return Err(sql_error(SqlError::Timeout { secs: s }))
+        }
+        Err(super::QueryAborted::Failed(e)) => return Err(internal("the query", e)),
+    };
     rows_json(&batches).map_err(|e| internal("encoding rows", e))
 }
 
@@ -506,8 +629,12 @@ pub async fn technique(State(state): State<Arc<AppState>>, Path(id): Path<String
         Ok(d) => d,
         Err(e) => return sql_error(e.into()),
     };
-    match frame_rows(df).await {
-        Ok(rows) if rows.is_empty() => error(StatusCode::NOT_FOUND, "not_found", "no such technique in the current ATT&CK release"),
+    match frame_rows(&state, df).await {
+        Ok(rows) if rows.is_empty() => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such technique in the current ATT&CK release",
+        ),
         Ok(rows) => Json(serde_json::Value::Array(rows)).into_response(),
         Err(r) => r,
     }
@@ -515,6 +642,7 @@ pub async fn technique(State(state): State<Arc<AppState>>, Path(id): Path<String
 
 /// `?run=`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ModelParams {
     /// A threat-model run id (default: the newest).
     pub run: Option<String>,
@@ -531,43 +659,77 @@ pub struct ThreatModel {
 }
 
 async fn model_runs(state: &AppState) -> Result<Vec<String>, Response> {
-    crate::feeds::intel::runs(&state.engine())
+    let engine = state.engine();
+    let limit = Duration::from_secs(state.settings.server.sql.timeout_secs.max(1));
+    match state
+        .on_query_threads(
+            limit,
+            async move { crate::feeds::intel::runs(&engine).await },
+        )
         .await
-        .map_err(|e| internal("listing threat-model runs", e))
+    {
+        Ok(r) => r.map_err(|e| internal("listing threat-model runs", e)),
+        Err(e) => Err(internal("listing threat-model runs", format!("{e:?}"))),
+    }
 }
 
 /// The threat model (newest snapshot, or `run`).
 #[utoipa::path(get, path = "/api/v1/threat-model", params(ModelParams),
     responses((status = 200, body = ThreatModel), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
-pub async fn threat_model(State(state): State<Arc<AppState>>, Query(p): Query<ModelParams>) -> Response {
+pub async fn threat_model(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(p): ApiQuery<ModelParams>,
+) -> Response {
     let runs = match model_runs(&state).await {
         Ok(r) => r,
         Err(r) => return r,
     };
     let run = match p.run {
         Some(r) if runs.contains(&r) => r,
-        Some(_) => return error(StatusCode::NOT_FOUND, "not_found", "no such threat-model run; GET /api/v1/runs lists runs"),
+        Some(_) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such threat-model run; GET /api/v1/runs lists runs",
+            )
+        }
         None => match runs.last() {
             Some(r) => r.clone(),
-            None => return error(StatusCode::NOT_FOUND, "not_found", "no threat-model snapshot yet; start the run job"),
+            None => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no threat-model snapshot yet; start the run job",
+                )
+            }
         },
     };
     let df = match table(&state, "threat_model").await.and_then(|d| {
         d.filter(col("run_id").eq(lit(run.clone())))
-            .and_then(|d| d.sort(vec![col("score").sort(false, true), col("technique_id").sort(true, true)]))
+            .and_then(|d| {
+                d.sort(vec![
+                    col("score").sort(false, true),
+                    col("technique_id").sort(true, true),
+                ])
+            })
             .map_err(|e| sql_error(e.into()))
     }) {
         Ok(d) => d,
         Err(r) => return r,
     };
-    match frame_rows(df).await {
-        Ok(techniques) => Json(ThreatModel { run_id: run, techniques }).into_response(),
+    match frame_rows(&state, df).await {
+        Ok(techniques) => Json(ThreatModel {
+            run_id: run,
+            techniques,
+        })
+        .into_response(),
         Err(r) => r,
     }
 }
 
 /// `?from=&to=`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DiffParams {
     /// Older run (default: the one before `to`).
     pub from: Option<String>,
@@ -593,27 +755,51 @@ pub struct ModelDiff {
 /// Compare two threat-model snapshots.
 #[utoipa::path(get, path = "/api/v1/threat-model/diff", params(DiffParams),
     responses((status = 200, body = ModelDiff), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
-pub async fn threat_model_diff(State(state): State<Arc<AppState>>, Query(p): Query<DiffParams>) -> Response {
+pub async fn threat_model_diff(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(p): ApiQuery<DiffParams>,
+) -> Response {
     let runs = match model_runs(&state).await {
         Ok(r) => r,
         Err(r) => return r,
     };
     let to = p.to.or_else(|| runs.last().cloned());
     let Some(to) = to.filter(|t| runs.contains(t)) else {
-        return error(StatusCode::NOT_FOUND, "not_found", "no such threat-model run (or none yet)");
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such threat-model run (or none yet)",
+        );
     };
     let from = p.from.or_else(|| {
         let i = runs.iter().position(|r| r == &to)?;
         i.checked_sub(1).map(|i| runs[i].clone())
     });
     let Some(from) = from.filter(|f| runs.contains(f)) else {
-        return error(StatusCode::NOT_FOUND, "not_found", "no earlier threat-model run to compare with");
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no earlier threat-model run to compare with",
+        );
     };
-    match crate::feeds::intel::diff(&state.engine(), &from, &to, p.all).await {
+    let engine = state.engine();
+    let limit = Duration::from_secs(state.settings.server.sql.timeout_secs.max(1));
+    let (f, t, all) = (from.clone(), to.clone(), p.all);
+    let lines = state
+        .on_query_threads(limit, async move {
+            crate::feeds::intel::diff(&engine, &f, &t, all).await
+        })
+        .await
+        .map_err(|e| format!("{e:?}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match lines {
         Ok(lines) => Json(ModelDiff {
             from,
             to,
-            changes: lines.iter().filter_map(|l| serde_json::to_value(l).ok()).collect(),
+            changes: lines
+                .iter()
+                .filter_map(|l| serde_json::to_value(l).ok())
+                .collect(),
         })
         .into_response(),
         Err(e) => internal("comparing threat models", e),
@@ -622,6 +808,7 @@ pub async fn threat_model_diff(State(state): State<Arc<AppState>>, Query(p): Que
 
 /// Item filters.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ItemParams {
     /// otx or virustotal.
     pub source: Option<String>,
@@ -655,17 +842,26 @@ pub struct ItemPage {
 
 /// Escape LIKE wildcards so `q` matches literally.
 fn like_literal(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }
 
 /// Threat items (every feed), filtered and paged.
 #[utoipa::path(get, path = "/api/v1/items", params(ItemParams),
     responses((status = 200, body = ItemPage), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
-pub async fn items(State(state): State<Arc<AppState>>, Query(p): Query<ItemParams>) -> Response {
+pub async fn items(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(p): ApiQuery<ItemParams>,
+) -> Response {
     use datafusion::logical_expr::JoinType;
     let limit = p.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "limit must be 1 to 500");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "limit must be 1 to 500",
+        );
     }
     let offset = p.offset.unwrap_or(0);
     let when = |v: &Option<String>, name: &str| -> Result<Option<i64>, Response> {
@@ -673,7 +869,13 @@ pub async fn items(State(state): State<Arc<AppState>>, Query(p): Query<ItemParam
             .map(|s| {
                 crate::reports::batch::parse_since(s)
                     .map(|t| t.timestamp_micros())
-                    .map_err(|_| error(StatusCode::BAD_REQUEST, "invalid_request", &format!("{name}: use YYYY-MM-DD or an RFC 3339 time")))
+                    .map_err(|_| {
+                        error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_request",
+                            &format!("{name}: use YYYY-MM-DD or an RFC 3339 time"),
+                        )
+                    })
             })
             .transpose()
     };
@@ -685,7 +887,10 @@ pub async fn items(State(state): State<Arc<AppState>>, Query(p): Query<ItemParam
         let mut df = table(&state, "threat_intelligence_data").await?;
         let e = |e: datafusion::error::DataFusionError| sql_error(e.into());
         let ts = |micros: i64| {
-            lit(datafusion::scalar::ScalarValue::TimestampMicrosecond(Some(micros), Some("UTC".into())))
+            lit(datafusion::scalar::ScalarValue::TimestampMicrosecond(
+                Some(micros),
+                Some("UTC".into()),
+            ))
         };
         if let Some(s) = &p.source {
             df = df.filter(col("source").eq(lit(s.clone()))).map_err(e)?;
@@ -705,29 +910,60 @@ pub async fn items(State(state): State<Arc<AppState>>, Query(p): Query<ItemParam
         if let Some(q) = &p.q {
             let pattern = lit(format!("%{}%", like_literal(q)));
             df = df
-                .filter(col("title").ilike(pattern.clone()).or(col("text").ilike(pattern)))
+                .filter(
+                    col("title")
+                        .ilike(pattern.clone())
+                        .or(col("text").ilike(pattern)),
+                )
                 .map_err(e)?;
         }
         if let Some(t) = &p.technique {
             let m = table(&state, "mapped_threat_data")
                 .await?
                 .filter(col("technique_id").eq(lit(t.clone())))
-                .and_then(|d| d.select(vec![col("item_id").alias("m_item_id"), col("item_version").alias("m_item_version")]))
+                .and_then(|d| {
+                    d.select(vec![
+                        col("item_id").alias("m_item_id"),
+                        col("item_version").alias("m_item_version"),
+                    ])
+                })
                 .map_err(e)?;
             df = df
-                .join(m, JoinType::LeftSemi, &["item_id", "item_version"], &["m_item_id", "m_item_version"], None)
+                .join(
+                    m,
+                    JoinType::LeftSemi,
+                    &["item_id", "item_version"],
+                    &["m_item_id", "m_item_version"],
+                    None,
+                )
                 .map_err(e)?;
         }
-        df.select_columns(&["item_id", "item_version", "source", "kind", "title", "observed_at", "country", "family", "tags", "text"])
-            .and_then(|d| d.sort(vec![col("observed_at").sort(false, false), col("item_id").sort(true, true)]))
-            .and_then(|d| d.limit(offset, Some(limit + 1)))
-            .map_err(e)
+        df.select_columns(&[
+            "item_id",
+            "item_version",
+            "source",
+            "kind",
+            "title",
+            "observed_at",
+            "country",
+            "family",
+            "tags",
+            "text",
+        ])
+        .and_then(|d| {
+            d.sort(vec![
+                col("observed_at").sort(false, false),
+                col("item_id").sort(true, true),
+            ])
+        })
+        .and_then(|d| d.limit(offset, Some(limit + 1)))
+        .map_err(e)
     };
     let df = match build.await {
         Ok(d) => d,
         Err(r) => return r,
     };
-    match frame_rows(df).await {
+    match frame_rows(&state, df).await {
         Ok(mut items) => {
             let more = items.len() > limit;
             items.truncate(limit);
@@ -757,8 +993,11 @@ pub struct ItemDetail {
     responses((status = 200, body = ItemDetail), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 pub async fn item(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     let e = |e: datafusion::error::DataFusionError| sql_error(e.into());
-    let item = match table(&state, "threat_intelligence_data").await.and_then(|d| d.filter(col("item_id").eq(lit(id.clone()))).map_err(e)) {
-        Ok(d) => frame_rows(d).await,
+    let item = match table(&state, "threat_intelligence_data")
+        .await
+        .and_then(|d| d.filter(col("item_id").eq(lit(id.clone()))).map_err(e))
+    {
+        Ok(d) => frame_rows(&state, d).await,
         Err(r) => return r,
     };
     let item = match item {
@@ -766,14 +1005,35 @@ pub async fn item(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
         Ok(_) => return error(StatusCode::NOT_FOUND, "not_found", "no such item"),
         Err(r) => return r,
     };
-    let version = item.get("item_version").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let version = item
+        .get("item_version")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
     let techniques = match table(&state, "mapped_threat_data").await.and_then(|d| {
-        d.filter(col("item_id").eq(lit(id.clone())).and(col("item_version").eq(lit(version))))
-            .and_then(|d| d.select_columns(&["technique_id", "technique_name", "tactic", "score", "method"]))
-            .and_then(|d| d.sort(vec![col("score").sort(false, true), col("technique_id").sort(true, true)]))
-            .map_err(e)
+        d.filter(
+            col("item_id")
+                .eq(lit(id.clone()))
+                .and(col("item_version").eq(lit(version))),
+        )
+        .and_then(|d| {
+            d.select_columns(&[
+                "technique_id",
+                "technique_name",
+                "tactic",
+                "score",
+                "method",
+            ])
+        })
+        .and_then(|d| {
+            d.sort(vec![
+                col("score").sort(false, true),
+                col("technique_id").sort(true, true),
+            ])
+        })
+        .map_err(e)
     }) {
-        Ok(d) => frame_rows(d).await,
+        Ok(d) => frame_rows(&state, d).await,
         Err(r) => return r,
     };
     match techniques {
@@ -791,14 +1051,36 @@ pub async fn report(State(state): State<Arc<AppState>>, Path(file): Path<String>
     let Some((name, ext)) = file.rsplit_once('.') else {
         return error(StatusCode::BAD_REQUEST, "invalid_request", "name the format: /api/v1/reports/NAME.html (html, pdf, csv, json, svg, png, navigator)");
     };
-    let Some(format) = crate::reports::Format::parse(ext).filter(|f| *f != crate::reports::Format::Stix) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "unknown format; use html, pdf, csv, json, svg, png or navigator");
+    let Some(format) =
+        crate::reports::Format::parse(ext).filter(|f| *f != crate::reports::Format::Stix)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "unknown format; use html, pdf, csv, json, svg, png or navigator",
+        );
     };
     if crate::reports::select(&[name.to_string()]).is_err() {
-        return error(StatusCode::NOT_FOUND, "not_found", "no such report; `threatlake report --help` lists them");
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such report; `threatlake report --help` lists them",
+        );
     }
     let engine = state.engine();
-    match crate::reports::batch::render_one(&state.settings, &engine, name, format).await {
+    let settings = state.settings.clone();
+    let name_owned = name.to_string();
+    let limit = Duration::from_secs(state.settings.server.sql.timeout_secs.max(1) * 4);
+    let rendered = state
+        .on_query_threads(limit, async move {
+            crate::reports::batch::render_one(&settings, &engine, &name_owned, format)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("{e:?}"))
+        .and_then(|r| r);
+    match rendered {
         Ok(Some((bytes, media))) => (
             [
                 (header::CONTENT_TYPE, media),
@@ -837,9 +1119,16 @@ pub struct RunStarted {
 #[utoipa::path(post, path = "/api/v1/runs", request_body = RunRequest,
     responses((status = 202, body = RunStarted), (status = 400, body = ApiError), (status = 401, body = ApiError),
               (status = 403, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
-pub async fn start_run(State(state): State<Arc<AppState>>, Json(req): Json<RunRequest>) -> Response {
+pub async fn start_run(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<RunRequest>,
+) -> Response {
     let Some(job) = Job::parse(&req.job) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", &format!("no such job; jobs: {}", Job::names()));
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("no such job; jobs: {}", Job::names()),
+        );
     };
     match start_job(&state, job, Trigger::Api).await {
         Ok(run_id) => (
@@ -851,13 +1140,22 @@ pub async fn start_run(State(state): State<Arc<AppState>>, Json(req): Json<RunRe
             }),
         )
             .into_response(),
-        Err(StartError::Busy(id)) => error(StatusCode::CONFLICT, "already_running", &format!("run {id} of {job} is still going; this start was skipped and recorded")),
-        Err(StartError::ShuttingDown) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the service is stopping"),
+        Err(StartError::Busy(id)) => error(
+            StatusCode::CONFLICT,
+            "already_running",
+            &format!("run {id} of {job} is still going; this start was skipped and recorded"),
+        ),
+        Err(StartError::ShuttingDown) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the service is stopping",
+        ),
     }
 }
 
 /// `?limit=`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RunsParams {
     /// Newest first, at most this many (1-1000, default 100).
     pub limit: Option<usize>,
@@ -884,26 +1182,40 @@ fn running_json(job: Job, r: &super::Running) -> serde_json::Value {
     })
 }
 
-async fn recorded_runs(state: &AppState, filter: Option<datafusion::prelude::Expr>, limit: usize) -> Result<Vec<serde_json::Value>, Response> {
+async fn recorded_runs(
+    state: &AppState,
+    filter: Option<datafusion::prelude::Expr>,
+    limit: usize,
+) -> Result<Vec<serde_json::Value>, Response> {
     let mut df = table(state, crate::pipeline::runs::JOB_RUNS).await?;
     let e = |e: datafusion::error::DataFusionError| sql_error(e.into());
     if let Some(f) = filter {
         df = df.filter(f).map_err(e)?;
     }
     let df = df
-        .sort(vec![col("started").sort(false, false), col("run_id").sort(false, false)])
+        .sort(vec![
+            col("started").sort(false, false),
+            col("run_id").sort(false, false),
+        ])
         .and_then(|d| d.limit(0, Some(limit)))
         .map_err(e)?;
-    frame_rows(df).await
+    frame_rows(&state, df).await
 }
 
 /// Job runs: running now and recorded.
 #[utoipa::path(get, path = "/api/v1/runs", params(RunsParams),
     responses((status = 200, body = RunList), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
-pub async fn list_runs(State(state): State<Arc<AppState>>, Query(p): Query<RunsParams>) -> Response {
+pub async fn list_runs(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(p): ApiQuery<RunsParams>,
+) -> Response {
     let limit = p.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "limit must be 1 to 1000");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "limit must be 1 to 1000",
+        );
     }
     let running = state
         .all_running()
@@ -1004,11 +1316,18 @@ struct Security;
 
 impl utoipa::Modify for Security {
     fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
         let c = api.components.get_or_insert_with(Default::default);
         c.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API token from `threatlake auth token create`")).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API token from `threatlake auth token create`"))
+                    .build(),
+            ),
         );
         c.add_security_scheme(
             "session",
@@ -1026,6 +1345,7 @@ impl utoipa::Modify for Security {
 #[openapi(
     info(title = "threatlake", description = "Threat intelligence mapped to MITRE ATT&CK: SQL over the lake, mapping, threat model, items, reports, jobs."),
     paths(healthz, readyz, metrics, openapi, session, sql, map, technique, threat_model, threat_model_diff, items, item, report, start_run, list_runs, get_run, list_tokens, list_users),
+    components(schemas(SqlFormat)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

@@ -73,10 +73,7 @@ impl Audit {
 
     /// Queue a row.
     pub fn push(&self, row: AuditRow) {
-        self.buf
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(row);
+        self.buf.lock().unwrap_or_else(|p| p.into_inner()).push(row);
     }
 
     /// Append what is queued, one commit per day; rows that fail to land stay queued.

@@ -50,7 +50,17 @@ pub enum AuthError {
 
 /// Roles, each including the ones below it.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -530,7 +540,9 @@ impl Sessions {
             seen: now,
         };
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|_, s| now.duration_since(s.seen) < self.idle && now.duration_since(s.created) < self.max);
+        m.retain(|_, s| {
+            now.duration_since(s.seen) < self.idle && now.duration_since(s.created) < self.max
+        });
         m.insert(id.clone(), s.clone());
         (id, s)
     }

@@ -117,6 +117,10 @@ pub struct AppState {
     /// Settings.
     pub settings: Settings,
     engine: RwLock<Arc<Engine>>,
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+    /// Queries run on their own threads, so a CPU-heavy query cannot starve request handling,
+    /// health checks or the timers that end it.
+    query_rt: tokio::runtime::Handle,
     verifier: Verifier,
     sessions: Sessions,
     limiter: auth::LoginLimiter,
@@ -139,13 +143,31 @@ impl AppState {
     }
 
     async fn refresh(&self) -> Result<(), crate::sql::SqlError> {
-        let e = open_engine(&self.settings).await?;
+        let e = open_engine(&self.settings, &self.runtime).await?;
         *self.engine.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(e);
         Ok(())
     }
 
     fn lake(&self) -> Lake {
         self.engine().lake.clone()
+    }
+
+    /// Run `work` (DataFusion execution) on the query threads; it is aborted after `limit`.
+    pub async fn on_query_threads<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, QueryAborted> {
+        let h = self.query_rt.spawn(work);
+        let abort = h.abort_handle();
+        match tokio::time::timeout(limit, h).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(QueryAborted::Failed(e.to_string())),
+            Err(_) => {
+                abort.abort();
+                Err(QueryAborted::Timeout(limit.as_secs()))
+            }
+        }
     }
 
     /// The job running now, if any.
@@ -162,6 +184,15 @@ impl AppState {
         let m = self.running.lock().unwrap_or_else(|p| p.into_inner());
         m.iter().map(|(j, r)| (*j, r.clone())).collect()
     }
+}
+
+/// A query that did not finish on the query threads.
+#[derive(Debug)]
+pub enum QueryAborted {
+    /// Ran past its limit (seconds) and was stopped.
+    Timeout(u64),
+    /// Panicked or was cancelled.
+    Failed(String),
 }
 
 /// Why a job did not start.
@@ -214,7 +245,10 @@ pub async fn start_job(
     }
     let st = state.clone();
     let id = run_id.clone();
-    state.tasks.lock().await.spawn(async move {
+    let mut tasks = state.tasks.lock().await;
+    // Reap finished runs so the set does not grow with uptime.
+    while tasks.try_join_next().is_some() {}
+    tasks.spawn(async move {
         let observer = JobObserver {
             job,
             run_id: id.clone(),
@@ -253,10 +287,23 @@ fn finished(state: &AppState, r: &JobReport) {
     }
 }
 
-async fn open_engine(settings: &Settings) -> Result<Engine, crate::sql::SqlError> {
+/// One memory pool for every session the server opens (sessions are re-opened on refresh; queries
+/// on the old and the new one share the pool).
+fn runtime(
+    settings: &Settings,
+) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>, crate::sql::SqlError> {
+    Ok(datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(settings.server.sql.memory_mb.max(16) << 20, 1.0)
+        .build_arc()?)
+}
+
+async fn open_engine(
+    settings: &Settings,
+    runtime: &Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+) -> Result<Engine, crate::sql::SqlError> {
     let lake = Lake::from_settings(&settings.lake)?;
     let mut options = EngineOptions::from_settings(settings);
-    options.memory_limit = Some(settings.server.sql.memory_mb.max(16) << 20);
+    options.runtime = Some(runtime.clone());
     Engine::open_with(&lake, &options).await
 }
 
@@ -265,8 +312,29 @@ fn is_loopback(addr: &SocketAddr) -> bool {
 }
 
 /// Serve until SIGTERM/SIGINT; then stop taking requests, let running jobs reach a safe point
-/// (at most `server.shutdown_grace_secs`), release locks, flush the audit log, return.
+/// (at most `server.shutdown_grace_secs`), release locks, flush the audit log, return. The bound
+/// address is printed once listening.
 pub async fn serve(settings: Settings, options: ServeOptions) -> Result<(), ServerError> {
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    serve_until(settings, options, wait_for_signal(), move |a| {
+        println!("threatlake serve: listening on {scheme}://{a}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })
+    .await
+}
+
+/// [`serve`] until `stop` completes, telling `listening` the bound address (benchmarks, embedding).
+pub async fn serve_until(
+    settings: Settings,
+    options: ServeOptions,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    listening: impl FnOnce(SocketAddr) + Send + 'static,
+) -> Result<(), ServerError> {
     let addr: SocketAddr = tokio::net::lookup_host(&options.bind)
         .await
         .map_err(|e| ServerError::Bind {
@@ -286,7 +354,16 @@ pub async fn serve(settings: Settings, options: ServeOptions) -> Result<(), Serv
     }
     let schedules = schedule::parse(&settings.schedule)?;
     let verifier = Verifier::new(&settings.server.auth_file)?;
-    let engine = open_engine(&settings).await?;
+    let runtime = runtime(&settings)?;
+    let query_rt = tokio::runtime::Builder::new_multi_thread()
+        // Twice the cores: a query runs about one task per core (target_partitions), and some
+        // operators (cross joins) produce output without yielding, so one runaway query must not
+        // hold every query thread while it waits for its abort.
+        .worker_threads(2 * std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name("threatlake-query")
+        .enable_all()
+        .build()?;
+    let engine = open_engine(&settings, &runtime).await?;
     let lake = engine.lake.clone();
     let s = &settings.server;
     let state = Arc::new(AppState {
@@ -306,6 +383,8 @@ pub async fn serve(settings: Settings, options: ServeOptions) -> Result<(), Serv
         stop: StopFlag::default(),
         tls: options.tls.is_some(),
         engine: RwLock::new(Arc::new(engine)),
+        runtime,
+        query_rt: query_rt.handle().clone(),
         settings: settings.clone(),
     });
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -344,49 +423,45 @@ pub async fn serve(settings: Settings, options: ServeOptions) -> Result<(), Serv
         let handle = handle.clone();
         let st = state.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down: no new requests; running jobs stop at their next safe point");
+            stop.await;
+            tracing::info!(
+                "shutting down: no new requests; running jobs stop at their next safe point"
+            );
             st.stop.request();
             let _ = quit_tx.send(true);
             handle.graceful_shutdown(Some(Duration::from_secs(10)));
         });
     }
-    // Print the bound address (port 0 picks one) once listening.
+    // Say the bound address (port 0 picks one) once listening.
     {
         let handle = handle.clone();
-        let scheme = if options.tls.is_some() { "https" } else { "http" };
         tokio::spawn(async move {
             if let Some(a) = handle.listening().await {
-                println!("threatlake serve: listening on {scheme}://{a}");
-                use std::io::Write;
-                let _ = std::io::stdout().flush();
+                listening(a);
             }
         });
     }
     match &options.tls {
         Some((cert, key)) => {
+            // The same provider the rest of the build (reqwest, delta-rs) links; already set is fine.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
-                .map_err(|e| ServerError::Tls(format!("{} / {}: {e}", cert.display(), key.display())))?;
+                .map_err(|e| {
+                    ServerError::Tls(format!("{} / {}: {e}", cert.display(), key.display()))
+                })?;
             axum_server::bind_rustls(addr, config)
                 .handle(handle)
                 .serve(app)
                 .await?
         }
-        None => {
-            axum_server::bind(addr)
-                .handle(handle)
-                .serve(app)
-                .await?
-        }
+        None => axum_server::bind(addr).handle(handle).serve(app).await?,
     }
     // Requests are done; wait for jobs to reach a safe point.
     let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
     let mut tasks = std::mem::take(&mut *state.tasks.lock().await);
-    let drained = tokio::time::timeout(grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(
             "jobs still running after {} s (server.shutdown_grace_secs): stopping them; each stage commits atomically, so the lake keeps the stages before",
@@ -401,6 +476,7 @@ pub async fn serve(settings: Settings, options: ServeOptions) -> Result<(), Serv
     if let Err(e) = state.audit.flush().await {
         tracing::error!("audit log: the last rows could not be written: {e}");
     }
+    query_rt.shutdown_background();
     tracing::info!("stopped");
     Ok(())
 }
@@ -422,7 +498,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -521,7 +600,12 @@ async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
     let client = client_ip(&req);
     let mut principal: Option<Principal> = None;
     let mut event = None;
-    let response = match authenticate(&state, &req) {
+    // Anonymous routes (health, sign-in) answer whatever credentials come along.
+    let auth = match required_role(&method, &route) {
+        None => Ok(None),
+        Some(_) => authenticate(&state, &req),
+    };
+    let response = match auth {
         Err((status, refusal)) => {
             event = Some(refusal.to_string());
             api::error(status, refusal, "send `Authorization: Bearer <token>` (see `threatlake auth token create`) or sign in at /login").into_response()
@@ -537,7 +621,12 @@ async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
                     if method == Method::GET && route == "/" {
                         axum::response::Redirect::to("/login").into_response()
                     } else {
-                        api::error(StatusCode::UNAUTHORIZED, "unauthenticated", "send `Authorization: Bearer <token>` or sign in at /login").into_response()
+                        api::error(
+                            StatusCode::UNAUTHORIZED,
+                            "unauthenticated",
+                            "send `Authorization: Bearer <token>` or sign in at /login",
+                        )
+                        .into_response()
                     }
                 }
                 (Some(p), Some(role)) if p.role < role => {
@@ -545,7 +634,11 @@ async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
                     api::error(
                         StatusCode::FORBIDDEN,
                         "forbidden",
-                        &format!("this needs the {} role; you have {}", role.as_str(), p.role.as_str()),
+                        &format!(
+                            "this needs the {} role; you have {}",
+                            role.as_str(),
+                            p.role.as_str()
+                        ),
                     )
                     .into_response()
                 }
@@ -565,10 +658,17 @@ async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         }
     };
     let status = response.status();
-    let note = response.extensions().get::<AuditNote>().cloned().unwrap_or_default();
-    state
-        .metrics
-        .request(method.as_str(), &route, status.as_u16(), t.elapsed().as_secs_f64());
+    let note = response
+        .extensions()
+        .get::<AuditNote>()
+        .cloned()
+        .unwrap_or_default();
+    state.metrics.request(
+        method.as_str(),
+        &route,
+        status.as_u16(),
+        t.elapsed().as_secs_f64(),
+    );
     if route != "/healthz" && route != "/readyz" {
         state.audit.push(AuditRow {
             at: crate::feeds::fixed(chrono::Utc::now()),
@@ -624,7 +724,13 @@ fn authenticate(
 
 /// Tokens are not sent by browsers on their own, so only session requests need the CSRF token;
 /// reads (GET/HEAD) never change state. `/logout` checks its form field itself.
-fn csrf_ok(state: &AppState, p: &Principal, method: &Method, route: &str, headers: &HeaderMap) -> bool {
+fn csrf_ok(
+    state: &AppState,
+    p: &Principal,
+    method: &Method,
+    route: &str,
+    headers: &HeaderMap,
+) -> bool {
     let Some(id) = &p.session else {
         return true;
     };

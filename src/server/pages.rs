@@ -161,8 +161,12 @@ pub async fn logout(
         .get(id)
         .is_some_and(|s| bool::from(s.csrf.as_bytes().ct_eq(f.csrf_token.as_bytes())));
     if !ok {
-        return super::api::error(StatusCode::FORBIDDEN, "csrf", "the form's CSRF token does not match the session")
-            .into_response();
+        return super::api::error(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            "the form's CSRF token does not match the session",
+        )
+        .into_response();
     }
     state.sessions.remove(id);
     let c = Cookie::build((cookie_name(state.tls), ""))

@@ -61,7 +61,12 @@ async fn last_start(state: &AppState, job: Job) -> Option<DateTime<Utc>> {
         .ok()?
         .filter(col("job").eq(lit(job.as_str())))
         .ok()?
-        .aggregate(vec![], vec![datafusion::functions_aggregate::expr_fn::max(col("started"))])
+        .aggregate(
+            vec![],
+            vec![datafusion::functions_aggregate::expr_fn::max(col(
+                "started",
+            ))],
+        )
         .ok()?;
     let batches = df.collect().await.ok()?;
     let b = batches.first()?;

@@ -129,9 +129,8 @@ impl From<DataFusionError> for SqlError {
 /// Where the mapping functions find their model, and how much memory queries may take.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Memory all queries of the session together may hold (DataFusion's memory pool); None:
-    /// unbounded.
-    pub memory_limit: Option<usize>,
+    /// The runtime (memory pool, spill files) sessions share; None: a fresh unbounded one.
+    pub runtime: Option<Arc<datafusion::execution::runtime_env::RuntimeEnv>>,
     /// Directory holding `<domain>-<version>/` model artifacts.
     pub models_root: PathBuf,
     /// Domain whose newest model `map_technique` uses.
@@ -150,7 +149,7 @@ impl Default for EngineOptions {
             mapping_domain: "enterprise".into(),
             threshold: 0.03,
             since: None,
-            memory_limit: None,
+            runtime: None,
         }
     }
 }
@@ -163,7 +162,7 @@ impl EngineOptions {
             mapping_domain: s.mapping.domain.to_string(),
             threshold: s.mapping.threshold,
             since: None,
-            memory_limit: None,
+            runtime: None,
         }
     }
 }
@@ -196,7 +195,7 @@ impl Engine {
             &options.mapping_domain,
             options.threshold,
         ));
-        Self::open_filtered(lake, mapper, options.since, options.memory_limit).await
+        Self::open_filtered(lake, mapper, options.since, options.runtime.clone()).await
     }
 
     /// [`Engine::open`] with a given (possibly already loaded) mapping model.
@@ -208,19 +207,14 @@ impl Engine {
         lake: &Lake,
         mapper: Arc<LazyMapper>,
         since: Option<chrono::DateTime<chrono::Utc>>,
-        memory_limit: Option<usize>,
+        runtime: Option<Arc<datafusion::execution::runtime_env::RuntimeEnv>>,
     ) -> Result<Self, SqlError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("threatlake", "lake");
-        let ctx = match memory_limit {
+        let ctx = match runtime {
             None => SessionContext::new_with_config(config),
-            Some(bytes) => {
-                let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-                    .with_memory_limit(bytes, 1.0)
-                    .build_arc()?;
-                SessionContext::new_with_config_rt(config, runtime)
-            }
+            Some(rt) => SessionContext::new_with_config_rt(config, rt),
         };
         ctx.register_object_store(&lake.location.base_url, lake.location.store.clone());
         {
@@ -312,7 +306,12 @@ impl Engine {
         };
         if !ok {
             let what = match &stmt {
-                Statement::Statement(s) => s.to_string().split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+                Statement::Statement(s) => s
+                    .to_string()
+                    .split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 Statement::CreateExternalTable(_) => "CREATE EXTERNAL TABLE".into(),
                 Statement::CopyTo(_) => "COPY".into(),
                 _ => "this statement".into(),

@@ -539,7 +539,10 @@ async fn run_ingests_a_newer_release_listed_in_the_index() {
     let (ok, out, err) = job(&url);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("ics ATT&CK 18.2:"), "{out}");
-    let current = common::sql(&dir, "SELECT domain, attack_version FROM attack_versions_current");
+    let current = common::sql(
+        &dir,
+        "SELECT domain, attack_version FROM attack_versions_current",
+    );
     assert_eq!(current, "domain,attack_version\nics,18.2\n");
     // Again: nothing newer, nothing ingested.
     let (ok, out, err) = job(&url);
@@ -549,7 +552,10 @@ async fn run_ingests_a_newer_release_listed_in_the_index() {
     // The index is gone: a warning, the lake kept, the job still succeeds.
     let (ok, out, err) = job(&url);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("release index unreachable; kept ics 18.2"), "{out}");
+    assert!(
+        out.contains("release index unreachable; kept ics 18.2"),
+        "{out}"
+    );
     let runs = common::sql(
         &dir,
         "SELECT job, trigger, status, stages[1]['status'] AS attack FROM job_runs ORDER BY started",
