@@ -42,8 +42,8 @@ pub enum PipelineError {
     Attack {
         /// Bundle path or URL.
         source_name: String,
-        /// Why.
-        source: IngestError,
+        /// Why (boxed: ingest errors are large).
+        source: Box<IngestError>,
     },
     /// The release index of ATT&CK.
     #[error("ATT&CK release index {url}: {message}; check attack.index in config/settings.yaml and the network")]
@@ -925,7 +925,7 @@ pub async fn ingest_attack(
                 .await
                 .map_err(|source| PipelineError::Attack {
                     source_name: src.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             cx.observer
                 .note(Stage::Attack, &attack_line(&report, &cx.raw));
