@@ -18,6 +18,9 @@ pub async fn ingest_otx(settings: &Settings) -> Result<otx::OtxReport> {
     observer.clear();
     let r = r?;
     println!("{}", pipeline::otx_summary(&r));
+    if let Some(w) = pipeline::otx_rejections(&r) {
+        eprintln!("{w}");
+    }
     Ok(r)
 }
 

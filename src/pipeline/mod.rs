@@ -314,6 +314,8 @@ pub struct JobReport {
     pub stages: Vec<StageOutcome>,
     /// The job's error (a fatal stage, a stop, or failed stages).
     pub error: Option<String>,
+    /// Stopped at a safe point (shutdown) rather than failed.
+    pub stopped: bool,
     /// Seconds in all.
     pub seconds: f64,
 }
@@ -425,15 +427,22 @@ pub async fn execute(
 ) -> JobReport {
     let t = Instant::now();
     let mut stages = Vec::new();
-    let error = match Context::open(settings, observer) {
-        Err(e) => Some(e.to_string()),
-        Ok(cx) => run_stages(&cx, job, options, &mut stages).await.err(),
+    let (error, stopped) = match Context::open(settings, observer) {
+        Err(e) => (Some(e.to_string()), false),
+        Ok(cx) => match run_stages(&cx, job, options, &mut stages).await {
+            Ok(()) => (None, false),
+            Err(e) => (
+                Some(e.to_string()),
+                matches!(e, PipelineError::Stopped { .. }),
+            ),
+        },
     };
     JobReport {
         run_id: run_id.to_string(),
         job,
         stages,
         error,
+        stopped,
         seconds: t.elapsed().as_secs_f64(),
     }
 }
@@ -443,50 +452,34 @@ async fn run_stages(
     job: Job,
     options: &RunOptions,
     out: &mut Vec<StageOutcome>,
-) -> Result<(), String> {
+) -> Result<(), PipelineError> {
     for stage in job.stages(options) {
         if options.stop.requested() {
-            return Err(PipelineError::Stopped { stage }.to_string());
+            return Err(PipelineError::Stopped { stage });
         }
         cx.observer.started(stage);
         let t = Instant::now();
         let r = run_stage(cx, stage, options).await;
         let seconds = t.elapsed().as_secs_f64();
-        let (outcome, fatal) = match r {
-            Ok(d) => (
-                StageOutcome {
-                    stage,
-                    status: d.status,
-                    seconds,
-                    counts: d.counts,
-                    summary: d.summary,
-                    error: None,
-                },
-                false,
-            ),
-            Err(e) => {
-                let message = e.to_string();
-                // Feeds fail alone (the other feed and the later stages still run on what is
-                // stored); anything else stops the job, since later stages depend on it.
-                let fatal = !matches!(stage, Stage::Otx | Stage::Virustotal | Stage::Reports);
-                (
-                    StageOutcome {
-                        stage,
-                        status: StageStatus::Failed,
-                        seconds,
-                        counts: BTreeMap::new(),
-                        summary: format!("{stage}: failed"),
-                        error: Some(message.clone()),
-                    },
-                    fatal,
-                )
-            }
+        let outcome = StageOutcome {
+            stage,
+            status: r.as_ref().map_or(StageStatus::Failed, |d| d.status),
+            seconds,
+            counts: r.as_ref().map(|d| d.counts.clone()).unwrap_or_default(),
+            summary: match &r {
+                Ok(d) => d.summary.clone(),
+                Err(_) => format!("{stage}: failed"),
+            },
+            error: r.as_ref().err().map(|e| e.to_string()),
         };
         cx.observer.finished(&outcome);
-        let error = outcome.error.clone();
         out.push(outcome);
-        if fatal {
-            return Err(error.unwrap_or_default());
+        // Feeds and reports fail alone (the other feed and the later stages still run on what is
+        // stored); anything else stops the job, since later stages depend on it.
+        if let Err(e) = r {
+            if !matches!(stage, Stage::Otx | Stage::Virustotal | Stage::Reports) {
+                return Err(e);
+            }
         }
     }
     let failed: Vec<&str> = out
@@ -500,8 +493,7 @@ async fn run_stages(
         Err(PipelineError::StagesFailed {
             failed: failed.len(),
             names: failed.join(", "),
-        }
-        .to_string())
+        })
     }
 }
 
@@ -637,12 +629,9 @@ fn otx_done(r: &otx::OtxReport) -> Done {
         r.since.as_deref().unwrap_or("(first run)"),
         r.watermark.as_deref().unwrap_or("-")
     );
-    if r.rejected > 0 {
-        summary.push_str(&format!(
-            "\nOTX: {} pulse(s) rejected for fields of the wrong type and not stored (the raw pages are kept), e.g. {}",
-            r.rejected,
-            r.rejections.join("; ")
-        ));
+    if let Some(w) = otx_rejections(r) {
+        summary.push('\n');
+        summary.push_str(&w);
     }
     Done::ok(
         summary,
@@ -714,9 +703,25 @@ pub fn vt_summary(r: &vt::VtReport) -> String {
     vt_done(r).summary
 }
 
-/// The OTX report as a stage outcome line (the `ingest otx` command prints it).
+/// The OTX report's main line (the `ingest otx` command prints it).
 pub fn otx_summary(r: &otx::OtxReport) -> String {
-    otx_done(r).summary
+    otx_done(r)
+        .summary
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The warning about pulses rejected for wrongly typed fields, if any.
+pub fn otx_rejections(r: &otx::OtxReport) -> Option<String> {
+    (r.rejected > 0).then(|| {
+        format!(
+            "OTX: {} pulse(s) rejected for fields of the wrong type and not stored (the raw pages are kept), e.g. {}",
+            r.rejected,
+            r.rejections.join("; ")
+        )
+    })
 }
 
 async fn samples_stage(cx: &Context<'_>, dir: &Path) -> Result<Done, PipelineError> {

@@ -118,11 +118,7 @@ impl JobRun {
         started: DateTime<Utc>,
         finished: DateTime<Utc>,
     ) -> Self {
-        let stopped = r
-            .error
-            .as_deref()
-            .is_some_and(|e| e.starts_with("stopped before"));
-        let status = match (&r.error, stopped) {
+        let status = match (&r.error, r.stopped) {
             (None, _) => RunStatus::Ok,
             (Some(_), true) => RunStatus::Stopped,
             (Some(_), false) => RunStatus::Failed,

@@ -15,6 +15,9 @@ pub const AUDIT_LOG: &str = "audit_log";
 /// Its partition column (UTC date).
 pub const AUDIT_PARTITION: [&str; 1] = ["day"];
 
+/// Rows kept in memory while the lake cannot be written.
+pub const MAX_QUEUED: usize = 100_000;
+
 /// One audited event.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRow {
@@ -71,9 +74,18 @@ impl Audit {
         }
     }
 
-    /// Queue a row.
+    /// Queue a row. While the lake cannot be written, at most [`MAX_QUEUED`] rows wait; beyond
+    /// that the oldest are dropped (and the drop is logged), so an outage cannot exhaust memory.
     pub fn push(&self, row: AuditRow) {
-        self.buf.lock().unwrap_or_else(|p| p.into_inner()).push(row);
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        if buf.len() >= MAX_QUEUED {
+            let n = buf.len() + 1 - MAX_QUEUED;
+            buf.drain(..n);
+            tracing::error!(
+                "audit log: {n} row(s) dropped: the lake has not accepted audit rows for a while"
+            );
+        }
+        buf.push(row);
     }
 
     /// Append what is queued, one commit per day; rows that fail to land stay queued.

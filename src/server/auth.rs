@@ -605,6 +605,13 @@ impl LoginLimiter {
     pub fn fail(&self, user: &str, ip: IpAddr) {
         let now = Instant::now();
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        // Sprayed user names must not grow the map without bound: drop what the window forgot.
+        if f.len() > 10_000 {
+            f.retain(|_, v| {
+                v.retain(|t| now.duration_since(*t) < self.window);
+                !v.is_empty()
+            });
+        }
         for k in Self::keys(user, ip) {
             f.entry(k).or_default().push(now);
         }

@@ -275,10 +275,10 @@ pub async fn start_job(
 }
 
 fn finished(state: &AppState, r: &JobReport) {
-    let status = match &r.error {
-        None => "ok",
-        Some(e) if e.starts_with("stopped before") => "stopped",
-        Some(_) => "failed",
+    let status = match (&r.error, r.stopped) {
+        (None, _) => "ok",
+        (Some(_), true) => "stopped",
+        (Some(_), false) => "failed",
     };
     state.metrics.job(r, status);
     match &r.error {

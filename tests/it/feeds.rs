@@ -977,7 +977,11 @@ async fn offline_run_with_the_shipped_samples() {
         out.contains("samples: 3 new or revised pulse(s) from 1 OTX file(s), 3 VirusTotal report(s), 3 sandbox technique row(s)"),
         "{out}"
     );
-    assert!(out.contains("OTX and VirusTotal not contacted"), "{out}");
+    assert!(
+        out.contains("OTX: offline, not contacted")
+            && out.contains("VirusTotal: offline, not contacted"),
+        "{out}"
+    );
     assert_eq!(
         sql(&dir, "SELECT source, kind, count(*) AS n FROM threat_intelligence_data GROUP BY 1, 2 ORDER BY 1, 2"),
         "source,kind,n\notx,pulse,3\nvirustotal,domain,1\nvirustotal,file,1\nvirustotal,ip,1\n"

@@ -1042,6 +1042,8 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
             ])
             .args(["--request-timeout", "60", "--no-color"])
             .env("SCHEMATHESIS_HOOKS", "")
+            // Its cache (.schemathesis/) goes to the scratch directory, not the checkout.
+            .current_dir(&dir)
             .output()
             .expect("schemathesis (pip install schemathesis) is needed");
         let out = format!(
