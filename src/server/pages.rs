@@ -113,22 +113,30 @@ pub async fn login(
     state.limiter.succeed(&user);
     let (id, _) = state.sessions.create(&user, role);
     let max = time_secs(state.settings.server.session.max_hours.max(1) * 3600);
-    let c = Cookie::build((cookie_name(state.tls), id))
+    redirect_setting_cookie(&state, "/", id, max, note("login"))
+}
+
+/// A redirect to `to` that sets the session cookie (HttpOnly, SameSite=Strict, Path=/, `Secure`
+/// and the `__Host-` name under TLS) to `value` for `max_age`, with its audit note.
+fn redirect_setting_cookie(
+    state: &AppState,
+    to: &str,
+    value: String,
+    max_age: cookie::time::Duration,
+    note: AuditNote,
+) -> Response {
+    let c = Cookie::build((cookie_name(state.tls), value))
         .http_only(true)
         .same_site(SameSite::Strict)
         .secure(state.tls)
         .path("/")
-        .max_age(max)
+        .max_age(max_age)
         .build();
-    let mut r = Redirect::to("/").into_response();
+    let mut r = Redirect::to(to).into_response();
     if let Ok(v) = c.to_string().parse() {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
-    r.extensions_mut().insert(AuditNote {
-        sql: None,
-        event: Some("login".into()),
-        who: Some(user),
-    });
+    r.extensions_mut().insert(note);
     r
 }
 
@@ -169,23 +177,12 @@ pub async fn logout(
         .into_response();
     }
     state.sessions.remove(id);
-    let c = Cookie::build((cookie_name(state.tls), ""))
-        .http_only(true)
-        .same_site(SameSite::Strict)
-        .secure(state.tls)
-        .path("/")
-        .max_age(time_secs(0))
-        .build();
-    let mut r = Redirect::to("/login").into_response();
-    if let Ok(v) = c.to_string().parse() {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r.extensions_mut().insert(AuditNote {
+    let note = AuditNote {
         sql: None,
         event: Some("logout".into()),
         who: None,
-    });
-    r
+    };
+    redirect_setting_cookie(&state, "/login", String::new(), time_secs(0), note)
 }
 
 /// `GET /`: who is signed in, links, the sign-out form.

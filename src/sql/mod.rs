@@ -510,40 +510,46 @@ fn check_depth(stmt: &Statement) -> Result<(), SqlError> {
 
 /// Plans that change the session (CREATE/DROP, SET) are refused where only queries may run.
 fn refuse_non_queries(plan: &datafusion::logical_expr::LogicalPlan) -> Result<(), SqlError> {
-    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::LogicalPlan;
-    let mut what = None;
-    plan.apply(|p| {
-        what = match p {
-            LogicalPlan::Ddl(d) => Some(d.name().to_string()),
-            LogicalPlan::Statement(s) => Some(s.name().to_string()),
-            _ => return Ok(TreeNodeRecursion::Continue),
-        };
-        Ok(TreeNodeRecursion::Stop)
-    })?;
-    match what {
+    match first_node(plan, |p| match p {
+        LogicalPlan::Ddl(d) => Some(d.name().to_string()),
+        LogicalPlan::Statement(s) => Some(s.name().to_string()),
+        _ => None,
+    })? {
         Some(what) => Err(SqlError::NotAQuery { what }),
         None => Ok(()),
     }
+}
+
+/// What `pick` says of the first plan node (inputs of EXPLAIN included) it says anything of.
+fn first_node(
+    plan: &datafusion::logical_expr::LogicalPlan,
+    pick: impl Fn(&datafusion::logical_expr::LogicalPlan) -> Option<String>,
+) -> Result<Option<String>, SqlError> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut found = None;
+    plan.apply(|p| {
+        found = pick(p);
+        Ok(if found.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })?;
+    Ok(found)
 }
 
 /// Lake tables are written only by threatlake's commit path (staging, locks, versions rows), so
 /// plans that write are refused whatever their target: INSERT/UPDATE/DELETE would add files to the
 /// lake unlocked, COPY … TO writes anywhere on disk or in the bucket.
 fn refuse_writes(plan: &datafusion::logical_expr::LogicalPlan) -> Result<(), SqlError> {
-    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::LogicalPlan;
-    let mut what = None;
     // Walks EXPLAIN [ANALYZE] inputs too: EXPLAIN ANALYZE INSERT would run the insert.
-    plan.apply(|p| {
-        what = match p {
-            LogicalPlan::Dml(d) => Some(d.op.to_string()),
-            LogicalPlan::Copy(_) => Some("COPY … TO".to_string()),
-            _ => return Ok(TreeNodeRecursion::Continue),
-        };
-        Ok(TreeNodeRecursion::Stop)
-    })?;
-    match what {
+    match first_node(plan, |p| match p {
+        LogicalPlan::Dml(d) => Some(d.op.to_string()),
+        LogicalPlan::Copy(_) => Some("COPY … TO".to_string()),
+        _ => None,
+    })? {
         Some(what) => Err(SqlError::ReadOnly { what }),
         None => Ok(()),
     }
