@@ -329,15 +329,11 @@ pub async fn report(
         .await
         .with_context(|| format!("ingesting {from}"))?;
     let engine = Engine::open(&lake).await?;
-    let r = engine
-        .run("SELECT description FROM attack_procedures_current WHERE domain = 'enterprise' AND length(description) > 40 ORDER BY relationship_id")
-        .await?;
-    let texts: Vec<String> = r[0]
-        .batches
-        .iter()
-        .flat_map(|b| threatlake::feeds::column_strings(b, 0))
-        .flatten()
-        .collect();
+    let texts = first_column(
+        &engine,
+        "SELECT description FROM attack_procedures_current WHERE domain = 'enterprise' AND length(description) > 40 ORDER BY relationship_id",
+    )
+    .await?;
     anyhow::ensure!(
         !texts.is_empty(),
         "{from} has no Enterprise procedure examples"
@@ -639,6 +635,17 @@ pub async fn hostile(mb: usize) -> Result<()> {
     Ok(())
 }
 
+/// The non-null text values of the first column of `sql`'s result.
+async fn first_column(engine: &Engine, sql: &str) -> Result<Vec<String>> {
+    let r = engine.run(sql).await?;
+    Ok(r[0]
+        .batches
+        .iter()
+        .flat_map(|b| threatlake::feeds::column_strings(b, 0))
+        .flatten()
+        .collect())
+}
+
 /// Percentile `p` (0-100) of sorted durations, in ms.
 fn pct_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -670,15 +677,11 @@ pub async fn serve(
     let lake = Lake::from_settings(&s.lake)?;
     let engine =
         Engine::open_with(&lake, &threatlake::sql::EngineOptions::from_settings(&s)).await?;
-    let r = engine
-        .run("SELECT description FROM attack_procedures_current WHERE length(description) > 40 ORDER BY relationship_id LIMIT 4096")
-        .await?;
-    let texts: Vec<String> = r[0]
-        .batches
-        .iter()
-        .flat_map(|b| threatlake::feeds::column_strings(b, 0))
-        .flatten()
-        .collect();
+    let texts = first_column(
+        &engine,
+        "SELECT description FROM attack_procedures_current WHERE length(description) > 40 ORDER BY relationship_id LIMIT 4096",
+    )
+    .await?;
     anyhow::ensure!(
         !texts.is_empty(),
         "no procedures in the lake; run `threatlake ingest attack` first"
