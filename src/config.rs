@@ -127,9 +127,9 @@ pub struct Settings {
     /// `threatlake serve` (defaults when the section is absent).
     #[serde(default)]
     pub server: ServerSettings,
-    /// SIEM/SOAR targets, by name; their shape is defined by the integrations that read them.
-    #[serde(default)]
-    pub integrations: BTreeMap<String, Value>,
+    /// SIEM/SOAR push targets (`threatlake push`, the `push` stage of `run`).
+    #[serde(default, deserialize_with = "crate::integrations::settings::deserialize_targets")]
+    pub integrations: Vec<crate::integrations::TargetSettings>,
 }
 
 /// `lake:` section.
@@ -587,6 +587,17 @@ impl Settings {
             let secrets = parse_yaml(&read(&secrets_path)?, &secrets_path.display().to_string())?;
             merge(&mut value, secrets);
         }
+        // The variables integrations name for their secrets are theirs, not setting overrides.
+        let secret_envs: Vec<String> = value
+            .get("integrations")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.get("secret_env")?.as_str().map(str::to_string))
+            .collect();
+        let env = env
+            .into_iter()
+            .filter(|(k, _)| !secret_envs.iter().any(|s| s == k));
         let applied = apply_env(&mut value, env)?;
         let settings: Settings =
             serde_yaml_ng::from_value(value).map_err(|e| ConfigError::Invalid {
@@ -597,6 +608,12 @@ impl Settings {
                 },
                 message: e.to_string(),
             })?;
+        crate::integrations::settings::check_all(&settings.integrations).map_err(|message| {
+            ConfigError::Invalid {
+                path: label.clone(),
+                message,
+            }
+        })?;
         Ok(Loaded { settings, path })
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 #[cfg(feature = "duckdb")]
 pub mod duck;
 pub mod feeds;
+pub mod integrations;
 pub mod lake;
 pub mod mapping;
 pub mod models;

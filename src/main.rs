@@ -92,6 +92,9 @@ enum Command {
     /// (when keyed), model (when missing or older than the ATT&CK release), map, threat-model
     /// snapshot; recorded in the `job_runs` table.
     Run(RunArgs),
+    /// Deliver new mappings to the SIEM/SOAR targets under `integrations:` (Splunk HEC, Elastic,
+    /// Sentinel, syslog CEF/LEEF, TheHive, webhooks) through the lake outbox, and print counts.
+    Push(PushArgs),
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +187,23 @@ struct RunArgs {
     /// Where the samples are.
     #[arg(long, value_name = "DIR", default_value = "data/samples")]
     samples_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct PushArgs {
+    /// Only this target (also one with enabled: false).
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+    /// Count what would be queued and sent; write and send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Only queue mappings made on or after this date (YYYY-MM-DD, UTC) or RFC 3339 time, e.g. to
+    /// start a new target without the whole history.
+    #[arg(long, value_name = "DATE")]
+    since: Option<String>,
+    /// Queue dead-letter rows again (after fixing what the receiver refused).
+    #[arg(long)]
+    retry_dead: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -625,6 +645,20 @@ async fn main_inner(cli: Cli) -> Result<()> {
         } => cli::report::report(&settings, names, &format, out, since).await,
         Command::Chart(args) => cli::report::chart(&settings, args).await,
         Command::MapIntel => cli::feeds::map_intel(&settings).await.map(drop),
+        Command::Push(a) => {
+            let since = a
+                .since
+                .as_deref()
+                .map(threatlake::reports::batch::parse_since)
+                .transpose()?;
+            let options = threatlake::integrations::PushOptions {
+                target: a.target,
+                dry_run: a.dry_run,
+                since,
+                retry_dead: a.retry_dead,
+            };
+            cli::push::push(&settings, options).await
+        }
         Command::Run(a) => {
             let job = match &a.job {
                 None => threatlake::pipeline::Job::Run,

@@ -5,5 +5,6 @@ pub mod bench;
 pub mod feeds;
 pub mod model;
 pub mod progress;
+pub mod push;
 pub mod repl;
 pub mod report;

@@ -68,6 +68,7 @@ pub fn label(stage: Stage) -> &'static str {
         Stage::Model => "model",
         Stage::Map => "map",
         Stage::Snapshot => "threat model",
+        Stage::Push => "push",
         Stage::Reports => "reports",
     }
 }

@@ -354,7 +354,7 @@ fn under(base: &Url, url: &Url) -> bool {
 }
 
 /// A `Retry-After` value: delay seconds or an HTTP date (RFC 9110 §10.2.3).
-fn retry_after(v: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+pub fn retry_after(v: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
         return secs
@@ -371,7 +371,7 @@ fn retry_after(v: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> 
 
 /// Equal jitter: half the backoff plus a random share of the other half, so clients that failed
 /// together do not retry together.
-fn jittered(d: Duration) -> Duration {
+pub fn jittered(d: Duration) -> Duration {
     use rand::Rng;
     d / 2 + d.mul_f64(rand::thread_rng().gen_range(0.0..0.5))
 }

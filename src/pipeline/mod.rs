@@ -84,6 +84,12 @@ pub enum PipelineError {
         /// The stage not started.
         stage: Stage,
     },
+    /// Pushing to the integrations failed as a whole (the lake, not a target).
+    #[error(transparent)]
+    Push(#[from] crate::integrations::IntegrationError),
+    /// Some targets stopped on an error; the others were served.
+    #[error("{0}")]
+    Targets(String),
     /// Some stages failed; the others ran.
     #[error("{failed} stage(s) failed ({names}); what they stored before failing is kept, re-run to continue")]
     StagesFailed {
@@ -112,6 +118,8 @@ pub enum Stage {
     Map,
     /// Snapshot the threat model.
     Snapshot,
+    /// Deliver new mappings to the configured SIEM/SOAR targets.
+    Push,
     /// Write the report datasets.
     Reports,
 }
@@ -127,6 +135,7 @@ impl Stage {
             Stage::Model => "model",
             Stage::Map => "map",
             Stage::Snapshot => "snapshot",
+            Stage::Push => "push",
             Stage::Reports => "reports",
         }
     }
@@ -156,11 +165,13 @@ pub enum Job {
     Snapshot,
     /// Report datasets.
     Report,
+    /// Deliver new mappings to the `integrations:` targets.
+    Push,
 }
 
 impl Job {
     /// Every job, in help order.
-    pub const ALL: [Job; 7] = [
+    pub const ALL: [Job; 8] = [
         Job::Run,
         Job::IngestAttack,
         Job::IngestOtx,
@@ -168,6 +179,7 @@ impl Job {
         Job::Map,
         Job::Snapshot,
         Job::Report,
+        Job::Push,
     ];
 
     /// Its name in settings (`schedule.jobs`), the API and `job_runs`.
@@ -180,6 +192,7 @@ impl Job {
             Job::Map => "map",
             Job::Snapshot => "snapshot",
             Job::Report => "report",
+            Job::Push => "push",
         }
     }
 
@@ -207,6 +220,7 @@ impl Job {
                     Stage::Model,
                     Stage::Map,
                     Stage::Snapshot,
+                    Stage::Push,
                 ]);
                 if options.reports {
                     s.push(Stage::Reports);
@@ -219,6 +233,7 @@ impl Job {
             Job::Map => vec![Stage::Model, Stage::Map],
             Job::Snapshot => vec![Stage::Snapshot],
             Job::Report => vec![Stage::Reports],
+            Job::Push => vec![Stage::Push],
         }
     }
 }
@@ -477,7 +492,10 @@ async fn run_stages(
         // Feeds and reports fail alone (the other feed and the later stages still run on what is
         // stored); anything else stops the job, since later stages depend on it.
         if let Err(e) = r {
-            if !matches!(stage, Stage::Otx | Stage::Virustotal | Stage::Reports) {
+            if !matches!(
+                stage,
+                Stage::Otx | Stage::Virustotal | Stage::Reports | Stage::Push
+            ) {
                 return Err(e);
             }
         }
@@ -537,6 +555,7 @@ async fn run_stage(
                 &[("techniques", n)],
             )
         }),
+        Stage::Push => push_stage(cx, options).await,
         Stage::Reports => {
             let r = crate::reports::batch::write_all(
                 cx.settings,
@@ -550,6 +569,71 @@ async fn run_stage(
             ))
         }
     }
+}
+
+/// Deliver what is new to every enabled target (skipped when none is configured or offline).
+async fn push_stage(cx: &Context<'_>, options: &RunOptions) -> Result<Done, PipelineError> {
+    if !cx.settings.integrations.iter().any(|t| t.enabled) {
+        return Ok(Done::skipped("push: no integrations configured"));
+    }
+    if options.offline {
+        return Ok(Done::skipped("push: offline, no target contacted"));
+    }
+    let r = crate::integrations::push(
+        cx.settings,
+        &cx.lake,
+        &crate::integrations::PushOptions::default(),
+        &|m: &str| cx.observer.progress(Stage::Push, m),
+    )
+    .await?;
+    let sum = |f: fn(&crate::integrations::TargetReport) -> usize| -> usize {
+        r.targets.iter().map(f).sum()
+    };
+    let summary = r
+        .targets
+        .iter()
+        .map(push_line)
+        .collect::<Vec<_>>()
+        .join("; ");
+    for t in &r.targets {
+        if let Some(e) = &t.error {
+            cx.observer.note(Stage::Push, &format!("{}: {e}", t.name));
+        }
+    }
+    if r.any_failed() {
+        return Err(PipelineError::Targets(format!("push: {summary}")));
+    }
+    Ok(Done::ok(
+        format!("push: {summary}"),
+        &[
+            ("queued", sum(|t| t.queued)),
+            ("delivered", sum(|t| t.delivered)),
+            ("failed", sum(|t| t.failed)),
+            ("dead", sum(|t| t.dead)),
+        ],
+    ))
+}
+
+/// One target's push outcome in one phrase.
+pub fn push_line(t: &crate::integrations::TargetReport) -> String {
+    let mut s = format!(
+        "{} {} queued, {} delivered",
+        t.name, t.queued, t.delivered
+    );
+    for (n, what) in [
+        (t.failed, "failed"),
+        (t.dead, "dead-lettered"),
+        (t.waiting, "waiting"),
+        (t.superseded, "superseded"),
+    ] {
+        if n > 0 {
+            s.push_str(&format!(", {n} {what}"));
+        }
+    }
+    if t.error.is_some() {
+        s.push_str(" (stopped: target error)");
+    }
+    s
 }
 
 /// The OTX client, when a key is set.

@@ -65,6 +65,10 @@ pub const VIEWS: &[(&str, &str)] = &[
         "threat_intelligence_data",
         include_str!("../../sql/views/threat_intelligence_data.sql"),
     ),
+    (
+        "integration_outbox",
+        include_str!("../../sql/views/integration_outbox.sql"),
+    ),
 ];
 
 /// Errors opening a session or running SQL.
@@ -604,6 +608,11 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef, &'static [&'static str])>
         crate::server::audit::AUDIT_LOG,
         crate::server::audit::schema(),
         &crate::server::audit::AUDIT_PARTITION,
+    ));
+    v.push((
+        crate::integrations::outbox::OUTBOX_LOG,
+        crate::integrations::outbox::schema(),
+        &crate::integrations::outbox::OUTBOX_PARTITION,
     ));
     v
 }
