@@ -128,7 +128,10 @@ pub struct Settings {
     #[serde(default)]
     pub server: ServerSettings,
     /// SIEM/SOAR push targets (`threatlake push`, the `push` stage of `run`).
-    #[serde(default, deserialize_with = "crate::integrations::settings::deserialize_targets")]
+    #[serde(
+        default,
+        deserialize_with = "crate::integrations::settings::deserialize_targets"
+    )]
     pub integrations: Vec<crate::integrations::TargetSettings>,
 }
 

@@ -18,6 +18,9 @@ mod it {
     mod feeds;
     /// Ingest behaviour: idempotence, versions, HTTP sources, bad input leaving the lake untouched.
     mod ingest;
+    /// `push` to SIEM/SOAR receivers: osmem-server (OpenSearch API), rsyslogd (CEF/LEEF over TCP,
+    /// UDP, TLS), loopback Splunk HEC, TheHive, Sentinel and webhook servers; faults and kill -9.
+    mod push;
     /// Reports and charts over a fixed fixture lake: golden outputs, escaping, PDF text, chart marks.
     mod reports;
     /// The lake on S3 (a real moto server on loopback): every command, faults, locks, concurrent commits, optimize and vacuum.

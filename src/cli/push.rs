@@ -20,7 +20,13 @@ pub async fn push(settings: &Settings, options: PushOptions) -> Result<()> {
     observer.clear();
     let report = report?;
     let header = [
-        "target", "kind", "queued", "delivered", "failed", "dead", "waiting",
+        "target",
+        "kind",
+        "queued",
+        "delivered",
+        "failed",
+        "dead",
+        "waiting",
     ];
     let rows: Vec<[String; 7]> = report
         .targets

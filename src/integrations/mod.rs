@@ -217,7 +217,10 @@ pub fn targets<'a>(
                 known: if all.is_empty() {
                     "none".into()
                 } else {
-                    all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+                    all.iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 },
             }),
         None => {
@@ -341,13 +344,17 @@ async fn run(
     Ok(reports)
 }
 
-async fn dead_rows(engine: &Engine, t: &TargetSettings) -> Result<Vec<OutboxRow>, IntegrationError> {
+async fn dead_rows(
+    engine: &Engine,
+    t: &TargetSettings,
+) -> Result<Vec<OutboxRow>, IntegrationError> {
     let sql = "SELECT delivery_id, item_id, item_version, technique_id, method, payload_hash, attempts, last_error \
                FROM integration_outbox WHERE target = $1 AND status = 'dead'";
     let mut out = Vec::new();
     for b in record::collect(engine, sql, vec![ScalarValue::from(t.name.as_str())]).await? {
-        let cols: Vec<Vec<Option<String>>> =
-            (0..b.num_columns()).map(|i| column_strings(&b, i)).collect();
+        let cols: Vec<Vec<Option<String>>> = (0..b.num_columns())
+            .map(|i| column_strings(&b, i))
+            .collect();
         for r in 0..b.num_rows() {
             let get = |c: usize| cols[c][r].clone().unwrap_or_default();
             out.push(OutboxRow {
@@ -378,9 +385,8 @@ pub fn batches(records: &[Record], size: usize, by_item: bool) -> Vec<std::ops::
     while start < records.len() {
         let mut end = (start + size.max(1)).min(records.len());
         if by_item && end < records.len() {
-            let same = |a: &Record, b: &Record| {
-                a.item_id == b.item_id && a.item_version == b.item_version
-            };
+            let same =
+                |a: &Record, b: &Record| a.item_id == b.item_id && a.item_version == b.item_version;
             let mut cut = end;
             while cut > start && same(&records[cut - 1], &records[cut]) {
                 cut -= 1;
@@ -439,7 +445,11 @@ async fn send_with_retries(
             Ok(o) if o.len() == batch.len() => return Ok(o),
             Ok(o) => {
                 return Err(SendError {
-                    message: format!("receiver gave {} outcome(s) for {} record(s)", o.len(), batch.len()),
+                    message: format!(
+                        "receiver gave {} outcome(s) for {} record(s)",
+                        o.len(),
+                        batch.len()
+                    ),
                     failure: Failure::Stop,
                 })
             }
@@ -482,7 +492,10 @@ async fn deliver(
                 payload_hash: String::new(),
                 status: Status::Superseded,
                 attempts,
-                last_error: Some("the item changed since it was queued; its current version is queued instead".into()),
+                last_error: Some(
+                    "the item changed since it was queued; its current version is queued instead"
+                        .into(),
+                ),
                 next_attempt_at: None,
                 delivered_at: None,
                 updated_at: outbox::stamp(Utc::now()),
@@ -636,12 +649,18 @@ mod tests {
 
     #[test]
     fn batches_never_split_an_item_when_asked() {
-        let r: Vec<Record> = ["a", "a", "b", "b", "b", "c"].iter().map(|i| rec(i)).collect();
+        let r: Vec<Record> = ["a", "a", "b", "b", "b", "c"]
+            .iter()
+            .map(|i| rec(i))
+            .collect();
         assert_eq!(batches(&r, 3, false), vec![0..3, 3..6]);
         assert_eq!(batches(&r, 3, true), vec![0..2, 2..5, 5..6]);
         // An item longer than the batch size travels whole.
         assert_eq!(batches(&r, 2, true), vec![0..2, 2..5, 5..6]);
-        assert_eq!(batches(&r[..0], 2, true), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(
+            batches(&r[..0], 2, true),
+            Vec::<std::ops::Range<usize>>::new()
+        );
     }
 
     #[test]

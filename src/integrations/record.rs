@@ -282,8 +282,9 @@ pub async fn candidates(
     let mut out = Vec::new();
     let mut last: Option<String> = None;
     for b in collect(engine, sql, params).await? {
-        let cols: Vec<Vec<Option<String>>> =
-            (0..b.num_columns()).map(|i| column_strings(&b, i)).collect();
+        let cols: Vec<Vec<Option<String>>> = (0..b.num_columns())
+            .map(|i| column_strings(&b, i))
+            .collect();
         for r in 0..b.num_rows() {
             let get = |c: usize| cols[c][r].clone().unwrap_or_default();
             let score: f64 = get(5).parse().unwrap_or(0.0);
@@ -351,8 +352,9 @@ pub async fn due(
     ];
     let mut out = Vec::new();
     for b in collect(engine, sql, params).await? {
-        let cols: Vec<Vec<Option<String>>> =
-            (0..b.num_columns()).map(|i| column_strings(&b, i)).collect();
+        let cols: Vec<Vec<Option<String>>> = (0..b.num_columns())
+            .map(|i| column_strings(&b, i))
+            .collect();
         for r in 0..b.num_rows() {
             let opt = |c: usize| cols[c][r].clone().filter(|s| !s.is_empty());
             let get = |c: usize| cols[c][r].clone().unwrap_or_default();
@@ -372,12 +374,9 @@ pub async fn due(
                 continue;
             }
             let technique_id = get(3);
-            let parent = technique_id.split_once('.').map(|(p, _)| {
-                (
-                    p.to_string(),
-                    names.techniques.get(p).cloned(),
-                )
-            });
+            let parent = technique_id
+                .split_once('.')
+                .map(|(p, _)| (p.to_string(), names.techniques.get(p).cloned()));
             out.push(Due::Record(Box::new(Record {
                 delivery_id: get(0),
                 item_id: get(1),
@@ -534,15 +533,49 @@ mod tests {
         let ex = ["execution".to_string()];
         assert!(selected(&t, &names, "otx", "T1059.001", &ex, 0.6, "model"));
         assert!(selected(&t, &names, "otx", "T1059", &ex, 0.5, "model"));
-        assert!(!selected(&t, &names, "otx", "T1059.001", &ex, 0.49, "model"));
-        assert!(!selected(&t, &names, "virustotal", "T1059", &ex, 0.9, "model"));
+        assert!(!selected(
+            &t,
+            &names,
+            "otx",
+            "T1059.001",
+            &ex,
+            0.49,
+            "model"
+        ));
+        assert!(!selected(
+            &t,
+            &names,
+            "virustotal",
+            "T1059",
+            &ex,
+            0.9,
+            "model"
+        ));
         assert!(!selected(&t, &names, "otx", "T1059", &ex, 0.9, "source"));
         assert!(!selected(&t, &names, "otx", "T10590", &ex, 0.9, "model"));
-        assert!(!selected(&t, &names, "otx", "T1059", &["persistence".into()], 0.9, "model"));
+        assert!(!selected(
+            &t,
+            &names,
+            "otx",
+            "T1059",
+            &["persistence".into()],
+            0.9,
+            "model"
+        ));
         let all = target("{name: t, kind: elastic, url: 'http://h'}");
-        assert!(selected(&all, &names, "virustotal", "T1003", &[], 0.0, "source"));
+        assert!(selected(
+            &all,
+            &names,
+            "virustotal",
+            "T1003",
+            &[],
+            0.0,
+            "source"
+        ));
         let by_name = target("{name: t, kind: elastic, url: 'http://h', tactics: [Execution]}");
-        assert!(selected(&by_name, &names, "otx", "T1059", &ex, 0.1, "model"));
+        assert!(selected(
+            &by_name, &names, "otx", "T1059", &ex, 0.1, "model"
+        ));
     }
 
     #[test]

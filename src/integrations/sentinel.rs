@@ -123,13 +123,17 @@ impl Sentinel {
             .iter()
             .map(|t| json!({"kill_chain_name": "mitre-attack", "phase_name": t.shortname}))
             .collect();
-        let mut out = vec![json!({
+        let mut pattern = json!({
             "type": "attack-pattern", "spec_version": "2.1", "id": pattern_id,
             "created": created, "modified": created,
             "name": r.technique_name.clone().unwrap_or_else(|| r.technique_id.clone()),
-            "kill_chain_phases": kill_chain,
             "external_references": [{"source_name": "mitre-attack", "external_id": r.technique_id, "url": r.technique_url()}]
-        })];
+        });
+        // STIX forbids empty lists: a technique of another domain has no known tactic here.
+        if !kill_chain.is_empty() {
+            pattern["kill_chain_phases"] = json!(kill_chain);
+        }
+        let mut out = vec![pattern];
         for o in r.observables.iter().take((MAX_OBJECTS - 1) / 2) {
             let v = stix_string(&o.value);
             let pattern = match o.kind {
@@ -179,7 +183,10 @@ impl Sink for Sentinel {
         let mut requests: Vec<(Vec<Value>, Vec<usize>)> = vec![(vec![], vec![])];
         for (i, r) in batch.iter().enumerate() {
             let objects = Self::objects(r);
-            if requests.last().is_some_and(|q| q.0.len() + objects.len() > MAX_OBJECTS) {
+            if requests
+                .last()
+                .is_some_and(|q| q.0.len() + objects.len() > MAX_OBJECTS)
+            {
                 requests.push((vec![], vec![]));
             }
             let q = requests.last_mut().expect("one request at least");
@@ -217,7 +224,9 @@ impl Sink for Sentinel {
             };
             let v: Value = serde_json::from_slice(&body).unwrap_or_default();
             for err in v["errors"].as_array().into_iter().flatten() {
-                let Some(i) = err["recordIndex"].as_u64().and_then(|k| owners.get(k as usize))
+                let Some(i) = err["recordIndex"]
+                    .as_u64()
+                    .and_then(|k| owners.get(k as usize))
                 else {
                     continue;
                 };
@@ -230,7 +239,10 @@ impl Sink for Sentinel {
                             .join("; ")
                     })
                     .unwrap_or_else(|| excerpt(err.to_string().as_bytes()));
-                out[*i] = Outcome::Reject(format!("Sentinel refused a STIX object: {}", cap(&msgs, 300)));
+                out[*i] = Outcome::Reject(format!(
+                    "Sentinel refused a STIX object: {}",
+                    cap(&msgs, 300)
+                ));
             }
         }
         Ok(out)

@@ -304,7 +304,10 @@ impl TargetSettings {
         }
         let only = |key: &str, set: bool, kinds: &[Kind]| {
             if set && !kinds.contains(&self.kind) {
-                bad(key, format!("does not apply to a {} target", self.kind.as_str()))
+                bad(
+                    key,
+                    format!("does not apply to a {} target", self.kind.as_str()),
+                )
             } else {
                 Ok(())
             }
@@ -366,17 +369,13 @@ pub fn check_all(targets: &[TargetSettings]) -> Result<(), String> {
 pub fn deserialize_targets<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Vec<TargetSettings>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Shape {
-        List(Vec<TargetSettings>),
-        Map(std::collections::BTreeMap<String, serde_yaml_ng::Value>),
-    }
-    match Option::<Shape>::deserialize(d)? {
-        None => Ok(vec![]),
-        Some(Shape::List(v)) => Ok(v),
-        Some(Shape::Map(m)) if m.is_empty() => Ok(vec![]),
-        Some(Shape::Map(_)) => Err(serde::de::Error::custom(
+    use serde_yaml_ng::Value;
+    match Value::deserialize(d)? {
+        Value::Null => Ok(vec![]),
+        Value::Mapping(m) if m.is_empty() => Ok(vec![]),
+        // Through a Value so serde's own message (unknown field, wrong type) reaches the user.
+        v @ Value::Sequence(_) => serde_yaml_ng::from_value(v).map_err(serde::de::Error::custom),
+        _ => Err(serde::de::Error::custom(
             "integrations must be a list of targets (- name: …, kind: …, url: …)",
         )),
     }

@@ -67,13 +67,10 @@ impl Splunk {
     }
 
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let r = self
-            .client
-            .post(format!("{}/{path}", self.base))
-            .header(
-                reqwest::header::AUTHORIZATION,
-                format!("Splunk {}", self.token),
-            );
+        let r = self.client.post(format!("{}/{path}", self.base)).header(
+            reqwest::header::AUTHORIZATION,
+            format!("Splunk {}", self.token),
+        );
         if self.ack {
             r.header("X-Splunk-Request-Channel", &self.channel)
         } else {

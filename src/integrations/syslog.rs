@@ -124,10 +124,11 @@ impl Syslog {
                 let _ = tcp.set_nodelay(true);
                 self.stream = Some(match self.transport {
                     Transport::Tls => {
-                        let config = tls_config(self.ca_file.as_deref()).map_err(|e| SendError {
-                            message: format!("syslog {addr}: {e}"),
-                            failure: Failure::Stop,
-                        })?;
+                        let config =
+                            tls_config(self.ca_file.as_deref()).map_err(|e| SendError {
+                                message: format!("syslog {addr}: {e}"),
+                                failure: Failure::Stop,
+                            })?;
                         let name = rustls::pki_types::ServerName::try_from(self.host.clone())
                             .map_err(|e| fail(format!("server name: {e}")))?;
                         let tls = tokio::time::timeout(
@@ -170,9 +171,7 @@ fn tls_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String
             .collect::<Result<_, _>>()
             .map_err(|e| format!("ca_file {path}: {e}"))?;
         for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("ca_file {path}: {e}"))?;
+            roots.add(c).map_err(|e| format!("ca_file {path}: {e}"))?;
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -197,10 +196,7 @@ pub fn cef(r: &Record) -> String {
         ("rt", millis(&r.mapped_at)),
         ("externalId", r.delivery_id.clone()),
         ("cat", tactics.join(",")),
-        (
-            "msg",
-            cap(r.title.as_deref().unwrap_or(&r.item_id), 1000),
-        ),
+        ("msg", cap(r.title.as_deref().unwrap_or(&r.item_id), 1000)),
         ("cs1Label", "item_id".into()),
         ("cs1", cap(&r.item_id, 500)),
         ("cs2Label", "source".into()),
@@ -251,8 +247,18 @@ pub fn leef(r: &Record) -> String {
         .collect();
     let attrs = [
         ("devTime", millis(&r.mapped_at)),
-        ("sev", ((r.score * 10.0).round().clamp(0.0, 10.0) as u8).to_string()),
-        ("cat", r.tactics.iter().map(|t| t.shortname.as_str()).collect::<Vec<_>>().join(",")),
+        (
+            "sev",
+            ((r.score * 10.0).round().clamp(0.0, 10.0) as u8).to_string(),
+        ),
+        (
+            "cat",
+            r.tactics
+                .iter()
+                .map(|t| t.shortname.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
         ("externalId", r.delivery_id.clone()),
         ("techniqueId", cap(&r.technique_id, 100)),
         (

@@ -133,7 +133,9 @@ impl Sink for TheHive {
 
     async fn send(&mut self, batch: &[Record]) -> Result<Vec<Outcome>, SendError> {
         let mut out = Vec::with_capacity(batch.len());
-        for group in batch.chunk_by(|a, b| a.item_id == b.item_id && a.item_version == b.item_version) {
+        for group in
+            batch.chunk_by(|a, b| a.item_id == b.item_id && a.item_version == b.item_version)
+        {
             let what = format!("alert for {}", cap(&group[0].item_id, 80));
             let resp = self
                 .client

@@ -616,10 +616,7 @@ async fn push_stage(cx: &Context<'_>, options: &RunOptions) -> Result<Done, Pipe
 
 /// One target's push outcome in one phrase.
 pub fn push_line(t: &crate::integrations::TargetReport) -> String {
-    let mut s = format!(
-        "{} {} queued, {} delivered",
-        t.name, t.queued, t.delivered
-    );
+    let mut s = format!("{} {} queued, {} delivered", t.name, t.queued, t.delivered);
     for (n, what) in [
         (t.failed, "failed"),
         (t.dead, "dead-lettered"),

@@ -106,6 +106,21 @@ pub fn mapped_ics_lake(name: &str) -> PathBuf {
     dir
 }
 
+/// Copy a directory tree over `to` (replaced): a fixture lake each test may change.
+pub fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
 /// Run a command: (success, stdout, stderr).
 pub fn run(c: &mut std::process::Command) -> (bool, String, String) {
     let o = c.output().unwrap();
@@ -150,4 +165,80 @@ pub fn listing(dir: &Path) -> Vec<(String, u64, u64)> {
     }
     out.sort();
     out
+}
+
+/// A throw-away CA and a server certificate for 127.0.0.1 and localhost signed by it, in `dir`:
+/// (CA certificate, server certificate, server key).
+pub fn throwaway_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (cert, key, csr) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("cert.csr"),
+    );
+    let ext = dir.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let p = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let steps: Vec<Vec<String>> = vec![
+        vec![
+            "req".into(),
+            "-x509".into(),
+            "-newkey".into(),
+            "rsa:2048".into(),
+            "-nodes".into(),
+            "-days".into(),
+            "1".into(),
+            "-subj".into(),
+            "/CN=threatlake test CA".into(),
+            "-keyout".into(),
+            p(&ca_key),
+            "-out".into(),
+            p(&ca),
+        ],
+        vec![
+            "req".into(),
+            "-newkey".into(),
+            "rsa:2048".into(),
+            "-nodes".into(),
+            "-subj".into(),
+            "/CN=127.0.0.1".into(),
+            "-keyout".into(),
+            p(&key),
+            "-out".into(),
+            p(&csr),
+        ],
+        vec![
+            "x509".into(),
+            "-req".into(),
+            "-in".into(),
+            p(&csr),
+            "-CA".into(),
+            p(&ca),
+            "-CAkey".into(),
+            p(&ca_key),
+            "-CAcreateserial".into(),
+            "-days".into(),
+            "1".into(),
+            "-extfile".into(),
+            p(&ext),
+            "-out".into(),
+            p(&cert),
+        ],
+    ];
+    for args in steps {
+        let o = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    (ca, cert, key)
 }

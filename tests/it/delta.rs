@@ -3,7 +3,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::common::{self, run};
+use crate::common::{self, copy_dir, run};
 
 /// Row counts of every ATT&CK table, one `table,count` line each (CSV).
 fn counts(dir: &Path) -> String {
@@ -53,20 +53,6 @@ pub(super) fn subset_bundle(dir: &Path) -> PathBuf {
     let path = dir.join("ics-subset.json");
     std::fs::write(&path, serde_json::to_vec(&bundle).unwrap()).unwrap();
     path
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
 }
 
 /// Every table's row count is the one before or the one after (after an abort at write `n`).

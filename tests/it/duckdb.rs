@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
-use crate::common::{self, run};
+use crate::common::{self, copy_dir, run};
 
 /// The lake every test here shares: ICS ATT&CK, an ICS model and mapped sample intel, built once.
 fn lake() -> &'static PathBuf {
@@ -217,19 +217,6 @@ fn stock_duckdb_loads_the_extension_and_agrees() {
     assert!(r["bad_k_error"].as_str().unwrap().contains("-1"), "{r}");
     assert!(!r["bad_model_error"].as_str().unwrap().is_empty(), "{r}");
     assert!(r["explain"].is_string(), "{r}");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        let t = to.join(e.file_name());
-        if p.is_dir() {
-            copy_dir(&p, &t);
-        } else {
-            std::fs::copy(&p, &t).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -29,22 +29,9 @@ fn base_lake() -> &'static Path {
     })
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
 fn lake_copy(name: &str) -> PathBuf {
     let dir = common::scratch(name);
-    copy_dir(base_lake(), &dir);
+    common::copy_dir(base_lake(), &dir);
     dir
 }
 
@@ -823,74 +810,7 @@ fn serve_refuses_plain_http_beyond_loopback() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_serves_https_with_secure_host_cookies() {
     let dir = lake_copy("serve-tls");
-    // A throw-away CA and a server certificate for 127.0.0.1 signed by it.
-    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let (cert, key, csr) = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("cert.csr"),
-    );
-    let ext = dir.join("ext.cnf");
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let p = |p: &PathBuf| p.to_str().unwrap().to_string();
-    let steps: Vec<Vec<String>> = vec![
-        vec![
-            "req".into(),
-            "-x509".into(),
-            "-newkey".into(),
-            "rsa:2048".into(),
-            "-nodes".into(),
-            "-days".into(),
-            "1".into(),
-            "-subj".into(),
-            "/CN=threatlake test CA".into(),
-            "-keyout".into(),
-            p(&ca_key),
-            "-out".into(),
-            p(&ca),
-        ],
-        vec![
-            "req".into(),
-            "-newkey".into(),
-            "rsa:2048".into(),
-            "-nodes".into(),
-            "-subj".into(),
-            "/CN=127.0.0.1".into(),
-            "-keyout".into(),
-            p(&key),
-            "-out".into(),
-            p(&csr),
-        ],
-        vec![
-            "x509".into(),
-            "-req".into(),
-            "-in".into(),
-            p(&csr),
-            "-CA".into(),
-            p(&ca),
-            "-CAkey".into(),
-            p(&ca_key),
-            "-CAcreateserial".into(),
-            "-days".into(),
-            "1".into(),
-            "-extfile".into(),
-            p(&ext),
-            "-out".into(),
-            p(&cert),
-        ],
-    ];
-    for args in steps {
-        let o = Command::new("openssl").args(&args).output().unwrap();
-        assert!(
-            o.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    let (ca, cert, key) = common::throwaway_tls(&dir);
     let mut child = cli(&dir, &[])
         .args(["auth", "user", "add", "bob", "--role", "reader"])
         .stdin(Stdio::piped())
