@@ -839,3 +839,150 @@ pub async fn serve(
     server.await??;
     Ok(())
 }
+
+/// A receiver process for `bench push`, killed on drop.
+struct Receiver(std::process::Child);
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `bench push`: every mapping of the lake at `dir` to osmem-server (`_bulk`) and to rsyslogd (CEF
+/// over TCP), each timed with the peak RSS of the push alone.
+pub async fn push(settings: &threatlake::Settings, dir: &std::path::Path) -> Result<()> {
+    use std::process::{Command, Stdio};
+    use threatlake::integrations::{self, PushOptions, TargetSettings};
+    let lake_dir = dir.join("lake");
+    anyhow::ensure!(
+        lake_dir.is_dir(),
+        "{} has no lake/: build one with `threatlake bench report --items 30000 --keep {}`",
+        dir.display(),
+        dir.display()
+    );
+    let work = tempfile::tempdir()?;
+    // osmem-server (pip install osmem-server) on a free port.
+    let bin = Command::new("python3")
+        .args(["-c", "import osmem_server; print(osmem_server.resolve_binary())"])
+        .output()
+        .context("running python3 to find osmem-server")?;
+    anyhow::ensure!(
+        bin.status.success(),
+        "osmem-server is not installed: pip install osmem-server"
+    );
+    let es_port = free_port()?;
+    let _es = Receiver(
+        Command::new(String::from_utf8(bin.stdout)?.trim())
+            .args(["-addr", &format!("127.0.0.1:{es_port}"), "-no-stdin-watch"])
+            .args(["-parent-pid", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting osmem-server")?,
+    );
+    // rsyslogd writing each CEF message to a file.
+    let syslog_port = free_port()?;
+    let log = work.path().join("cef.log");
+    let conf = work.path().join("rsyslog.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "global(workDirectory=\"{w}\" maxMessageSize=\"64k\")\nmodule(load=\"imtcp\")\n\
+             template(name=\"body\" type=\"string\" string=\"%msg%\\n\")\n\
+             ruleset(name=\"cef\") {{ action(type=\"omfile\" file=\"{l}\" template=\"body\") }}\n\
+             input(type=\"imtcp\" port=\"{syslog_port}\" ruleset=\"cef\")\n",
+            w = work.path().display(),
+            l = log.display()
+        ),
+    )?;
+    let _rs = Receiver(
+        Command::new("rsyslogd")
+            .args(["-n", "-f"])
+            .arg(&conf)
+            .arg("-i")
+            .arg(work.path().join("rsyslogd.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting rsyslogd (apt-get install rsyslog)")?,
+    );
+    for port in [es_port, syslog_port] {
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "receiver on port {port} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let target = |yaml: String| -> Result<TargetSettings> { Ok(serde_yaml_ng::from_str(&yaml)?) };
+    let mut s = settings.clone();
+    s.lake.root = lake_dir.to_string_lossy().to_string();
+    s.integrations = vec![
+        target(format!(
+            "{{name: bench-elastic, kind: elastic, url: 'http://127.0.0.1:{es_port}', index: bench-ti}}"
+        ))?,
+        target(format!(
+            "{{name: bench-cef, kind: syslog, url: 'tcp://127.0.0.1:{syslog_port}', format: cef}}"
+        ))?,
+    ];
+    let lake = Lake::from_settings(&s.lake)?;
+    let _ = std::fs::remove_dir_all(lake_dir.join(integrations::outbox::OUTBOX_LOG));
+    for name in ["bench-elastic", "bench-cef"] {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let t = Instant::now();
+        let r = integrations::push(
+            &s,
+            &lake,
+            &PushOptions {
+                target: Some(name.into()),
+                ..Default::default()
+            },
+            &|_: &str| {},
+        )
+        .await?;
+        let secs = t.elapsed().as_secs_f64();
+        let rss = peak_rss_mib().unwrap_or(f64::NAN);
+        let rep = &r.targets[0];
+        if let Some(e) = &rep.error {
+            anyhow::bail!("{name}: {e}");
+        }
+        let n = rep.delivered;
+        if name == "bench-elastic" {
+            let count: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{es_port}/bench-ti/_count"))
+                .await?
+                .json()
+                .await?;
+            println!(
+                "elastic _bulk → osmem-server: {n} documents in {secs:.1} s = {:.0} docs/s (queue + deliver + outbox), peak RSS {rss:.0} MiB; the index holds {}",
+                n as f64 / secs,
+                count["count"]
+            );
+        } else {
+            // Until rsyslogd has written every line.
+            let lines = || {
+                std::fs::read(&log)
+                    .map(|b| b.iter().filter(|c| **c == b'\n').count())
+                    .unwrap_or(0)
+            };
+            let wait = Instant::now();
+            while lines() < n && wait.elapsed() < Duration::from_secs(120) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let all = t.elapsed().as_secs_f64();
+            println!(
+                "syslog CEF over TCP → rsyslogd: {n} events in {secs:.1} s = {:.0} lines/s (push), {} lines written by rsyslogd after {all:.1} s; peak RSS {rss:.0} MiB",
+                n as f64 / secs,
+                lines()
+            );
+        }
+    }
+    Ok(())
+}

@@ -424,26 +424,29 @@ fn rfc3339(s: &str) -> String {
         .unwrap_or_else(|_| s.to_string())
 }
 
-/// Fill in the observables of `records` (OTX indicators of the pulse; a VirusTotal item is its
-/// observable), at most `max` per item.
-pub async fn attach_observables(
+/// The observables of threat items (OTX indicators of a pulse; a VirusTotal item is its own
+/// observable), at most `max` per item, by item id.
+pub async fn observables(
     engine: &Engine,
-    records: &mut [Record],
+    item_ids: &[&str],
     max: usize,
-) -> Result<(), IntegrationError> {
-    let pulses: Vec<String> = records
+) -> Result<BTreeMap<String, Vec<Observable>>, IntegrationError> {
+    let mut out: BTreeMap<String, Vec<Observable>> = BTreeMap::new();
+    if max == 0 {
+        return Ok(out);
+    }
+    let pulses: std::collections::BTreeSet<&str> = item_ids
         .iter()
-        .filter_map(|r| r.item_id.strip_prefix("otx:").map(str::to_string))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
+        .filter_map(|i| i.strip_prefix("otx:"))
         .collect();
-    let mut by_pulse: BTreeMap<String, Vec<Observable>> = BTreeMap::new();
-    if !pulses.is_empty() && max > 0 {
+    // Bounded IN lists: one query per few thousand pulses.
+    let pulses: Vec<&str> = pulses.into_iter().collect();
+    for part in pulses.chunks(5000) {
         let df = engine
             .ctx
             .table("otx_indicators")
             .await?
-            .filter(col("pulse_id").in_list(pulses.iter().map(lit).collect(), false))?
+            .filter(col("pulse_id").in_list(part.iter().map(|p| lit(*p)).collect(), false))?
             .select_columns(&["pulse_id", "type", "indicator"])?
             .sort(vec![
                 col("pulse_id").sort(true, false),
@@ -457,7 +460,7 @@ pub async fn attach_observables(
             );
             for ((p, k), v) in p.into_iter().zip(k).zip(v) {
                 let (Some(p), Some(v)) = (p, v) else { continue };
-                let list = by_pulse.entry(p).or_default();
+                let list = out.entry(format!("otx:{p}")).or_default();
                 if list.len() < max {
                     list.push(Observable {
                         kind: otx_kind(k.as_deref().unwrap_or("")),
@@ -467,20 +470,32 @@ pub async fn attach_observables(
             }
         }
     }
-    for r in records.iter_mut() {
-        r.observables = if let Some(p) = r.item_id.strip_prefix("otx:") {
-            by_pulse.get(p).cloned().unwrap_or_default()
-        } else if let Some(rest) = r.item_id.strip_prefix("vt:") {
-            match rest.split_once(':') {
-                Some((kind, value)) if max > 0 => vec![Observable {
+    for id in item_ids {
+        if let Some((kind, value)) = id.strip_prefix("vt:").and_then(|r| r.split_once(':')) {
+            out.insert(
+                id.to_string(),
+                vec![Observable {
                     kind: vt_kind(kind, value),
                     value: value.to_string(),
                 }],
-                _ => vec![],
-            }
-        } else {
-            vec![]
-        };
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Fill in the observables of `records`.
+pub async fn attach_observables(
+    engine: &Engine,
+    records: &mut [Record],
+    max: usize,
+) -> Result<(), IntegrationError> {
+    let ids: std::collections::BTreeSet<String> =
+        records.iter().map(|r| r.item_id.clone()).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let found = observables(engine, &ids, max).await?;
+    for r in records.iter_mut() {
+        r.observables = found.get(&r.item_id).cloned().unwrap_or_default();
     }
     Ok(())
 }

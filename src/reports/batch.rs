@@ -61,7 +61,7 @@ pub fn parse_formats(list: &str) -> Result<Vec<Format>, ReportError> {
                 option: "--format",
                 value: f.to_string(),
                 message: format!(
-                    "unknown report format; use any of {ALL_FORMATS} (comma-separated)"
+                    "unknown report format; use any of {ALL_FORMATS},misp-feed (comma-separated)"
                 ),
             })
         })
@@ -167,6 +167,11 @@ pub async fn write_all(
         super::write_atomic(&out.join("mapped_intel.stix.json"), &bytes)?;
         bundles.push("mapped_intel.stix.json");
         files_written += 1;
+    }
+    if formats.contains(&Format::MispFeed) {
+        let events = super::misp::write_feed(&engine, &out.join(super::misp::DIR)).await?;
+        bundles.push("misp-feed/manifest.json");
+        files_written += events + 2;
     }
     let mut idx = serde_json::to_vec_pretty(&serde_json::json!({
         "generated_at": ctx.generated_at, "since": ctx.since,
@@ -277,7 +282,7 @@ pub async fn render_one(
         Format::Svg => "image/svg+xml",
         Format::Png => "image/png",
         Format::Csv => "text/csv; charset=utf-8",
-        Format::Json | Format::Navigator | Format::Stix => "application/json",
+        Format::Json | Format::Navigator | Format::Stix | Format::MispFeed => "application/json",
     };
     Ok(Some((bytes, media)))
 }

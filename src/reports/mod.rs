@@ -6,6 +6,7 @@ pub mod batch;
 pub mod html;
 pub mod navigator;
 pub mod pdf;
+pub mod misp;
 pub mod stix;
 
 use std::path::{Path, PathBuf};
@@ -236,6 +237,9 @@ pub enum Format {
     Navigator,
     /// One STIX 2.1 bundle of all mapped intel (not per report).
     Stix,
+    /// A MISP feed directory of all mapped intel (not per report): manifest.json, hashes.csv and
+    /// one event per threat item.
+    MispFeed,
 }
 
 impl Format {
@@ -250,6 +254,7 @@ impl Format {
             "json" => Some(Format::Json),
             "navigator" => Some(Format::Navigator),
             "stix" => Some(Format::Stix),
+            "misp-feed" => Some(Format::MispFeed),
             _ => None,
         }
     }
@@ -364,7 +369,7 @@ fn file_name(name: &str, format: Format, built: &Built) -> Option<String> {
         Format::Png => "png",
         Format::Navigator if built.data.schema.index_of("technique_id").is_err() => return None,
         Format::Navigator => "layer.json",
-        Format::Stix => return None,
+        Format::Stix | Format::MispFeed => return None,
     };
     Some(format!("{name}.{ext}"))
 }
@@ -444,7 +449,7 @@ pub fn write(
         }
         Format::Html => html_page(built, ctx)?.into_bytes(),
         Format::Pdf => pdf::render(&def.title, &[pdf_section(built, ctx)?])?,
-        Format::Stix => unreachable!("file_name returns None"),
+        Format::Stix | Format::MispFeed => unreachable!("file_name returns None"),
     };
     let path = dir.join(&name);
     write_atomic(&path, &bytes)?;

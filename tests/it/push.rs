@@ -1034,3 +1034,65 @@ fn settings_errors_name_the_target_and_missing_secrets_never_leak() {
         "{err}"
     );
 }
+
+#[test]
+fn misp_feed_loads_in_pymisp_with_attack_galaxy_tags_and_observable_attributes() {
+    let dir = lake("push-misp");
+    let want = expected(&dir);
+    let out = dir.join("reports");
+    let (ok, o, e) = common::run(common::ics_cli_on(&dir).args([
+        "report",
+        "--format",
+        "misp-feed",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(ok, "{o}\n{e}");
+    let feed = out.join("misp-feed");
+    // MISP's own client reads every event the manifest lists; hashes.csv matches the attributes.
+    let script = r#"
+import hashlib, json, os, sys
+from pymisp import MISPEvent
+d = sys.argv[1]
+manifest = json.load(open(os.path.join(d, "manifest.json")))
+out = {}
+for uuid in manifest:
+    e = MISPEvent()
+    e.load_file(os.path.join(d, uuid + ".json"))
+    assert str(e.uuid) == uuid, (e.uuid, uuid)
+    out[uuid] = {"info": e.info, "tags": [t.name for t in e.tags],
+                 "attributes": [[a.type, a.value] for a in e.attributes]}
+for line in open(os.path.join(d, "hashes.csv")):
+    h, u = line.strip().split(",")
+    assert any(hashlib.md5(v.encode()).hexdigest() == h for _, v in out[u]["attributes"]), (h, u)
+print(json.dumps(out))
+"#;
+    let r = Command::new("python3")
+        .args(["-c", script, feed.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let events: BTreeMap<String, Value> = serde_json::from_slice(&r.stdout).unwrap();
+    let items: BTreeSet<&String> = want.iter().map(|w| &w.0).collect();
+    assert_eq!(events.len(), items.len(), "one event per mapped item");
+    let techniques: BTreeSet<&String> = want.iter().map(|w| &w.1).collect();
+    let mut tagged = BTreeSet::new();
+    for ev in events.values() {
+        for t in ev["tags"].as_array().unwrap() {
+            let t = t.as_str().unwrap();
+            if let Some(v) = t.strip_prefix("misp-galaxy:mitre-attack-pattern=\"") {
+                let id = v.trim_end_matches('"').rsplit(" - ").next().unwrap();
+                assert!(techniques.contains(&id.to_string()), "{t}");
+                tagged.insert(id.to_string());
+            }
+        }
+    }
+    assert_eq!(tagged.len(), techniques.len(), "every technique is a galaxy tag");
+    let evil = events
+        .values()
+        .find(|e| e["info"] == HOSTILE_TITLE)
+        .expect("the hostile item as an event");
+    let attrs = evil["attributes"].as_array().unwrap();
+    assert!(attrs.contains(&serde_json::json!(["ip-dst", "198.51.100.7"])), "{attrs:?}");
+    assert!(attrs.contains(&serde_json::json!(["url", "http://evil.example/a?b=c|d'e"])), "{attrs:?}");
+}
