@@ -475,9 +475,9 @@ enum BenchCommand {
     /// `_bulk` (docs/s, peak RSS) and to rsyslogd as CEF over TCP (lines/s); both are started here.
     /// The lake's outbox is reset first.
     Push {
-        /// Lake directory (holding `lake/`, as `bench report --keep DIR` leaves it).
+        /// Directory holding `lake/` (as `bench report --keep DIR` leaves it).
         #[arg(long, value_name = "DIR")]
-        lake: PathBuf,
+        dir: PathBuf,
     },
     /// `SELECT map_technique(text)` over N sentence-length rows through DataFusion.
     Map {
@@ -898,7 +898,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Report { items, from, keep }) => {
             cli::bench::report(&settings, items, &from, keep).await
         }
-        Command::Bench(BenchCommand::Push { lake }) => cli::bench::push(&settings, &lake).await,
+        Command::Bench(BenchCommand::Push { dir }) => cli::bench::push(&settings, &dir).await,
         Command::Bench(BenchCommand::Map { rows, runs }) => {
             cli::bench::map(&settings, rows, runs).await
         }

@@ -862,7 +862,7 @@ pub async fn push(settings: &threatlake::Settings, dir: &std::path::Path) -> Res
     let lake_dir = dir.join("lake");
     anyhow::ensure!(
         lake_dir.is_dir(),
-        "{} has no lake/: build one with `threatlake bench report --items 30000 --keep {}`",
+        "{} has no lake/: build one with `threatlake bench report --items 50000 --keep {}`",
         dir.display(),
         dir.display()
     );

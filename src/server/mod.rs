@@ -9,6 +9,7 @@ pub mod auth;
 pub mod metrics;
 mod pages;
 pub mod schedule;
+pub mod taxii;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -531,6 +532,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/logout", post(pages::logout))
         .route("/", get(pages::home))
         .nest("/api/v1", api::routes())
+        .merge(taxii::routes())
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -700,10 +702,12 @@ fn authenticate(
     req: &Request<Body>,
 ) -> Result<Option<Principal>, (StatusCode, &'static str)> {
     if let Some(v) = req.headers().get(header::AUTHORIZATION) {
+        let v = v.to_str().unwrap_or_default();
+        if let Some(basic) = v.strip_prefix("Basic ") {
+            return basic_auth(state, req, basic.trim()).map(Some);
+        }
         let token = v
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .strip_prefix("Bearer ")
             .map(str::trim)
             .ok_or((StatusCode::UNAUTHORIZED, "invalid_token"))?;
         return match state.verifier.token(token) {
@@ -720,6 +724,44 @@ fn authenticate(
             session: Some(id),
         })
     }))
+}
+
+/// HTTP Basic, as TAXII clients send credentials: a user's name and password, or any name with an
+/// API token as the password. Failed passwords count against the sign-in limit.
+fn basic_auth(
+    state: &AppState,
+    req: &Request<Body>,
+    value: &str,
+) -> Result<Principal, (StatusCode, &'static str)> {
+    use base64::Engine as _;
+    let refused = (StatusCode::UNAUTHORIZED, "invalid_credentials");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or(refused)?;
+    let (user, password) = decoded.split_once(':').ok_or(refused)?;
+    if let Ok(p) = state.verifier.token(password) {
+        return Ok(p);
+    }
+    let ip = client_ip(req);
+    if state.limiter.blocked(user, ip) {
+        return Err((StatusCode::TOO_MANY_REQUESTS, "too_many_failures"));
+    }
+    match state.verifier.password(user, password) {
+        Some(role) => {
+            state.limiter.succeed(user);
+            Ok(Principal {
+                name: user.to_string(),
+                role,
+                session: None,
+            })
+        }
+        None => {
+            state.limiter.fail(user, ip);
+            Err(refused)
+        }
+    }
 }
 
 /// Tokens are not sent by browsers on their own, so only session requests need the CSRF token;
