@@ -851,7 +851,9 @@ impl Drop for Receiver {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// `bench push`: every mapping of the lake at `dir` to osmem-server (`_bulk`) and to rsyslogd (CEF
@@ -869,7 +871,10 @@ pub async fn push(settings: &threatlake::Settings, dir: &std::path::Path) -> Res
     let work = tempfile::tempdir()?;
     // osmem-server (pip install osmem-server) on a free port.
     let bin = Command::new("python3")
-        .args(["-c", "import osmem_server; print(osmem_server.resolve_binary())"])
+        .args([
+            "-c",
+            "import osmem_server; print(osmem_server.resolve_binary())",
+        ])
         .output()
         .context("running python3 to find osmem-server")?;
     anyhow::ensure!(
@@ -956,10 +961,11 @@ pub async fn push(settings: &threatlake::Settings, dir: &std::path::Path) -> Res
         }
         let n = rep.delivered;
         if name == "bench-elastic" {
-            let count: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{es_port}/bench-ti/_count"))
-                .await?
-                .json()
-                .await?;
+            let count: serde_json::Value =
+                reqwest::get(format!("http://127.0.0.1:{es_port}/bench-ti/_count"))
+                    .await?
+                    .json()
+                    .await?;
             println!(
                 "elastic _bulk → osmem-server: {n} documents in {secs:.1} s = {:.0} docs/s (queue + deliver + outbox), peak RSS {rss:.0} MiB; the index holds {}",
                 n as f64 / secs,

@@ -114,7 +114,10 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
         let uuid = Uuid::new_v5(&NS, format!("{id}\u{1f}{}", item.version).as_bytes()).to_string();
         let when = item.observed.unwrap_or(now);
         let ts = when.timestamp().to_string();
-        let mut tags = vec![json!({"name": "tlp:clear"}), json!({"name": format!("threatlake:source=\"{}\"", item.source.replace('"', "'"))})];
+        let mut tags = vec![
+            json!({"name": "tlp:clear"}),
+            json!({"name": format!("threatlake:source=\"{}\"", item.source.replace('"', "'"))}),
+        ];
         for (tid, name, _) in &item.techniques {
             let label = match name {
                 Some(n) => format!("{} - {tid}", n.replace('"', "'")),
@@ -132,7 +135,10 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
                 "to_ids": kind != "text", "timestamp": ts, "comment": comment,
                 "distribution": "5", "disable_correlation": false
             }));
-            hashes.push_str(&format!("{:x},{uuid}\n", md5::Md5::digest(o.value.as_bytes())));
+            hashes.push_str(&format!(
+                "{:x},{uuid}\n",
+                md5::Md5::digest(o.value.as_bytes())
+            ));
         }
         if let Some(text) = item.text.as_deref().filter(|t| !t.is_empty()) {
             attributes.push(json!({
@@ -171,10 +177,11 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
         );
     }
     write("hashes.csv", hashes.as_bytes())?;
-    let bytes = serde_json::to_vec_pretty(&Value::Object(manifest)).map_err(|e| ReportError::Write {
-        path: dir.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let bytes =
+        serde_json::to_vec_pretty(&Value::Object(manifest)).map_err(|e| ReportError::Write {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
     // The manifest last: a client that reads it finds every event it lists.
     write("manifest.json", &bytes)?;
     Ok(items.len())

@@ -4,9 +4,9 @@
 
 pub mod batch;
 pub mod html;
+pub mod misp;
 pub mod navigator;
 pub mod pdf;
-pub mod misp;
 pub mod stix;
 
 use std::path::{Path, PathBuf};

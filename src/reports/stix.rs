@@ -180,7 +180,10 @@ pub async fn attack_patterns(engine: &Engine) -> Result<BTreeMap<String, Dated>,
                 _ => "mitre-attack",
             };
             let url = get(8).unwrap_or_else(|| {
-                format!("https://attack.mitre.org/techniques/{}/", tid.replace('.', "/"))
+                format!(
+                    "https://attack.mitre.org/techniques/{}/",
+                    tid.replace('.', "/")
+                )
             });
             let mut o = json!({
                 "type": "attack-pattern", "spec_version": "2.1", "id": id,

@@ -1054,14 +1054,12 @@ pub async fn report(State(state): State<Arc<AppState>>, Path(file): Path<String>
     let Some((name, ext)) = file.rsplit_once('.') else {
         return error(StatusCode::BAD_REQUEST, "invalid_request", "name the format: /api/v1/reports/NAME.html (html, pdf, csv, json, svg, png, navigator)");
     };
-    let Some(format) =
-        crate::reports::Format::parse(ext).filter(|f| {
-            !matches!(
-                f,
-                crate::reports::Format::Stix | crate::reports::Format::MispFeed
-            )
-        })
-    else {
+    let Some(format) = crate::reports::Format::parse(ext).filter(|f| {
+        !matches!(
+            f,
+            crate::reports::Format::Stix | crate::reports::Format::MispFeed
+        )
+    }) else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request",

@@ -79,7 +79,10 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
         .route("/taxii2/api/collections/", get(collections))
         .route("/taxii2/api/collections/{id}/", get(collection))
         .route("/taxii2/api/collections/{id}/objects/", get(objects))
-        .route("/taxii2/api/collections/{id}/objects/{object}/", get(object))
+        .route(
+            "/taxii2/api/collections/{id}/objects/{object}/",
+            get(object),
+        )
         .route(
             "/taxii2/api/collections/{id}/objects/{object}/versions/",
             get(versions),
@@ -204,35 +207,34 @@ async fn load(state: &Arc<AppState>, c: Collection) -> Result<Vec<Dated>, Respon
                 .map(|m| m.into_values().collect()),
         }
     };
-    let mut v = match state.on_query_threads(limit, work).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "taxii: reading the collection failed");
-            return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "collection unavailable",
-                "reading the collection from the lake failed; see the server log",
-            ));
-        }
-        Err(super::QueryAborted::Timeout(secs)) => {
-            return Err(error(
+    let mut v =
+        match state.on_query_threads(limit, work).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "taxii: reading the collection failed");
+                return Err(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "collection unavailable",
+                    "reading the collection from the lake failed; see the server log",
+                ));
+            }
+            Err(super::QueryAborted::Timeout(secs)) => return Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "collection unavailable",
-                &format!("reading the collection took longer than {secs} s (server.sql.timeout_secs)"),
-            ))
-        }
-        Err(super::QueryAborted::Failed(e)) => {
-            tracing::warn!(error = %e, "taxii: reading the collection failed");
-            return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "collection unavailable",
-                "reading the collection from the lake failed; see the server log",
-            ));
-        }
-    };
-    v.sort_by(|a, b| {
-        (a.added, a.object["id"].as_str()).cmp(&(b.added, b.object["id"].as_str()))
-    });
+                &format!(
+                    "reading the collection took longer than {secs} s (server.sql.timeout_secs)"
+                ),
+            )),
+            Err(super::QueryAborted::Failed(e)) => {
+                tracing::warn!(error = %e, "taxii: reading the collection failed");
+                return Err(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "collection unavailable",
+                    "reading the collection from the lake failed; see the server log",
+                ));
+            }
+        };
+    v.sort_by(|a, b| (a.added, a.object["id"].as_str()).cmp(&(b.added, b.object["id"].as_str())));
     Ok(v)
 }
 
@@ -263,7 +265,9 @@ fn page(all: &[Dated], f: &Filter) -> Result<(Vec<Dated>, bool, Option<String>),
         None => None,
         Some(s) => Some(
             DateTime::parse_from_rfc3339(s)
-                .map_err(|_| bad("added_after must be an RFC 3339 timestamp, e.g. 2026-01-01T00:00:00.000Z"))?
+                .map_err(|_| {
+                    bad("added_after must be an RFC 3339 timestamp, e.g. 2026-01-01T00:00:00.000Z")
+                })?
                 .with_timezone(&Utc),
         ),
     };
@@ -318,9 +322,9 @@ fn page(all: &[Dated], f: &Filter) -> Result<(Vec<Dated>, bool, Option<String>),
                     matches!(v.as_str(), "first" | "last" | "all")
                         || Some(v.as_str()) == d.object["modified"].as_str()
                 }))
-            && resume.as_ref().is_none_or(|(m, rid)| {
-                (d.added.timestamp_micros(), id) > (*m, rid.as_str())
-            })
+            && resume
+                .as_ref()
+                .is_none_or(|(m, rid)| (d.added.timestamp_micros(), id) > (*m, rid.as_str()))
     });
     let mut out: Vec<Dated> = matching.take(limit + 1).cloned().collect();
     let more = out.len() > limit;
@@ -351,7 +355,8 @@ fn dated_headers(mut r: Response, page: &[Dated]) -> Response {
 }
 
 fn envelope(page: &[Dated], more: bool, next: Option<String>) -> Value {
-    let mut v = json!({"more": more, "objects": page.iter().map(|d| d.object.clone()).collect::<Vec<_>>()});
+    let mut v =
+        json!({"more": more, "objects": page.iter().map(|d| d.object.clone()).collect::<Vec<_>>()});
     if let Some(n) = next {
         v["next"] = json!(n);
     }
@@ -433,7 +438,10 @@ async fn versions(
         ),
         Ok((p, more, _)) => {
             let v: Vec<&Value> = p.iter().map(|d| &d.object["modified"]).collect();
-            dated_headers(taxii(StatusCode::OK, json!({"more": more, "versions": v})), &p)
+            dated_headers(
+                taxii(StatusCode::OK, json!({"more": more, "versions": v})),
+                &p,
+            )
         }
         Err(r) => r,
     }

@@ -1087,12 +1087,22 @@ print(json.dumps(out))
             }
         }
     }
-    assert_eq!(tagged.len(), techniques.len(), "every technique is a galaxy tag");
+    assert_eq!(
+        tagged.len(),
+        techniques.len(),
+        "every technique is a galaxy tag"
+    );
     let evil = events
         .values()
         .find(|e| e["info"] == HOSTILE_TITLE)
         .expect("the hostile item as an event");
     let attrs = evil["attributes"].as_array().unwrap();
-    assert!(attrs.contains(&serde_json::json!(["ip-dst", "198.51.100.7"])), "{attrs:?}");
-    assert!(attrs.contains(&serde_json::json!(["url", "http://evil.example/a?b=c|d'e"])), "{attrs:?}");
+    assert!(
+        attrs.contains(&serde_json::json!(["ip-dst", "198.51.100.7"])),
+        "{attrs:?}"
+    );
+    assert!(
+        attrs.contains(&serde_json::json!(["url", "http://evil.example/a?b=c|d'e"])),
+        "{attrs:?}"
+    );
 }

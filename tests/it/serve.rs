@@ -975,3 +975,137 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
         assert!(out.contains("passed") || out.contains("PASSED"), "{out}");
     }
 }
+
+#[test]
+fn taxii_server_pages_both_collections_for_taxii2_client_and_every_object_validates() {
+    let dir = lake_copy("serve-taxii");
+    let tok = token(&dir, "taxii-reader", "reader", &[]);
+    let mut child = cli(&dir, &[])
+        .args(["auth", "user", "add", "carol", "--role", "reader"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(child.stdin.take().unwrap(), "taxii client passphrase").unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    let mut server = Server::start(&dir, &[], &[]);
+    // OASIS's TAXII 2.1 client: discovery → API root → collections → every page (by `next`),
+    // the manifest, added_after and match[type]; once with a token, once with a user's password.
+    let script = r#"
+import json, sys
+from taxii2client.v21 import Server, as_pages
+base, user, password, out = sys.argv[1:5]
+s = Server(base + "/taxii2/", user=user, password=password)
+root = s.api_roots[0]
+result = {"title": s.title, "collections": {}}
+objects = []
+for c in root.collections:
+    got, pages = [], 0
+    for env in as_pages(c.get_objects, per_request=5):
+        pages += 1
+        got.extend(env.get("objects", []))
+    manifest = {m["id"]: m["date_added"] for m in c.get_manifest(limit=1000)["objects"]}
+    dates = sorted(manifest.values())
+    cut = dates[len(dates) // 2]
+    after = c.get_objects(added_after=cut, limit=1000)["objects"]
+    rels = c.get_objects(type="relationship", limit=1000).get("objects", [])
+    result["collections"][c.title] = {
+        "id": c.id, "objects": len(got), "distinct": len({o["id"] for o in got}), "pages": pages,
+        "manifest": len(manifest), "after_ok": all(manifest[o["id"]] > cut for o in after),
+        "after": len(after), "expected_after": sum(1 for d in dates if d > cut),
+        "types": sorted({o["type"] for o in got}), "relationships": len(rels),
+        "relationship_types": sorted({o["type"] for o in rels}),
+    }
+    objects.extend(got)
+json.dump({"type": "bundle", "id": "bundle--5d0092c5-5f74-4287-9642-33f4c354e56d",
+           "objects": list({o["id"]: o for o in objects}.values())}, open(out, "w"))
+print(json.dumps(result))
+"#;
+    let bundle = dir.join("taxii-bundle.json");
+    let run = |user: &str, password: &str| {
+        let o = Command::new("python3")
+            .args(["-c", script, &server.base, user, password])
+            .arg(&bundle)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            server.log()
+        );
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()
+    };
+    let r = run("anyone", &tok);
+    assert_eq!(r, run("carol", "taxii client passphrase"));
+    let mapped = &r["collections"]["threatlake mapped intel"];
+    let attack = &r["collections"]["ATT&CK attack-patterns"];
+    let n = |q: &str| -> u64 {
+        common::sql(&dir, q)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mappings = n("SELECT count(*) FROM (SELECT DISTINCT m.item_id, m.item_version, m.technique_id, m.method \
+                      FROM mapped_threat_data m JOIN threat_intelligence_data t \
+                      ON t.item_id = m.item_id AND t.item_version = m.item_version)");
+    assert_eq!(mapped["relationships"], mappings);
+    assert_eq!(mapped["relationship_types"], json!(["relationship"]));
+    assert_eq!(
+        attack["objects"],
+        n("SELECT count(DISTINCT technique_id) FROM attack_techniques_current")
+    );
+    for c in [mapped, attack] {
+        assert_eq!(
+            c["objects"], c["distinct"],
+            "an object came twice across pages"
+        );
+        assert_eq!(c["objects"], c["manifest"]);
+        assert!(c["pages"].as_u64().unwrap() > 2, "{c}");
+        assert_eq!(c["after_ok"], true, "{c}");
+        assert_eq!(c["after"], c["expected_after"], "{c}");
+    }
+    assert_eq!(
+        mapped["types"],
+        json!(["attack-pattern", "identity", "relationship", "report"])
+    );
+    let v = Command::new("python3")
+        .args(["-c", "import sys, stix2validator as v; r = v.validate_file(sys.argv[1], v.ValidationOptions(strict=False)); v.print_results(r); sys.exit(0 if r.is_valid else 1)"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    // Without credentials, with a wrong password, or asking for something else than TAXII: refused.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = |auth: Option<(&str, &str)>, accept: &str| {
+        rt.block_on(async {
+            let mut r = client()
+                .get(server.url("/taxii2/api/collections/"))
+                .header("Accept", accept);
+            if let Some((u, p)) = auth {
+                r = r.basic_auth(u, Some(p));
+            }
+            r.send().await.unwrap().status().as_u16()
+        })
+    };
+    let taxii = "application/taxii+json;version=2.1";
+    assert_eq!(status(None, taxii), 401);
+    assert_eq!(status(Some(("carol", "wrong")), taxii), 401);
+    assert_eq!(status(Some(("x", &tok)), "text/html"), 406);
+    assert_eq!(status(Some(("x", &tok)), taxii), 200);
+    assert!(server.stop().success());
+}
