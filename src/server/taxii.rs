@@ -207,33 +207,28 @@ async fn load(state: &Arc<AppState>, c: Collection) -> Result<Vec<Dated>, Respon
                 .map(|m| m.into_values().collect()),
         }
     };
-    let mut v =
-        match state.on_query_threads(limit, work).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "taxii: reading the collection failed");
-                return Err(error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "collection unavailable",
-                    "reading the collection from the lake failed; see the server log",
-                ));
-            }
-            Err(super::QueryAborted::Timeout(secs)) => return Err(error(
+    let failed = |e: String| {
+        tracing::warn!(error = %e, "taxii: reading the collection failed");
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "collection unavailable",
+            "reading the collection from the lake failed; see the server log",
+        )
+    };
+    let mut v = match state.on_query_threads(limit, work).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Err(super::QueryAborted::Failed(e)) => return Err(failed(e)),
+        Err(super::QueryAborted::Timeout(secs)) => {
+            return Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "collection unavailable",
                 &format!(
                     "reading the collection took longer than {secs} s (server.sql.timeout_secs)"
                 ),
-            )),
-            Err(super::QueryAborted::Failed(e)) => {
-                tracing::warn!(error = %e, "taxii: reading the collection failed");
-                return Err(error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "collection unavailable",
-                    "reading the collection from the lake failed; see the server log",
-                ));
-            }
-        };
+            ))
+        }
+    };
     v.sort_by(|a, b| (a.added, a.object["id"].as_str()).cmp(&(b.added, b.object["id"].as_str())));
     Ok(v)
 }
