@@ -349,117 +349,59 @@ fn dated_headers(mut r: Response, page: &[Dated]) -> Response {
     r
 }
 
-fn envelope(page: &[Dated], more: bool, next: Option<String>) -> Value {
-    let mut v =
-        json!({"more": more, "objects": page.iter().map(|d| d.object.clone()).collect::<Vec<_>>()});
-    if let Some(n) = next {
-        v["next"] = json!(n);
-    }
-    v
+/// What a listing endpoint returns.
+#[derive(Clone, Copy)]
+enum Listing {
+    /// The objects (`/objects/`, `/objects/{id}/`).
+    Objects,
+    /// Their versions (`/objects/{id}/versions/`).
+    Versions,
+    /// Their manifest entries (`/manifest/`).
+    Manifest,
 }
 
-async fn objects(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(f): Query<Filter>,
+/// Every listing: check Accept and the collection, read it, page it, shape the page.
+async fn list(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    collection: &str,
+    object: Option<String>,
+    mut f: Filter,
+    what: Listing,
 ) -> Response {
-    if let Err(r) = acceptable(&headers) {
+    if let Err(r) = acceptable(headers) {
         return r;
     }
-    let Some(c) = Collection::find(&id) else {
+    let Some(c) = Collection::find(collection) else {
         return not_found();
     };
-    let all = match load(&state, c).await {
+    let all = match load(state, c).await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    match page(&all, &f) {
-        Ok((p, more, next)) => dated_headers(taxii(StatusCode::OK, envelope(&p, more, next)), &p),
-        Err(r) => r,
+    let one = object.is_some();
+    if one {
+        f.match_id = object;
     }
-}
-
-async fn object(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path((id, object)): Path<(String, String)>,
-    Query(mut f): Query<Filter>,
-) -> Response {
-    if let Err(r) = acceptable(&headers) {
-        return r;
-    }
-    let Some(c) = Collection::find(&id) else {
-        return not_found();
-    };
-    let all = match load(&state, c).await {
-        Ok(v) => v,
+    let (p, more, next) = match page(&all, &f) {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    f.match_id = Some(object);
-    match page(&all, &f) {
-        Ok((p, _, _)) if p.is_empty() => error(
+    if one && p.is_empty() {
+        return error(
             StatusCode::NOT_FOUND,
             "not found",
             "no such object in this collection",
-        ),
-        Ok((p, more, next)) => dated_headers(taxii(StatusCode::OK, envelope(&p, more, next)), &p),
-        Err(r) => r,
+        );
     }
-}
-
-async fn versions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path((id, object)): Path<(String, String)>,
-    Query(mut f): Query<Filter>,
-) -> Response {
-    if let Err(r) = acceptable(&headers) {
-        return r;
-    }
-    let Some(c) = Collection::find(&id) else {
-        return not_found();
-    };
-    let all = match load(&state, c).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    f.match_id = Some(object);
-    match page(&all, &f) {
-        Ok((p, _, _)) if p.is_empty() => error(
-            StatusCode::NOT_FOUND,
-            "not found",
-            "no such object in this collection",
-        ),
-        Ok((p, more, _)) => {
-            let v: Vec<&Value> = p.iter().map(|d| &d.object["modified"]).collect();
-            dated_headers(
-                taxii(StatusCode::OK, json!({"more": more, "versions": v})),
-                &p,
-            )
+    let mut body = match what {
+        Listing::Objects => {
+            json!({"more": more, "objects": p.iter().map(|d| d.object.clone()).collect::<Vec<_>>()})
         }
-        Err(r) => r,
-    }
-}
-
-async fn manifest(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(f): Query<Filter>,
-) -> Response {
-    if let Err(r) = acceptable(&headers) {
-        return r;
-    }
-    let Some(c) = Collection::find(&id) else {
-        return not_found();
-    };
-    let all = match load(&state, c).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    match page(&all, &f) {
-        Ok((p, more, next)) => {
+        Listing::Versions => {
+            json!({"more": more, "versions": p.iter().map(|d| d.object["modified"].clone()).collect::<Vec<_>>()})
+        }
+        Listing::Manifest => {
             let objects: Vec<Value> = p
                 .iter()
                 .map(|d| {
@@ -469,12 +411,47 @@ async fn manifest(
                     })
                 })
                 .collect();
-            let mut v = json!({"more": more, "objects": objects});
-            if let Some(n) = next {
-                v["next"] = json!(n);
-            }
-            dated_headers(taxii(StatusCode::OK, v), &p)
+            json!({"more": more, "objects": objects})
         }
-        Err(r) => r,
+    };
+    if let Some(n) = next {
+        body["next"] = json!(n);
     }
+    dated_headers(taxii(StatusCode::OK, body), &p)
+}
+
+async fn objects(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(f): Query<Filter>,
+) -> Response {
+    list(&state, &headers, &id, None, f, Listing::Objects).await
+}
+
+async fn object(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, object)): Path<(String, String)>,
+    Query(f): Query<Filter>,
+) -> Response {
+    list(&state, &headers, &id, Some(object), f, Listing::Objects).await
+}
+
+async fn versions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, object)): Path<(String, String)>,
+    Query(f): Query<Filter>,
+) -> Response {
+    list(&state, &headers, &id, Some(object), f, Listing::Versions).await
+}
+
+async fn manifest(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(f): Query<Filter>,
+) -> Response {
+    list(&state, &headers, &id, None, f, Listing::Manifest).await
 }

@@ -242,3 +242,18 @@ pub fn throwaway_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     }
     (ca, cert, key)
 }
+
+/// OASIS's `stix2-validator` on a bundle file: panics with its report when the bundle is invalid.
+pub fn assert_valid_stix(path: &Path) {
+    let v = std::process::Command::new("python3")
+        .args(["-c", "import sys, stix2validator as v; r = v.validate_file(sys.argv[1], v.ValidationOptions(strict=False)); v.print_results(r); sys.exit(0 if r.is_valid else 1)"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}

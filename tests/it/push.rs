@@ -709,16 +709,7 @@ fn sentinel_uploads_stix_with_a_client_credentials_token_and_per_record_errors_d
         "objects": unique.values().collect::<Vec<_>>()
     });
     std::fs::write(&dir_out, serde_json::to_vec(&bundle).unwrap()).unwrap();
-    let v = Command::new("python3")
-        .args(["-c", "import sys, stix2validator as v; r = v.validate_file(sys.argv[1], v.ValidationOptions(strict=False)); v.print_results(r); sys.exit(0 if r.is_valid else 1)", dir_out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    common::assert_valid_stix(&dir_out);
 }
 
 #[test]

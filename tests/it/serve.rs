@@ -1075,17 +1075,7 @@ print(json.dumps(result))
         mapped["types"],
         json!(["attack-pattern", "identity", "relationship", "report"])
     );
-    let v = Command::new("python3")
-        .args(["-c", "import sys, stix2validator as v; r = v.validate_file(sys.argv[1], v.ValidationOptions(strict=False)); v.print_results(r); sys.exit(0 if r.is_valid else 1)"])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    common::assert_valid_stix(&bundle);
     // Without credentials, with a wrong password, or asking for something else than TAXII: refused.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
