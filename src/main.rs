@@ -172,7 +172,7 @@ pub(crate) enum UserCommand {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Another job instead of the whole run: ingest_attack, ingest_otx, ingest_vt, map, snapshot, report.
+    /// Another job instead of the whole run: ingest_attack, ingest_otx, ingest_vt, map, snapshot, report, push.
     #[arg(long, value_name = "JOB")]
     job: Option<String>,
     /// Also write the reports (into reports.out_dir) at the end.

@@ -1097,3 +1097,47 @@ print(json.dumps(out))
         "{attrs:?}"
     );
 }
+
+#[test]
+fn the_push_job_delivers_and_is_recorded_in_job_runs() {
+    let dir = lake("push-job");
+    let want = expected(&dir);
+    let received: Arc<Mutex<usize>> = Arc::default();
+    let r = received.clone();
+    let hook = Loopback::start(Box::new(move |_m, _p, _h, body| {
+        let v: Value = serde_json::from_slice(body).unwrap();
+        *r.lock().unwrap() += v["events"].as_array().unwrap().len();
+        (200, vec![], "{}".into())
+    }));
+    settings(
+        &dir,
+        &format!(
+            "  - {{name: hook, kind: webhook, url: '{}', secret_env: THREATLAKE_TEST_JOB_HOOK}}\n",
+            hook.url
+        ),
+    );
+    let mut c = common::ics_cli_on(&dir);
+    c.args(["--config", dir.join("settings.yaml").to_str().unwrap()])
+        .args(["run", "--job", "push"])
+        .env("THREATLAKE_TEST_JOB_HOOK", "k");
+    let (ok, out, err) = common::run(&mut c);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "hook {} queued, {} delivered",
+            want.len(),
+            want.len()
+        )),
+        "{out}"
+    );
+    assert_eq!(*received.lock().unwrap(), want.len());
+    let rows = common::sql(
+        &dir,
+        "SELECT job, status, stages[1]['stage'], stages[1]['counts'] FROM job_runs WHERE job = 'push'",
+    );
+    assert!(rows.contains("push,ok,push,"), "{rows}");
+    assert!(
+        rows.contains(&format!("\"\"delivered\"\":{}", want.len())),
+        "{rows}"
+    );
+}
