@@ -195,6 +195,16 @@ pub fn column_strings(b: &RecordBatch, i: usize) -> Vec<Option<String>> {
         .collect()
 }
 
+/// A batch as rows of nullable strings (every column cast to text), for code that reads a few
+/// columns per row.
+pub fn rows_of(b: &RecordBatch) -> Vec<Vec<Option<String>>> {
+    let cols: Vec<Vec<Option<String>>> =
+        (0..b.num_columns()).map(|i| column_strings(b, i)).collect();
+    (0..b.num_rows())
+        .map(|r| cols.iter().map(|c| c[r].clone()).collect())
+        .collect()
+}
+
 /// Serde rows → one Arrow batch of `schema` (arrow-json does the typing: timestamps, lists, nulls).
 pub fn to_batch<T: Serialize>(
     table: &'static str,

@@ -29,7 +29,7 @@ use datafusion::scalar::ScalarValue;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::feeds::{column_strings, FeedError};
+use crate::feeds::FeedError;
 use crate::lake::{Lake, LakeError};
 use crate::sql::{Engine, EngineOptions, SqlError};
 use outbox::{OutboxRow, Status};
@@ -352,11 +352,8 @@ async fn dead_rows(
                FROM integration_outbox WHERE target = $1 AND status = 'dead'";
     let mut out = Vec::new();
     for b in record::collect(engine, sql, vec![ScalarValue::from(t.name.as_str())]).await? {
-        let cols: Vec<Vec<Option<String>>> = (0..b.num_columns())
-            .map(|i| column_strings(&b, i))
-            .collect();
-        for r in 0..b.num_rows() {
-            let get = |c: usize| cols[c][r].clone().unwrap_or_default();
+        for row in crate::feeds::rows_of(&b) {
+            let get = |c: usize| row[c].clone().unwrap_or_default();
             out.push(OutboxRow {
                 delivery_id: get(0),
                 item_id: get(1),
@@ -366,7 +363,7 @@ async fn dead_rows(
                 payload_hash: get(5),
                 status: Status::Dead,
                 attempts: get(6).parse().unwrap_or(0),
-                last_error: cols[7][r].clone(),
+                last_error: row[7].clone(),
                 next_attempt_at: None,
                 delivered_at: None,
                 updated_at: String::new(),

@@ -282,11 +282,8 @@ pub async fn candidates(
     let mut out = Vec::new();
     let mut last: Option<String> = None;
     for b in collect(engine, sql, params).await? {
-        let cols: Vec<Vec<Option<String>>> = (0..b.num_columns())
-            .map(|i| column_strings(&b, i))
-            .collect();
-        for r in 0..b.num_rows() {
-            let get = |c: usize| cols[c][r].clone().unwrap_or_default();
+        for row in crate::feeds::rows_of(&b) {
+            let get = |c: usize| row[c].clone().unwrap_or_default();
             let score: f64 = get(5).parse().unwrap_or(0.0);
             let tactics: Vec<String> = get(6)
                 .split(',')
@@ -352,14 +349,11 @@ pub async fn due(
     ];
     let mut out = Vec::new();
     for b in collect(engine, sql, params).await? {
-        let cols: Vec<Vec<Option<String>>> = (0..b.num_columns())
-            .map(|i| column_strings(&b, i))
-            .collect();
-        for r in 0..b.num_rows() {
-            let opt = |c: usize| cols[c][r].clone().filter(|s| !s.is_empty());
-            let get = |c: usize| cols[c][r].clone().unwrap_or_default();
+        for row in crate::feeds::rows_of(&b) {
+            let opt = |c: usize| row[c].clone().filter(|s| !s.is_empty());
+            let get = |c: usize| row[c].clone().unwrap_or_default();
             let attempts: i64 = get(5).parse().unwrap_or(0);
-            let current = get(6) == "true" && cols[7][r].is_some();
+            let current = get(6) == "true" && row[7].is_some();
             if !current {
                 out.push(Due::Superseded(
                     Candidate {

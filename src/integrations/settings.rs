@@ -249,7 +249,7 @@ impl TargetSettings {
             ("max_wait_secs", self.max_wait_secs),
             ("ack_timeout_secs", self.ack_timeout_secs),
         ] {
-            if !(v.is_finite() && v >= 0.0 && v <= 86_400.0) {
+            if !(0.0..=86_400.0).contains(&v) {
                 return bad(key, "must be a number of seconds, 0-86400".into());
             }
         }

@@ -97,21 +97,19 @@ impl Syslog {
             failure: Failure::Transient(None),
         };
         match self.transport {
-            Transport::Udp => {
-                if self.udp.is_none() {
-                    let bind = if self.host.contains(':') {
-                        "[::]:0"
-                    } else {
-                        "0.0.0.0:0"
-                    };
-                    let s = tokio::net::UdpSocket::bind(bind)
-                        .await
-                        .map_err(|e| fail(e.to_string()))?;
-                    s.connect((self.host.as_str(), self.port))
-                        .await
-                        .map_err(|e| fail(e.to_string()))?;
-                    self.udp = Some(s);
-                }
+            Transport::Udp if self.udp.is_none() => {
+                let bind = if self.host.contains(':') {
+                    "[::]:0"
+                } else {
+                    "0.0.0.0:0"
+                };
+                let s = tokio::net::UdpSocket::bind(bind)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                s.connect((self.host.as_str(), self.port))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                self.udp = Some(s);
             }
             Transport::Tcp | Transport::Tls if self.stream.is_none() => {
                 let tcp = tokio::time::timeout(

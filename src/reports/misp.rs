@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{write_atomic, ReportError};
-use crate::feeds::column_strings;
 use crate::integrations::record::{observables, Observable};
 use crate::sql::Engine;
 
@@ -68,10 +67,8 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
         .map_err(err)?;
     let mut items: BTreeMap<String, Item> = BTreeMap::new();
     for b in &r[0].batches {
-        let cols: Vec<Vec<Option<String>>> =
-            (0..b.num_columns()).map(|i| column_strings(b, i)).collect();
-        for row in 0..b.num_rows() {
-            let get = |c: usize| cols[c][row].clone();
+        for row in crate::feeds::rows_of(b) {
+            let get = |c: usize| row[c].clone();
             let (Some(id), Some(tid)) = (get(0), get(6)) else {
                 continue;
             };

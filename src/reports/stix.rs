@@ -164,10 +164,8 @@ pub async fn attack_patterns(engine: &Engine) -> Result<BTreeMap<String, Dated>,
     let epoch = DateTime::<Utc>::UNIX_EPOCH;
     let mut out = BTreeMap::new();
     for b in &r[0].batches {
-        let cols: Vec<Vec<Option<String>>> =
-            (0..b.num_columns()).map(|i| column_strings(b, i)).collect();
-        for row in 0..b.num_rows() {
-            let get = |c: usize| cols[c][row].clone();
+        for row in crate::feeds::rows_of(b) {
+            let get = |c: usize| row[c].clone();
             let (Some(id), Some(tid)) = (get(0), get(1)) else {
                 continue;
             };
@@ -205,7 +203,7 @@ pub async fn attack_patterns(engine: &Engine) -> Result<BTreeMap<String, Dated>,
             if !phases.is_empty() {
                 o["kill_chain_phases"] = json!(phases);
             }
-            let platforms: Vec<&str> = cols[11][row]
+            let platforms: Vec<&str> = row[11]
                 .as_deref()
                 .unwrap_or_default()
                 .split(',')
@@ -264,10 +262,8 @@ pub async fn mapped_objects(engine: &Engine) -> Result<Vec<Dated>, ReportError> 
     let mut reports: BTreeMap<String, Dated> = BTreeMap::new();
     let mut refs: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for b in &r[0].batches {
-        let cols: Vec<Vec<Option<String>>> =
-            (0..b.num_columns()).map(|i| column_strings(b, i)).collect();
-        for row in 0..b.num_rows() {
-            let get = |c: usize| cols[c][row].clone();
+        for row in crate::feeds::rows_of(b) {
+            let get = |c: usize| row[c].clone();
             let (Some(item), Some(ver), Some(tid)) = (get(0), get(1), get(6)) else {
                 continue;
             };

@@ -2,6 +2,8 @@
 //! intel as STIX reports with relationships to attack-patterns; the ATT&CK attack-patterns), and
 //! objects, manifest and versions with `added_after`, `limit`, `next` and `match[type|id|version]`.
 //! Behind serve's access control (Bearer tokens, or HTTP Basic as TAXII clients send it).
+// As in `api.rs`: helpers return the finished error `Response` as their `Err`.
+#![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
 use std::time::Duration;
