@@ -231,7 +231,7 @@ async fn load(state: &Arc<AppState>, c: Collection) -> Result<Vec<Dated>, Respon
             ))
         }
     };
-    v.sort_by(|a, b| (a.added, a.object["id"].as_str()).cmp(&(b.added, b.object["id"].as_str())));
+    v.sort_by(stix::by_date_added);
     Ok(v)
 }
 
