@@ -428,31 +428,50 @@ fn record_backoff(attempts: i64) -> Duration {
     crate::feeds::http::jittered(Duration::from_secs(secs.min(6 * 3600)))
 }
 
-async fn send_with_retries(
+/// A request a push makes of a target.
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    /// [`Sink::prepare`].
+    Prepare,
+    /// [`Sink::send`] of a batch.
+    Send(&'a [Record]),
+}
+
+/// Make `request`, retrying transient failures `retries` times with jittered back-off from
+/// `backoff_secs`, doubling (`Retry-After` honoured, both capped at `max_wait_secs`). A batch the
+/// receiver rejects as a whole gives every record a `Reject`; a rejected `prepare` is an error.
+async fn with_retries(
     sink: &mut dyn Sink,
     t: &TargetSettings,
-    batch: &[Record],
+    request: Request<'_>,
 ) -> Result<Vec<Outcome>, SendError> {
     let mut delay = Duration::from_secs_f64(t.backoff_secs);
     let max_wait = Duration::from_secs_f64(t.max_wait_secs);
+    let records = match request {
+        Request::Prepare => 0,
+        Request::Send(batch) => batch.len(),
+    };
     let mut tries = 0;
     loop {
         tries += 1;
-        match sink.send(batch).await {
-            Ok(o) if o.len() == batch.len() => return Ok(o),
+        let answer = match request {
+            Request::Prepare => sink.prepare().await.map(|()| vec![]),
+            Request::Send(batch) => sink.send(batch).await,
+        };
+        match answer {
+            Ok(o) if o.len() == records => return Ok(o),
             Ok(o) => {
                 return Err(SendError {
                     message: format!(
-                        "receiver gave {} outcome(s) for {} record(s)",
-                        o.len(),
-                        batch.len()
+                        "receiver gave {} outcome(s) for {records} record(s)",
+                        o.len()
                     ),
                     failure: Failure::Stop,
                 })
             }
             Err(e) => match e.failure {
-                Failure::Reject => {
-                    return Ok(vec![Outcome::Reject(e.message); batch.len()]);
+                Failure::Reject if records > 0 => {
+                    return Ok(vec![Outcome::Reject(e.message); records]);
                 }
                 Failure::Transient(after) if tries < t.retries => {
                     let wait = after.unwrap_or_else(|| crate::feeds::http::jittered(delay));
@@ -514,26 +533,7 @@ async fn deliver(
             return Ok(());
         }
     };
-    let prepared = {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match sink.prepare().await {
-                Err(SendError {
-                    failure: Failure::Transient(after),
-                    ..
-                }) if tries < t.retries => {
-                    let wait = after.unwrap_or_else(|| {
-                        crate::feeds::http::jittered(Duration::from_secs_f64(
-                            t.backoff_secs * f64::from(1u32 << tries.min(10)),
-                        ))
-                    });
-                    tokio::time::sleep(wait.min(Duration::from_secs_f64(t.max_wait_secs))).await;
-                }
-                other => break other,
-            }
-        }
-    };
+    let prepared = with_retries(sink.as_mut(), t, Request::Prepare).await;
     if let Err(e) = prepared {
         rep.error = Some(e.message);
         rep.waiting = total;
@@ -549,7 +549,7 @@ async fn deliver(
         let mut stopped = None;
         for b in batches(chunk, t.batch(), by_item) {
             let batch = &chunk[b];
-            match send_with_retries(sink.as_mut(), t, batch).await {
+            match with_retries(sink.as_mut(), t, Request::Send(batch)).await {
                 Ok(outcomes) => {
                     for (r, o) in batch.iter().zip(outcomes) {
                         let attempts = r.attempts + 1;
