@@ -24,7 +24,12 @@ const RESERVED_ENV: &[&str] = &[
     crate::server::auth::SECRET_ENV,
 ];
 /// Settings that hold secrets: only the environment or the secrets file may set them.
-const SECRET_KEYS: &[(&str, &str)] = &[("otx", "api_key"), ("virustotal", "api_key")];
+const SECRET_KEYS: &[(&str, &str)] = &[
+    ("otx", "api_key"),
+    ("virustotal", "api_key"),
+    ("taxii", "password"),
+    ("taxii", "token"),
+];
 
 /// Errors loading settings. Each names the file or variable and says how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +123,9 @@ pub struct Settings {
     pub otx: OtxSettings,
     /// VirusTotal v3 feed.
     pub virustotal: VirusTotalSettings,
+    /// TAXII 2.1 collections pulled as a feed (defaults when the section is absent).
+    #[serde(default)]
+    pub taxii: TaxiiSettings,
     /// map_technique model.
     pub mapping: MappingSettings,
     /// Report output.
@@ -306,6 +314,37 @@ pub struct OtxSettings {
     /// From THREATLAKE_OTX_API_KEY or the secrets file only.
     #[serde(default)]
     pub api_key: Secret,
+}
+
+/// `taxii:` section: TAXII 2.1 collections `run` pulls (`ingest taxii --collection URL` pulls any).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaxiiSettings {
+    /// Collection URLs (`https://host/api-root/collections/{id}/`).
+    pub collections: Vec<String>,
+    /// HTTP Basic user; the password comes from THREATLAKE_TAXII_PASSWORD.
+    pub username: Option<String>,
+    /// Objects per page asked for (`limit`; servers may send fewer).
+    pub page_size: u32,
+    /// HTTP timeouts and retries.
+    pub http: HttpSettings,
+    /// From THREATLAKE_TAXII_PASSWORD or the secrets file only.
+    pub password: Secret,
+    /// A bearer token instead of Basic auth: THREATLAKE_TAXII_TOKEN or the secrets file only.
+    pub token: Secret,
+}
+
+impl Default for TaxiiSettings {
+    fn default() -> Self {
+        Self {
+            collections: Vec::new(),
+            username: None,
+            page_size: 500,
+            http: HttpSettings::default(),
+            password: Secret::default(),
+            token: Secret::default(),
+        }
+    }
 }
 
 /// Timeouts and retries of a feed client.
@@ -687,6 +726,13 @@ fn apply_env(
     let Value::Mapping(root) = value else {
         return Ok(applied);
     };
+    // Sections that may be left out of a settings file still take their variables.
+    for optional in ["taxii"] {
+        let k = Value::String(optional.to_string());
+        if !root.contains_key(&k) {
+            root.insert(k, Value::Mapping(serde_yaml_ng::Mapping::new()));
+        }
+    }
     let mut sections: Vec<String> = root
         .keys()
         .filter_map(|k| k.as_str().map(str::to_string))

@@ -172,7 +172,7 @@ pub(crate) enum UserCommand {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Another job instead of the whole run: ingest_attack, ingest_otx, ingest_vt, map, snapshot, report, push.
+    /// Another job instead of the whole run: ingest_attack, ingest_otx, ingest_vt, ingest_taxii, map, snapshot, report, push.
     #[arg(long, value_name = "JOB")]
     job: Option<String>,
     /// Also write the reports (into reports.out_dir) at the end.
@@ -331,6 +331,20 @@ enum IngestCommand {
         /// File of IOCs: one per line, CSV (first column) or JSON lines ("observable"/"indicator").
         #[arg(long, value_name = "FILE")]
         iocs: Option<String>,
+    },
+    /// STIX objects of TAXII 2.1 collections added since the last pull (reports and indicators
+    /// become threat items). Auth: taxii.username + THREATLAKE_TAXII_PASSWORD, or
+    /// THREATLAKE_TAXII_TOKEN.
+    Taxii {
+        /// Collection URL (…/collections/{id}/); repeat for several. Default: taxii.collections.
+        #[arg(long, value_name = "URL")]
+        collection: Vec<String>,
+        /// Pull what was added after this time (RFC 3339 or a date) instead of the stored watermark.
+        #[arg(long, value_name = "TIME")]
+        added_after: Option<String>,
+        /// HTTP Basic user (overrides taxii.username).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
     },
 }
 
@@ -644,6 +658,13 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 .await
                 .map(drop)
         }
+        Command::Ingest(IngestCommand::Taxii {
+            collection,
+            added_after,
+            user,
+        }) => cli::feeds::ingest_taxii(&settings, collection, added_after, user)
+            .await
+            .map(drop),
         Command::Report {
             names,
             all: _,

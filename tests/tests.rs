@@ -28,4 +28,7 @@ mod it {
     /// `threatlake serve`: auth matrix, sessions and CSRF, read-only SQL with limits, the schedule,
     /// shutdown, metrics and the OpenAPI document, TLS.
     mod serve;
+    /// `ingest taxii` against medallion (OASIS's TAXII 2.1 server) on loopback: paging by `next`,
+    /// resuming from `X-TAXII-Date-Added-Last`, revisions, auth errors.
+    mod taxii;
 }

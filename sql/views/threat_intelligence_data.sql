@@ -27,4 +27,18 @@ SELECT 'vt:' || kind || ':' || observable,
        type_tags,
        raw_ref
 FROM virustotal_data
-WHERE found;
+WHERE found
+UNION ALL
+SELECT 'taxii:' || object_id,
+       CAST(coalesce(modified, created) AS VARCHAR),
+       'taxii',
+       type,
+       coalesce(name, object_id),
+       concat_ws('. ', name, description, array_to_string(labels, ', ')),
+       coalesce(modified, published, created),
+       CAST(NULL AS VARCHAR),
+       CAST(NULL AS VARCHAR),
+       labels,
+       raw_ref
+FROM taxii_data
+WHERE type IN ('report', 'indicator') AND NOT coalesce(revoked, false);

@@ -1,8 +1,8 @@
-//! Feed commands: `ingest otx`, `ingest vt`, `map-intel`, `model diff` and `run` — thin layers over
+//! Feed commands: `ingest otx`, `ingest vt`, `ingest taxii`, `map-intel`, `model diff` and `run` — thin layers over
 //! [`threatlake::pipeline`].
 
 use anyhow::{Context as _, Result};
-use threatlake::feeds::{intel, otx, vt};
+use threatlake::feeds::{intel, otx, taxii, vt};
 use threatlake::pipeline::{self, Context, Job, Observer, RunOptions, StageStatus, Trigger};
 use threatlake::{Engine, Lake, Settings};
 
@@ -45,6 +45,47 @@ pub async fn ingest_vt(
     observer.clear();
     let (r, _) = r?;
     println!("{}", pipeline::vt_summary(&r));
+    Ok(r)
+}
+
+/// `ingest taxii`: the given collections (default: `taxii.collections`).
+pub async fn ingest_taxii(
+    settings: &Settings,
+    collections: Vec<String>,
+    added_after: Option<String>,
+    user: Option<String>,
+) -> Result<Vec<taxii::TaxiiReport>> {
+    let mut settings = settings.clone();
+    if user.is_some() {
+        settings.taxii.username = user;
+    }
+    let collections = if collections.is_empty() {
+        settings.taxii.collections.clone()
+    } else {
+        collections
+    };
+    anyhow::ensure!(
+        !collections.is_empty(),
+        "no TAXII collection to pull: give --collection URL (…/collections/{{id}}/) or list them under taxii.collections in the settings"
+    );
+    let added_after = added_after
+        .map(|a| {
+            threatlake::reports::batch::parse_since(&a)
+                .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "--added-after {a:?} is not a time: use an RFC 3339 time like 2026-01-31T00:00:00Z or a date like 2026-01-31"
+                    )
+                })
+        })
+        .transpose()?;
+    let observer = CliObserver::plain();
+    let cx = Context::open(&settings, &observer)?;
+    observer.started(pipeline::Stage::Taxii);
+    let r = pipeline::ingest_taxii(&cx, &collections, added_after).await;
+    observer.clear();
+    let r = r?;
+    println!("{}", pipeline::taxii_summary(&r));
     Ok(r)
 }
 

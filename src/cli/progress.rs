@@ -65,6 +65,7 @@ pub fn label(stage: Stage) -> &'static str {
         Stage::Samples => "samples",
         Stage::Otx => "OTX",
         Stage::Virustotal => "VirusTotal",
+        Stage::Taxii => "TAXII",
         Stage::Model => "model",
         Stage::Map => "map",
         Stage::Snapshot => "threat model",

@@ -81,6 +81,7 @@ pub struct FeedClient {
     key_header: &'static str,
     key: String,
     env: &'static str,
+    accept: &'static str,
     policy: RetryPolicy,
     bucket: Option<Bucket>,
     requests: AtomicU32,
@@ -135,10 +136,17 @@ impl FeedClient {
             key_header,
             key: key.to_string(),
             env,
+            accept: "application/json",
             policy,
             bucket: per_minute.map(Bucket::new),
             requests: AtomicU32::new(0),
         })
+    }
+
+    /// Send `accept` as the `Accept` header (TAXII wants its own media type).
+    pub fn with_accept(mut self, accept: &'static str) -> Self {
+        self.accept = accept;
+        self
     }
 
     /// `path` (relative, e.g. `api/v1/pulses/subscribed`) resolved under the base URL.
@@ -165,6 +173,14 @@ impl FeedClient {
 
     /// GET with throttling and retries.
     pub async fn get(&self, url: &Url) -> Result<Fetched, FeedError> {
+        Ok(self.get_with_headers(url).await?.0)
+    }
+
+    /// GET with throttling and retries, with the headers of the answer (empty for a 404).
+    pub async fn get_with_headers(
+        &self,
+        url: &Url,
+    ) -> Result<(Fetched, reqwest::header::HeaderMap), FeedError> {
         if !self.is_under_base(url) {
             return Err(FeedError::ForeignLink {
                 service: self.service,
@@ -185,13 +201,16 @@ impl FeedClient {
                     .saturating_mul(1 << (attempt - 1).min(10))
                     .min(self.policy.max_wait),
             );
-            let resp = self
-                .http
-                .get(url.clone())
-                .header(self.key_header, &self.key)
-                .header("accept", "application/json")
-                .send()
-                .await;
+            let mut req = self.http.get(url.clone()).header("accept", self.accept);
+            // An empty key: a service open to anyone (a public TAXII collection).
+            // A key that is no valid header value goes unsent: the service's 401 then names its variable.
+            if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&self.key) {
+                if !self.key.is_empty() {
+                    v.set_sensitive(true);
+                    req = req.header(self.key_header, v);
+                }
+            }
+            let resp = req.send().await;
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) => {
@@ -210,7 +229,7 @@ impl FeedClient {
             let status = resp.status();
             match status.as_u16() {
                 200..=299 => match self.read_body(url, resp).await? {
-                    Ok(b) => return Ok(Fetched::Body(b)),
+                    Ok((b, headers)) => return Ok((Fetched::Body(b), headers)),
                     Err(message) => last = message,
                 },
                 300..=399 => {
@@ -228,7 +247,7 @@ impl FeedClient {
                         base: self.base.to_string(),
                     });
                 }
-                404 => return Ok(Fetched::NotFound),
+                404 => return Ok((Fetched::NotFound, reqwest::header::HeaderMap::new())),
                 401 | 403 => {
                     return Err(FeedError::Auth {
                         service: self.service,
@@ -285,14 +304,15 @@ impl FeedClient {
         &self,
         url: &Url,
         mut resp: reqwest::Response,
-    ) -> Result<Result<Bytes, String>, FeedError> {
+    ) -> Result<Result<(Bytes, reqwest::header::HeaderMap), String>, FeedError> {
+        let headers = resp.headers().clone();
         let too_large = || FeedError::TooLarge {
             service: self.service,
             url: url.to_string(),
             limit_mb: self.policy.max_body as f64 / 1_048_576.0,
         };
         match read_capped(&mut resp, self.policy.max_body).await {
-            Ok(b) => Ok(Ok(b)),
+            Ok(b) => Ok(Ok((b, headers))),
             Err(CappedError::TooLarge) => Err(too_large()),
             Err(CappedError::Transport { error, received }) if error.is_timeout() => Ok(Err(format!(
                 "timed out after {:?} while reading the body ({received} bytes received): the server sent it too slowly",

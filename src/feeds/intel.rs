@@ -110,7 +110,7 @@ pub struct MapReport {
 }
 
 /// Map every threat item (version) not mapped yet: model top-k above `threshold`, plus the techniques
-/// the source states (OTX `attack_ids`, VirusTotal sandbox trees).
+/// the source states (OTX `attack_ids`, VirusTotal sandbox trees, TAXII attack-pattern references).
 pub async fn map_intel(
     lake: &Lake,
     engine: &Engine,
@@ -194,7 +194,10 @@ pub async fn map_intel(
              JOIN (SELECT 'otx:' || pulse_id AS item_id, unnest(attack_ids) AS id FROM otx_data) a ON a.item_id = p.item_id \
            UNION \
            SELECT p.item_id, p.item_version, p.source, upper(trim(v.technique_id)) FROM pending p \
-             JOIN virustotal_techniques v ON p.item_id = 'vt:file:' || v.observable) \
+             JOIN virustotal_techniques v ON p.item_id = 'vt:file:' || v.observable \
+           UNION \
+           SELECT p.item_id, p.item_version, p.source, x.technique_id FROM pending p \
+             JOIN taxii_techniques x ON p.item_id = 'taxii:' || x.object_id) \
          SELECT s.item_id, s.item_version, s.source, s.technique_id, \
                 first_value(t.name) AS name, array_agg(tt.tactic ORDER BY tt.matrix_order) FILTER (WHERE tt.tactic IS NOT NULL) AS tactics \
          FROM s LEFT JOIN attack_techniques_current t ON t.technique_id = s.technique_id \

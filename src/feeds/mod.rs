@@ -1,4 +1,4 @@
-//! Threat feeds (AlienVault OTX, VirusTotal v3): a polite HTTP client, raw-response keeping, feed state
+//! Threat feeds (AlienVault OTX, VirusTotal v3, TAXII 2.1 collections): a polite HTTP client, raw-response keeping, feed state
 //! (watermarks, budgets) and the Parquet tables the normalised rows land in.
 //!
 //! Every feed table is an append-only log partitioned by ingest date (`*_log`); the tables users query
@@ -9,6 +9,7 @@ pub mod http;
 pub mod intel;
 pub mod otx;
 pub mod samples;
+pub mod taxii;
 pub mod vt;
 
 use std::io::Write;
@@ -60,9 +61,11 @@ pub enum FeedError {
         /// Parser message.
         message: String,
     },
-    /// OTX paging does not end (a repeated or runaway `next` link).
-    #[error("OTX: stopped paging at {url}: {message}; the pages fetched before it were stored and the watermark was not moved — re-run later or report the feed")]
+    /// Paging does not end (a repeated or runaway `next` link).
+    #[error("{service}: stopped paging at {url}: {message}; the pages fetched before it were stored and the watermark was not moved — re-run later or report the feed")]
     Paging {
+        /// OTX or TAXII.
+        service: &'static str,
         /// The link that was not followed.
         url: String,
         /// What went wrong.
@@ -180,6 +183,11 @@ pub fn table_schemas() -> Vec<(&'static str, SchemaRef, &'static [&'static str])
             intel::THREAT_MODEL,
             intel::threat_model_schema(),
             &intel::THREAT_MODEL_PARTITION,
+        ),
+        (
+            taxii::OBJECT_LOG,
+            taxii::object_schema(),
+            &FEED_PARTITION_COLS,
         ),
         (STATE, state_schema(), &STATE_PARTITION),
     ]

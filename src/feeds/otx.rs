@@ -258,7 +258,7 @@ pub fn parse_pulse(v: &Value, p: &Provenance) -> Result<(PulseRow, Vec<Indicator
 }
 
 /// A JSON value's kind and (short) content for rejection messages.
-fn describe(v: Option<&Value>) -> String {
+pub(crate) fn describe(v: Option<&Value>) -> String {
     match v {
         None => "absent".into(),
         Some(Value::String(s)) => {
@@ -491,6 +491,7 @@ pub async fn ingest(
         loop {
             if !visited.insert(url.to_string()) {
                 return Err(FeedError::Paging {
+                    service: "OTX",
                     url: url.to_string(),
                     message: format!(
                         "the 'next' link of page {page} repeats a page already fetched (a paging loop)"
@@ -500,6 +501,7 @@ pub async fn ingest(
             page += 1;
             if page > MAX_PAGES {
                 return Err(FeedError::Paging {
+                    service: "OTX",
                     url: url.to_string(),
                     message: format!("more than {MAX_PAGES} pages"),
                 });
@@ -533,6 +535,7 @@ pub async fn ingest(
             empty_pages = if pulses.is_empty() { empty_pages + 1 } else { 0 };
             if empty_pages >= MAX_EMPTY_PAGES && next.as_deref().is_some_and(|n| !n.is_empty()) {
                 return Err(FeedError::Paging {
+                    service: "OTX",
                     url: url.to_string(),
                     message: format!(
                         "{MAX_EMPTY_PAGES} pages in a row had no pulses but a 'next' link"

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::attack::{IngestError, IngestOptions, IngestReport};
 use crate::feeds::http::FeedClient;
-use crate::feeds::{intel, otx, vt, FeedError};
+use crate::feeds::{intel, otx, taxii, vt, FeedError};
 use crate::lake::{Lake, LakeError, Location};
 use crate::mapping::MappingError;
 use crate::reports::ReportError;
@@ -112,6 +112,8 @@ pub enum Stage {
     Otx,
     /// VirusTotal lookups.
     Virustotal,
+    /// TAXII 2.1 collections (`taxii.collections`).
+    Taxii,
     /// The mapping model of the lake's current ATT&CK release (built when missing or older).
     Model,
     /// Map new items to techniques.
@@ -132,6 +134,7 @@ impl Stage {
             Stage::Samples => "samples",
             Stage::Otx => "otx",
             Stage::Virustotal => "virustotal",
+            Stage::Taxii => "taxii",
             Stage::Model => "model",
             Stage::Map => "map",
             Stage::Snapshot => "snapshot",
@@ -159,6 +162,8 @@ pub enum Job {
     IngestOtx,
     /// VirusTotal only.
     IngestVt,
+    /// The configured TAXII collections only.
+    IngestTaxii,
     /// Model (if needed) and mapping of new items.
     Map,
     /// Threat-model snapshot.
@@ -171,11 +176,12 @@ pub enum Job {
 
 impl Job {
     /// Every job, in help order.
-    pub const ALL: [Job; 8] = [
+    pub const ALL: [Job; 9] = [
         Job::Run,
         Job::IngestAttack,
         Job::IngestOtx,
         Job::IngestVt,
+        Job::IngestTaxii,
         Job::Map,
         Job::Snapshot,
         Job::Report,
@@ -189,6 +195,7 @@ impl Job {
             Job::IngestAttack => "ingest_attack",
             Job::IngestOtx => "ingest_otx",
             Job::IngestVt => "ingest_vt",
+            Job::IngestTaxii => "ingest_taxii",
             Job::Map => "map",
             Job::Snapshot => "snapshot",
             Job::Report => "report",
@@ -217,6 +224,7 @@ impl Job {
                 s.extend([
                     Stage::Otx,
                     Stage::Virustotal,
+                    Stage::Taxii,
                     Stage::Model,
                     Stage::Map,
                     Stage::Snapshot,
@@ -230,6 +238,7 @@ impl Job {
             Job::IngestAttack => vec![Stage::Attack],
             Job::IngestOtx => vec![Stage::Otx],
             Job::IngestVt => vec![Stage::Virustotal],
+            Job::IngestTaxii => vec![Stage::Taxii],
             Job::Map => vec![Stage::Model, Stage::Map],
             Job::Snapshot => vec![Stage::Snapshot],
             Job::Report => vec![Stage::Reports],
@@ -494,7 +503,7 @@ async fn run_stages(
         if let Err(e) = r {
             if !matches!(
                 stage,
-                Stage::Otx | Stage::Virustotal | Stage::Reports | Stage::Push
+                Stage::Otx | Stage::Virustotal | Stage::Taxii | Stage::Reports | Stage::Push
             ) {
                 return Err(e);
             }
@@ -547,6 +556,14 @@ async fn run_stage(
             ))),
             Some(c) => ingest_vt(cx, &c, &[], &[]).await.map(|(r, _)| vt_done(&r)),
         },
+        Stage::Taxii if options.offline => Ok(Done::skipped("TAXII: offline, not contacted")),
+        Stage::Taxii if cx.settings.taxii.collections.is_empty() => Ok(Done::skipped(
+            "TAXII skipped: no collections (taxii.collections)",
+        )),
+        Stage::Taxii => {
+            let reports = ingest_taxii(cx, &cx.settings.taxii.collections, None).await?;
+            Ok(taxii_done(&reports))
+        }
         Stage::Model => model_stage(cx).await,
         Stage::Map => map_intel(cx).await.map(|r| map_done(cx.settings, &r)),
         Stage::Snapshot => snapshot(cx).await.map(|(run, n)| {
@@ -698,6 +715,74 @@ pub async fn ingest_otx(
         .await?)
     })
     .await
+}
+
+/// Pull each collection's objects added since its watermark (or since `added_after`). A collection
+/// that fails stops the pull after the collections before it were stored.
+pub async fn ingest_taxii(
+    cx: &Context<'_>,
+    collections: &[String],
+    added_after: Option<String>,
+) -> Result<Vec<taxii::TaxiiReport>, PipelineError> {
+    let progress = |m: &str| cx.observer.progress(Stage::Taxii, m);
+    cx.locked(&["taxii"], "ingest taxii", async {
+        let mut out = Vec::new();
+        for c in collections {
+            let client = taxii::client(&cx.settings.taxii, c)?;
+            out.push(
+                taxii::ingest(
+                    &cx.lake,
+                    &cx.raw,
+                    &client,
+                    cx.settings.taxii.page_size,
+                    added_after.clone(),
+                    &progress,
+                )
+                .await?,
+            );
+        }
+        Ok(out)
+    })
+    .await
+}
+
+fn taxii_done(reports: &[taxii::TaxiiReport]) -> Done {
+    let mut lines = Vec::new();
+    let sum = |f: fn(&taxii::TaxiiReport) -> usize| reports.iter().map(f).sum::<usize>();
+    for r in reports {
+        lines.push(format!(
+            "TAXII {}: {} page(s), {} new or revised object(s) ({} report(s)/indicator(s)), {} unchanged; added_after {} → {}",
+            r.collection,
+            r.pages,
+            r.objects,
+            r.items,
+            r.unchanged,
+            r.added_after.as_deref().unwrap_or("(first run)"),
+            r.watermark.as_deref().unwrap_or("-")
+        ));
+        if r.rejected > 0 {
+            lines.push(format!(
+                "  {} object(s) rejected for fields of the wrong type and not stored (the raw pages are kept), e.g. {}",
+                r.rejected,
+                r.rejections.join("; ")
+            ));
+        }
+    }
+    Done::ok(
+        lines.join("\n"),
+        &[
+            ("collections", reports.len()),
+            ("pages", sum(|r| r.pages)),
+            ("objects", sum(|r| r.objects)),
+            ("items", sum(|r| r.items)),
+            ("rejected", sum(|r| r.rejected)),
+        ],
+    )
+}
+
+/// The TAXII reports as the lines `ingest taxii` prints.
+pub fn taxii_summary(reports: &[taxii::TaxiiReport]) -> String {
+    taxii_done(reports).summary
 }
 
 fn otx_done(r: &otx::OtxReport) -> Done {

@@ -61,6 +61,11 @@ pub const VIEWS: &[(&str, &str)] = &[
         "virustotal_techniques",
         include_str!("../../sql/views/virustotal_techniques.sql"),
     ),
+    ("taxii_data", include_str!("../../sql/views/taxii_data.sql")),
+    (
+        "taxii_techniques",
+        include_str!("../../sql/views/taxii_techniques.sql"),
+    ),
     (
         "threat_intelligence_data",
         include_str!("../../sql/views/threat_intelligence_data.sql"),

@@ -246,7 +246,7 @@ fn otx_cmd(dir: &Path, base: &str) -> std::process::Command {
 }
 
 /// No file under `dir` contains `needle`.
-fn assert_absent(dir: &Path, needle: &str) {
+pub(crate) fn assert_absent(dir: &Path, needle: &str) {
     for (p, _, _) in common::listing(dir) {
         let bytes = std::fs::read(dir.join(&p)).unwrap();
         let mut text = bytes.clone();
