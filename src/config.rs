@@ -855,6 +855,41 @@ mod tests {
     }
 
     #[test]
+    fn taxii_secrets_come_from_the_environment_even_without_the_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = DEFAULT_SETTINGS.find("taxii:").unwrap();
+        let end = DEFAULT_SETTINGS.find("mapping:").unwrap();
+        let text = format!("{}{}", &DEFAULT_SETTINGS[..start], &DEFAULT_SETTINGS[end..]);
+        let p = write(dir.path(), "s.yaml", &text);
+        let l = Settings::load_with_env(
+            Some(&p),
+            env(&[
+                ("THREATLAKE_TAXII_PASSWORD", "007"),
+                ("THREATLAKE_TAXII_USERNAME", "analyst"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(l.settings.taxii.password.expose(), Some("007"));
+        assert_eq!(l.settings.taxii.username.as_deref(), Some("analyst"));
+        assert_eq!(l.settings.taxii.page_size, 500);
+        let text = DEFAULT_SETTINGS.replace(
+            "  username: null\n  page_size: 500",
+            "  username: a\n  password: pw\n  page_size: 500",
+        );
+        assert_ne!(text, DEFAULT_SETTINGS);
+        let p = write(dir.path(), "t.yaml", &text);
+        let e = Settings::load_with_env(Some(&p), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("taxii.password")
+                && e.contains("THREATLAKE_TAXII_PASSWORD")
+                && !e.contains("pw\n"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn env_overrides_and_secrets() {
         let l = Settings::load_with_env(
             None,

@@ -1106,7 +1106,7 @@ pub async fn report(State(state): State<Arc<AppState>>, Path(file): Path<String>
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
-    /// run, ingest_attack, ingest_otx, ingest_vt, map, snapshot, report, push.
+    /// run, ingest_attack, ingest_otx, ingest_vt, ingest_taxii, map, snapshot, report, push.
     pub job: String,
 }
 

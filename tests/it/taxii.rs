@@ -305,6 +305,21 @@ fn taxii_collection_pages_resumes_and_lands_reports_and_indicators() {
         "{v}"
     );
 
+    // The same pull as a job (what `run` and the schedule do), from taxii.collections.
+    let (ok, out, err) = run(taxii_cmd(&dir, PASSWORD)
+        .env("THREATLAKE_TAXII_COLLECTIONS", format!("[{url}]"))
+        .env("THREATLAKE_TAXII_USERNAME", USER)
+        .args(["run", "--job", "ingest_taxii"]));
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("[1/1] TAXII") && out.contains("0 new or revised object(s)"),
+        "{out}"
+    );
+    assert_eq!(
+        sql(&dir, "SELECT job, status FROM job_runs"),
+        "job,status\ningest_taxii,ok\n"
+    );
+
     // --added-after before everything: every object's current version comes again (a TAXII server
     // sends the newest version by default), none is stored twice.
     let (ok, out, err) = run(taxii_cmd(&dir, PASSWORD).args([
