@@ -726,12 +726,10 @@ fn apply_env(
     let Value::Mapping(root) = value else {
         return Ok(applied);
     };
-    // Sections that may be left out of a settings file still take their variables.
-    for optional in ["taxii"] {
-        let k = Value::String(optional.to_string());
-        if !root.contains_key(&k) {
-            root.insert(k, Value::Mapping(serde_yaml_ng::Mapping::new()));
-        }
+    // A section that may be left out of a settings file still takes its variables.
+    let optional = Value::String("taxii".to_string());
+    if !root.contains_key(&optional) {
+        root.insert(optional, Value::Mapping(serde_yaml_ng::Mapping::new()));
     }
     let mut sections: Vec<String> = root
         .keys()
