@@ -298,6 +298,14 @@ pub struct SqlSettings {
     pub history_file: String,
     /// Rows shown by the table format (0 = all).
     pub max_rows: usize,
+    /// Memory a `threatlake sql` query may hold (MB; sorts and joins spill to disk beyond it;
+    /// 0 = unbounded).
+    #[serde(default = "default_sql_memory_mb")]
+    pub memory_mb: usize,
+}
+
+fn default_sql_memory_mb() -> usize {
+    2048
 }
 
 /// `otx:` section.

@@ -378,7 +378,8 @@ struct SqlArgs {
     /// Output format (default: sql.format in settings).
     #[arg(long, value_parser = parse_format)]
     format: Option<OutputFormat>,
-    /// Rows shown by the table format, 0 = all (default: sql.max_rows).
+    /// Stop reading a result after N rows, in every format (0 = all). Without it the REPL's table
+    /// format shows sql.max_rows rows, and batch runs print every row.
     #[arg(long)]
     maxrows: Option<usize>,
     /// Do not print "N rows in X s".
@@ -978,7 +979,10 @@ fn source_for(settings: &Settings, d: Domain) -> Result<String> {
 
 async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
     let lake = Lake::from_settings(&settings.lake)?;
-    let options = threatlake::sql::EngineOptions::from_settings(settings);
+    let mut options = threatlake::sql::EngineOptions::from_settings(settings);
+    if settings.sql.memory_mb > 0 {
+        options.runtime = Some(threatlake::sql::bounded_runtime(settings.sql.memory_mb)?);
+    }
     let kind = match args.engine {
         SqlEngineKind::Datafusion => EngineKind::DataFusion,
         SqlEngineKind::Duckdb => EngineKind::DuckDb,
@@ -1018,6 +1022,7 @@ async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
         } else {
             0
         }),
+        limit: args.maxrows.unwrap_or(0),
         timing: !args.quiet,
         interactive,
     };

@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use arrow::array::{RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
 use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Context, Editor, Helper, Highlighter, Hinter};
 use threatlake::sql::output::{self, OutputError, OutputFormat};
-use threatlake::sql::QueryEngine;
 use threatlake::sql::QueryResult;
+use threatlake::sql::{QueryEngine, ResultSink};
 
 /// Backslash commands. `INFO` is the single source of truth for parsing and for `\?`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +77,10 @@ impl FromStr for Command {
 pub struct Session {
     pub engine: QueryEngine,
     pub format: OutputFormat,
+    /// Rows the table format shows (0 = all).
     pub max_rows: usize,
+    /// Rows any format prints before reading stops (`--maxrows`; 0 = all).
+    pub limit: usize,
     pub timing: bool,
     /// Interactive sessions print timing to stdout; batch mode to stderr so stdout stays data.
     pub interactive: bool,
@@ -104,24 +107,35 @@ impl Session {
         if self.interactive && matches!(trimmed, "quit" | "exit") {
             return Ok(Flow::Quit);
         }
-        let (format, max_rows, timing, interactive) =
-            (self.format, self.max_rows, self.timing, self.interactive);
-        self.engine
-            .run_each(trimmed, |result, secs| {
-                print(format, max_rows, result)?;
-                if timing {
-                    let n = result.num_rows();
-                    let line = format!("{n} row{} in {secs:.3} s", if n == 1 { "" } else { "s" });
-                    if interactive {
-                        println!("{line}");
-                    } else {
-                        eprintln!("{line}");
-                    }
-                }
-                Ok::<(), anyhow::Error>(())
-            })
-            .await?;
+        let mut screen = Screen {
+            printer: output::Printer::new(
+                std::io::stdout(),
+                self.format,
+                self.max_rows,
+                self.limit,
+            ),
+            timing: self.timing,
+            interactive: self.interactive,
+        };
+        let r = self.stream(trimmed, &mut screen).await;
+        r.map_err(memory_hint)?;
         Ok(Flow::Continue)
+    }
+
+    async fn stream(&self, trimmed: &str, screen: &mut Screen) -> Result<()> {
+        if self.interactive {
+            // Ctrl-C stops the running query (dropping its stream cancels it) and keeps the session.
+            tokio::select! {
+                r = self.engine.stream_each(trimmed, screen) => r?,
+                _ = tokio::signal::ctrl_c() => {
+                    println!();
+                    eprintln!("query cancelled (Ctrl-C)");
+                }
+            }
+        } else {
+            self.engine.stream_each(trimmed, screen).await?;
+        }
+        Ok(())
     }
 
     fn print(&self, r: &QueryResult) -> Result<(), OutputError> {
@@ -169,6 +183,54 @@ impl Session {
             Command::Timing(Some(on)) => self.timing = on,
         }
         Ok(Flow::Continue)
+    }
+}
+
+/// A query stopped by the memory pool says which setting raises it.
+fn memory_hint(e: anyhow::Error) -> anyhow::Error {
+    if e.to_string().contains("Resources exhausted") {
+        e.context("the query needs more memory than sql.memory_mb allows (and could not spill): aggregate, filter or add a LIMIT, or raise sql.memory_mb (THREATLAKE_SQL_MEMORY_MB)")
+    } else {
+        e
+    }
+}
+
+/// Prints each result as it streams, then the timing line.
+struct Screen {
+    printer: output::Printer<std::io::Stdout>,
+    timing: bool,
+    interactive: bool,
+}
+
+impl ResultSink for Screen {
+    type Error = anyhow::Error;
+
+    fn begin(&mut self, schema: &SchemaRef) -> Result<()> {
+        Ok(self.printer.begin(schema)?)
+    }
+
+    fn batch(&mut self, batch: &RecordBatch) -> Result<bool> {
+        let more = self.printer.batch(batch)?;
+        self.printer.flush()?;
+        Ok(more)
+    }
+
+    fn end(&mut self, _stopped: bool, secs: f64) -> Result<()> {
+        let p = self.printer.finish()?;
+        if self.timing {
+            let n = p.rows;
+            let line = if p.more {
+                format!("{n} rows in {secs:.3} s (stopped reading: the result has more)")
+            } else {
+                format!("{n} row{} in {secs:.3} s", if n == 1 { "" } else { "s" })
+            };
+            if self.interactive {
+                println!("{line}");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -341,7 +403,7 @@ pub async fn repl(mut session: Session, history: Option<std::path::PathBuf>) -> 
                     Ok(Flow::Quit) => break,
                     Ok(Flow::Continue) => {}
                     Err(e) if is_broken_pipe(&e) => break,
-                    Err(e) => eprintln!("Error: {e}"),
+                    Err(e) => eprintln!("Error: {e:#}"),
                 }
             }
             Err(ReadlineError::Interrupted) => continue,

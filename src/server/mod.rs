@@ -293,9 +293,7 @@ fn finished(state: &AppState, r: &JobReport) {
 fn runtime(
     settings: &Settings,
 ) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>, crate::sql::SqlError> {
-    Ok(datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-        .with_memory_limit(settings.server.sql.memory_mb.max(16) << 20, 1.0)
-        .build_arc()?)
+    crate::sql::bounded_runtime(settings.server.sql.memory_mb)
 }
 
 async fn open_engine(

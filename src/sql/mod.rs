@@ -7,7 +7,7 @@ pub mod output;
 pub mod query_engine;
 pub mod time_travel;
 
-pub use query_engine::{EngineKind, QueryEngine, QueryEngineError};
+pub use query_engine::{EngineKind, QueryEngine, QueryEngineError, ResultSink};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -176,6 +176,16 @@ impl EngineOptions {
     }
 }
 
+/// A runtime whose memory pool holds queries to `memory_mb` (sorts, aggregations and joins spill
+/// to temporary files beyond it where DataFusion can); sessions sharing it share the pool.
+pub fn bounded_runtime(
+    memory_mb: usize,
+) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>, SqlError> {
+    Ok(datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(memory_mb.max(16) << 20, 1.0)
+        .build_arc()?)
+}
+
 /// A DataFusion session over one lake.
 pub struct Engine {
     /// The session; use it for anything not wrapped here.
@@ -186,7 +196,8 @@ pub struct Engine {
     pub mapper: Arc<LazyMapper>,
     /// Snapshots `as_of(…)` reads (time travel).
     as_of: Arc<time_travel::AsOfTables>,
-    /// The `--since` filter of the views.
+    /// The `--since` filter of the views (Ballista sessions re-create the views with it).
+    #[cfg_attr(not(feature = "ballista"), allow(dead_code))]
     since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -276,6 +287,24 @@ impl Engine {
 
     /// Run one parsed statement. Statements that write (INSERT, UPDATE, DELETE, COPY) are refused.
     pub async fn run_statement(&self, stmt: Statement) -> Result<QueryResult, SqlError> {
+        let (schema, stream) = self.stream_statement(stmt).await?;
+        let batches = datafusion::physical_plan::common::collect(stream).await?;
+        Ok(QueryResult { schema, batches })
+    }
+
+    /// Run one parsed statement as a stream of record batches, read as they are produced (a
+    /// statement without rows gives an empty stream). Dropping the stream cancels the query.
+    /// Statements that write are refused.
+    pub async fn stream_statement(
+        &self,
+        stmt: Statement,
+    ) -> Result<
+        (
+            SchemaRef,
+            datafusion::physical_plan::SendableRecordBatchStream,
+        ),
+        SqlError,
+    > {
         self.as_of
             .prepare(&self.lake, &stmt, &self.ctx.state())
             .await?;
@@ -284,8 +313,7 @@ impl Engine {
         refuse_writes(&plan)?;
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await?;
-        Ok(QueryResult { schema, batches })
+        Ok((schema, df.execute_stream().await?))
     }
 
     /// Run one query of untrusted text read-only: exactly one SELECT/WITH/EXPLAIN statement (no

@@ -96,135 +96,244 @@ pub fn write(
     batches: &[RecordBatch],
     max_rows: usize,
 ) -> Result<(), OutputError> {
-    // A statement without a result set (CREATE VIEW, CREATE EXTERNAL TABLE, SET) prints nothing in
-    // the data formats, so a script can create a table and query it in one run.
-    if schema.fields().is_empty() && format != OutputFormat::Table {
-        return Ok(());
-    }
-    match format {
-        OutputFormat::Table => write_table(out, schema, batches, max_rows),
-        OutputFormat::Csv => write_delimited(out, schema, batches, b','),
-        OutputFormat::Tsv => write_delimited(out, schema, batches, b'\t'),
-        OutputFormat::Json => {
-            let mut w = arrow::json::WriterBuilder::new()
-                .with_explicit_nulls(true)
-                .build::<_, arrow::json::writer::JsonArray>(&mut *out);
-            for b in batches {
-                w.write(b)?;
-            }
-            w.finish()?;
-            drop(w);
-            out.write_all(b"\n")?;
-            Ok(())
-        }
-        OutputFormat::Ndjson => {
-            let mut w = arrow::json::WriterBuilder::new()
-                .with_explicit_nulls(true)
-                .build::<_, arrow::json::writer::LineDelimited>(&mut *out);
-            for b in batches {
-                w.write(b)?;
-            }
-            w.finish()?;
-            Ok(())
-        }
-        OutputFormat::Markdown => write_markdown(out, schema, batches),
-    }
-}
-
-fn write_table(
-    out: &mut dyn Write,
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-    max_rows: usize,
-) -> Result<(), OutputError> {
-    let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    let shown: Vec<RecordBatch> = if max_rows > 0 && total > max_rows {
-        let mut left = max_rows;
-        let mut v = Vec::new();
-        for b in batches {
-            if left == 0 {
-                break;
-            }
-            let n = b.num_rows().min(left);
-            v.push(b.slice(0, n));
-            left -= n;
-        }
-        v
-    } else {
-        batches.to_vec()
-    };
-    let text = arrow::util::pretty::pretty_format_batches_with_schema(schema.clone(), &shown)?;
-    writeln!(out, "{text}")?;
-    if shown.iter().map(RecordBatch::num_rows).sum::<usize>() < total {
-        writeln!(
-            out,
-            "({max_rows} of {total} rows shown; use \\format csv or LIMIT to see more)"
-        )?;
-    }
-    Ok(())
-}
-
-/// CSV/TSV through arrow-csv. Nested columns (lists, structs) are rendered as text first since CSV has
-/// no nesting, and text cells that a spreadsheet would run as a formula are neutralised: intel text
-/// is attacker-controlled.
-fn write_delimited(
-    out: &mut dyn Write,
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-    delimiter: u8,
-) -> Result<(), OutputError> {
-    let flat_schema = flatten_schema(schema);
-    let empty = [RecordBatch::new_empty(schema.clone())];
-    let batches = if batches.is_empty() {
-        &empty[..]
-    } else {
-        batches
-    };
-    // arrow-csv folds I/O errors into strings; encode each batch in memory and write it ourselves so
-    // a closed pipe stays recognisable as one.
-    let mut buf = Vec::new();
-    for (i, b) in batches.iter().enumerate() {
-        buf.clear();
-        let mut w = arrow::csv::WriterBuilder::new()
-            .with_header(i == 0)
-            .with_delimiter(delimiter)
-            .build(&mut buf);
-        w.write(&flatten_batch(&flat_schema, b, true)?)?;
-        drop(w);
-        out.write_all(&buf)?;
-    }
-    Ok(())
-}
-
-fn write_markdown(
-    out: &mut dyn Write,
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-) -> Result<(), OutputError> {
-    let esc = |s: &str| {
-        s.replace('\\', "\\\\")
-            .replace('|', "\\|")
-            .replace('\n', "<br>")
-    };
-    let names: Vec<String> = schema.fields().iter().map(|f| esc(f.name())).collect();
-    writeln!(out, "| {} |", names.join(" | "))?;
-    writeln!(out, "|{}", " --- |".repeat(names.len()))?;
-    let opts = FormatOptions::default().with_null("NULL");
+    let mut p = Printer::new(out, format, max_rows, 0);
+    p.begin(schema)?;
     for b in batches {
-        let fmts = b
-            .columns()
-            .iter()
-            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
-            .collect::<Result<Vec<_>, _>>()?;
-        for row in 0..b.num_rows() {
-            let cells: Vec<String> = fmts
-                .iter()
-                .map(|f| esc(&f.value(row).to_string()))
-                .collect();
-            writeln!(out, "| {} |", cells.join(" | "))?;
+        if !p.batch(b)? {
+            break;
         }
     }
+    p.finish()?;
     Ok(())
+}
+
+/// What a [`Printer`] wrote of one result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Printed {
+    /// Rows written.
+    pub rows: usize,
+    /// True when the result had more rows than were written (reading stopped there).
+    pub more: bool,
+}
+
+/// Writes one result batch by batch as it streams: rows are written as they arrive (the table
+/// format, which needs every width first, holds at most the rows it shows), and it says when it
+/// has enough so the caller can stop reading (and so stop the query).
+pub struct Printer<W: Write> {
+    out: W,
+    format: OutputFormat,
+    /// Rows the table format shows (0 = all).
+    show: usize,
+    /// Rows any format writes before it stops (0 = all).
+    limit: usize,
+    schema: SchemaRef,
+    flat: Option<SchemaRef>,
+    rows: usize,
+    more: bool,
+    held: Vec<RecordBatch>,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> Printer<W> {
+    /// A printer of `format` onto `out`: the table format shows `show` rows (0 = all); every
+    /// format stops after `limit` rows (0 = none).
+    pub fn new(out: W, format: OutputFormat, show: usize, limit: usize) -> Self {
+        Self {
+            out,
+            format,
+            show,
+            limit,
+            schema: Arc::new(Schema::empty()),
+            flat: None,
+            rows: 0,
+            more: false,
+            held: Vec::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// A result with `schema` begins.
+    pub fn begin(&mut self, schema: &SchemaRef) -> Result<(), OutputError> {
+        self.schema = schema.clone();
+        self.flat = None;
+        self.rows = 0;
+        self.more = false;
+        self.held.clear();
+        // A statement without a result set (CREATE VIEW, CREATE EXTERNAL TABLE, SET) prints nothing
+        // in the data formats, so a script can create a table and query it in one run.
+        if self.silent() {
+            return Ok(());
+        }
+        match self.format {
+            OutputFormat::Json => self.out.write_all(b"[")?,
+            OutputFormat::Markdown => {
+                let names: Vec<String> = schema
+                    .fields()
+                    .iter()
+                    .map(|f| md_escape(f.name()))
+                    .collect();
+                writeln!(self.out, "| {} |", names.join(" | "))?;
+                writeln!(self.out, "|{}", " --- |".repeat(names.len()))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn silent(&self) -> bool {
+        self.schema.fields().is_empty() && self.format != OutputFormat::Table
+    }
+
+    /// The rows of `b` this result still takes.
+    fn cap(&self) -> usize {
+        let mut cap = usize::MAX;
+        if self.limit > 0 {
+            cap = self.limit;
+        }
+        if self.format == OutputFormat::Table && self.show > 0 {
+            cap = cap.min(self.show);
+        }
+        cap.saturating_sub(self.rows)
+    }
+
+    /// Write the next batch. Returns false once the printer has all it will write (a row beyond
+    /// the limit was seen): stop reading.
+    pub fn batch(&mut self, b: &RecordBatch) -> Result<bool, OutputError> {
+        if self.silent() || b.num_rows() == 0 {
+            return Ok(true);
+        }
+        let take = b.num_rows().min(self.cap());
+        if take < b.num_rows() {
+            self.more = true;
+        }
+        if take > 0 {
+            self.write_rows(&b.slice(0, take))?;
+            self.rows += take;
+        }
+        Ok(!self.more)
+    }
+
+    fn write_rows(&mut self, b: &RecordBatch) -> Result<(), OutputError> {
+        match self.format {
+            OutputFormat::Table => self.held.push(b.clone()),
+            OutputFormat::Csv | OutputFormat::Tsv => self.write_delimited(b)?,
+            OutputFormat::Json | OutputFormat::Ndjson => {
+                // Rows as JSON lines; the array form joins them with commas.
+                self.buf.clear();
+                let mut w = arrow::json::WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow::json::writer::LineDelimited>(&mut self.buf);
+                w.write(b)?;
+                w.finish()?;
+                drop(w);
+                if self.format == OutputFormat::Ndjson {
+                    self.out.write_all(&self.buf)?;
+                } else {
+                    for (i, line) in self
+                        .buf
+                        .split(|c| *c == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .enumerate()
+                    {
+                        if self.rows > 0 || i > 0 {
+                            self.out.write_all(b",")?;
+                        }
+                        self.out.write_all(line)?;
+                    }
+                }
+            }
+            OutputFormat::Markdown => {
+                let opts = FormatOptions::default().with_null("NULL");
+                let fmts = b
+                    .columns()
+                    .iter()
+                    .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for row in 0..b.num_rows() {
+                    let cells: Vec<String> = fmts
+                        .iter()
+                        .map(|f| md_escape(&f.value(row).to_string()))
+                        .collect();
+                    writeln!(self.out, "| {} |", cells.join(" | "))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// CSV/TSV through arrow-csv, the header with the first rows (or alone at the end). Nested
+    /// columns (lists, structs) are rendered as text since CSV has no nesting, and text cells that
+    /// a spreadsheet would run as a formula are neutralised: intel text is attacker-controlled.
+    fn write_delimited(&mut self, b: &RecordBatch) -> Result<(), OutputError> {
+        let flat = self
+            .flat
+            .get_or_insert_with(|| flatten_schema(&self.schema))
+            .clone();
+        let delimiter = if self.format == OutputFormat::Tsv {
+            b'\t'
+        } else {
+            b','
+        };
+        // arrow-csv folds I/O errors into strings; encode in memory and write it ourselves so a
+        // closed pipe stays recognisable as one.
+        self.buf.clear();
+        let mut w = arrow::csv::WriterBuilder::new()
+            .with_header(self.rows == 0)
+            .with_delimiter(delimiter)
+            .build(&mut self.buf);
+        w.write(&flatten_batch(&flat, b, true)?)?;
+        drop(w);
+        self.out.write_all(&self.buf)?;
+        Ok(())
+    }
+
+    /// Flush what was written (after each batch, so rows show as they come).
+    pub fn flush(&mut self) -> Result<(), OutputError> {
+        self.out.flush()?;
+        Ok(())
+    }
+
+    /// End the result (the table is drawn now, the JSON array closed, a CSV header written for
+    /// zero rows).
+    pub fn finish(&mut self) -> Result<Printed, OutputError> {
+        let printed = Printed {
+            rows: self.rows,
+            more: self.more,
+        };
+        if self.silent() {
+            return Ok(printed);
+        }
+        match self.format {
+            OutputFormat::Table => {
+                let held = std::mem::take(&mut self.held);
+                let text = arrow::util::pretty::pretty_format_batches_with_schema(
+                    self.schema.clone(),
+                    &held,
+                )?;
+                writeln!(self.out, "{text}")?;
+                if self.more {
+                    writeln!(
+                        self.out,
+                        "(first {} rows shown; the result has more: use \\format csv, LIMIT or --maxrows 0 to see them)",
+                        self.rows
+                    )?;
+                }
+            }
+            OutputFormat::Csv | OutputFormat::Tsv if self.rows == 0 => {
+                self.write_delimited(&RecordBatch::new_empty(self.schema.clone()))?;
+            }
+            OutputFormat::Json => self.out.write_all(b"]\n")?,
+            _ => {}
+        }
+        self.out.flush()?;
+        Ok(printed)
+    }
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('|', "\\|")
+        .replace('\n', "<br>")
 }
 
 fn is_nested(dt: &DataType) -> bool {

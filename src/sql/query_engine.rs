@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use futures::StreamExt;
 
 use super::{Engine, EngineOptions, QueryResult, SqlError};
 use crate::Lake;
@@ -39,6 +41,18 @@ pub enum QueryEngineError {
         /// Cargo feature.
         feature: &'static str,
     },
+}
+
+/// What receives each statement's result as it streams (the REPL's printer).
+pub trait ResultSink {
+    /// Errors of the sink (output); engine errors convert into it.
+    type Error: From<QueryEngineError>;
+    /// A statement's result begins.
+    fn begin(&mut self, schema: &SchemaRef) -> Result<(), Self::Error>;
+    /// The next batch; `Ok(false)` stops reading this result, which cancels the query.
+    fn batch(&mut self, batch: &RecordBatch) -> Result<bool, Self::Error>;
+    /// The statement ended after `secs`; `stopped` when reading stopped before the last row.
+    fn end(&mut self, stopped: bool, secs: f64) -> Result<(), Self::Error>;
 }
 
 /// A session on one engine.
@@ -112,6 +126,54 @@ impl QueryEngine {
                     let start = Instant::now();
                     let r = e.run_statement(&stmt).map_err(QueryEngineError::from)?;
                     each(&r, start.elapsed().as_secs_f64())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parse `text` and run each statement, handing its result to `sink` batch by batch as the
+    /// engine produces it (DataFusion and Ballista stream; DuckDB hands over its finished result).
+    pub async fn stream_each<S: ResultSink>(
+        &self,
+        text: &str,
+        sink: &mut S,
+    ) -> Result<(), S::Error> {
+        match self {
+            QueryEngine::DataFusion(e) => {
+                for stmt in super::parse(text).map_err(QueryEngineError::from)? {
+                    let start = Instant::now();
+                    let (schema, mut stream) = e
+                        .stream_statement(stmt)
+                        .await
+                        .map_err(QueryEngineError::from)?;
+                    sink.begin(&schema)?;
+                    let mut stopped = false;
+                    while let Some(b) = stream.next().await {
+                        let b = b.map_err(|e| QueryEngineError::from(super::SqlError::from(e)))?;
+                        if !sink.batch(&b)? {
+                            stopped = true;
+                            break;
+                        }
+                    }
+                    drop(stream);
+                    sink.end(stopped, start.elapsed().as_secs_f64())?;
+                }
+            }
+            #[cfg(feature = "duckdb")]
+            QueryEngine::DuckDb(e) => {
+                for stmt in crate::duck::DuckEngine::statements(text) {
+                    let start = Instant::now();
+                    let r = e.run_statement(&stmt).map_err(QueryEngineError::from)?;
+                    sink.begin(&r.schema)?;
+                    let mut stopped = false;
+                    for b in &r.batches {
+                        if !sink.batch(b)? {
+                            stopped = true;
+                            break;
+                        }
+                    }
+                    sink.end(stopped, start.elapsed().as_secs_f64())?;
                 }
             }
         }

@@ -277,6 +277,75 @@ fn repl_in_a_pty() {
     assert!(h.contains("FROM attack_techniques_current;"), "{h}");
 }
 
+/// Ctrl-C during a query that would run for hours cancels it and returns to the prompt; the
+/// session goes on.
+#[test]
+fn repl_ctrl_c_cancels_a_running_query() {
+    let dir = common::scratch("cli-repl-cancel");
+    let mut cmd = sql(&[]);
+    cmd.env(
+        "THREATLAKE_SQL_HISTORY_FILE",
+        dir.join("h.txt").to_str().unwrap(),
+    )
+    .env("TERM", "xterm");
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).unwrap();
+    p.exp_string("threatlake>").unwrap();
+    // About 10^12 rows: minutes to hours of work, so only a cancellation ends it within the timeout.
+    p.send_line("SELECT count(*) FROM generate_series(1, 1000000000000) a;")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    p.send_control('c').unwrap();
+    p.exp_string("query cancelled").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    settle();
+    p.send_line("SELECT 40 + 2 AS answer;").unwrap();
+    p.exp_string("42").unwrap();
+    p.exp_string("1 row in").unwrap();
+    p.exp_string("threatlake>").unwrap();
+    settle();
+    p.send_line("\\q").unwrap();
+    p.exp_eof().unwrap();
+}
+
+/// `--maxrows N` stops reading after N rows in every format: a query of 10^12 rows returns its
+/// first rows and ends (a run that read on would be killed by the timeout, failing the test).
+#[test]
+fn maxrows_stops_the_scan_early() {
+    use std::time::{Duration, Instant};
+    for (format, lines) in [("csv", 11), ("ndjson", 10), ("table", 15)] {
+        let mut child = sql(&[
+            "--format",
+            format,
+            "--maxrows",
+            "10",
+            "-c",
+            "SELECT value FROM generate_series(1, 1000000000000)",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let t = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("{format}: --maxrows 10 did not stop the query");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let o = child.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{format}: {err}");
+        assert_eq!(out.lines().count(), lines, "{format}: {out}");
+        assert!(out.contains("10") && !out.contains("11"), "{format}: {out}");
+        assert!(
+            err.contains("10 rows in") && err.contains("stopped reading"),
+            "{format}: {err}"
+        );
+    }
+}
+
 /// An ICS model built through the CLI on the ICS lake (small, so quick in debug builds).
 fn ics_models() -> &'static PathBuf {
     static MODELS: OnceLock<PathBuf> = OnceLock::new();
