@@ -400,6 +400,37 @@ async fn html_pdf_and_images_escape_and_render() {
 }
 
 /// `threatlake chart` on the fixture: (output line, SVG text).
+/// The STIX bundle, now written object by object, holds exactly the objects the whole-bundle builder
+/// made (golden recorded before streaming; only the random bundle id and the order are free), and
+/// stix2-validator accepts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn stix_bundle_streams_the_same_objects() {
+    let dir = fixture("reports-stix").await;
+    let out = dir.join("out");
+    let (ok, stdout, err) = run(cmd(&dir).args([
+        "report",
+        "technique_frequency",
+        "--format",
+        "stix",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(ok, "{stdout}\n{err}");
+    let path = out.join("mapped_intel.stix.json");
+    common::assert_valid_stix(&path);
+    let mut bundle: Value = serde_json::from_str(&read(&path)).unwrap();
+    assert!(bundle["id"].as_str().unwrap().starts_with("bundle--"));
+    bundle["id"] = json!("bundle--(random)");
+    bundle["objects"]
+        .as_array_mut()
+        .unwrap()
+        .sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    insta::assert_snapshot!(
+        "mapped_intel_stix_objects",
+        serde_json::to_string_pretty(&bundle).unwrap()
+    );
+}
+
 fn chart(dir: &Path, sql: &str, args: &[&str], file: &str) -> (String, String) {
     let path = dir.join(file);
     let (ok, out, err) = run(cmd(dir)
