@@ -467,6 +467,13 @@ pub struct ReportSettings {
     pub out_dir: String,
     /// Template directory (user-overridable).
     pub templates: String,
+    /// Memory the report queries may hold (MB; the STIX export's sort spills to disk beyond it).
+    #[serde(default = "default_reports_memory_mb")]
+    pub memory_mb: usize,
+}
+
+fn default_reports_memory_mb() -> usize {
+    256
 }
 
 /// `schedule:` section.

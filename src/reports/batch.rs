@@ -109,6 +109,8 @@ pub async fn write_all(
     let lake = Lake::from_settings(&settings.lake).map_err(|e| meta_err(e.into()))?;
     let mut engine_options = EngineOptions::from_settings(settings);
     engine_options.since = options.since;
+    engine_options.runtime =
+        Some(crate::sql::bounded_runtime(settings.reports.memory_mb).map_err(meta_err)?);
     let engine = Engine::open_with(&lake, &engine_options)
         .await
         .map_err(meta_err)?;
@@ -161,10 +163,9 @@ pub async fn write_all(
     };
     let mut bundles = Vec::new();
     if formats.contains(&Format::Stix) {
-        let b = super::stix::bundle(&engine).await?;
-        let mut bytes = serde_json::to_vec_pretty(&b).map_err(json_err)?;
-        bytes.push(b'\n');
-        super::write_atomic(&out.join("mapped_intel.stix.json"), &bytes)?;
+        let mut file = super::AtomicFile::create(&out.join("mapped_intel.stix.json"))?;
+        super::stix::write_bundle(&engine, file.writer()).await?;
+        file.commit()?;
         bundles.push("mapped_intel.stix.json");
         files_written += 1;
     }

@@ -554,19 +554,68 @@ pub fn index_page(
 
 /// Write a file under a temporary name, then rename it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
-    let err = |e: std::io::Error| ReportError::Write {
+    let mut f = AtomicFile::create(path)?;
+    std::io::Write::write_all(f.writer(), bytes).map_err(write_err(path))?;
+    f.commit()
+}
+
+/// A file written through a buffer into a temporary file beside it (so a large export never sits
+/// in memory whole) and renamed into place by [`AtomicFile::commit`]; dropped uncommitted, the
+/// temporary file is removed and the old file stays.
+pub struct AtomicFile {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    w: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl AtomicFile {
+    /// Start writing `path`.
+    pub fn create(path: &Path) -> Result<Self, ReportError> {
+        let err = write_err(path);
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(err)?;
+        }
+        let tmp = path.with_extension(format!(
+            "{}.tmp",
+            path.extension().and_then(|e| e.to_str()).unwrap_or("")
+        ));
+        let f = std::fs::File::create(&tmp).map_err(write_err(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            w: Some(std::io::BufWriter::with_capacity(1 << 20, f)),
+        })
+    }
+
+    /// The buffered writer.
+    pub fn writer(&mut self) -> &mut std::io::BufWriter<std::fs::File> {
+        self.w
+            .as_mut()
+            .expect("an AtomicFile is written until it is committed")
+    }
+
+    /// Flush and rename into place.
+    pub fn commit(mut self) -> Result<(), ReportError> {
+        let err = write_err(&self.path);
+        let w = self.w.take().expect("committed once");
+        w.into_inner().map_err(|e| err(e.into_error()))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(write_err(&self.path))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.w.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn write_err(path: &Path) -> impl Fn(std::io::Error) -> ReportError + '_ {
+    move |e| ReportError::Write {
         path: path.display().to_string(),
         message: e.to_string(),
-    };
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).map_err(err)?;
     }
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! method — each dated when it was added, for the report bundle and the TAXII collections.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -21,15 +22,49 @@ fn sid(kind: &str, key: &str) -> String {
     )
 }
 
-/// The bundle for every mapped current item: the objects of [`mapped_objects`], oldest first.
-pub async fn bundle(engine: &Engine) -> Result<Value, ReportError> {
-    let mut objects = mapped_objects(engine).await?;
-    objects.sort_by(by_date_added);
-    Ok(json!({
-        "type": "bundle",
-        "id": format!("bundle--{}", Uuid::new_v4()),
-        "objects": objects.into_iter().map(|d| d.object).collect::<Vec<_>>()
-    }))
+/// Write the bundle of every mapped current item to `out` (pretty JSON, as `serde_json` prints a
+/// whole bundle) object by object, as [`for_each_mapped_object`] streams them: memory holds one
+/// item's objects at a time, whatever the number of items. Returns the objects written.
+pub async fn write_bundle(
+    engine: &Engine,
+    out: &mut (dyn Write + Send),
+) -> Result<usize, ReportError> {
+    let io = |e: std::io::Error| ReportError::Write {
+        path: "mapped_intel.stix.json".into(),
+        message: e.to_string(),
+    };
+    write!(
+        out,
+        "{{\n  \"id\": \"bundle--{}\",\n  \"objects\": [",
+        Uuid::new_v4()
+    )
+    .map_err(io)?;
+    let mut n = 0usize;
+    for_each_mapped_object(engine, |d| {
+        let text = serde_json::to_string_pretty(&d.object).map_err(|e| ReportError::Write {
+            path: "mapped_intel.stix.json".into(),
+            message: e.to_string(),
+        })?;
+        out.write_all(if n == 0 { b"\n" } else { b",\n" })
+            .map_err(io)?;
+        // Nested two levels deep: every line of the object indented by four spaces (JSON text
+        // has no raw newlines inside strings, so lines are the printer's own).
+        for (i, line) in text.lines().enumerate() {
+            if i > 0 {
+                out.write_all(b"\n").map_err(io)?;
+            }
+            out.write_all(b"    ").map_err(io)?;
+            out.write_all(line.as_bytes()).map_err(io)?;
+        }
+        n += 1;
+        Ok(())
+    })
+    .await?;
+    out.write_all(if n == 0 { b"]" } else { b"\n  ]" })
+        .map_err(io)?;
+    out.write_all(b",\n  \"type\": \"bundle\"\n}\n")
+        .map_err(io)?;
+    Ok(n)
 }
 
 /// A STIX object with the time it was added to a TAXII collection (stable across requests, so
@@ -142,80 +177,142 @@ pub async fn attack_patterns(engine: &Engine) -> Result<BTreeMap<String, Dated>,
     Ok(out)
 }
 
-/// Mapped intel as dated STIX objects: a `report` per current item, a `relationship` per mapping
-/// (dated when it was mapped) and the `attack-pattern`s they point to, plus threatlake's identity.
+/// Mapped intel as dated STIX objects, collected (the TAXII collection pages them by date).
 pub async fn mapped_objects(engine: &Engine) -> Result<Vec<Dated>, ReportError> {
-    let err = |source| ReportError::Sql {
+    let mut out = Vec::new();
+    for_each_mapped_object(engine, |d| {
+        out.push(d);
+        Ok(())
+    })
+    .await?;
+    Ok(out)
+}
+
+fn sql_err(source: crate::sql::SqlError) -> ReportError {
+    ReportError::Sql {
         name: "mapped-intel".into(),
         source,
-    };
-    let r = engine
-        .run(
-            "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), \
-                    m.technique_id, max(m.technique_name), max(m.score), m.method, CAST(min(m.mapped_at) AS VARCHAR) \
-             FROM threat_intelligence_data t \
-             JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version \
-             GROUP BY t.item_id, t.item_version, t.source, t.title, t.text, t.observed_at, m.technique_id, m.method \
-             ORDER BY 1, 7, 10",
-        )
-        .await
-        .map_err(err)?;
-    let patterns = attack_patterns(engine).await?;
+    }
+}
+
+/// Mapped intel as dated STIX objects, handed to `emit` as the lake streams them: threatlake's
+/// identity, the `attack-pattern`s mapped to (MITRE's own objects when the lake has the technique),
+/// then per current item a `relationship` per mapping (dated when it was mapped, carrying score and
+/// method) and the item's `report`. Rows arrive sorted by item from DataFusion (which spills to
+/// disk under the session's memory pool), so one item's objects are held at a time.
+pub async fn for_each_mapped_object(
+    engine: &Engine,
+    mut emit: impl FnMut(Dated) -> Result<(), ReportError>,
+) -> Result<(), ReportError> {
+    use futures::StreamExt;
+    let joined = "FROM threat_intelligence_data t \
+         JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version";
     let epoch = DateTime::<Utc>::UNIX_EPOCH;
     let identity = sid("identity", "threatlake");
-    let mut out = vec![Dated {
+    emit(Dated {
         added: epoch,
         object: json!({
             "type": "identity", "spec_version": "2.1", "id": identity,
             "created": fmt_ts(epoch), "modified": fmt_ts(epoch),
             "name": "threatlake", "identity_class": "system"
         }),
-    }];
-    let mut used: BTreeMap<String, Dated> = BTreeMap::new();
-    let mut reports: BTreeMap<String, Dated> = BTreeMap::new();
-    let mut refs: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for b in &r[0].batches {
+    })?;
+    // The attack-patterns mapped to (ATT&CK has hundreds of techniques: held in memory).
+    let patterns = attack_patterns(engine).await?;
+    let used = engine
+        .run(&format!(
+            "SELECT m.technique_id, max(m.technique_name), CAST(min(m.mapped_at) AS VARCHAR) {joined} \
+             GROUP BY m.technique_id ORDER BY 1"
+        ))
+        .await
+        .map_err(sql_err)?;
+    let mut pattern_ids: BTreeMap<String, String> = BTreeMap::new();
+    for b in &used[0].batches {
         for row in crate::feeds::rows_of(b) {
-            let get = |c: usize| row[c].clone();
-            let (Some(item), Some(ver), Some(tid)) = (get(0), get(1), get(6)) else {
+            let Some(tid) = row[0].clone() else {
                 continue;
             };
-            let mapped = parse_ts(get(10).as_deref()).unwrap_or(epoch);
-            let pattern = match patterns.get(&tid) {
+            let mapped = parse_ts(row[2].as_deref()).unwrap_or(epoch);
+            let object = match patterns.get(&tid) {
                 Some(p) => p.object.clone(),
                 None => json!({
                     "type": "attack-pattern", "spec_version": "2.1", "id": sid("attack-pattern", &tid),
                     "created": fmt_ts(mapped), "modified": fmt_ts(mapped),
-                    "name": get(7).unwrap_or_else(|| tid.clone()),
+                    "name": row[1].clone().unwrap_or_else(|| tid.clone()),
                     "external_references": [{"source_name": "mitre-attack", "external_id": tid,
                         "url": format!("https://attack.mitre.org/techniques/{}/", tid.replace('.', "/"))}]
                 }),
             };
-            let pattern_id = pattern["id"].as_str().unwrap_or_default().to_string();
-            let e = used.entry(pattern_id.clone()).or_insert(Dated {
+            pattern_ids.insert(tid, object["id"].as_str().unwrap_or_default().to_string());
+            emit(Dated {
                 added: mapped,
-                object: pattern,
-            });
-            e.added = e.added.min(mapped);
+                object,
+            })?;
+        }
+    }
+    drop(patterns);
+    // One row per item version, technique and method, sorted by item: relationships as they come,
+    // the report when its item's rows end.
+    let stmt = crate::sql::parse(&format!(
+        "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), \
+                m.technique_id, max(m.score), m.method, CAST(min(m.mapped_at) AS VARCHAR) {joined} \
+         GROUP BY t.item_id, t.item_version, t.source, t.title, t.text, t.observed_at, m.technique_id, m.method \
+         ORDER BY 1, 2, 7, 9"
+    ))
+    .map_err(sql_err)?
+    .remove(0);
+    let (_, mut stream) = engine.stream_statement(stmt).await.map_err(sql_err)?;
+    let mut report: Option<(String, Dated, Vec<String>)> = None;
+    let finish = |r: Option<(String, Dated, Vec<String>)>,
+                  emit: &mut dyn FnMut(Dated) -> Result<(), ReportError>|
+     -> Result<(), ReportError> {
+        if let Some((_, mut rep, refs)) = r {
+            rep.object["object_refs"] = json!(refs);
+            emit(rep)?;
+        }
+        Ok(())
+    };
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(|e| sql_err(e.into()))?;
+        for row in crate::feeds::rows_of(&b) {
+            let get = |c: usize| row[c].clone();
+            let (Some(item), Some(ver), Some(tid)) = (get(0), get(1), get(6)) else {
+                continue;
+            };
+            let mapped = parse_ts(get(9).as_deref()).unwrap_or(epoch);
             let report_id = sid("report", &format!("{item}|{ver}"));
-            let when = parse_ts(get(5).as_deref()).unwrap_or(mapped);
-            let rep = reports.entry(report_id.clone()).or_insert_with(|| Dated {
-                added: mapped,
-                object: json!({
-                    "type": "report", "spec_version": "2.1", "id": report_id,
-                    "created": fmt_ts(when), "modified": fmt_ts(when), "published": fmt_ts(when),
-                    "created_by_ref": identity,
-                    "name": get(3).unwrap_or_else(|| item.clone()),
-                    "description": get(4).unwrap_or_default(),
-                    "report_types": ["threat-report"],
-                    "external_references": [{"source_name": get(2).unwrap_or_default(), "external_id": item}]
-                }),
-            });
+            if report.as_ref().is_none_or(|(id, _, _)| *id != report_id) {
+                finish(report.take(), &mut emit)?;
+                let when = parse_ts(get(5).as_deref()).unwrap_or(mapped);
+                report = Some((
+                    report_id.clone(),
+                    Dated {
+                        added: mapped,
+                        object: json!({
+                            "type": "report", "spec_version": "2.1", "id": report_id,
+                            "created": fmt_ts(when), "modified": fmt_ts(when), "published": fmt_ts(when),
+                            "created_by_ref": identity,
+                            "name": get(3).unwrap_or_else(|| item.clone()),
+                            "description": get(4).unwrap_or_default(),
+                            "report_types": ["threat-report"],
+                            "external_references": [{"source_name": get(2).unwrap_or_default(), "external_id": item}]
+                        }),
+                    },
+                    Vec::new(),
+                ));
+            }
+            let Some((_, rep, refs)) = report.as_mut() else {
+                continue;
+            };
             rep.added = rep.added.min(mapped);
-            let method = get(9).unwrap_or_default();
-            let score: f64 = get(8).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+            let pattern_id = pattern_ids
+                .get(&tid)
+                .cloned()
+                .unwrap_or_else(|| sid("attack-pattern", &tid));
+            let method = get(8).unwrap_or_default();
+            let score: f64 = get(7).and_then(|s| s.parse().ok()).unwrap_or(0.0);
             let rel_id = sid("relationship", &format!("{item}|{ver}|{tid}|{method}"));
-            out.push(Dated {
+            emit(Dated {
                 added: mapped,
                 object: json!({
                     "type": "relationship", "spec_version": "2.1", "id": rel_id,
@@ -225,19 +322,13 @@ pub async fn mapped_objects(engine: &Engine) -> Result<Vec<Dated>, ReportError> 
                     "description": format!("{method} mapping, score {score:.3}"),
                     "x_threatlake_score": score, "x_threatlake_method": method
                 }),
-            });
-            let r = refs.entry(report_id).or_default();
+            })?;
             for id in [pattern_id, rel_id] {
-                if !r.contains(&id) {
-                    r.push(id);
+                if !refs.contains(&id) {
+                    refs.push(id);
                 }
             }
         }
     }
-    for (id, mut rep) in reports {
-        rep.object["object_refs"] = json!(refs.remove(&id).unwrap_or_default());
-        out.push(rep);
-    }
-    out.extend(used.into_values());
-    Ok(out)
+    finish(report.take(), &mut emit)
 }
