@@ -514,6 +514,22 @@ enum BenchCommand {
         /// Pulses per page.
         #[arg(long, default_value_t = 50)]
         page_size: usize,
+        /// Keep the lake in DIR/lake (e.g. for `bench sql`) instead of a temporary directory.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+    },
+    /// A query streamed through the `sql` output path (CSV into a sink): time to the first row,
+    /// rows/s, peak RSS; with --maxrows, how soon reading stops.
+    Sql {
+        /// The lake (a directory, e.g. `bench otx --keep DIR` made DIR/lake).
+        #[arg(long, value_name = "DIR")]
+        lake: String,
+        /// The query.
+        #[arg(short = 'c', long, default_value = "SELECT * FROM otx_indicator_log")]
+        command: String,
+        /// Stop after N rows (0 = all), as `sql --maxrows`.
+        #[arg(long, default_value_t = 0)]
+        maxrows: usize,
     },
     /// Every report in every format over a generated lake of mapped OTX pulses: seconds, peak RSS.
     Report {
@@ -911,7 +927,13 @@ async fn main_inner(cli: Cli) -> Result<()> {
             pulses,
             indicators,
             page_size,
-        }) => cli::bench::otx(pulses, indicators, page_size).await,
+            keep,
+        }) => cli::bench::otx(pulses, indicators, page_size, keep).await,
+        Command::Bench(BenchCommand::Sql {
+            lake,
+            command,
+            maxrows,
+        }) => cli::bench::sql(&settings, &lake, &command, maxrows).await,
         Command::Bench(BenchCommand::S3 {
             to,
             partitions,

@@ -198,7 +198,12 @@ fn synthetic_pulse(i: usize, n: usize) -> serde_json::Value {
 
 /// `bench otx`: a loopback OTX server generating `pulses` pulses page by page; the real client pulls
 /// them into a throwaway lake.
-pub async fn otx(pulses: usize, indicators: usize, page_size: usize) -> Result<()> {
+pub async fn otx(
+    pulses: usize,
+    indicators: usize,
+    page_size: usize,
+    keep: Option<std::path::PathBuf>,
+) -> Result<()> {
     let server = tiny_http::Server::http("127.0.0.1:0")
         .map_err(|e| anyhow::anyhow!("starting the loopback server: {e}"))?;
     let base = format!(
@@ -237,9 +242,10 @@ pub async fn otx(pulses: usize, indicators: usize, page_size: usize) -> Result<(
             let _ = req.respond(tiny_http::Response::from_data(body));
         }
     });
-    let dir = tempfile::tempdir().context("creating a temporary lake")?;
-    let lake = Lake::open(dir.path().join("lake").to_str().expect("utf-8 temp path"))?;
-    let raw = Location::open(dir.path().join("raw").to_str().expect("utf-8 temp path"))?;
+    let tmp = tempfile::tempdir().context("creating a temporary lake")?;
+    let dir = keep.unwrap_or_else(|| tmp.path().to_path_buf());
+    let lake = Lake::open(dir.join("lake").to_str().context("utf-8 lake path")?)?;
+    let raw = Location::open(dir.join("raw").to_str().context("utf-8 raw path")?)?;
     let client = threatlake::feeds::http::FeedClient::new(
         "OTX",
         &base,
@@ -269,6 +275,85 @@ pub async fn otx(pulses: usize, indicators: usize, page_size: usize) -> Result<(
     );
     let size: u64 = lake.tables().await?.values().map(|t| t.bytes).sum();
     println!("  lake size {:.1} MB", size as f64 / 1e6);
+    if let Some(rss) = peak_rss_mib() {
+        println!("peak RSS: {rss:.0} MiB");
+    }
+    Ok(())
+}
+
+/// `bench sql`: `query` over `lake` through the same streaming path as `threatlake sql` (CSV
+/// printer, into a sink instead of a terminal): time to the first row, total, rows/s, peak RSS.
+pub async fn sql(
+    settings: &threatlake::Settings,
+    lake: &str,
+    query: &str,
+    maxrows: usize,
+) -> Result<()> {
+    use threatlake::sql::output::{OutputFormat, Printer};
+    use threatlake::sql::{QueryEngine, ResultSink};
+    struct Sink {
+        printer: Printer<std::io::Sink>,
+        start: Instant,
+        first: Option<f64>,
+        rows: usize,
+        more: bool,
+    }
+    impl ResultSink for Sink {
+        type Error = anyhow::Error;
+        fn begin(&mut self, schema: &arrow::datatypes::SchemaRef) -> Result<()> {
+            Ok(self.printer.begin(schema)?)
+        }
+        fn batch(&mut self, b: &arrow::array::RecordBatch) -> Result<bool> {
+            let go_on = self.printer.batch(b)?;
+            if self.first.is_none() && b.num_rows() > 0 {
+                self.first = Some(self.start.elapsed().as_secs_f64());
+            }
+            Ok(go_on)
+        }
+        fn end(&mut self, _stopped: bool, _secs: f64) -> Result<()> {
+            let p = self.printer.finish()?;
+            self.rows = p.rows;
+            self.more = p.more;
+            Ok(())
+        }
+    }
+    let lake = Lake::open(lake)?;
+    let mut options = threatlake::sql::EngineOptions::from_settings(settings);
+    if settings.sql.memory_mb > 0 {
+        options.runtime = Some(threatlake::sql::bounded_runtime(settings.sql.memory_mb)?);
+    }
+    let engine = QueryEngine::open(
+        threatlake::sql::EngineKind::DataFusion,
+        &lake,
+        &options,
+        None,
+    )
+    .await?;
+    println!(
+        "bench sql: {query} (CSV, --maxrows {maxrows}, sql.memory_mb {}), build: {}",
+        settings.sql.memory_mb,
+        build_kind()
+    );
+    let mut sink = Sink {
+        printer: Printer::new(std::io::sink(), OutputFormat::Csv, 0, maxrows),
+        start: Instant::now(),
+        first: None,
+        rows: 0,
+        more: false,
+    };
+    engine.stream_each(query, &mut sink).await?;
+    let total = sink.start.elapsed().as_secs_f64();
+    println!(
+        "  first row after {:.3} s; {} rows in {total:.2} s ({:.0} rows/s){}",
+        sink.first.unwrap_or(f64::NAN),
+        sink.rows,
+        sink.rows as f64 / total,
+        if sink.more {
+            "; stopped reading at --maxrows"
+        } else {
+            ""
+        }
+    );
     if let Some(rss) = peak_rss_mib() {
         println!("peak RSS: {rss:.0} MiB");
     }

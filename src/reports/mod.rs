@@ -414,17 +414,20 @@ pub fn write(
         path: dir.join(&name).display().to_string(),
         message,
     };
+    let path = dir.join(&name);
     let bytes = match format {
         Format::Csv | Format::Json => {
-            let mut buf = Vec::new();
+            // Batch by batch into the file, as `threatlake sql` prints them.
             let f = if format == Format::Csv {
                 OutputFormat::Csv
             } else {
                 OutputFormat::Json
             };
-            output::write(&mut buf, f, &built.data.schema, &built.data.batches, 0)
+            let mut file = AtomicFile::create(&path)?;
+            output::write(file.writer(), f, &built.data.schema, &built.data.batches, 0)
                 .map_err(|e| werr(e.to_string()))?;
-            buf
+            file.commit()?;
+            return Ok(Some(path));
         }
         Format::Navigator => {
             let layer =
@@ -451,7 +454,6 @@ pub fn write(
         Format::Pdf => pdf::render(&def.title, &[pdf_section(built, ctx)?])?,
         Format::Stix | Format::MispFeed => unreachable!("file_name returns None"),
     };
-    let path = dir.join(&name);
     write_atomic(&path, &bytes)?;
     Ok(Some(path))
 }
