@@ -222,9 +222,10 @@ pub async fn map_intel(
             let tl: Vec<String> = if tactics.is_null(r) {
                 vec![]
             } else {
-                let v = tactics.value(r);
-                let b = RecordBatch::try_from_iter([("t", v)]).expect("one column");
-                super::column_strings(&b, 0).into_iter().flatten().collect()
+                super::array_strings(&tactics.value(r))
+                    .into_iter()
+                    .flatten()
+                    .collect()
             };
             items.insert((id.clone(), ver.clone()));
             rows.push(MappedRow {

@@ -195,8 +195,13 @@ pub fn table_schemas() -> Vec<(&'static str, SchemaRef, &'static [&'static str])
 
 /// A string column of a query result as owned strings (Utf8, LargeUtf8 or Utf8View).
 pub fn column_strings(b: &RecordBatch, i: usize) -> Vec<Option<String>> {
-    let col = arrow::compute::cast(b.column(i), &DataType::Utf8)
-        .unwrap_or_else(|_| arrow::array::new_null_array(&DataType::Utf8, b.num_rows()));
+    array_strings(b.column(i))
+}
+
+/// An array's values as owned strings (any type arrow casts to text; nulls where it cannot).
+pub fn array_strings(a: &arrow::array::ArrayRef) -> Vec<Option<String>> {
+    let col = arrow::compute::cast(a, &DataType::Utf8)
+        .unwrap_or_else(|_| arrow::array::new_null_array(&DataType::Utf8, a.len()));
     arrow::array::AsArray::as_string::<i32>(&col)
         .iter()
         .map(|x| x.map(str::to_string))

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
+use arrow::array::{Array, AsArray};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -198,8 +199,8 @@ fn sql_err(source: crate::sql::SqlError) -> ReportError {
 /// Mapped intel as dated STIX objects, handed to `emit` as the lake streams them: threatlake's
 /// identity, the `attack-pattern`s mapped to (MITRE's own objects when the lake has the technique),
 /// then per current item a `relationship` per mapping (dated when it was mapped, carrying score and
-/// method) and the item's `report`. Rows arrive sorted by item from DataFusion (which spills to
-/// disk under the session's memory pool), so one item's objects are held at a time.
+/// method) and the item's `report`. Items stream from DataFusion one row each, with their mappings,
+/// so one item's objects are held at a time.
 pub async fn for_each_mapped_object(
     engine: &Engine,
     mut emit: impl FnMut(Dated) -> Result<(), ReportError>,
@@ -251,84 +252,96 @@ pub async fn for_each_mapped_object(
         }
     }
     drop(patterns);
-    // One row per item version, technique and method, sorted by item: relationships as they come,
-    // the report when its item's rows end.
+    // One row per item with its mappings as a list: the mappings (no text) are the hash join's
+    // build side, the items stream past it, so no sort holds the items' text.
     let stmt = crate::sql::parse(&format!(
-        "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), \
-                m.technique_id, max(m.score), m.method, CAST(min(m.mapped_at) AS VARCHAR) {joined} \
-         GROUP BY t.item_id, t.item_version, t.source, t.title, t.text, t.observed_at, m.technique_id, m.method \
-         ORDER BY 1, 2, 7, 9"
+        "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.mappings \
+         FROM threat_intelligence_data t \
+         JOIN (SELECT item_id, item_version, \
+                      array_agg(named_struct('technique_id', technique_id, 'method', method, 'score', score, \
+                                             'mapped_at', CAST(mapped_at AS VARCHAR))) AS mappings \
+               FROM mapped_threat_data GROUP BY item_id, item_version) m \
+           ON m.item_id = t.item_id AND m.item_version = t.item_version"
     ))
     .map_err(sql_err)?
     .remove(0);
     let (_, mut stream) = engine.stream_statement(stmt).await.map_err(sql_err)?;
-    let mut report: Option<(String, Dated, Vec<String>)> = None;
-    let finish = |r: Option<(String, Dated, Vec<String>)>,
-                  emit: &mut dyn FnMut(Dated) -> Result<(), ReportError>|
-     -> Result<(), ReportError> {
-        if let Some((_, mut rep, refs)) = r {
-            rep.object["object_refs"] = json!(refs);
-            emit(rep)?;
-        }
-        Ok(())
-    };
     while let Some(b) = stream.next().await {
         let b = b.map_err(|e| sql_err(e.into()))?;
-        for row in crate::feeds::rows_of(&b) {
-            let get = |c: usize| row[c].clone();
-            let (Some(item), Some(ver), Some(tid)) = (get(0), get(1), get(6)) else {
+        let text: Vec<Vec<Option<String>>> = (0..6)
+            .map(|c| crate::feeds::column_strings(&b, c))
+            .collect();
+        let lists = b.column(6).as_list::<i32>();
+        for r in 0..b.num_rows() {
+            let get = |c: usize| text[c][r].clone();
+            let (Some(item), Some(ver)) = (get(0), get(1)) else {
                 continue;
             };
-            let mapped = parse_ts(get(9).as_deref()).unwrap_or(epoch);
-            let report_id = sid("report", &format!("{item}|{ver}"));
-            if report.as_ref().is_none_or(|(id, _, _)| *id != report_id) {
-                finish(report.take(), &mut emit)?;
-                let when = parse_ts(get(5).as_deref()).unwrap_or(mapped);
-                report = Some((
-                    report_id.clone(),
-                    Dated {
-                        added: mapped,
-                        object: json!({
-                            "type": "report", "spec_version": "2.1", "id": report_id,
-                            "created": fmt_ts(when), "modified": fmt_ts(when), "published": fmt_ts(when),
-                            "created_by_ref": identity,
-                            "name": get(3).unwrap_or_else(|| item.clone()),
-                            "description": get(4).unwrap_or_default(),
-                            "report_types": ["threat-report"],
-                            "external_references": [{"source_name": get(2).unwrap_or_default(), "external_id": item}]
-                        }),
-                    },
-                    Vec::new(),
-                ));
-            }
-            let Some((_, rep, refs)) = report.as_mut() else {
-                continue;
-            };
-            rep.added = rep.added.min(mapped);
-            let pattern_id = pattern_ids
-                .get(&tid)
-                .cloned()
-                .unwrap_or_else(|| sid("attack-pattern", &tid));
-            let method = get(8).unwrap_or_default();
-            let score: f64 = get(7).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-            let rel_id = sid("relationship", &format!("{item}|{ver}|{tid}|{method}"));
-            emit(Dated {
-                added: mapped,
-                object: json!({
-                    "type": "relationship", "spec_version": "2.1", "id": rel_id,
-                    "created": fmt_ts(mapped), "modified": fmt_ts(mapped), "created_by_ref": identity,
-                    "relationship_type": "related-to", "source_ref": report_id, "target_ref": pattern_id,
-                    "confidence": (score * 100.0).round().clamp(0.0, 100.0) as i64,
-                    "description": format!("{method} mapping, score {score:.3}"),
-                    "x_threatlake_score": score, "x_threatlake_method": method
-                }),
-            })?;
-            for id in [pattern_id, rel_id] {
-                if !refs.contains(&id) {
-                    refs.push(id);
+            // (technique, method) → (best score, first mapped), in technique then method order.
+            let mut mappings: BTreeMap<(String, String), (f64, DateTime<Utc>)> = BTreeMap::new();
+            if lists.is_valid(r) {
+                let entries = lists.value(r);
+                let s = entries.as_struct();
+                let col = |i: usize| crate::feeds::array_strings(s.column(i));
+                let (tids, methods, scores, times) = (col(0), col(1), col(2), col(3));
+                for e in 0..s.len() {
+                    let Some(tid) = tids[e].clone() else {
+                        continue;
+                    };
+                    let score: f64 = scores[e]
+                        .as_deref()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0.0);
+                    let mapped = parse_ts(times[e].as_deref()).unwrap_or(epoch);
+                    let m = mappings
+                        .entry((tid, methods[e].clone().unwrap_or_default()))
+                        .or_insert((score, mapped));
+                    *m = (m.0.max(score), m.1.min(mapped));
                 }
             }
+            let Some(first) = mappings.values().map(|(_, t)| *t).min() else {
+                continue;
+            };
+            let report_id = sid("report", &format!("{item}|{ver}"));
+            let when = parse_ts(get(5).as_deref()).unwrap_or(first);
+            let mut refs: Vec<String> = Vec::new();
+            for ((tid, method), (score, mapped)) in mappings {
+                let pattern_id = pattern_ids
+                    .get(&tid)
+                    .cloned()
+                    .unwrap_or_else(|| sid("attack-pattern", &tid));
+                let rel_id = sid("relationship", &format!("{item}|{ver}|{tid}|{method}"));
+                emit(Dated {
+                    added: mapped,
+                    object: json!({
+                        "type": "relationship", "spec_version": "2.1", "id": rel_id,
+                        "created": fmt_ts(mapped), "modified": fmt_ts(mapped), "created_by_ref": identity,
+                        "relationship_type": "related-to", "source_ref": report_id, "target_ref": pattern_id,
+                        "confidence": (score * 100.0).round().clamp(0.0, 100.0) as i64,
+                        "description": format!("{method} mapping, score {score:.3}"),
+                        "x_threatlake_score": score, "x_threatlake_method": method
+                    }),
+                })?;
+                for id in [pattern_id, rel_id] {
+                    if !refs.contains(&id) {
+                        refs.push(id);
+                    }
+                }
+            }
+            emit(Dated {
+                added: first,
+                object: json!({
+                    "type": "report", "spec_version": "2.1", "id": report_id,
+                    "created": fmt_ts(when), "modified": fmt_ts(when), "published": fmt_ts(when),
+                    "created_by_ref": identity,
+                    "name": get(3).unwrap_or_else(|| item.clone()),
+                    "description": get(4).unwrap_or_default(),
+                    "report_types": ["threat-report"],
+                    "external_references": [{"source_name": get(2).unwrap_or_default(), "external_id": item}],
+                    "object_refs": refs
+                }),
+            })?;
         }
     }
-    finish(report.take(), &mut emit)
+    Ok(())
 }
