@@ -467,13 +467,13 @@ pub struct ReportSettings {
     pub out_dir: String,
     /// Template directory (user-overridable).
     pub templates: String,
-    /// Memory the report queries may hold (MB; the STIX export's sort spills to disk beyond it).
+    /// Memory the report queries may hold (MB; sorts spill to disk beyond it; 0 = unbounded).
     #[serde(default = "default_reports_memory_mb")]
     pub memory_mb: usize,
 }
 
 fn default_reports_memory_mb() -> usize {
-    256
+    1024
 }
 
 /// `schedule:` section.

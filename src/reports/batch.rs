@@ -109,8 +109,10 @@ pub async fn write_all(
     let lake = Lake::from_settings(&settings.lake).map_err(|e| meta_err(e.into()))?;
     let mut engine_options = EngineOptions::from_settings(settings);
     engine_options.since = options.since;
-    engine_options.runtime =
-        Some(crate::sql::bounded_runtime(settings.reports.memory_mb).map_err(meta_err)?);
+    if settings.reports.memory_mb > 0 {
+        engine_options.runtime =
+            Some(crate::sql::bounded_runtime(settings.reports.memory_mb).map_err(meta_err)?);
+    }
     let engine = Engine::open_with(&lake, &engine_options)
         .await
         .map_err(meta_err)?;

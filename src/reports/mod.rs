@@ -80,7 +80,7 @@ pub enum ReportError {
         known: String,
     },
     /// The query failed.
-    #[error("report {name}: {source}")]
+    #[error("report {name}: {source}{}", memory_hint(source))]
     Sql {
         /// Report name.
         name: String,
@@ -274,6 +274,15 @@ impl Dataset {
     /// Row count.
     pub fn rows(&self) -> usize {
         self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+}
+
+/// What to do when a report query ran out of its memory pool.
+fn memory_hint(e: &SqlError) -> &'static str {
+    if e.to_string().contains("Resources exhausted") {
+        "\n(the report queries may hold reports.memory_mb of memory and this one needs more where DataFusion cannot spill: raise reports.memory_mb, e.g. THREATLAKE_REPORTS_MEMORY_MB=4096, or 0 for no bound)"
+    } else {
+        ""
     }
 }
 

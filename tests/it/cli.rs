@@ -346,6 +346,30 @@ fn maxrows_stops_the_scan_early() {
     }
 }
 
+/// A query's memory is bounded by sql.memory_mb: a sort spills and finishes, a hash join that
+/// cannot spill stops with an error naming the setting.
+#[test]
+fn sql_memory_pool_spills_or_names_the_setting() {
+    let sort = "SELECT value FROM generate_series(1, 3000000) ORDER BY value DESC LIMIT 1";
+    let (ok, out, err) = common::run(
+        sql(&["--format", "csv", "-c", &format!("SELECT max(value) AS m FROM (SELECT value FROM generate_series(1, 3000000) ORDER BY (value * 7919) % 1000003) s")])
+            .env("THREATLAKE_SQL_MEMORY_MB", "20"),
+    );
+    assert!(ok, "a sort over the pool spills: {err}");
+    assert_eq!(out, "m\n3000000\n");
+    let (ok, out, _) =
+        common::run(sql(&["--format", "csv", "-c", sort]).env("THREATLAKE_SQL_MEMORY_MB", "20"));
+    assert!(ok && out == "value\n3000000\n", "{out}");
+    let join = "SELECT count(*) FROM generate_series(1, 3000000) a JOIN generate_series(1, 3000000) b ON a.value = b.value";
+    let (ok, _, err) =
+        common::run(sql(&["--format", "csv", "-c", join]).env("THREATLAKE_SQL_MEMORY_MB", "20"));
+    assert!(!ok, "the join fits in 20 MB?");
+    assert!(
+        err.contains("sql.memory_mb") && err.contains("Resources exhausted"),
+        "{err}"
+    );
+}
+
 /// An ICS model built through the CLI on the ICS lake (small, so quick in debug builds).
 fn ics_models() -> &'static PathBuf {
     static MODELS: OnceLock<PathBuf> = OnceLock::new();
