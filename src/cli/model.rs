@@ -246,7 +246,10 @@ fn rank_with(m: &Mapper, test: &[Labelled]) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// `model eval --input FILE`.
+/// `model eval --input FILE`: ranking metrics on the labelled texts; how well the top-1 score states
+/// the chance of being right (expected calibration error, reliability table); and, per threshold,
+/// the share of labelled texts still mapped, their precision and the share of negatives (texts
+/// labelled `[]`) that get a technique anyway.
 pub fn eval_file(
     settings: &Settings,
     model: Option<&Path>,
@@ -256,16 +259,72 @@ pub fn eval_file(
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load(&dir)?;
     let test = read_labelled(input)?;
-    let metrics = eval::evaluate(
-        &rank_with(&m, &test),
-        &test.iter().map(|l| l.labels.clone()).collect::<Vec<_>>(),
-    );
+    let texts: Vec<String> = test.iter().map(|l| l.text.clone()).collect();
+    let ranked = threatlake_udfs::mapping_kernels::par_top_k(&m, &texts, 10);
+    let (mut ids, mut labels, mut pairs, mut negatives) = (vec![], vec![], vec![], vec![]);
+    for (l, r) in test.iter().zip(&ranked) {
+        let top = r.first().map_or(0.0, |x| x.score);
+        if l.labels.is_empty() {
+            negatives.push(top);
+            continue;
+        }
+        let r_ids: Vec<String> = r
+            .iter()
+            .map(|x| m.model.techniques[x.technique].id.clone())
+            .collect();
+        pairs.push((top, r_ids.first().is_some_and(|t| l.labels.contains(t))));
+        ids.push(r_ids);
+        labels.push(l.labels.clone());
+    }
+    let metrics = eval::evaluate(&ids, &labels);
     println!("model      {}", dir.display());
     println!("n          {}", metrics.n);
     println!("top1       {:.4}", metrics.top1);
     println!("top1_parent {:.4}", metrics.top1_parent);
     println!("recall@5   {:.4}", metrics.recall_at_5);
     println!("mrr@10     {:.4}", metrics.mrr_at_10);
+    if !negatives.is_empty() {
+        println!("negatives  {} (texts labelled [])", negatives.len());
+    }
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let rel = eval::reliability(&pairs, 10);
+    println!();
+    println!("top-1 score calibration: ECE {:.4} (10 bins)", rel.ece);
+    println!(
+        "{:>11} {:>6} {:>10} {:>9}",
+        "score", "n", "mean score", "accuracy"
+    );
+    for b in &rel.bins {
+        println!(
+            "{:>4.1} - {:<4.1} {:>6} {:>10.3} {:>9.3}",
+            b.lo, b.hi, b.n, b.mean_score, b.accuracy
+        );
+    }
+    let thresholds = [
+        0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+    ];
+    println!();
+    println!(
+        "{:>9} {:>9} {:>10} {:>17}",
+        "threshold", "coverage", "precision", "negatives mapped"
+    );
+    for p in eval::operating_points(&pairs, &negatives, &thresholds) {
+        let here = if (p.threshold - settings.mapping.threshold).abs() < 1e-9 {
+            "  ← mapping.threshold"
+        } else {
+            ""
+        };
+        println!(
+            "{:>9.2} {:>9.3} {:>10.3} {:>17}{here}",
+            p.threshold,
+            p.coverage,
+            p.precision,
+            p.negatives_mapped
+                .map_or("-".to_string(), |x| format!("{x:.3}"))
+        );
+    }
     Ok(())
 }
 

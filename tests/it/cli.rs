@@ -475,7 +475,8 @@ fn model_eval_reports_metrics() {
     std::fs::write(
         &input,
         "{\"text\": \"The attackers modified the controller program to alter the physical process\", \"labels\": [\"T0889\"]}\n\
-         {\"text\": \"brute forced the default credentials of the engineering workstation\", \"labels\": [\"T0812\", \"T0859\"]}\n",
+         {\"text\": \"brute forced the default credentials of the engineering workstation\", \"labels\": [\"T0812\", \"T0859\"]}\n\
+         {\"text\": \"The quarterly results were presented to the shareholders in Vienna\", \"labels\": []}\n",
     )
     .unwrap();
     let out = mapper_cmd(&[
@@ -501,7 +502,24 @@ fn model_eval_reports_metrics() {
             .unwrap_or_else(|| panic!("{key} missing in {text}"));
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
+    // The negative is counted apart; calibration and the operating points are printed.
     assert_eq!(value("n"), 2.0, "{text}");
+    assert_eq!(value("negatives"), 1.0, "{text}");
+    let ece: f64 = text
+        .split("ECE ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no ECE in {text}"));
+    assert!((0.0..=1.0).contains(&ece), "{text}");
+    let marked = text
+        .lines()
+        .find(|l| l.ends_with("← mapping.threshold"))
+        .unwrap_or_else(|| panic!("no threshold row in {text}"));
+    let cells: Vec<&str> = marked.split_whitespace().collect();
+    assert_eq!(cells[0], "0.03", "{marked}");
+    let negatives_mapped: f64 = cells[3].parse().unwrap();
+    assert!([0.0, 1.0].contains(&negatives_mapped), "{marked}");
     let (top1, parent, recall, mrr) = (
         value("top1"),
         value("top1_parent"),

@@ -62,6 +62,112 @@ pub fn evaluate(ranked: &[Vec<String>], labels: &[Vec<String>]) -> Metrics {
     }
 }
 
+/// One bin of a reliability table: top-1 scores in `[lo, hi)` (the last bin includes 1).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Bin {
+    /// Lower edge.
+    pub lo: f64,
+    /// Upper edge.
+    pub hi: f64,
+    /// Texts whose top-1 score falls here.
+    pub n: usize,
+    /// Their mean score.
+    pub mean_score: f64,
+    /// Share whose top-1 technique is correct.
+    pub accuracy: f64,
+}
+
+/// How well scores state the chance of being right: a reliability table of equal-width bins and
+/// the expected calibration error (bin-size-weighted mean |accuracy − mean score|).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Reliability {
+    /// Non-empty bins, lowest first.
+    pub bins: Vec<Bin>,
+    /// Expected calibration error.
+    pub ece: f64,
+}
+
+/// Reliability of `(score, correct)` pairs over `bins` equal-width bins of [0, 1].
+pub fn reliability(pairs: &[(f64, bool)], bins: usize) -> Reliability {
+    let bins = bins.max(1);
+    let mut acc = vec![(0usize, 0.0f64, 0usize); bins];
+    for &(score, correct) in pairs {
+        let s = if score.is_finite() {
+            score.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let b = ((s * bins as f64) as usize).min(bins - 1);
+        acc[b].0 += 1;
+        acc[b].1 += s;
+        acc[b].2 += usize::from(correct);
+    }
+    let total = pairs.len().max(1) as f64;
+    let mut ece = 0.0;
+    let mut out = Vec::new();
+    for (i, (n, sum, ok)) in acc.into_iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let (mean, accuracy) = (sum / n as f64, ok as f64 / n as f64);
+        ece += n as f64 / total * (accuracy - mean).abs();
+        out.push(Bin {
+            lo: i as f64 / bins as f64,
+            hi: (i + 1) as f64 / bins as f64,
+            n,
+            mean_score: mean,
+            accuracy,
+        });
+    }
+    Reliability { bins: out, ece }
+}
+
+/// What a threshold keeps: the labelled texts still mapped (their top-1 score at or above it), how
+/// many of those are right, and the share of texts without a technique that still get one.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Operating {
+    /// The threshold.
+    pub threshold: f64,
+    /// Share of labelled texts mapped.
+    pub coverage: f64,
+    /// Share of the mapped labelled texts whose top-1 is correct (1 when none is mapped).
+    pub precision: f64,
+    /// Share of negatives (texts with no technique) mapped; None without negatives.
+    pub negatives_mapped: Option<f64>,
+}
+
+/// Coverage, precision and negatives mapped at each threshold, from the labelled texts' top-1
+/// `(score, correct)` and the negatives' top-1 scores.
+pub fn operating_points(
+    positives: &[(f64, bool)],
+    negatives: &[f64],
+    thresholds: &[f64],
+) -> Vec<Operating> {
+    thresholds
+        .iter()
+        .map(|&t| {
+            let kept: Vec<bool> = positives
+                .iter()
+                .filter(|(s, _)| *s >= t)
+                .map(|(_, c)| *c)
+                .collect();
+            let right = kept.iter().filter(|c| **c).count();
+            Operating {
+                threshold: t,
+                coverage: kept.len() as f64 / positives.len().max(1) as f64,
+                precision: if kept.is_empty() {
+                    1.0
+                } else {
+                    right as f64 / kept.len() as f64
+                },
+                negatives_mapped: (!negatives.is_empty()).then(|| {
+                    negatives.iter().filter(|s| **s >= t).count() as f64 / negatives.len() as f64
+                }),
+            }
+        })
+        .collect()
+}
+
 /// A labelled text for evaluation.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct Labelled {
@@ -274,6 +380,42 @@ pub fn softmax(v: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calibration_error_is_zero_when_scores_match_accuracy_and_grows_when_they_do_not() {
+        // 10 texts at 0.85 of which 8.5 right is impossible; use 0.8 with 8 of 10 right.
+        let fair: Vec<(f64, bool)> = (0..10).map(|i| (0.8, i < 8)).collect();
+        let r = reliability(&fair, 10);
+        assert_eq!(r.bins.len(), 1);
+        assert!(r.ece.abs() < 1e-9, "{r:?}");
+        let over: Vec<(f64, bool)> = (0..10).map(|i| (0.95, i < 5)).collect();
+        let r = reliability(&over, 10);
+        assert!((r.ece - 0.45).abs() < 1e-9, "{r:?}");
+        assert_eq!((r.bins[0].lo, r.bins[0].hi), (0.9, 1.0));
+        // A score of exactly 1 lands in the last bin; NaN in the first.
+        let r = reliability(&[(1.0, true), (f64::NAN, false)], 10);
+        assert_eq!((r.bins[0].lo, r.bins[1].hi), (0.0, 1.0));
+    }
+
+    #[test]
+    fn operating_points_trade_coverage_for_precision() {
+        let pos = [(0.9, true), (0.6, true), (0.4, false), (0.1, false)];
+        let neg = [0.5, 0.05];
+        let p = operating_points(&pos, &neg, &[0.0, 0.5, 0.95]);
+        assert_eq!(
+            (p[0].coverage, p[0].precision, p[0].negatives_mapped),
+            (1.0, 0.5, Some(1.0))
+        );
+        assert_eq!(
+            (p[1].coverage, p[1].precision, p[1].negatives_mapped),
+            (0.5, 1.0, Some(0.5))
+        );
+        assert_eq!((p[2].coverage, p[2].precision), (0.0, 1.0));
+        assert_eq!(
+            operating_points(&pos, &[], &[0.5])[0].negatives_mapped,
+            None
+        );
+    }
 
     #[test]
     fn metrics_count_hits() {
