@@ -761,10 +761,11 @@ fn taxii_done(reports: &[taxii::TaxiiReport]) -> Done {
             r.watermark.as_deref().unwrap_or("-")
         ));
         if r.rejected > 0 {
-            lines.push(format!(
-                "  {} object(s) rejected for fields of the wrong type and not stored (the raw pages are kept), e.g. {}",
+            lines.push(rejected_line(
+                "  TAXII",
+                "object",
                 r.rejected,
-                r.rejections.join("; ")
+                &r.rejections,
             ));
         }
     }
@@ -881,13 +882,15 @@ pub fn otx_summary(r: &otx::OtxReport) -> String {
 
 /// The warning about pulses rejected for wrongly typed fields, if any.
 pub fn otx_rejections(r: &otx::OtxReport) -> Option<String> {
-    (r.rejected > 0).then(|| {
-        format!(
-            "OTX: {} pulse(s) rejected for fields of the wrong type and not stored (the raw pages are kept), e.g. {}",
-            r.rejected,
-            r.rejections.join("; ")
-        )
-    })
+    (r.rejected > 0).then(|| rejected_line("OTX", "pulse", r.rejected, &r.rejections))
+}
+
+/// "OTX: 2 pulse(s) rejected for …, e.g. <reasons>".
+fn rejected_line(service: &str, what: &str, n: usize, reasons: &[String]) -> String {
+    format!(
+        "{service}: {n} {what}(s) rejected for fields of the wrong type and not stored (the raw pages are kept), e.g. {}",
+        reasons.join("; ")
+    )
 }
 
 async fn samples_stage(cx: &Context<'_>, dir: &Path) -> Result<Done, PipelineError> {

@@ -254,26 +254,26 @@ pub async fn for_each_mapped_object(
     drop(patterns);
     // One row per item with its mappings as a list: the mappings (no text) are the hash join's
     // build side, the items stream past it, so no sort holds the items' text.
-    let stmt = crate::sql::parse(&format!(
+    let stmt = crate::sql::parse(
         "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.mappings \
          FROM threat_intelligence_data t \
          JOIN (SELECT item_id, item_version, \
                       array_agg(named_struct('technique_id', technique_id, 'method', method, 'score', score, \
                                              'mapped_at', CAST(mapped_at AS VARCHAR))) AS mappings \
                FROM mapped_threat_data GROUP BY item_id, item_version) m \
-           ON m.item_id = t.item_id AND m.item_version = t.item_version"
-    ))
+           ON m.item_id = t.item_id AND m.item_version = t.item_version",
+    )
     .map_err(sql_err)?
     .remove(0);
     let (_, mut stream) = engine.stream_statement(stmt).await.map_err(sql_err)?;
     while let Some(b) = stream.next().await {
         let b = b.map_err(|e| sql_err(e.into()))?;
-        let text: Vec<Vec<Option<String>>> = (0..6)
-            .map(|c| crate::feeds::column_strings(&b, c))
-            .collect();
+        let scalars = b
+            .project(&[0, 1, 2, 3, 4, 5])
+            .map_err(|e| sql_err(datafusion::error::DataFusionError::from(e).into()))?;
         let lists = b.column(6).as_list::<i32>();
-        for r in 0..b.num_rows() {
-            let get = |c: usize| text[c][r].clone();
+        for (r, row) in crate::feeds::rows_of(&scalars).into_iter().enumerate() {
+            let get = |c: usize| row[c].clone();
             let (Some(item), Some(ver)) = (get(0), get(1)) else {
                 continue;
             };

@@ -187,6 +187,11 @@ fn taxii_collection_pages_resumes_and_lands_reports_and_indicators() {
     let dir = common::scratch("taxii-client");
     let m = Medallion::start(&dir.join("medallion"));
     let url = m.collection();
+    let pull = |extra: &[&str]| {
+        run(taxii_cmd(&dir, PASSWORD)
+            .args(["ingest", "taxii", "--collection", &url, "--user", USER])
+            .args(extra))
+    };
     let hostile =
         "Operators ran powershell.exe -enc to download the payload'); DROP TABLE otx_pulse_log; --";
     let mut first: Vec<Value> = (1..=10).map(indicator).collect();
@@ -199,14 +204,7 @@ fn taxii_collection_pages_resumes_and_lands_reports_and_indicators() {
     m.add(&first);
 
     // First pull: every object, 4 per page, followed by `next`.
-    let (ok, out, err) = run(taxii_cmd(&dir, PASSWORD).args([
-        "ingest",
-        "taxii",
-        "--collection",
-        &url,
-        "--user",
-        USER,
-    ]));
+    let (ok, out, err) = pull(&[]);
     assert!(ok, "{err}\n{}", m.log());
     assert!(
         out.contains("14 new or revised object(s) (11 report(s)/indicator(s))"),
@@ -256,14 +254,7 @@ fn taxii_collection_pages_resumes_and_lands_reports_and_indicators() {
     assert_eq!(kept, 4, "raw pages under {}", raw.display());
 
     // Second pull: resumes after the newest date_added → nothing new, one page, the watermark sent.
-    let (ok, out, err) = run(taxii_cmd(&dir, PASSWORD).args([
-        "ingest",
-        "taxii",
-        "--collection",
-        &url,
-        "--user",
-        USER,
-    ]));
+    let (ok, out, err) = pull(&[]);
     assert!(ok, "{err}");
     assert!(out.contains("0 new or revised object(s)"), "{out}");
     assert_eq!(pages_of(&out), 1, "{out}");
@@ -279,14 +270,7 @@ fn taxii_collection_pages_resumes_and_lands_reports_and_indicators() {
             "Revised: the loader also used scheduled tasks.",
         ),
     ]);
-    let (ok, out, err) = run(taxii_cmd(&dir, PASSWORD).args([
-        "ingest",
-        "taxii",
-        "--collection",
-        &url,
-        "--user",
-        USER,
-    ]));
+    let (ok, out, err) = pull(&[]);
     assert!(ok, "{err}");
     assert!(out.contains("3 new or revised object(s)"), "{out}");
     assert_eq!(
@@ -322,16 +306,7 @@ fn taxii_collection_pages_resumes_and_lands_reports_and_indicators() {
 
     // --added-after before everything: every object's current version comes again (a TAXII server
     // sends the newest version by default), none is stored twice.
-    let (ok, out, err) = run(taxii_cmd(&dir, PASSWORD).args([
-        "ingest",
-        "taxii",
-        "--collection",
-        &url,
-        "--user",
-        USER,
-        "--added-after",
-        "2020-01-01",
-    ]));
+    let (ok, out, err) = pull(&["--added-after", "2020-01-01"]);
     assert!(ok, "{err}");
     assert!(
         out.contains("0 new or revised object(s)") && out.contains("16 unchanged"),
