@@ -79,7 +79,8 @@ pub struct FeedClient {
     /// Base URL every request must stay under.
     pub base: Url,
     key_header: &'static str,
-    key: String,
+    /// Redacted in `Debug`, so a logged client never shows it.
+    key: crate::config::Secret,
     env: &'static str,
     accept: &'static str,
     policy: RetryPolicy,
@@ -134,7 +135,7 @@ impl FeedClient {
             service,
             base: base_url,
             key_header,
-            key: key.to_string(),
+            key: crate::config::Secret::new(key),
             env,
             accept: "application/json",
             policy,
@@ -204,11 +205,13 @@ impl FeedClient {
             let mut req = self.http.get(url.clone()).header("accept", self.accept);
             // An empty key: a service open to anyone (a public TAXII collection).
             // A key that is no valid header value goes unsent: the service's 401 then names its variable.
-            if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&self.key) {
-                if !self.key.is_empty() {
-                    v.set_sensitive(true);
-                    req = req.header(self.key_header, v);
-                }
+            if let Some(Ok(mut v)) = self
+                .key
+                .expose()
+                .map(reqwest::header::HeaderValue::from_str)
+            {
+                v.set_sensitive(true);
+                req = req.header(self.key_header, v);
             }
             let resp = req.send().await;
             let resp = match resp {
@@ -426,6 +429,23 @@ mod tests {
             None,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_logged_client_never_shows_its_key() {
+        let c = FeedClient::new(
+            "TAXII",
+            "http://127.0.0.1:1/api1/collections/x/",
+            "authorization",
+            "Basic c2VjcmV0LXZhbHVl",
+            "THREATLAKE_TAXII_PASSWORD",
+            client("http://127.0.0.1:1/").policy,
+            None,
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("c2VjcmV0LXZhbHVl"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]
