@@ -102,36 +102,6 @@ impl QueryEngine {
         }
     }
 
-    /// Parse `text` and run each statement, calling `each` with every result and its seconds as
-    /// it completes.
-    pub async fn run_each<E: From<QueryEngineError>>(
-        &self,
-        text: &str,
-        mut each: impl FnMut(&QueryResult, f64) -> Result<(), E>,
-    ) -> Result<(), E> {
-        match self {
-            QueryEngine::DataFusion(e) => {
-                for stmt in super::parse(text).map_err(QueryEngineError::from)? {
-                    let start = Instant::now();
-                    let r = e
-                        .run_statement(stmt)
-                        .await
-                        .map_err(QueryEngineError::from)?;
-                    each(&r, start.elapsed().as_secs_f64())?;
-                }
-            }
-            #[cfg(feature = "duckdb")]
-            QueryEngine::DuckDb(e) => {
-                for stmt in crate::duck::DuckEngine::statements(text) {
-                    let start = Instant::now();
-                    let r = e.run_statement(&stmt).map_err(QueryEngineError::from)?;
-                    each(&r, start.elapsed().as_secs_f64())?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Parse `text` and run each statement, handing its result to `sink` batch by batch as the
     /// engine produces it (DataFusion and Ballista stream; DuckDB hands over its finished result).
     pub async fn stream_each<S: ResultSink>(
@@ -180,15 +150,33 @@ impl QueryEngine {
         Ok(())
     }
 
-    /// Every statement's result.
+    /// Every statement's result, collected.
     pub async fn run(&self, text: &str) -> Result<Vec<QueryResult>, QueryEngineError> {
-        let mut out = Vec::new();
-        self.run_each(text, |r, _| {
-            out.push(r.clone());
-            Ok::<(), QueryEngineError>(())
-        })
-        .await?;
-        Ok(out)
+        /// Collects every statement's batches.
+        #[derive(Default)]
+        struct Collect(Vec<QueryResult>);
+        impl ResultSink for Collect {
+            type Error = QueryEngineError;
+            fn begin(&mut self, schema: &SchemaRef) -> Result<(), QueryEngineError> {
+                self.0.push(QueryResult {
+                    schema: schema.clone(),
+                    batches: Vec::new(),
+                });
+                Ok(())
+            }
+            fn batch(&mut self, batch: &RecordBatch) -> Result<bool, QueryEngineError> {
+                if let Some(r) = self.0.last_mut() {
+                    r.batches.push(batch.clone());
+                }
+                Ok(true)
+            }
+            fn end(&mut self, _stopped: bool, _secs: f64) -> Result<(), QueryEngineError> {
+                Ok(())
+            }
+        }
+        let mut c = Collect::default();
+        self.stream_each(text, &mut c).await?;
+        Ok(c.0)
     }
 
     /// Tables and views, sorted, with their kind.
