@@ -18,7 +18,7 @@ use super::{LakeError, Location};
 pub const LOCKS: &str = "_locks";
 
 /// Every writer lock name, in the order multi-lock commands take them.
-pub const ALL: [&str; 4] = ["attack", "otx", "virustotal", "intel"];
+pub const ALL: [&str; 6] = ["attack", "otx", "virustotal", "taxii", "intel", "push"];
 
 /// What a lock object says about its holder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,7 +226,8 @@ impl Location {
         Ok(self.store.put_opts(path, body, create).await.is_ok())
     }
 
-    /// Take several locks (in [`ALL`] order), releasing those already taken if one is held elsewhere.
+    /// Take several locks (those of [`ALL`] in its order, any other name after them), releasing
+    /// those already taken if one is held elsewhere. Every name given is taken.
     pub async fn lock_all(
         &self,
         names: &[&str],
@@ -234,7 +235,13 @@ impl Location {
         ttl: Duration,
     ) -> Result<LockSet, LakeError> {
         let mut held = LockSet::default();
-        for n in ALL.iter().filter(|n| names.contains(n)) {
+        let mut order: Vec<&str> = ALL.iter().copied().filter(|n| names.contains(n)).collect();
+        for n in names {
+            if !order.contains(n) {
+                order.push(n);
+            }
+        }
+        for n in order {
             match self.lock(n, purpose, ttl).await {
                 Ok(l) => held.0.push(l),
                 Err(e) => {
@@ -320,6 +327,25 @@ mod tests {
         assert_eq!(loc.unlock("attack").await.unwrap().unwrap().purpose, "x");
         let all = loc.lock_all(&ALL, "compact", ttl).await.unwrap();
         all.release().await.unwrap();
+        assert!(loc.locks().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_name_given_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
+        let ttl = Duration::from_secs(600);
+        // The feeds and push, and a name outside ALL, are held while their work runs.
+        for name in ["taxii", "push", "scratch"] {
+            let held = loc.lock_all(&[name], "first", ttl).await.unwrap();
+            let e = loc
+                .lock_all(&[name], "second", ttl)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("first (pid"), "{name}: {e}");
+            held.release().await.unwrap();
+        }
         assert!(loc.locks().await.unwrap().is_empty());
     }
 }
