@@ -1001,10 +1001,8 @@ fn source_for(settings: &Settings, d: Domain) -> Result<String> {
 
 async fn sql(settings: &Settings, args: SqlArgs) -> Result<()> {
     let lake = Lake::from_settings(&settings.lake)?;
-    let mut options = threatlake::sql::EngineOptions::from_settings(settings);
-    if settings.sql.memory_mb > 0 {
-        options.runtime = Some(threatlake::sql::bounded_runtime(settings.sql.memory_mb)?);
-    }
+    let options = threatlake::sql::EngineOptions::from_settings(settings)
+        .with_memory_mb(settings.sql.memory_mb)?;
     let kind = match args.engine {
         SqlEngineKind::Datafusion => EngineKind::DataFusion,
         SqlEngineKind::Duckdb => EngineKind::DuckDb,

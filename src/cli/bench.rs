@@ -310,7 +310,7 @@ pub async fn sql(
             }
             Ok(go_on)
         }
-        fn end(&mut self, _stopped: bool, _secs: f64) -> Result<()> {
+        fn end(&mut self, _secs: f64) -> Result<()> {
             let p = self.printer.finish()?;
             self.rows = p.rows;
             self.more = p.more;
@@ -318,10 +318,8 @@ pub async fn sql(
         }
     }
     let lake = Lake::open(lake)?;
-    let mut options = threatlake::sql::EngineOptions::from_settings(settings);
-    if settings.sql.memory_mb > 0 {
-        options.runtime = Some(threatlake::sql::bounded_runtime(settings.sql.memory_mb)?);
-    }
+    let options = threatlake::sql::EngineOptions::from_settings(settings)
+        .with_memory_mb(settings.sql.memory_mb)?;
     let engine = QueryEngine::open(
         threatlake::sql::EngineKind::DataFusion,
         &lake,

@@ -14,7 +14,7 @@ use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Context, Editor, Helper, Highlighter, Hinter};
 use threatlake::sql::output::{self, OutputError, OutputFormat};
 use threatlake::sql::QueryResult;
-use threatlake::sql::{QueryEngine, ResultSink};
+use threatlake::sql::{QueryEngine, QueryEngineError, ResultSink};
 
 /// Backslash commands. `INFO` is the single source of truth for parsing and for `\?`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +188,10 @@ impl Session {
 
 /// A query stopped by the memory pool says which setting raises it.
 fn memory_hint(e: anyhow::Error) -> anyhow::Error {
-    if e.to_string().contains("Resources exhausted") {
+    let out_of_memory = e
+        .downcast_ref::<QueryEngineError>()
+        .is_some_and(|q| matches!(q, QueryEngineError::Sql(s) if s.is_out_of_memory()));
+    if out_of_memory {
         e.context("the query needs more memory than sql.memory_mb allows (and could not spill): aggregate, filter or add a LIMIT, or raise sql.memory_mb (THREATLAKE_SQL_MEMORY_MB)")
     } else {
         e
@@ -215,7 +218,7 @@ impl ResultSink for Screen {
         Ok(more)
     }
 
-    fn end(&mut self, _stopped: bool, secs: f64) -> Result<()> {
+    fn end(&mut self, secs: f64) -> Result<()> {
         let p = self.printer.finish()?;
         if self.timing {
             let n = p.rows;

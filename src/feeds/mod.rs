@@ -218,6 +218,32 @@ pub fn rows_of(b: &RecordBatch) -> Vec<Vec<Option<String>>> {
         .collect()
 }
 
+/// The newest stored `modified` of every id of a feed log, in the fixed RFC 3339 form (so text
+/// order is time order); None where no version of the id has one. A pull compares what comes
+/// again with it. `table` and `id` are the caller's constants, never input.
+pub async fn newest_modified(
+    engine: &crate::sql::Engine,
+    table: &str,
+    id: &str,
+) -> Result<Vec<(String, Option<String>)>, FeedError> {
+    let r = engine
+        .run(&format!(
+            "SELECT {id}, CAST(max(modified) AS VARCHAR) FROM {table} GROUP BY {id}"
+        ))
+        .await?;
+    let mut out = Vec::new();
+    for b in &r[0].batches {
+        for (id, m) in column_strings(b, 0).into_iter().zip(column_strings(b, 1)) {
+            if let Some(id) = id {
+                let m =
+                    m.map(|m| rfc3339(Some(&serde_json::Value::String(m.clone()))).unwrap_or(m));
+                out.push((id, m));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Serde rows → one Arrow batch of `schema` (arrow-json does the typing: timestamps, lists, nulls).
 pub fn to_batch<T: Serialize>(
     table: &'static str,

@@ -437,22 +437,11 @@ impl<'a> OtxWriter<'a> {
 pub async fn known_versions(
     engine: &crate::sql::Engine,
 ) -> Result<BTreeMap<String, String>, FeedError> {
-    let r = engine
-        .run("SELECT pulse_id, CAST(max(modified) AS VARCHAR) FROM otx_pulse_log GROUP BY pulse_id")
-        .await?;
-    let mut out = BTreeMap::new();
-    for b in &r[0].batches {
-        let ids = super::column_strings(b, 0);
-        let m = super::column_strings(b, 1);
-        for (id, m) in ids.into_iter().zip(m) {
-            if let (Some(id), Some(m)) = (id, m) {
-                // Normalise to the fixed RFC 3339 form so text order is time order.
-                let v = rfc3339(Some(&Value::String(m.clone()))).unwrap_or(m);
-                out.insert(id, v);
-            }
-        }
-    }
-    Ok(out)
+    Ok(super::newest_modified(engine, PULSE_LOG, "pulse_id")
+        .await?
+        .into_iter()
+        .filter_map(|(id, m)| Some((id, m?)))
+        .collect())
 }
 
 /// Pull subscribed pulses modified since the stored watermark. Pages are kept raw before parsing;

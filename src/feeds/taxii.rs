@@ -284,14 +284,13 @@ pub struct TaxiiReport {
 /// (THREATLAKE_TAXII_TOKEN), or none. Credentials are only ever sent under the collection URL.
 pub fn client(settings: &TaxiiSettings, collection: &str) -> Result<FeedClient, FeedError> {
     use base64::Engine as _;
-    let (header, value, env) = match (
+    let (value, env) = match (
         settings.token.expose(),
         settings.username.as_deref(),
         settings.password.expose(),
     ) {
-        (Some(t), _, _) => ("authorization", format!("Bearer {t}"), TOKEN_ENV),
+        (Some(t), _, _) => (format!("Bearer {t}"), TOKEN_ENV),
         (None, Some(u), p) => (
-            "authorization",
             format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD
@@ -300,7 +299,6 @@ pub fn client(settings: &TaxiiSettings, collection: &str) -> Result<FeedClient, 
             PASSWORD_ENV,
         ),
         (None, None, _) => (
-            "authorization",
             String::new(),
             "THREATLAKE_TAXII_PASSWORD (with taxii.username) or THREATLAKE_TAXII_TOKEN",
         ),
@@ -326,7 +324,7 @@ pub fn client(settings: &TaxiiSettings, collection: &str) -> Result<FeedClient, 
     Ok(FeedClient::new(
         "TAXII",
         collection,
-        header,
+        "authorization",
         &value,
         env,
         settings.http.policy(),
@@ -337,28 +335,6 @@ pub fn client(settings: &TaxiiSettings, collection: &str) -> Result<FeedClient, 
 
 fn state_key(collection: &str) -> String {
     format!("added_after {collection}")
-}
-
-/// Newest stored `modified` per object id (None for objects without versions, e.g. observables).
-async fn known_versions(
-    engine: &crate::sql::Engine,
-) -> Result<HashMap<String, Option<String>>, FeedError> {
-    let r = engine
-        .run("SELECT object_id, CAST(max(modified) AS VARCHAR) FROM taxii_object_log GROUP BY object_id")
-        .await?;
-    let mut out = HashMap::new();
-    for b in &r[0].batches {
-        for (id, m) in super::column_strings(b, 0)
-            .into_iter()
-            .zip(super::column_strings(b, 1))
-        {
-            if let Some(id) = id {
-                let m = m.map(|m| rfc3339(Some(&Value::String(m.clone()))).unwrap_or(m));
-                out.insert(id, m);
-            }
-        }
-    }
-    Ok(out)
 }
 
 fn later(a: &str, b: &str) -> bool {
@@ -382,7 +358,12 @@ pub async fn ingest(
 ) -> Result<TaxiiReport, FeedError> {
     let collection = client.base.to_string();
     let engine = crate::sql::Engine::open(lake).await?;
-    let known = known_versions(&engine).await?;
+    // Newest stored `modified` per object id (None for objects without versions, e.g. observables).
+    let known: HashMap<String, Option<String>> =
+        super::newest_modified(&engine, OBJECT_LOG, "object_id")
+            .await?
+            .into_iter()
+            .collect();
     let mut state = read_state(lake, STATE_SOURCE).await?;
     let since = added_after.or_else(|| state.get(&state_key(&collection)).cloned());
     let now = Utc::now();

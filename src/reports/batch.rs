@@ -107,12 +107,10 @@ pub async fn write_all(
     let formats = &options.formats;
     let out = &options.out;
     let lake = Lake::from_settings(&settings.lake).map_err(|e| meta_err(e.into()))?;
-    let mut engine_options = EngineOptions::from_settings(settings);
+    let mut engine_options = EngineOptions::from_settings(settings)
+        .with_memory_mb(settings.reports.memory_mb)
+        .map_err(meta_err)?;
     engine_options.since = options.since;
-    if settings.reports.memory_mb > 0 {
-        engine_options.runtime =
-            Some(crate::sql::bounded_runtime(settings.reports.memory_mb).map_err(meta_err)?);
-    }
     let engine = Engine::open_with(&lake, &engine_options)
         .await
         .map_err(meta_err)?;

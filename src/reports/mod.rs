@@ -279,7 +279,7 @@ impl Dataset {
 
 /// What to do when a report query ran out of its memory pool.
 fn memory_hint(e: &SqlError) -> &'static str {
-    if e.to_string().contains("Resources exhausted") {
+    if e.is_out_of_memory() {
         "\n(the report queries may hold reports.memory_mb of memory and this one needs more where DataFusion cannot spill: raise reports.memory_mb, e.g. THREATLAKE_REPORTS_MEMORY_MB=4096, or 0 for no bound)"
     } else {
         ""

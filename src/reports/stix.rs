@@ -206,8 +206,6 @@ pub async fn for_each_mapped_object(
     mut emit: impl FnMut(Dated) -> Result<(), ReportError>,
 ) -> Result<(), ReportError> {
     use futures::StreamExt;
-    let joined = "FROM threat_intelligence_data t \
-         JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version";
     let epoch = DateTime::<Utc>::UNIX_EPOCH;
     let identity = sid("identity", "threatlake");
     emit(Dated {
@@ -221,10 +219,12 @@ pub async fn for_each_mapped_object(
     // The attack-patterns mapped to (ATT&CK has hundreds of techniques: held in memory).
     let patterns = attack_patterns(engine).await?;
     let used = engine
-        .run(&format!(
-            "SELECT m.technique_id, max(m.technique_name), CAST(min(m.mapped_at) AS VARCHAR) {joined} \
-             GROUP BY m.technique_id ORDER BY 1"
-        ))
+        .run(
+            "SELECT m.technique_id, max(m.technique_name), CAST(min(m.mapped_at) AS VARCHAR) \
+             FROM threat_intelligence_data t \
+             JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version \
+             GROUP BY m.technique_id ORDER BY 1",
+        )
         .await
         .map_err(sql_err)?;
     let mut pattern_ids: BTreeMap<String, String> = BTreeMap::new();

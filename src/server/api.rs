@@ -51,24 +51,20 @@ pub fn error(status: StatusCode, code: &str, detail: &str) -> Response {
 
 fn sql_error(e: SqlError) -> Response {
     let detail = e.to_string();
+    if e.is_out_of_memory() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "resources_exhausted",
+            &format!("{detail}; the query needs more memory than server.sql.memory_mb allows: aggregate, filter or add a LIMIT"),
+        );
+    }
     match e {
         SqlError::NotAQuery { .. } | SqlError::ReadOnly { .. } => {
             error(StatusCode::BAD_REQUEST, "not_a_query", &detail)
         }
         SqlError::Timeout { .. } => error(StatusCode::UNPROCESSABLE_ENTITY, "timeout", &detail),
         SqlError::TooDeep { .. } => error(StatusCode::BAD_REQUEST, "too_deep", &detail),
-        SqlError::DataFusion(d) => {
-            let text = d.to_string();
-            if text.contains("Resources exhausted") {
-                error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "resources_exhausted",
-                    &format!("{text}; the query needs more memory than server.sql.memory_mb allows: aggregate, filter or add a LIMIT"),
-                )
-            } else {
-                error(StatusCode::BAD_REQUEST, "invalid_sql", &text)
-            }
-        }
+        SqlError::DataFusion(d) => error(StatusCode::BAD_REQUEST, "invalid_sql", &d.to_string()),
         SqlError::Lake(l)
             if matches!(
                 *l,

@@ -129,6 +129,14 @@ impl From<LakeError> for SqlError {
     }
 }
 
+impl SqlError {
+    /// The query ran out of its memory pool where DataFusion could not spill ("Resources
+    /// exhausted", wherever in DataFusion's chain of causes): front ends name their setting.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, SqlError::DataFusion(d) if d.to_string().contains("Resources exhausted"))
+    }
+}
+
 impl From<DataFusionError> for SqlError {
     fn from(e: DataFusionError) -> Self {
         SqlError::DataFusion(Box::new(e))
@@ -149,6 +157,16 @@ pub struct EngineOptions {
     /// Only intel observed at or after this instant (`report --since`): `otx_data` and
     /// `virustotal_data` (and the views built on them) are filtered; `*_all` keeps everything.
     pub since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl EngineOptions {
+    /// Hold the session's queries to `memory_mb` ([`bounded_runtime`]); 0 leaves them unbounded.
+    pub fn with_memory_mb(mut self, memory_mb: usize) -> Result<Self, SqlError> {
+        if memory_mb > 0 {
+            self.runtime = Some(bounded_runtime(memory_mb)?);
+        }
+        Ok(self)
+    }
 }
 
 impl Default for EngineOptions {

@@ -51,8 +51,8 @@ pub trait ResultSink {
     fn begin(&mut self, schema: &SchemaRef) -> Result<(), Self::Error>;
     /// The next batch; `Ok(false)` stops reading this result, which cancels the query.
     fn batch(&mut self, batch: &RecordBatch) -> Result<bool, Self::Error>;
-    /// The statement ended after `secs`; `stopped` when reading stopped before the last row.
-    fn end(&mut self, stopped: bool, secs: f64) -> Result<(), Self::Error>;
+    /// The statement ended after `secs` (or reading it stopped, when `batch` said so).
+    fn end(&mut self, secs: f64) -> Result<(), Self::Error>;
 }
 
 /// A session on one engine.
@@ -118,16 +118,14 @@ impl QueryEngine {
                         .await
                         .map_err(QueryEngineError::from)?;
                     sink.begin(&schema)?;
-                    let mut stopped = false;
                     while let Some(b) = stream.next().await {
                         let b = b.map_err(|e| QueryEngineError::from(super::SqlError::from(e)))?;
                         if !sink.batch(&b)? {
-                            stopped = true;
                             break;
                         }
                     }
                     drop(stream);
-                    sink.end(stopped, start.elapsed().as_secs_f64())?;
+                    sink.end(start.elapsed().as_secs_f64())?;
                 }
             }
             #[cfg(feature = "duckdb")]
@@ -136,14 +134,12 @@ impl QueryEngine {
                     let start = Instant::now();
                     let r = e.run_statement(&stmt).map_err(QueryEngineError::from)?;
                     sink.begin(&r.schema)?;
-                    let mut stopped = false;
                     for b in &r.batches {
                         if !sink.batch(b)? {
-                            stopped = true;
                             break;
                         }
                     }
-                    sink.end(stopped, start.elapsed().as_secs_f64())?;
+                    sink.end(start.elapsed().as_secs_f64())?;
                 }
             }
         }
@@ -170,7 +166,7 @@ impl QueryEngine {
                 }
                 Ok(true)
             }
-            fn end(&mut self, _stopped: bool, _secs: f64) -> Result<(), QueryEngineError> {
+            fn end(&mut self, _secs: f64) -> Result<(), QueryEngineError> {
                 Ok(())
             }
         }
