@@ -457,6 +457,10 @@ pub struct MappingSettings {
     pub top_k: usize,
     /// Optional pretrained vectors.
     pub pretrained_vectors: Option<String>,
+    /// Text calibration `model build` puts beside a model of its domain (`model calibrate --write`
+    /// makes one); null builds models whose scores are calibrated on ATT&CK procedures only.
+    #[serde(default)]
+    pub calibration: Option<String>,
 }
 
 /// `reports:` section.

@@ -220,6 +220,23 @@ enum ModelCommand {
         #[arg(long)]
         no_pretrained: bool,
     },
+    /// Fit the text calibration of a model's scores on labelled text that is not ATT&CK's own
+    /// (cross-validated; prints calibration error and precision/coverage per threshold) and save it
+    /// beside the model.
+    Calibrate {
+        /// JSON lines {"text": …, "labels": ["T…"]} (labels [] marks a negative); repeatable.
+        #[arg(long = "input", value_name = "FILE", required = true)]
+        inputs: Vec<PathBuf>,
+        /// Also write the calibration to this file (e.g. the shipped config/mapping_calibration.json).
+        #[arg(long, value_name = "FILE")]
+        write: Option<PathBuf>,
+        /// Model directory (default: newest for the domain).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Domain.
+        #[arg(long, value_enum, default_value_t = SingleDomain::Enterprise)]
+        domain: SingleDomain,
+    },
     /// Compare two threat-model snapshots (default: the last two runs): new, rising, fading, gone.
     Diff {
         /// Older run id.
@@ -273,6 +290,11 @@ struct MapArgs {
     /// Output: text (with evidence) or jsonl ({"row": N, "techniques": [{"technique_id", "score"}…]}).
     #[arg(long, value_enum, default_value_t = MapFormat::Text)]
     format: MapFormat,
+    /// Each text is a whole report (plain, markdown, HTML or PDF-extracted text; --input .txt/.md/.html
+    /// is read whole): map it sentence by sentence and list every technique found with its score,
+    /// supporting sentences and best sentence (jsonl adds "sentences" and "sentence").
+    #[arg(long)]
+    document: bool,
     /// Model directory (default: newest for the domain).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
@@ -890,6 +912,18 @@ async fn main_inner(cli: Cli) -> Result<()> {
             pretrained,
             no_pretrained,
         }) => cli::model::build(&settings, domain.into(), pretrained, no_pretrained).await,
+        Command::Model(ModelCommand::Calibrate {
+            inputs,
+            write,
+            model,
+            domain,
+        }) => cli::model::calibrate(
+            &settings,
+            model.as_deref(),
+            domain.into(),
+            &inputs,
+            write.as_deref(),
+        ),
         Command::Model(ModelCommand::Eval {
             from_lake: true,
             model,
@@ -922,6 +956,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             a.input,
             a.top,
             a.format == MapFormat::Jsonl,
+            a.document,
         ),
         Command::Bench(BenchCommand::Otx {
             pulses,

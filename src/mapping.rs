@@ -228,6 +228,22 @@ pub struct BuildReport {
     pub bytes: u64,
 }
 
+/// Read a text calibration file (`mapping.calibration`); the error says what is wrong and how to fix it.
+pub fn read_calibration(path: &Path) -> Result<mapper::calibrate::Calibration, String> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read the calibration {}: {e}; fix mapping.calibration (null builds an uncalibrated model)",
+            path.display()
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        format!(
+            "{} is not a calibration file ({e}); write one with `threatlake model calibrate --write`",
+            path.display()
+        )
+    })
+}
+
 /// Build and save the model for `domain` under `models_root/<domain>-<version>/`.
 pub async fn build_model(
     engine: &Engine,
@@ -235,6 +251,7 @@ pub async fn build_model(
     models_root: &Path,
     pretrained: Option<&Path>,
     params: MapperParams,
+    calibration: Option<mapper::calibrate::Calibration>,
 ) -> Result<BuildReport, MappingError> {
     let mut timings = Vec::new();
     let t = Instant::now();
@@ -252,7 +269,8 @@ pub async fn build_model(
     })
     .await
     .expect("model build worker panicked");
-    let m = m?;
+    let mut m = m?;
+    m.model.calibration = calibration.filter(|c| c.domain == m.model.domain);
     timings.push(("fit", t.elapsed()));
     let t = Instant::now();
     let dir = mapper::model_dir(models_root, domain.as_str(), &set.attack_version);

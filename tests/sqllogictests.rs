@@ -140,6 +140,12 @@ fn main() {
             &dir.join("models"),
             None,
             threatlake_udfs::mapper::MapperParams::default(),
+            Some(
+                threatlake::mapping::read_calibration(std::path::Path::new(
+                    "config/mapping_calibration.json",
+                ))
+                .unwrap(),
+            ),
         )
         .await
         .unwrap();

@@ -132,6 +132,30 @@ pub fn jsonl_line(row: usize, ranked: &[(String, f64)]) -> String {
     format!("{{\"row\": {row}, \"techniques\": [{}]}}", items.join(", "))
 }
 
+/// Files read whole as one report by `map --document --input`.
+fn is_whole_document(p: &Path) -> bool {
+    let name = p.to_string_lossy().to_lowercase();
+    [".txt", ".md", ".markdown", ".html", ".htm", ".text"]
+        .iter()
+        .any(|e| name.ends_with(e))
+}
+
+/// JSON line of one mapped report: `{"row", "techniques": [{"technique_id", "score", "sentences", "sentence"}]}`.
+pub fn document_line(m: &Mapper, row: usize, found: &[threatlake_udfs::mapper::document::Found]) -> String {
+    let techniques: Vec<serde_json::Value> = found
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "technique_id": m.model.techniques[f.technique].id,
+                "score": round4(f.score),
+                "sentences": f.sentences,
+                "sentence": f.sentence,
+            })
+        })
+        .collect();
+    serde_json::json!({"row": row, "techniques": techniques}).to_string()
+}
+
 fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
 }
@@ -145,17 +169,59 @@ pub fn map(
     input: Option<PathBuf>,
     top: usize,
     jsonl: bool,
+    document: bool,
 ) -> Result<()> {
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load(&dir)?;
     let texts = match (text, input) {
         (Some(t), None) => vec![t],
+        (None, Some(p)) if document && is_whole_document(&p) => {
+            vec![std::fs::read_to_string(&p).with_context(|| {
+                format!(
+                    "cannot read {} as UTF-8 text (extract a PDF's text first, e.g. pdftotext)",
+                    p.display()
+                )
+            })?]
+        }
         (None, Some(p)) => read_texts(&p)?,
         (Some(_), Some(_)) => bail!("give either TEXT or --input FILE, not both"),
         (None, None) => bail!("give a TEXT to map or --input FILE"),
     };
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
+    if document {
+        let threshold = settings.mapping.threshold;
+        let docs = threatlake_udfs::mapping_kernels::par_documents(&m, texts.len(), threshold, |i| {
+            Some(texts[i].as_str())
+        });
+        for (i, found) in docs.into_iter().enumerate() {
+            let found = found.unwrap_or_default();
+            if jsonl {
+                writeln!(out, "{}", document_line(&m, i, &found))?;
+                continue;
+            }
+            if texts.len() > 1 {
+                writeln!(out, "row {i}: {} techniques", found.len())?;
+            }
+            for (rank, f) in found.iter().enumerate() {
+                let t = &m.model.techniques[f.technique];
+                writeln!(
+                    out,
+                    "{:>3}. {:<10} {:.3}  {} [{}], {} sentence{}\n       \"{}\"",
+                    rank + 1,
+                    t.id,
+                    f.score,
+                    t.name,
+                    t.tactics.join(", "),
+                    f.sentences,
+                    if f.sentences == 1 { "" } else { "s" },
+                    f.sentence.chars().take(160).collect::<String>()
+                )?;
+            }
+        }
+        out.flush()?;
+        return Ok(());
+    }
     let rows = threatlake_udfs::mapping_kernels::par_top_k(&m, &texts, top);
     for (i, ranked) in rows.iter().enumerate() {
         if jsonl {
@@ -302,9 +368,13 @@ pub fn eval_file(
             b.lo, b.hi, b.n, b.mean_score, b.accuracy
         );
     }
-    let thresholds = [
+    let mut thresholds = vec![
         0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
     ];
+    if !thresholds.contains(&settings.mapping.threshold) {
+        thresholds.push(settings.mapping.threshold);
+        thresholds.sort_by(f64::total_cmp);
+    }
     println!();
     println!(
         "{:>9} {:>9} {:>10} {:>17}",
@@ -325,7 +395,7 @@ pub fn eval_file(
                 .map_or("-".to_string(), |x| format!("{x:.3}"))
         );
     }
-    Ok(())
+    eval_documents(settings, &m, input)
 }
 
 /// `model eval --from-lake`: the model against the techniques feeds state for their own items (OTX
@@ -459,5 +529,202 @@ pub async fn eval_holdout(
         &eval::evaluate(&ranked, &labels),
         fit_s,
     );
+    Ok(())
+}
+
+/// A labelled row with the report or rule it belongs to (AnnoCTR's `doc`, else `id`).
+struct GroupedRow {
+    text: String,
+    labels: Vec<String>,
+    group: Option<String>,
+}
+
+fn read_grouped(path: &Path) -> Result<Vec<GroupedRow>> {
+    let labelled = read_labelled(path)?;
+    let text = std::fs::read_to_string(path)?;
+    let groups = text.lines().filter(|l| !l.trim().is_empty()).map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+        ["doc", "id"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(|x| x.as_str()).map(str::to_string))
+    });
+    Ok(labelled
+        .into_iter()
+        .zip(groups)
+        .map(|(l, group)| GroupedRow {
+            text: l.text,
+            labels: l.labels,
+            group,
+        })
+        .collect())
+}
+
+/// `model calibrate`: fit the text calibration on labelled files, report it cross-validated
+/// (5 folds by report/rule, so sentences of one report never sit on both sides) and save it.
+pub fn calibrate(
+    settings: &Settings,
+    model: Option<&Path>,
+    domain: Domain,
+    inputs: &[PathBuf],
+    write: Option<&Path>,
+) -> Result<()> {
+    use threatlake_udfs::mapper::calibrate::{self as cal, Calibration};
+    let dir = resolve_model(settings, model, domain)?;
+    let m = Mapper::load_uncalibrated(&dir)?;
+    let mut all = Vec::new();
+    let mut names = Vec::new();
+    for (fi, p) in inputs.iter().enumerate() {
+        let rows: Vec<(String, Vec<String>, u64)> = read_grouped(p)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let g = r.group.map_or(i as u64, |g| cal::group_of(&g));
+                (r.text, r.labels, g)
+            })
+            .collect();
+        let name = p
+            .file_name()
+            .map_or(p.display().to_string(), |n| n.to_string_lossy().to_string());
+        names.push(format!("{name} ({} rows)", rows.len()));
+        all.extend(cal::samples(&m, fi, &rows));
+    }
+    let cv = cal::cross_validated(&all, 5);
+    let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+    println!("model {}", dir.display());
+    println!(
+        "{:<28} {:>9} {:>9} {:>10} {:>12} {:>10} {:>12}",
+        "file", "positives", "negatives", "ECE before", "after (CV)", "with negs", "after (CV)"
+    );
+    let (mut pos_all, mut neg_all) = (Vec::new(), Vec::new());
+    let mut per_file = Vec::new();
+    for (fi, name) in names.iter().enumerate() {
+        let (mut before, mut after, mut negs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut negs_before = Vec::new();
+        for (s, p) in all.iter().zip(&cv) {
+            if s.file != fi {
+                continue;
+            }
+            let (Some((x, ok)), Some(p)) = (s.candidates.first(), p) else {
+                continue;
+            };
+            if s.positive {
+                before.push((sigmoid(x[0]), *ok));
+                after.push((*p, *ok));
+            } else {
+                negs.push(*p);
+                negs_before.push(sigmoid(x[0]));
+            }
+        }
+        let with_negatives = |pos: &[(f64, bool)], negs: Vec<f64>| {
+            let mut all = pos.to_vec();
+            all.extend(negs.into_iter().map(|p| (p, false)));
+            eval::reliability(&all, 10).ece
+        };
+        println!(
+            "{:<28} {:>9} {:>9} {:>10.4} {:>12.4} {:>10.4} {:>12.4}",
+            name.split(" (").next().unwrap_or(name),
+            after.len(),
+            negs.len(),
+            eval::reliability(&before, 10).ece,
+            eval::reliability(&after, 10).ece,
+            with_negatives(&before, negs_before.clone()),
+            with_negatives(&after, negs.clone()),
+        );
+        pos_all.extend(after.iter().copied());
+        neg_all.extend(negs.iter().copied());
+        per_file.push((name.clone(), after, negs));
+    }
+    let chosen = cal::choose_threshold(&pos_all, &neg_all, 0.03, 0.75);
+    println!();
+    match chosen {
+        Some(t) => println!(
+            "threshold for ≤ 3% negatives mapped and precision ≥ 0.75 (pooled, cross-validated): {t:.2}"
+        ),
+        None => println!("no threshold reaches ≤ 3% negatives mapped with precision ≥ 0.75"),
+    }
+    let mut thresholds = vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8];
+    thresholds.extend(chosen);
+    thresholds.push(settings.mapping.threshold);
+    thresholds.sort_by(f64::total_cmp);
+    thresholds.dedup();
+    println!(
+        "{:<28} {:>9} {:>9} {:>10} {:>17}",
+        "file", "threshold", "coverage", "precision", "negatives mapped"
+    );
+    for (name, pos, negs) in &per_file {
+        for p in eval::operating_points(pos, negs, &thresholds) {
+            println!(
+                "{:<28} {:>9.2} {:>9.3} {:>10.3} {:>17}",
+                name.split(" (").next().unwrap_or(name),
+                p.threshold,
+                p.coverage,
+                p.precision,
+                p.negatives_mapped
+                    .map_or("-".to_string(), |x| format!("{x:.3}"))
+            );
+        }
+    }
+    let rows = cal::rows_of(&all.iter().collect::<Vec<_>>());
+    let c = Calibration::fit(&rows, names, &m.model.domain, &m.model.attack_version);
+    m.save_calibration(&dir, &c)?;
+    println!();
+    println!("calibration saved to {}", dir.join(mapper::CALIBRATION_FILE).display());
+    if let Some(w) = write {
+        let bytes = serde_json::to_vec_pretty(&c)?;
+        std::fs::write(w, bytes).with_context(|| format!("cannot write {}", w.display()))?;
+        println!("and to {}", w.display());
+    }
+    Ok(())
+}
+
+/// Document-level scores of `map_report` on a labelled file whose rows name their report (`doc`):
+/// each report's sentences joined are mapped as one document, its technique set compared with
+/// the union of its sentences' labels.
+fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
+    let rows = read_grouped(path)?;
+    let mut docs: std::collections::BTreeMap<String, (Vec<String>, std::collections::BTreeSet<String>)> =
+        Default::default();
+    for r in rows {
+        let Some(g) = r.group else { continue };
+        let d = docs.entry(g).or_default();
+        d.0.push(r.text);
+        d.1.extend(r.labels);
+    }
+    let docs: Vec<(String, std::collections::BTreeSet<String>)> = docs
+        .into_values()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(t, l)| (t.join("\n\n"), l))
+        .collect();
+    if docs.len() < 2 {
+        return Ok(());
+    }
+    let found = threatlake_udfs::mapping_kernels::par_documents(
+        m,
+        docs.len(),
+        settings.mapping.threshold,
+        |i| Some(docs[i].0.as_str()),
+    );
+    let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
+    for ((_, labels), f) in docs.iter().zip(found) {
+        let got: std::collections::BTreeSet<&str> = f
+            .unwrap_or_default()
+            .iter()
+            .map(|x| m.model.techniques[x.technique].id.as_str())
+            .collect();
+        let hit = got.iter().filter(|t| labels.contains(**t)).count();
+        tp += hit;
+        fp += got.len() - hit;
+        fn_ += labels.iter().filter(|l| !got.contains(l.as_str())).count();
+    }
+    let p = tp as f64 / (tp + fp).max(1) as f64;
+    let r = tp as f64 / (tp + fn_).max(1) as f64;
+    let f1 = if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 };
+    println!();
+    println!(
+        "documents  {} (rows grouped by report; map_report at mapping.threshold {})",
+        docs.len(),
+        settings.mapping.threshold
+    );
+    println!("doc precision {p:.4}  recall {r:.4}  F1 {f1:.4}");
     Ok(())
 }

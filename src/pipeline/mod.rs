@@ -979,6 +979,19 @@ pub async fn build_model(
             });
         }
     }
+    let calibration = settings
+        .mapping
+        .calibration
+        .as_deref()
+        .map(|p| {
+            crate::mapping::read_calibration(Path::new(p)).map_err(|message| {
+                PipelineError::Setting {
+                    setting: "mapping.calibration".into(),
+                    message,
+                }
+            })
+        })
+        .transpose()?;
     let t = Instant::now();
     let report = crate::mapping::build_model(
         engine,
@@ -986,6 +999,7 @@ pub async fn build_model(
         Path::new(&settings.lake.models),
         pre.as_deref().map(Path::new),
         threatlake_udfs::mapper::MapperParams::default(),
+        calibration,
     )
     .await?;
     let m = &report.manifest;
@@ -1009,6 +1023,15 @@ pub async fn build_model(
         stages.join(", "),
         report.dir.display()
     );
+    let calibrated = report
+        .dir
+        .join(threatlake_udfs::mapper::CALIBRATION_FILE)
+        .is_file();
+    summary.push_str(&match (&settings.mapping.calibration, calibrated) {
+        (Some(p), true) => format!("\nscores: text calibration of {p}"),
+        (Some(p), false) => format!("\nscores: {p} is for another domain; scores calibrated on ATT&CK procedures only"),
+        (None, _) => "\nscores: calibrated on ATT&CK procedures only (mapping.calibration is null)".to_string(),
+    });
     let mut published = None;
     if let Some(remote) = &settings.lake.models_remote {
         let n = crate::models::publish(&settings.lake, remote, &report.dir).await?;

@@ -2,14 +2,15 @@
 //! "MISP Feed" — `manifest.json`, `hashes.csv` and one event JSON per current threat item, its
 //! techniques as `misp-galaxy:mitre-attack-pattern` tags and its observables as attributes.
 
-use std::collections::BTreeMap;
 use std::path::Path;
+
+use arrow::array::{Array, AsArray};
 
 use md5::Digest;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{write_atomic, ReportError};
+use super::{write_atomic, AtomicFile, ReportError};
 use crate::integrations::record::{observables, Observable};
 use crate::sql::Engine;
 
@@ -41,61 +42,46 @@ fn attribute_type(o: &Observable) -> (&'static str, &'static str) {
 }
 
 struct Item {
+    id: String,
     version: String,
     source: String,
     title: Option<String>,
     text: Option<String>,
     observed: Option<chrono::DateTime<chrono::Utc>>,
+    /// (technique, name, best score) in technique order.
     techniques: Vec<(String, Option<String>, f64)>,
 }
 
+/// Items whose observables are read with one query.
+const CHUNK: usize = 2000;
+
 /// Write the feed into `dir` (replacing its events); returns the number of events.
+///
+/// Streams: items come from the lake in item order a chunk at a time (a chunk's observables are
+/// read with one query), each event is written as it is made, and `hashes.csv` and
+/// `manifest.json` are written entry by entry into temporary files renamed into place at the
+/// end, so memory does not grow with the number of items.
 pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportError> {
+    use futures::StreamExt;
     let err = |source| ReportError::Sql {
         name: "misp-feed".into(),
         source,
     };
-    let r = engine
-        .run(
-            "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), \
-                    m.technique_id, max(m.technique_name), max(m.score) \
-             FROM threat_intelligence_data t \
-             JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version \
-             GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 7",
-        )
-        .await
-        .map_err(err)?;
-    let mut items: BTreeMap<String, Item> = BTreeMap::new();
-    for b in &r[0].batches {
-        for row in crate::feeds::rows_of(b) {
-            let get = |c: usize| row[c].clone();
-            let (Some(id), Some(tid)) = (get(0), get(6)) else {
-                continue;
-            };
-            let item = items.entry(id).or_insert_with(|| Item {
-                version: get(1).unwrap_or_default(),
-                source: get(2).unwrap_or_default(),
-                title: get(3),
-                text: get(4),
-                observed: get(5).and_then(|s| {
-                    chrono::DateTime::parse_from_rfc3339(&s)
-                        .ok()
-                        .map(|d| d.with_timezone(&chrono::Utc))
-                }),
-                techniques: vec![],
-            });
-            let score = get(8).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-            item.techniques.push((tid, get(7), score));
-        }
-    }
-    let ids: Vec<&str> = items.keys().map(String::as_str).collect();
-    let observed = observables(engine, &ids, MAX_ATTRIBUTES)
-        .await
-        .map_err(|e| ReportError::Write {
-            path: dir.display().to_string(),
-            message: format!("reading observables: {e}"),
-        })?;
-    let write = |name: &str, bytes: &[u8]| write_atomic(&dir.join(name), bytes);
+    // One row per item with its techniques (best score and name per technique) as a list; the
+    // sort by item spills to disk under the report memory pool.
+    let stmt = crate::sql::parse(
+        "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.techniques \
+         FROM (SELECT item_id, item_version, \
+                      array_agg(named_struct('technique_id', technique_id, 'name', technique_name, 'score', score)) AS techniques \
+               FROM (SELECT item_id, item_version, technique_id, max(technique_name) AS technique_name, \
+                            max(score) AS score \
+                     FROM mapped_threat_data GROUP BY item_id, item_version, technique_id) \
+               GROUP BY item_id, item_version) m \
+         JOIN threat_intelligence_data t ON m.item_id = t.item_id AND m.item_version = t.item_version \
+         ORDER BY t.item_id, t.item_version",
+    )
+    .map_err(err)?
+    .remove(0);
     // Events of an earlier run that are not current any more go away with it.
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -104,12 +90,104 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
             }
         }
     }
-    let mut manifest = serde_json::Map::new();
-    let mut hashes = String::new();
-    let now = chrono::Utc::now();
-    for (id, item) in &items {
+    let mut feed = Feed {
+        dir,
+        hashes: AtomicFile::create(&dir.join("hashes.csv"))?,
+        manifest: AtomicFile::create(&dir.join("manifest.json"))?,
+        events: 0,
+        now: chrono::Utc::now(),
+    };
+    let (_, mut stream) = engine.stream_statement(stmt).await.map_err(err)?;
+    let mut chunk: Vec<Item> = Vec::with_capacity(CHUNK);
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(|e| err(e.into()))?;
+        let scalars = b
+            .project(&[0, 1, 2, 3, 4, 5])
+            .map_err(|e| err(datafusion::error::DataFusionError::from(e).into()))?;
+        let lists = b.column(6).as_list::<i32>();
+        for (r, row) in crate::feeds::rows_of(&scalars).into_iter().enumerate() {
+            let mut row = row.into_iter();
+            let mut next = || row.next().flatten();
+            let (Some(id), version) = (next(), next()) else {
+                continue;
+            };
+            let mut item = Item {
+                id,
+                version: version.unwrap_or_default(),
+                source: next().unwrap_or_default(),
+                title: next(),
+                text: next(),
+                observed: next().and_then(|s| {
+                    chrono::DateTime::parse_from_rfc3339(&s)
+                        .ok()
+                        .map(|d| d.with_timezone(&chrono::Utc))
+                }),
+                techniques: vec![],
+            };
+            if lists.is_valid(r) {
+                let entries = lists.value(r);
+                let s = entries.as_struct();
+                let col = |i: usize| crate::feeds::array_strings(s.column(i));
+                let (tids, names, scores) = (col(0), col(1), col(2));
+                for ((tid, name), score) in tids.into_iter().zip(names).zip(scores) {
+                    if let Some(tid) = tid {
+                        let score = score.and_then(|s| s.parse().ok()).unwrap_or(0.0);
+                        item.techniques.push((tid, name, score));
+                    }
+                }
+                item.techniques.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            if item.techniques.is_empty() {
+                continue;
+            }
+            chunk.push(item);
+            if chunk.len() == CHUNK {
+                feed.write_chunk(engine, &mut chunk).await?;
+            }
+        }
+    }
+    feed.write_chunk(engine, &mut chunk).await?;
+    feed.finish()
+}
+
+/// The feed being written.
+struct Feed<'a> {
+    dir: &'a Path,
+    hashes: AtomicFile,
+    manifest: AtomicFile,
+    events: usize,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+impl Feed<'_> {
+    fn write_err(&self, e: impl std::fmt::Display) -> ReportError {
+        ReportError::Write {
+            path: self.dir.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Write the events of `chunk` (emptied).
+    async fn write_chunk(&mut self, engine: &Engine, chunk: &mut Vec<Item>) -> Result<(), ReportError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = chunk.iter().map(|i| i.id.as_str()).collect();
+        let observed = observables(engine, &ids, MAX_ATTRIBUTES)
+            .await
+            .map_err(|e| self.write_err(format!("reading observables: {e}")))?;
+        for item in chunk.drain(..) {
+            let obs = observed.get(&item.id).map(Vec::as_slice).unwrap_or_default();
+            self.write_event(&item, obs)?;
+        }
+        Ok(())
+    }
+
+    fn write_event(&mut self, item: &Item, observed: &[Observable]) -> Result<(), ReportError> {
+        use std::io::Write;
+        let id = &item.id;
         let uuid = Uuid::new_v5(&NS, format!("{id}\u{1f}{}", item.version).as_bytes()).to_string();
-        let when = item.observed.unwrap_or(now);
+        let when = item.observed.unwrap_or(self.now);
         let ts = when.timestamp().to_string();
         let mut tags = vec![
             json!({"name": "tlp:clear"}),
@@ -124,7 +202,7 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
         }
         let mut attributes = vec![];
         let comment = format!("{id} ({})", item.source);
-        for o in observed.get(id).into_iter().flatten() {
+        for o in observed {
             let (kind, category) = attribute_type(o);
             let a_uuid = Uuid::new_v5(&NS, format!("{uuid}|{kind}|{}", o.value).as_bytes());
             attributes.push(json!({
@@ -132,10 +210,12 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
                 "to_ids": kind != "text", "timestamp": ts, "comment": comment,
                 "distribution": "5", "disable_correlation": false
             }));
-            hashes.push_str(&format!(
-                "{:x},{uuid}\n",
+            writeln!(
+                self.hashes.writer(),
+                "{:x},{uuid}",
                 md5::Md5::digest(o.value.as_bytes())
-            ));
+            )
+            .map_err(|e| self.write_err(e))?;
         }
         if let Some(text) = item.text.as_deref().filter(|t| !t.is_empty()) {
             attributes.push(json!({
@@ -159,27 +239,34 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
             "published": true, "distribution": "3", "Orgc": org(), "Tag": tags,
             "Attribute": attributes
         }});
-        let bytes = serde_json::to_vec(&event).map_err(|e| ReportError::Write {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        })?;
-        write(&format!("{uuid}.json"), &bytes)?;
-        manifest.insert(
-            uuid,
-            json!({
-                "info": event["Event"]["info"], "date": date, "analysis": "2",
-                "threat_level_id": threat_level, "timestamp": ts, "publish_timestamp": ts,
-                "Orgc": org(), "Tag": event["Event"]["Tag"]
-            }),
-        );
+        let bytes = serde_json::to_vec(&event).map_err(|e| self.write_err(e))?;
+        write_atomic(&self.dir.join(format!("{uuid}.json")), &bytes)?;
+        // The manifest entry, laid out as `serde_json::to_vec_pretty` lays out an object's member.
+        let entry = json!({
+            "info": event["Event"]["info"], "date": date, "analysis": "2",
+            "threat_level_id": threat_level, "timestamp": ts, "publish_timestamp": ts,
+            "Orgc": org(), "Tag": event["Event"]["Tag"]
+        });
+        let pretty = serde_json::to_string_pretty(&entry).map_err(|e| self.write_err(e))?;
+        let w = self.manifest.writer();
+        let sep = if self.events == 0 { "{\n  " } else { ",\n  " };
+        write!(w, "{sep}\"{uuid}\": {}", pretty.replace('\n', "\n  "))
+            .map_err(|e| self.write_err(e))?;
+        self.events += 1;
+        Ok(())
     }
-    write("hashes.csv", hashes.as_bytes())?;
-    let bytes =
-        serde_json::to_vec_pretty(&Value::Object(manifest)).map_err(|e| ReportError::Write {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        })?;
-    // The manifest last: a client that reads it finds every event it lists.
-    write("manifest.json", &bytes)?;
-    Ok(items.len())
+
+    /// Close the manifest and put `hashes.csv` and then `manifest.json` in place (the manifest
+    /// last: a client that reads it finds every event it lists).
+    fn finish(mut self) -> Result<usize, ReportError> {
+        use std::io::Write;
+        let end: &[u8] = if self.events == 0 { b"{}" } else { b"\n}" };
+        self.manifest
+            .writer()
+            .write_all(end)
+            .map_err(|e| self.write_err(e))?;
+        self.hashes.commit()?;
+        self.manifest.commit()?;
+        Ok(self.events)
+    }
 }

@@ -565,9 +565,24 @@ pub fn index_page(
 
 /// Write a file under a temporary name, then rename it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
-    let mut f = AtomicFile::create(path)?;
-    std::io::Write::write_all(f.writer(), bytes).map_err(write_err(path))?;
-    f.commit()
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(write_err(path))?;
+    }
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            write_err(path)(e)
+        })
+}
+
+/// The temporary file beside `path` it is written as before it is renamed into place.
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ))
 }
 
 /// A file written through a buffer into a temporary file beside it (so a large export never sits
@@ -586,10 +601,7 @@ impl AtomicFile {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d).map_err(err)?;
         }
-        let tmp = path.with_extension(format!(
-            "{}.tmp",
-            path.extension().and_then(|e| e.to_str()).unwrap_or("")
-        ));
+        let tmp = tmp_path(path);
         let f = std::fs::File::create(&tmp).map_err(write_err(path))?;
         Ok(Self {
             path: path.to_path_buf(),

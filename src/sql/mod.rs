@@ -174,7 +174,7 @@ impl Default for EngineOptions {
         Self {
             models_root: PathBuf::from("data/models"),
             mapping_domain: "enterprise".into(),
-            threshold: 0.03,
+            threshold: threatlake_udfs::DEFAULT_THRESHOLD,
             since: None,
             runtime: None,
         }

@@ -82,6 +82,7 @@ enum MapKind {
     MapTechniques,
     TechniqueScore,
     ExplainMapping,
+    MapReport,
 }
 
 #[derive(Debug)]
@@ -111,6 +112,7 @@ impl ScalarUDFImpl for MappingUdf {
             MapKind::MapTechniques => "map_techniques",
             MapKind::TechniqueScore => "technique_score",
             MapKind::ExplainMapping => "explain_mapping",
+            MapKind::MapReport => "map_report",
         }
     }
 
@@ -122,6 +124,7 @@ impl ScalarUDFImpl for MappingUdf {
         Ok(match self.kind {
             MapKind::MapTechnique | MapKind::ExplainMapping => DataType::Utf8,
             MapKind::MapTechniques => mapping_kernels::ranked_list_type(),
+            MapKind::MapReport => mapping_kernels::report_list_type(),
             MapKind::TechniqueScore => DataType::Float64,
         })
     }
@@ -139,6 +142,7 @@ impl ScalarUDFImpl for MappingUdf {
             MapKind::ExplainMapping => {
                 mapping_kernels::explain_mapping(&m, text, self.mapper.threshold())
             }
+            MapKind::MapReport => mapping_kernels::map_report(&m, text, self.mapper.threshold()),
             MapKind::MapTechniques => {
                 let k = mapping_kernels::k_argument(&arrays[1]).map_err(ext)?;
                 mapping_kernels::map_techniques(&m, text, &k).map_err(ext)?
@@ -168,6 +172,7 @@ pub fn all_functions(mapper: Arc<LazyMapper>) -> Vec<ScalarUDF> {
         mapping(MapKind::MapTechniques, 2),
         mapping(MapKind::TechniqueScore, 2),
         mapping(MapKind::ExplainMapping, 1),
+        mapping(MapKind::MapReport, 1),
     ]
 }
 

@@ -71,6 +71,7 @@ const EXPLAIN_MAPPING: u8 = 3;
 const USE_MODEL: u8 = 4;
 const VERSION_KEY: u8 = 5;
 const TECHNIQUE_PARENT: u8 = 6;
+const MAP_REPORT: u8 = 7;
 
 /// One threatlake function in DuckDB; `F` picks which.
 pub struct Function<const F: u8>;
@@ -112,6 +113,7 @@ impl<const F: u8> VArrowScalar for Function<F> {
                     EXPLAIN_MAPPING => {
                         mapping_kernels::explain_mapping(&m, text, state.threshold())
                     }
+                    MAP_REPORT => mapping_kernels::map_report(&m, text, state.threshold()),
                     MAP_TECHNIQUES => {
                         let k = from_duckdb(input.column(1).as_ref())?;
                         let k = mapping_kernels::k_argument(&k)?;
@@ -154,6 +156,10 @@ impl<const F: u8> VArrowScalar for Function<F> {
                 vec![text(), text()],
                 t(DataType::Float64),
             )],
+            MAP_REPORT => vec![ArrowFunctionSignature::exact(
+                vec![text()],
+                t(mapping_kernels::report_list_type()),
+            )],
             _ => unreachable!("function ids are the constants above"),
         }
     }
@@ -164,7 +170,7 @@ impl<const F: u8> VArrowScalar for Function<F> {
 }
 
 /// The functions by name, as `register` adds them.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "map_technique",
     "map_techniques",
     "technique_score",
@@ -172,6 +178,7 @@ pub const NAMES: [&str; 7] = [
     "threatlake_use_model",
     "attack_version_key",
     "technique_parent",
+    "map_report",
 ];
 
 /// Register every threatlake function on a DuckDB connection; the mapping functions share `mapper`
@@ -184,5 +191,6 @@ pub fn register(con: &duckdb::Connection, mapper: &Arc<LazyMapper>) -> duckdb::R
     con.register_scalar_function_with_state::<Function<USE_MODEL>>(NAMES[4], mapper)?;
     con.register_scalar_function_with_state::<Function<VERSION_KEY>>(NAMES[5], mapper)?;
     con.register_scalar_function_with_state::<Function<TECHNIQUE_PARENT>>(NAMES[6], mapper)?;
+    con.register_scalar_function_with_state::<Function<MAP_REPORT>>(NAMES[7], mapper)?;
     Ok(())
 }

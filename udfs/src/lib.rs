@@ -15,7 +15,7 @@ pub mod model_slot;
 
 #[cfg(feature = "datafusion")]
 pub use datafusion_adapter::{all_functions, register_all};
-pub use model_slot::LazyMapper;
+pub use model_slot::{LazyMapper, DEFAULT_THRESHOLD};
 
 #[cfg(all(test, feature = "datafusion"))]
 mod tests {

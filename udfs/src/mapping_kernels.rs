@@ -1,5 +1,5 @@
 //! Arrow kernels of the mapping functions (`map_technique`, `map_techniques`, `technique_score`,
-//! `explain_mapping`): a batch in, an array out, rows scored in parallel with one scratch per thread.
+//! `explain_mapping`, `map_report`): a batch in, an array out, rows scored in parallel with one scratch per thread.
 
 use std::sync::Arc;
 
@@ -280,6 +280,88 @@ pub fn explain_mapping(m: &Mapper, texts: &StringArray, threshold: f64) -> Array
         m.model.explain(&m.vectors, texts.value(i), threshold, s)
     });
     Arc::new(StringArray::from(out))
+}
+
+/// The struct type of one `map_report` entry.
+pub fn report_struct_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("technique_id", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new("sentences", DataType::Int64, false),
+        Field::new("sentence", DataType::Utf8, false),
+    ])
+}
+
+/// The return type of `map_report`.
+pub fn report_list_type() -> DataType {
+    DataType::List(Arc::new(Field::new(
+        "item",
+        DataType::Struct(report_struct_fields()),
+        true,
+    )))
+}
+
+/// Whole reports mapped sentence by sentence (see [`crate::mapper::document`]): per text the
+/// techniques found at or above `threshold`, strongest first, as
+/// `List<Struct<technique_id, name, score, sentences, sentence>>`; NULL text gives NULL.
+pub fn map_report(m: &Mapper, texts: &StringArray, threshold: f64) -> ArrayRef {
+    let rows = par_documents(m, texts.len(), threshold, |i| {
+        (!texts.is_null(i)).then(|| texts.value(i))
+    });
+    let (mut ids, mut names, mut scores, mut counts, mut sentences) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut offsets: Vec<i32> = vec![0];
+    let mut valid = Vec::with_capacity(rows.len());
+    for r in &rows {
+        valid.push(r.is_some());
+        for f in r.iter().flatten() {
+            let t = &m.model.techniques[f.technique];
+            ids.push(t.id.as_str());
+            names.push(t.name.as_str());
+            scores.push(f.score);
+            counts.push(f.sentences as i64);
+            sentences.push(f.sentence.as_str());
+        }
+        offsets.push(ids.len() as i32);
+    }
+    let entries = StructArray::new(
+        report_struct_fields(),
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(StringArray::from(names)),
+            Arc::new(Float64Array::from(scores)),
+            Arc::new(Int64Array::from(counts)),
+            Arc::new(StringArray::from(sentences)),
+        ],
+        None,
+    );
+    Arc::new(ListArray::new(
+        Arc::new(Field::new(
+            "item",
+            DataType::Struct(report_struct_fields()),
+            true,
+        )),
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(entries),
+        Some(valid.into()),
+    ))
+}
+
+/// Documents mapped in parallel, one per task (a report has hundreds of sentences), input order
+/// kept; `text(i)` gives document `i` or `None` for NULL.
+pub fn par_documents<'a>(
+    m: &Mapper,
+    n: usize,
+    threshold: f64,
+    text: impl Fn(usize) -> Option<&'a str> + Sync,
+) -> Vec<Option<Vec<crate::mapper::document::Found>>> {
+    (0..n)
+        .into_par_iter()
+        .map_init(Scratch::default, |s, i| {
+            text(i).map(|t| crate::mapper::document::map_document(m, t, threshold, s))
+        })
+        .collect()
 }
 
 /// Top-k for plain strings (CLI batch mapping and evaluation), in parallel, input order kept.

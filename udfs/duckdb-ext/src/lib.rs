@@ -1,5 +1,5 @@
 //! threatlake as a loadable extension for stock DuckDB: `LOAD 'threatlake.duckdb_extension'` adds
-//! `map_technique`, `map_techniques`, `technique_score`, `explain_mapping` (the same Arrow kernels as
+//! `map_technique`, `map_techniques`, `technique_score`, `explain_mapping`, `map_report` (the same Arrow kernels as
 //! threatlake's DataFusion engine), `threatlake_use_model(dir)`, `attack_version_key` and
 //! `technique_parent`. The model comes from `THREATLAKE_MODEL` (a model directory), else the newest
 //! model under `THREATLAKE_LAKE_MODELS` (default `data/models`) for `THREATLAKE_MAPPING_DOMAIN`

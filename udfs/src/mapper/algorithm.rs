@@ -112,6 +112,9 @@ pub struct Model {
     /// Flat copies of the inverted lists for scoring (derived on load).
     #[serde(skip)]
     flat: FlatPostings,
+    /// Text calibration of the scores (`calibration.json` beside the model), if fitted.
+    #[serde(skip)]
+    pub calibration: Option<super::calibrate::Calibration>,
 }
 
 /// A term's postings as contiguous runs: `start[term]..start[term + 1]` indexes the columns.
@@ -280,6 +283,9 @@ pub struct Scratch {
     fused: Vec<f32>,
     word: Vec<f32>,
     projected: Vec<f32>,
+    /// Word tokens of the last text scored, and how many of them the model knows.
+    n_tokens: usize,
+    n_known: usize,
 }
 
 impl Scratch {
@@ -793,6 +799,7 @@ fn fit_once(
         proto_start: Vec::new(),
         instance: 0,
         flat: FlatPostings::default(),
+        calibration: None,
     };
     Ok((model.prepared(), word_vectors))
 }
@@ -979,6 +986,8 @@ impl Model {
         s.projected.resize(dims, 0.0);
         let mut total = 0.0f32;
         let mut tokens = std::mem::take(&mut s.tokens);
+        s.n_tokens = tokens.len();
+        s.n_known = 0;
         for t in tokens.drain(..) {
             let entry = match s.cache.entry(t) {
                 Entry::Occupied(o) => o.into_mut(),
@@ -989,6 +998,9 @@ impl Model {
             };
             if let Some(id) = entry.term {
                 s.touched.push(id);
+            }
+            if entry.term.is_some() || entry.sif > 0.0 {
+                s.n_known += 1;
             }
             if entry.sif > 0.0 {
                 for (o, x) in s.projected.iter_mut().zip(entry.vector.iter()) {
@@ -1230,6 +1242,33 @@ impl Model {
         if k == 0 {
             return vec![];
         }
+        // The calibration reads the second candidate's logit too.
+        let (ranked, text) = self.ranked_logits(wv, input, k.max(2), s);
+        let scores: Vec<f64> = match &self.calibration {
+            Some(c) => {
+                let logits: Vec<f32> = ranked.iter().map(|(_, z)| *z).collect();
+                c.ranked(&logits, &text)
+            }
+            None => ranked.iter().map(|(_, z)| sigmoid(*z) as f64).collect(),
+        };
+        ranked
+            .into_iter()
+            .zip(scores)
+            .take(k)
+            .map(|((technique, _), score)| Ranked { technique, score })
+            .collect()
+    }
+
+    /// The best `k` candidates of `input` with their raw (uncalibrated) logits, best first, and
+    /// the text's features for the calibration.
+    pub fn ranked_logits(
+        &self,
+        wv: &WordVectors,
+        input: &str,
+        k: usize,
+        s: &mut Scratch,
+    ) -> (Vec<(usize, f32)>, super::calibrate::TextFeatures) {
+        let k = k.min(self.techniques.len());
         self.score_with(wv, input, k, &[], s);
         let mut idx: Vec<usize> = s.cand.iter().map(|t| *t as usize).collect();
         let cmp = |a: &usize, b: &usize| {
@@ -1237,23 +1276,64 @@ impl Model {
                 .total_cmp(&s.fused[*a])
                 .then_with(|| self.techniques[*a].id.cmp(&self.techniques[*b].id))
         };
-        if k < idx.len() {
+        if k == 0 {
+            idx.clear();
+        } else if k < idx.len() {
             idx.select_nth_unstable_by(k - 1, cmp);
             idx.truncate(k);
         }
         idx.sort_by(cmp);
-        idx.into_iter()
-            .map(|t| Ranked {
-                technique: t,
-                score: s.fused_score(t),
-            })
-            .collect()
+        let ranked: Vec<(usize, f32)> = idx.into_iter().map(|t| (t, s.fused[t])).collect();
+        let text = self.text_features(&ranked, s);
+        (ranked, text)
+    }
+
+    fn text_features(
+        &self,
+        ranked: &[(usize, f32)],
+        s: &Scratch,
+    ) -> super::calibrate::TextFeatures {
+        // Candidates without evidence have logit -inf: bounded here so differences stay finite.
+        let z1 = ranked.first().map_or(-30.0, |r| r.1.clamp(-30.0, 30.0));
+        super::calibrate::TextFeatures {
+            z1,
+            z2: ranked.get(1).map_or(z1, |r| r.1.clamp(-30.0, 30.0)),
+            tokens: s.n_tokens,
+            known: s.n_known,
+        }
     }
 
     /// Calibrated score of one technique for `input` (always fully scored, shortlisted or not).
     pub fn technique_score(&self, wv: &WordVectors, input: &str, t: usize, s: &mut Scratch) -> f64 {
-        self.score_with(wv, input, 0, &[t], s);
-        s.fused_score(t)
+        let Some(c) = &self.calibration else {
+            self.score_with(wv, input, 0, &[t], s);
+            return s.fused_score(t);
+        };
+        self.score_with(wv, input, 2, &[t], s);
+        let mut best: Vec<(usize, f32)> = s
+            .cand
+            .iter()
+            .map(|c| *c as usize)
+            .filter(|c| s.fused[*c].is_finite())
+            .map(|c| (c, s.fused[c]))
+            .collect();
+        if !s.fused[t].is_finite() {
+            return 0.0;
+        }
+        best.sort_by(|a, b| {
+            b.1.total_cmp(&a.1)
+                .then_with(|| self.techniques[a.0].id.cmp(&self.techniques[b.0].id))
+        });
+        best.truncate(2);
+        let text = self.text_features(&best, s);
+        let rank = best.iter().position(|r| r.0 == t).unwrap_or(best.len());
+        let p = c.probability(&super::calibrate::features(s.fused[t], rank, &text));
+        if rank == 0 {
+            p
+        } else {
+            // Never above the best candidate's, as in `top_k`.
+            p.min(c.probability(&super::calibrate::features(text.z1, 0, &text)))
+        }
     }
 
     /// Component scores of one technique for the last [`Model::score`] call.

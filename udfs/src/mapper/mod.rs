@@ -2,6 +2,8 @@
 //! [`WordVectors`], saved as a versioned artifact directory and loaded once per process.
 
 pub mod algorithm;
+pub mod calibrate;
+pub mod document;
 pub mod embed;
 pub mod eval;
 pub mod hyperparams;
@@ -49,6 +51,8 @@ pub const FORMAT_VERSION: u32 = 1;
 const MODEL_FILE: &str = "model.bin";
 const VECTORS_FILE: &str = "embeddings.fifu";
 const MANIFEST_FILE: &str = "manifest.json";
+/// The text calibration (optional; see [`calibrate`]).
+pub const CALIBRATION_FILE: &str = "calibration.json";
 
 /// A model ready to score text.
 #[derive(Debug)]
@@ -128,6 +132,12 @@ impl Mapper {
         self.vectors.save(&tmp(VECTORS_FILE))?;
         let m = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
         std::fs::write(tmp(MANIFEST_FILE), m).map_err(|e| io(&tmp(MANIFEST_FILE), e))?;
+        match &self.model.calibration {
+            Some(c) => self.save_calibration(dir, c)?,
+            None => {
+                let _ = std::fs::remove_file(dir.join(CALIBRATION_FILE));
+            }
+        }
         // The manifest goes last: its presence marks a complete model.
         for name in [MODEL_FILE, VECTORS_FILE, MANIFEST_FILE] {
             std::fs::rename(tmp(name), dir.join(name)).map_err(|e| io(&dir.join(name), e))?;
@@ -135,8 +145,23 @@ impl Mapper {
         Ok(())
     }
 
-    /// Load a model directory written by [`Mapper::save`].
-    pub fn load(dir: &Path) -> Result<Self, MapperError> {
+    /// Write `calibration` into the model directory `dir` (under a temporary name, renamed).
+    pub fn save_calibration(
+        &self,
+        dir: &Path,
+        calibration: &calibrate::Calibration,
+    ) -> Result<(), MapperError> {
+        let path = dir.join(CALIBRATION_FILE);
+        let tmp = dir.join(format!(".{CALIBRATION_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(calibration).expect("calibration serialises");
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| MapperError::Io(path.display().to_string(), e.to_string()))
+    }
+
+    /// Load a model directory written by [`Mapper::save`] without its text calibration (the
+    /// model's raw scores, what `model calibrate` fits on).
+    pub fn load_uncalibrated(dir: &Path) -> Result<Self, MapperError> {
         if !dir.join(MANIFEST_FILE).is_file() {
             return Err(MapperError::NotFound(dir.display().to_string()));
         }
@@ -166,6 +191,23 @@ impl Mapper {
             vectors,
             path: Some(dir.to_path_buf()),
         })
+    }
+
+    /// Load a model directory written by [`Mapper::save`], with its text calibration when it has one.
+    pub fn load(dir: &Path) -> Result<Self, MapperError> {
+        let mut m = Self::load_uncalibrated(dir)?;
+        let cal = dir.join(CALIBRATION_FILE);
+        if cal.is_file() {
+            let bytes = std::fs::read(&cal)
+                .map_err(|e| MapperError::Io(cal.display().to_string(), e.to_string()))?;
+            m.model.calibration = Some(serde_json::from_slice(&bytes).map_err(|e| {
+                MapperError::Io(
+                    cal.display().to_string(),
+                    format!("{e}; write it again with `threatlake model calibrate`"),
+                )
+            })?);
+        }
+        Ok(m)
     }
 
     /// The text's sentence vector in the model's projected space (see [`Model::sentence_vector`]).

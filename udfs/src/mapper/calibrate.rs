@@ -1,0 +1,337 @@
+//! Text calibration of mapping scores: the model's raw candidate logits turned into the probability
+//! that a technique is a correct label of text written outside ATT&CK, from features of the whole
+//! ranking (the candidate's logit, the best candidate's margin over the second, the text's length,
+//! the share of its words the model knows), fitted by logistic regression on labelled text that is
+//! not ATT&CK's own (`threatlake model calibrate`) and saved beside the model as `calibration.json`.
+
+use serde::{Deserialize, Serialize};
+
+/// Number of calibration features.
+pub const FEATURES: usize = 10;
+
+/// Features of one text's ranking that do not depend on the candidate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TextFeatures {
+    /// Raw logit of the best candidate.
+    pub z1: f32,
+    /// Raw logit of the second candidate (`z1` when there is none).
+    pub z2: f32,
+    /// Word tokens of the text.
+    pub tokens: usize,
+    /// Tokens the model has a term or a vector for.
+    pub known: usize,
+}
+
+/// A candidate's features, whether it is a correct label, and its weight in the fit.
+pub type Row = ([f64; FEATURES], bool, f64);
+
+/// One logistic regression over [`features`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Logistic {
+    /// Weights of [`features`].
+    pub weights: [f64; FEATURES],
+    /// Intercept.
+    pub bias: f64,
+}
+
+impl Logistic {
+    fn fit(rows: &[Row]) -> Self {
+        let (weights, bias) = logistic(rows, 600, 1e-4);
+        Self { weights, bias }
+    }
+
+    fn probability(&self, x: &[f64; FEATURES]) -> f64 {
+        let z: f64 = self.bias + self.weights.iter().zip(x).map(|(w, v)| w * v).sum::<f64>();
+        1.0 / (1.0 + (-z).exp())
+    }
+}
+
+/// The fitted calibration, with provenance: one regression for a text's best candidate (the
+/// score `map_technique` abstains on) and one for the candidates after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// For the best candidate.
+    pub best: Logistic,
+    /// For the others.
+    pub others: Logistic,
+    /// The labelled files it was fitted on, with their row counts.
+    pub fitted_on: Vec<String>,
+    /// Domain and ATT&CK release of the model it was fitted for.
+    pub domain: String,
+    /// ATT&CK release of that model.
+    pub attack_version: String,
+}
+
+/// Longest margin that counts (beyond it the best candidate is simply clear).
+const MAX_MARGIN: f32 = 8.0;
+
+/// The features of a candidate with raw logit `z` at `rank` (0 = best) in a text with `t`.
+pub fn features(z: f32, rank: usize, t: &TextFeatures) -> [f64; FEATURES] {
+    let top = if rank == 0 { 1.0 } else { 0.0 };
+    let margin = f64::from((t.z1 - t.z2).clamp(0.0, MAX_MARGIN));
+    let len = (1.0 + t.tokens as f64).ln();
+    let known = if t.tokens == 0 {
+        0.0
+    } else {
+        t.known as f64 / t.tokens as f64
+    };
+    let z = z.clamp(-30.0, 30.0);
+    let gap = f64::from((t.z1.clamp(-30.0, 30.0) - z).clamp(0.0, MAX_MARGIN));
+    let z = f64::from(z);
+    [
+        z,
+        top,
+        top * margin,
+        (1.0 - top) * gap,
+        len,
+        known,
+        z * len,
+        (z - 1.0).max(0.0),
+        len * len,
+        top * margin * len,
+    ]
+}
+
+impl Calibration {
+    /// Probability that the candidate with features `x` is a correct label.
+    pub fn probability(&self, x: &[f64; FEATURES]) -> f64 {
+        // Feature 1 says whether the candidate is the text's best.
+        if x[1] > 0.5 {
+            self.best.probability(x)
+        } else {
+            self.others.probability(x)
+        }
+    }
+
+    /// Calibrated probabilities of a text's candidates given best first as raw logits; never
+    /// higher than the candidate ranked above (the ranking stays the model's).
+    pub fn ranked(&self, logits: &[f32], t: &TextFeatures) -> Vec<f64> {
+        let mut out = Vec::with_capacity(logits.len());
+        let mut cap = 1.0f64;
+        for (rank, z) in logits.iter().enumerate() {
+            let p = self.probability(&features(*z, rank, t)).min(cap);
+            cap = p;
+            out.push(p);
+        }
+        out
+    }
+
+    /// Fit on `(features, correct)` rows.
+    pub fn fit(
+        rows: &[Row],
+        fitted_on: Vec<String>,
+        domain: &str,
+        attack_version: &str,
+    ) -> Self {
+        let (best, others): (Vec<Row>, Vec<Row>) = rows.iter().partition(|(x, _, _)| x[1] > 0.5);
+        Self {
+            best: Logistic::fit(&best),
+            others: Logistic::fit(&others),
+            fitted_on,
+            domain: domain.to_string(),
+            attack_version: attack_version.to_string(),
+        }
+    }
+}
+
+/// Binary logistic regression by full-batch gradient descent on standardised features (a few
+/// features, tens of thousands of rows); weights and bias on the original scale.
+pub fn logistic<const N: usize>(
+    data: &[([f64; N], bool, f64)],
+    iters: usize,
+    l2: f64,
+) -> ([f64; N], f64) {
+    let n = data.iter().map(|r| r.2).sum::<f64>().max(1e-9);
+    let mut mean = [0f64; N];
+    let mut sd = [0f64; N];
+    for (x, _, w) in data {
+        for j in 0..N {
+            mean[j] += w * x[j] / n;
+        }
+    }
+    for (x, _, w) in data {
+        for j in 0..N {
+            sd[j] += w * (x[j] - mean[j]).powi(2) / n;
+        }
+    }
+    let sd: [f64; N] = std::array::from_fn(|j| sd[j].sqrt().max(1e-9));
+    let (mut w, mut b) = ([0f64; N], 0f64);
+    // Adam on the mean log-loss: robust to the features' correlations without tuning a step size.
+    let (mut m, mut v) = ([0f64; N], [0f64; N]);
+    let (mut mb, mut vb) = (0f64, 0f64);
+    let (lr, b1, b2, eps) = (0.05, 0.9, 0.999, 1e-8);
+    for it in 1..=iters {
+        let (mut gw, mut gb) = ([0f64; N], 0f64);
+        for (x, y, weight) in data {
+            let z: f64 = b + (0..N).map(|j| w[j] * (x[j] - mean[j]) / sd[j]).sum::<f64>();
+            let g = weight * (1.0 / (1.0 + (-z).exp()) - f64::from(u8::from(*y)));
+            for j in 0..N {
+                gw[j] += g * (x[j] - mean[j]) / sd[j];
+            }
+            gb += g;
+        }
+        let t = it as i32;
+        for j in 0..N {
+            let g = gw[j] / n + l2 * w[j];
+            m[j] = b1 * m[j] + (1.0 - b1) * g;
+            v[j] = b2 * v[j] + (1.0 - b2) * g * g;
+            let (mh, vh) = (m[j] / (1.0 - b1.powi(t)), v[j] / (1.0 - b2.powi(t)));
+            w[j] -= lr * mh / (vh.sqrt() + eps);
+        }
+        let g = gb / n;
+        mb = b1 * mb + (1.0 - b1) * g;
+        vb = b2 * vb + (1.0 - b2) * g * g;
+        b -= lr * (mb / (1.0 - b1.powi(t))) / ((vb / (1.0 - b2.powi(t))).sqrt() + eps);
+    }
+    let mut out = [0f64; N];
+    let mut bias = b;
+    for j in 0..N {
+        out[j] = w[j] / sd[j];
+        bias -= w[j] * mean[j] / sd[j];
+    }
+    (out, bias)
+}
+
+/// One labelled text prepared for calibration.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Index of the file it came from.
+    pub file: usize,
+    /// Cross-validation group (texts of one report share it; folds never split a group).
+    pub group: u64,
+    /// Whether the text has labels (a negative has none).
+    pub positive: bool,
+    /// Its best candidates, best first: features and whether each is one of the labels.
+    pub candidates: Vec<([f64; FEATURES], bool)>,
+}
+
+/// Candidates per text used for fitting.
+pub const CANDIDATES: usize = 5;
+
+/// The samples of labelled texts `(text, labels, group)` of file `file`, scored in parallel
+/// by the model's raw logits.
+pub fn samples(m: &super::Mapper, file: usize, texts: &[(String, Vec<String>, u64)]) -> Vec<Sample> {
+    use rayon::prelude::*;
+    texts
+        .par_iter()
+        .map_init(super::Scratch::default, |s, (text, labels, group)| {
+            let (ranked, t) = m.model.ranked_logits(&m.vectors, text, CANDIDATES, s);
+            let candidates = ranked
+                .iter()
+                .enumerate()
+                .map(|(rank, (tech, z))| {
+                    let id = &m.model.techniques[*tech].id;
+                    (features(*z, rank, &t), labels.iter().any(|l| l == id))
+                })
+                .collect();
+            Sample {
+                file,
+                group: *group,
+                positive: !labels.is_empty(),
+                candidates,
+            }
+        })
+        .collect()
+}
+
+/// The candidates of `samples` as fitting rows, each of weight 1 (weighing the files equally
+/// was tried: the small rule-description sets then overfit and calibrate worse).
+pub fn rows_of(samples: &[&Sample]) -> Vec<Row> {
+    samples
+        .iter()
+        .flat_map(|s| s.candidates.iter().map(|(x, y)| (*x, *y, 1.0)))
+        .collect()
+}
+
+/// The top-1 probability of every sample from a calibration fitted without its fold (`folds`
+/// folds by group), in sample order; `None` for a text with no candidate.
+pub fn cross_validated(samples: &[Sample], folds: u64) -> Vec<Option<f64>> {
+    let folds = folds.max(2);
+    let mut out = vec![None; samples.len()];
+    for f in 0..folds {
+        let fold = |s: &Sample| s.group % folds == f;
+        let train: Vec<&Sample> = samples.iter().filter(|s| !fold(s)).collect();
+        let rows = rows_of(&train);
+        let c = Calibration::fit(&rows, vec![], "", "");
+        for (i, s) in samples.iter().enumerate() {
+            if fold(s) {
+                out[i] = s.candidates.first().map(|(x, _)| c.probability(x));
+            }
+        }
+    }
+    out
+}
+
+/// The lowest threshold (in steps of 0.01) at which at most `max_negatives` of the negatives
+/// keep a technique and the kept positives are right at least `min_precision` of the time.
+pub fn choose_threshold(
+    positives: &[(f64, bool)],
+    negatives: &[f64],
+    max_negatives: f64,
+    min_precision: f64,
+) -> Option<f64> {
+    (1..100).map(|i| i as f64 / 100.0).find(|&t| {
+        let p = super::eval::operating_points(positives, negatives, &[t]);
+        let p = &p[0];
+        p.negatives_mapped.is_none_or(|n| n <= max_negatives) && p.precision >= min_precision
+    })
+}
+
+/// A stable group number of a text's group key (a report id, a rule id).
+pub fn group_of(key: &str) -> u64 {
+    // FNV-1a: stable across runs and platforms (the std hasher is not).
+    key.bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(z1: f32, z2: f32, tokens: usize) -> TextFeatures {
+        TextFeatures {
+            z1,
+            z2,
+            tokens,
+            known: tokens,
+        }
+    }
+
+    #[test]
+    fn probability_rises_with_the_logit_and_keeps_the_ranking() {
+        // Synthetic data where correctness follows the logit: the fitted calibration is monotone.
+        let mut rows = Vec::new();
+        for i in 0..2000 {
+            let z = (i % 200) as f32 / 20.0 - 5.0;
+            let p = 1.0 / (1.0 + (-(z as f64) * 1.5).exp());
+            let correct = ((i * 7919) % 1000) as f64 / 1000.0 < p;
+            rows.push((features(z, 0, &text(z, z - 1.0, 12)), correct, 1.0));
+        }
+        let c = Calibration::fit(&rows, vec![], "enterprise", "18.1");
+        let t = text(2.0, 1.0, 12);
+        let ps: Vec<f64> = (-40..40)
+            .map(|z| c.probability(&features(z as f32 / 8.0, 0, &t)))
+            .collect();
+        assert!(ps.windows(2).all(|w| w[1] >= w[0]), "{ps:?}");
+        assert!(ps[0] < 0.2 && ps[79] > 0.8, "{} {}", ps[0], ps[79]);
+        let ranked = c.ranked(&[3.0, 2.9, -1.0, -20.0], &text(3.0, 2.9, 12));
+        assert!(ranked.windows(2).all(|w| w[1] <= w[0]), "{ranked:?}");
+    }
+
+    #[test]
+    fn no_evidence_gives_finite_features() {
+        let x = features(f32::NEG_INFINITY, 1, &text(-30.0, -30.0, 0));
+        assert!(x.iter().all(|v| v.is_finite()), "{x:?}");
+    }
+
+    #[test]
+    fn threshold_meets_both_targets() {
+        let pos: Vec<(f64, bool)> = (0..100).map(|i| (i as f64 / 100.0, i >= 40)).collect();
+        let neg: Vec<f64> = (0..100).map(|i| i as f64 / 200.0).collect();
+        let t = choose_threshold(&pos, &neg, 0.03, 0.75).expect("a threshold");
+        let p = &super::super::eval::operating_points(&pos, &neg, &[t])[0];
+        assert!(p.negatives_mapped.unwrap() <= 0.03 && p.precision >= 0.75);
+        assert!((t - 0.49).abs() < 1e-9, "{t}");
+        assert_eq!(choose_threshold(&[(0.9, false)], &[], 0.03, 0.75), None);
+    }
+}

