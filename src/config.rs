@@ -451,8 +451,10 @@ pub struct VirusTotalSettings {
 pub struct MappingSettings {
     /// Domain whose newest model the SQL functions use.
     pub domain: Domain,
-    /// Abstain threshold of map_technique.
-    pub threshold: f64,
+    /// Abstain threshold of map_technique; `None` (null) takes the model's own (the threshold its
+    /// text calibration chose, else 0.03).
+    #[serde(default)]
+    pub threshold: Option<f64>,
     /// Default k.
     pub top_k: usize,
     /// Optional pretrained vectors.

@@ -228,7 +228,21 @@ pub struct BuildReport {
     pub bytes: u64,
 }
 
-/// Read a text calibration file (`mapping.calibration`); the error says what is wrong and how to fix it.
+/// The text calibration shipped with threatlake (`mapping.calibration: builtin`): fitted by
+/// `model calibrate` on the public development sets for the Enterprise model (README: Mapping scores).
+pub const BUILTIN_CALIBRATION: &str = include_str!("../config/mapping_calibration.json");
+
+/// The calibration `mapping.calibration` names: `builtin` or a file; the error says what is wrong
+/// and how to fix it.
+pub fn calibration_setting(value: &str) -> Result<mapper::calibrate::Calibration, String> {
+    if value == "builtin" {
+        return serde_json::from_str(BUILTIN_CALIBRATION)
+            .map_err(|e| format!("the built-in calibration does not parse ({e}); set mapping.calibration to a file or null"));
+    }
+    read_calibration(Path::new(value))
+}
+
+/// Read a text calibration file; the error says what is wrong and how to fix it.
 pub fn read_calibration(path: &Path) -> Result<mapper::calibrate::Calibration, String> {
     let bytes = std::fs::read(path).map_err(|e| {
         format!(

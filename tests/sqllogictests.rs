@@ -140,18 +140,13 @@ fn main() {
             &dir.join("models"),
             None,
             threatlake_udfs::mapper::MapperParams::default(),
-            Some(
-                threatlake::mapping::read_calibration(std::path::Path::new(
-                    "config/mapping_calibration.json",
-                ))
-                .unwrap(),
-            ),
+            Some(threatlake::mapping::calibration_setting("builtin").unwrap()),
         )
         .await
         .unwrap();
         let mapper = std::sync::Arc::new(threatlake_udfs::LazyMapper::loaded(
             std::sync::Arc::new(threatlake_udfs::mapper::Mapper::load(&report.dir).unwrap()),
-            threatlake::sql::EngineOptions::default().threshold,
+            None,
         ));
         eprintln!(
             "slt fixture: built the enterprise model in {:.1} s",

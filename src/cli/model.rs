@@ -189,9 +189,9 @@ pub fn map(
     };
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
+    let configured = settings.mapping.threshold;
     if document {
-        let threshold = settings.mapping.threshold;
-        let docs = threatlake_udfs::mapping_kernels::par_documents(&m, texts.len(), threshold, |i| {
+        let docs = threatlake_udfs::mapping_kernels::par_documents(&m, texts.len(), configured, |i| {
             Some(texts[i].as_str())
         });
         for (i, found) in docs.into_iter().enumerate() {
@@ -253,7 +253,12 @@ pub fn map(
             let mut s = Scratch::default();
             if let Some(e) =
                 m.model
-                    .explain(&m.vectors, &texts[i], settings.mapping.threshold, &mut s)
+                    .explain(
+                        &m.vectors,
+                        &texts[i],
+                        m.threshold_for_text(configured, &texts[i]),
+                        &mut s,
+                    )
             {
                 writeln!(out, "    evidence: {e}")?;
             }
@@ -371,8 +376,12 @@ pub fn eval_file(
     let mut thresholds = vec![
         0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
     ];
-    if !thresholds.contains(&settings.mapping.threshold) {
-        thresholds.push(settings.mapping.threshold);
+    let threshold = settings
+        .mapping
+        .threshold
+        .unwrap_or_else(|| m.default_threshold());
+    if !thresholds.contains(&threshold) {
+        thresholds.push(threshold);
         thresholds.sort_by(f64::total_cmp);
     }
     println!();
@@ -381,7 +390,7 @@ pub fn eval_file(
         "threshold", "coverage", "precision", "negatives mapped"
     );
     for p in eval::operating_points(&pairs, &negatives, &thresholds) {
-        let here = if (p.threshold - settings.mapping.threshold).abs() < 1e-9 {
+        let here = if (p.threshold - threshold).abs() < 1e-9 {
             "  ← mapping.threshold"
         } else {
             ""
@@ -634,17 +643,23 @@ pub fn calibrate(
         neg_all.extend(negs.iter().copied());
         per_file.push((name.clone(), after, negs));
     }
-    let chosen = cal::choose_threshold(&pos_all, &neg_all, 0.03, 0.75);
+    // The abstain threshold: the lowest at which at most 3% of the negatives keep a technique.
+    let chosen = cal::choose_threshold(&pos_all, &neg_all, 0.03, 0.0);
+    let precise = cal::choose_threshold(&pos_all, &neg_all, 0.03, 0.75);
     println!();
     match chosen {
         Some(t) => println!(
-            "threshold for ≤ 3% negatives mapped and precision ≥ 0.75 (pooled, cross-validated): {t:.2}"
+            "threshold for ≤ 3% of negatives mapped (pooled, cross-validated): {t:.2} (saved as the model's own)"
         ),
-        None => println!("no threshold reaches ≤ 3% negatives mapped with precision ≥ 0.75"),
+        None => println!("no threshold keeps ≤ 3% of negatives unmapped; the model keeps 0.03"),
+    }
+    match precise {
+        Some(t) => println!("with precision ≥ 0.75 on the pooled positives as well: {t:.2}"),
+        None => println!("no threshold also reaches precision ≥ 0.75 on the pooled positives"),
     }
     let mut thresholds = vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8];
     thresholds.extend(chosen);
-    thresholds.push(settings.mapping.threshold);
+    thresholds.extend(settings.mapping.threshold);
     thresholds.sort_by(f64::total_cmp);
     thresholds.dedup();
     println!(
@@ -665,7 +680,10 @@ pub fn calibrate(
         }
     }
     let rows = cal::rows_of(&all.iter().collect::<Vec<_>>());
-    let c = Calibration::fit(&rows, names, &m.model.domain, &m.model.attack_version);
+    let mut c = Calibration::fit(&rows, names, &m.model.domain, &m.model.attack_version);
+    if let Some(t) = chosen {
+        c.threshold = t;
+    }
     m.save_calibration(&dir, &c)?;
     println!();
     println!("calibration saved to {}", dir.join(mapper::CALIBRATION_FILE).display());
@@ -698,10 +716,11 @@ fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
     if docs.len() < 2 {
         return Ok(());
     }
+    let threshold = settings.mapping.threshold;
     let found = threatlake_udfs::mapping_kernels::par_documents(
         m,
         docs.len(),
-        settings.mapping.threshold,
+        threshold,
         |i| Some(docs[i].0.as_str()),
     );
     let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
@@ -721,9 +740,9 @@ fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
     let f1 = if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 };
     println!();
     println!(
-        "documents  {} (rows grouped by report; map_report at mapping.threshold {})",
+        "documents  {} (rows grouped by report; map_report at threshold {})",
         docs.len(),
-        settings.mapping.threshold
+        threshold.map_or_else(|| format!("{} (the model's own)", m.default_threshold()), |t| t.to_string())
     );
     println!("doc precision {p:.4}  recall {r:.4}  F1 {f1:.4}");
     Ok(())

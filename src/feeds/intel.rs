@@ -115,9 +115,11 @@ pub async fn map_intel(
     lake: &Lake,
     engine: &Engine,
     top_k: usize,
-    threshold: f64,
+    threshold: Option<f64>,
     model_version: Option<String>,
 ) -> Result<MapReport, FeedError> {
+    // The model (loaded by map_techniques below) decides the threshold per text unless one is
+    // configured.
     let now = Utc::now();
     let batch = super::new_batch_id(now);
     let at = fixed(now);
@@ -132,16 +134,22 @@ pub async fn map_intel(
         WHERE NOT EXISTS (SELECT 1 FROM mapped_items m WHERE m.item_id = t.item_id AND m.item_version = t.item_version) \
           AND NOT EXISTS (SELECT 1 FROM mapped_threat_data d WHERE d.item_id = t.item_id AND d.item_version = t.item_version)";
     let sql = format!(
-        "SELECT p.item_id, p.item_version, p.source, map_techniques(p.text, {top_k}) AS ranked FROM ({pending}) p ORDER BY p.item_id"
+        "SELECT p.item_id, p.item_version, p.source, map_techniques(p.text, {top_k}) AS ranked, p.text FROM ({pending}) p ORDER BY p.item_id"
     );
     let mut rows: Vec<MappedRow> = Vec::new();
     let mut items = std::collections::BTreeSet::new();
-    for b in &engine.run(&sql).await?[0].batches {
+    let batches = engine.run(&sql).await?.remove(0).batches;
+    let model = match threshold {
+        Some(_) => None,
+        None => engine.mapper.get().ok(),
+    };
+    for b in &batches {
         let (ids, vers, srcs) = (
             column_strings(b, 0),
             column_strings(b, 1),
             column_strings(b, 2),
         );
+        let texts = b.column(4).as_string::<i32>();
         let lists = b.column(3).as_list::<i32>();
         for r in 0..b.num_rows() {
             let (Some(id), Some(ver), Some(src)) = (&ids[r], &vers[r], &srcs[r]) else {
@@ -151,6 +159,10 @@ pub async fn map_intel(
             if lists.is_null(r) {
                 continue;
             }
+            let threshold = match &model {
+                Some(m) => m.threshold_for_text(None, texts.value(r)),
+                None => threshold.unwrap_or(threatlake_udfs::DEFAULT_THRESHOLD),
+            };
             let entries = lists.value(r);
             let s = entries.as_struct();
             let tid = s.column(0).as_string::<i32>();

@@ -984,7 +984,7 @@ pub async fn build_model(
         .calibration
         .as_deref()
         .map(|p| {
-            crate::mapping::read_calibration(Path::new(p)).map_err(|message| {
+            crate::mapping::calibration_setting(p).map_err(|message| {
                 PipelineError::Setting {
                     setting: "mapping.calibration".into(),
                     message,

@@ -71,13 +71,14 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
     // sort by item spills to disk under the report memory pool.
     let stmt = crate::sql::parse(
         "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.techniques \
-         FROM (SELECT item_id, item_version, \
+         FROM threat_intelligence_data t \
+         JOIN (SELECT item_id, item_version, \
                       array_agg(named_struct('technique_id', technique_id, 'name', technique_name, 'score', score)) AS techniques \
                FROM (SELECT item_id, item_version, technique_id, max(technique_name) AS technique_name, \
                             max(score) AS score \
                      FROM mapped_threat_data GROUP BY item_id, item_version, technique_id) \
                GROUP BY item_id, item_version) m \
-         JOIN threat_intelligence_data t ON m.item_id = t.item_id AND m.item_version = t.item_version \
+           ON m.item_id = t.item_id AND m.item_version = t.item_version \
          ORDER BY t.item_id, t.item_version",
     )
     .map_err(err)?

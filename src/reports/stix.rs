@@ -252,16 +252,17 @@ pub async fn for_each_mapped_object(
         }
     }
     drop(patterns);
-    // One row per item with its mappings as a list: the mappings (no text) are the hash join's
-    // build side (its left input: DataFusion builds on the left when it has no statistics to
-    // swap by), the items stream past it, so no sort or hash table holds the items' text.
+    // One row per item with its mappings as a list (no sort holds the items' text). The items are
+    // the hash join's build side (its left input): at 1M items their text takes less memory than
+    // the aggregated mapping lists, which failed a 1 GB pool as the build side.
     let stmt = crate::sql::parse(
         "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.mappings \
-         FROM (SELECT item_id, item_version, \
+         FROM threat_intelligence_data t \
+         JOIN (SELECT item_id, item_version, \
                       array_agg(named_struct('technique_id', technique_id, 'method', method, 'score', score, \
                                              'mapped_at', CAST(mapped_at AS VARCHAR))) AS mappings \
                FROM mapped_threat_data GROUP BY item_id, item_version) m \
-         JOIN threat_intelligence_data t ON m.item_id = t.item_id AND m.item_version = t.item_version",
+           ON m.item_id = t.item_id AND m.item_version = t.item_version",
     )
     .map_err(sql_err)?
     .remove(0);

@@ -544,9 +544,10 @@ pub async fn map(
         );
     }
     let engine = state.engine();
-    let threshold = state.settings.mapping.threshold;
+    let configured = state.settings.mapping.threshold;
     let res = tokio::task::spawn_blocking(move || {
         let m = engine.mapper.get()?;
+
         let ranked = threatlake_udfs::mapping_kernels::par_top_k(&m, &req.texts, k);
         let results = ranked
             .iter()
@@ -569,7 +570,12 @@ pub async fn map(
                     .then(|| {
                         let mut s = threatlake_udfs::mapper::Scratch::default();
                         m.model
-                            .explain(&m.vectors, &req.texts[i], threshold, &mut s)
+                            .explain(
+                                &m.vectors,
+                                &req.texts[i],
+                                m.threshold_for_text(configured, &req.texts[i]),
+                                &mut s,
+                            )
                     })
                     .flatten(),
             })

@@ -152,8 +152,8 @@ pub struct EngineOptions {
     pub models_root: PathBuf,
     /// Domain whose newest model `map_technique` uses.
     pub mapping_domain: String,
-    /// Abstain threshold of `map_technique`.
-    pub threshold: f64,
+    /// Abstain threshold of `map_technique` (`None`: the model's own).
+    pub threshold: Option<f64>,
     /// Only intel observed at or after this instant (`report --since`): `otx_data` and
     /// `virustotal_data` (and the views built on them) are filtered; `*_all` keeps everything.
     pub since: Option<chrono::DateTime<chrono::Utc>>,
@@ -174,7 +174,7 @@ impl Default for EngineOptions {
         Self {
             models_root: PathBuf::from("data/models"),
             mapping_domain: "enterprise".into(),
-            threshold: threatlake_udfs::DEFAULT_THRESHOLD,
+            threshold: None,
             since: None,
             runtime: None,
         }

@@ -28,7 +28,7 @@ mod tests {
         for f in all_functions(std::sync::Arc::new(LazyMapper::new(
             "/nonexistent",
             "enterprise",
-            0.5,
+            Some(0.5),
         ))) {
             assert!(
                 seen.insert(f.name().to_string()),

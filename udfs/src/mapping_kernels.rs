@@ -74,14 +74,16 @@ fn par_rows<T: Send>(n: usize, f: impl Fn(usize, &mut Scratch) -> T + Sync) -> V
     chunks.into_iter().flatten().collect()
 }
 
-/// Best technique id per text, or NULL when the text is NULL/empty or the best score is below `threshold`.
-pub fn map_technique(m: &Mapper, texts: &StringArray, threshold: f64) -> ArrayRef {
+/// Best technique id per text, or NULL when the text is NULL/empty or the best score is below the
+/// threshold (`threshold`, else the model's own for the text: [`Mapper::threshold_for_text`]).
+pub fn map_technique(m: &Mapper, texts: &StringArray, threshold: Option<f64>) -> ArrayRef {
     let out: Vec<Option<String>> = par_rows(texts.len(), |i, s| {
         if texts.is_null(i) {
             return None;
         }
-        let top = m.top_k(texts.value(i), 1, s).into_iter().next()?;
-        (top.score >= threshold && top.score > 0.0)
+        let text = texts.value(i);
+        let top = m.top_k(text, 1, s).into_iter().next()?;
+        (top.score >= m.threshold_for_text(threshold, text) && top.score > 0.0)
             .then(|| m.model.techniques[top.technique].id.clone())
     });
     Arc::new(StringArray::from(out))
@@ -272,12 +274,14 @@ pub fn technique_score(
 }
 
 /// Evidence for the best match per text; NULL for NULL text or when nothing matched.
-pub fn explain_mapping(m: &Mapper, texts: &StringArray, threshold: f64) -> ArrayRef {
+pub fn explain_mapping(m: &Mapper, texts: &StringArray, threshold: Option<f64>) -> ArrayRef {
     let out: Vec<Option<String>> = par_rows(texts.len(), |i, s| {
         if texts.is_null(i) {
             return None;
         }
-        m.model.explain(&m.vectors, texts.value(i), threshold, s)
+        let text = texts.value(i);
+        m.model
+            .explain(&m.vectors, text, m.threshold_for_text(threshold, text), s)
     });
     Arc::new(StringArray::from(out))
 }
@@ -305,7 +309,7 @@ pub fn report_list_type() -> DataType {
 /// Whole reports mapped sentence by sentence (see [`crate::mapper::document`]): per text the
 /// techniques found at or above `threshold`, strongest first, as
 /// `List<Struct<technique_id, name, score, sentences, sentence>>`; NULL text gives NULL.
-pub fn map_report(m: &Mapper, texts: &StringArray, threshold: f64) -> ArrayRef {
+pub fn map_report(m: &Mapper, texts: &StringArray, threshold: Option<f64>) -> ArrayRef {
     let rows = par_documents(m, texts.len(), threshold, |i| {
         (!texts.is_null(i)).then(|| texts.value(i))
     });
@@ -353,7 +357,7 @@ pub fn map_report(m: &Mapper, texts: &StringArray, threshold: f64) -> ArrayRef {
 pub fn par_documents<'a>(
     m: &Mapper,
     n: usize,
-    threshold: f64,
+    threshold: Option<f64>,
     text: impl Fn(usize) -> Option<&'a str> + Sync,
 ) -> Vec<Option<Vec<crate::mapper::document::Found>>> {
     (0..n)

@@ -20,18 +20,24 @@ enum Source {
 #[derive(Debug)]
 pub struct LazyMapper {
     source: Source,
-    threshold: f64,
+    /// Configured abstain threshold; `None` takes the model's own.
+    threshold: Option<f64>,
     /// Only a loaded model is kept: a failed load (no model yet, a model being written) is tried
     /// again on the next use, so `model build` in another process is picked up without a restart.
     cell: RwLock<Option<Arc<Mapper>>>,
 }
 
-/// Default abstain threshold (see `mapping.threshold` in the settings).
+/// Abstain threshold of a model without a text calibration (its scores are calibrated on ATT&CK
+/// procedures only); a calibrated model carries its own (see `mapping.threshold` in the settings).
 pub const DEFAULT_THRESHOLD: f64 = 0.03;
 
 impl LazyMapper {
     /// The newest model for `domain` under `models_root`, loaded when first needed.
-    pub fn new(models_root: impl Into<PathBuf>, domain: impl Into<String>, threshold: f64) -> Self {
+    pub fn new(
+        models_root: impl Into<PathBuf>,
+        domain: impl Into<String>,
+        threshold: Option<f64>,
+    ) -> Self {
         Self {
             source: Source::Newest {
                 root: models_root.into(),
@@ -43,7 +49,7 @@ impl LazyMapper {
     }
 
     /// An already-loaded model.
-    pub fn loaded(m: Arc<Mapper>, threshold: f64) -> Self {
+    pub fn loaded(m: Arc<Mapper>, threshold: Option<f64>) -> Self {
         Self {
             source: Source::Dir(m.path.clone().unwrap_or_default()),
             threshold,
@@ -54,12 +60,10 @@ impl LazyMapper {
     /// From the environment, for hosts without threatlake's settings (the DuckDB extension):
     /// `THREATLAKE_MODEL` (a model directory), else the newest `THREATLAKE_MAPPING_DOMAIN` model
     /// (default enterprise) under `THREATLAKE_LAKE_MODELS` (default `data/models`);
-    /// `THREATLAKE_MAPPING_THRESHOLD` (default 0.03).
+    /// `THREATLAKE_MAPPING_THRESHOLD` (default: the model's own, see [`Mapper::default_threshold`]).
     pub fn from_env() -> Self {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let threshold = var("THREATLAKE_MAPPING_THRESHOLD")
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(DEFAULT_THRESHOLD);
+        let threshold = var("THREATLAKE_MAPPING_THRESHOLD").and_then(|t| t.parse().ok());
         let source = match var("THREATLAKE_MODEL") {
             Some(dir) => Source::Dir(dir.into()),
             None => Source::Newest {
@@ -116,8 +120,9 @@ impl LazyMapper {
         Ok(m)
     }
 
-    /// Abstain threshold of `map_technique`.
-    pub fn threshold(&self) -> f64 {
+    /// The configured abstain threshold; `None` takes the model's own per text
+    /// ([`Mapper::threshold_for_text`]).
+    pub fn threshold(&self) -> Option<f64> {
         self.threshold
     }
 }
@@ -136,7 +141,7 @@ mod tests {
     fn a_failed_load_is_retried() {
         let root = std::env::temp_dir().join(format!("threatlake-slot-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let slot = LazyMapper::new(&root, "enterprise", DEFAULT_THRESHOLD);
+        let slot = LazyMapper::new(&root, "enterprise", None);
         let first = slot.get().unwrap_err();
         assert!(first.contains("no enterprise mapping model"), "{first}");
         // A model directory appears (a broken one here): the next use looks again and reports

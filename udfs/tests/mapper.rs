@@ -186,7 +186,7 @@ fn kernels_handle_nulls_k_and_unknown_ids() {
         None,
         Some(""),
     ]);
-    let best = k::map_technique(&m, &texts, 0.0);
+    let best = k::map_technique(&m, &texts, Some(0.0));
     let best = best.as_string::<i32>();
     assert_eq!(best.value(0), "T1053.005");
     assert!(
@@ -219,7 +219,7 @@ fn kernels_handle_nulls_k_and_unknown_ids() {
             .value(0)
     );
 
-    let ex = k::explain_mapping(&m, &texts, 0.5);
+    let ex = k::explain_mapping(&m, &texts, Some(0.5));
     assert!(ex
         .as_string::<i32>()
         .value(0)

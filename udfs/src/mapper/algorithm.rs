@@ -1284,7 +1284,8 @@ impl Model {
         }
         idx.sort_by(cmp);
         let ranked: Vec<(usize, f32)> = idx.into_iter().map(|t| (t, s.fused[t])).collect();
-        let text = self.text_features(&ranked, s);
+        let mut text = self.text_features(&ranked, s);
+        text.prose = super::document::reads_as_prose(input);
         (ranked, text)
     }
 
@@ -1300,6 +1301,7 @@ impl Model {
             z2: ranked.get(1).map_or(z1, |r| r.1.clamp(-30.0, 30.0)),
             tokens: s.n_tokens,
             known: s.n_known,
+            prose: true,
         }
     }
 
@@ -1326,6 +1328,9 @@ impl Model {
         });
         best.truncate(2);
         let text = self.text_features(&best, s);
+        if !super::document::reads_as_prose(input) {
+            return s.fused_score(t);
+        }
         let rank = best.iter().position(|r| r.0 == t).unwrap_or(best.len());
         let p = c.probability(&super::calibrate::features(s.fused[t], rank, &text));
         if rank == 0 {

