@@ -954,9 +954,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
             a.domain.into(),
             a.text,
             a.input,
-            a.top,
-            a.format == MapFormat::Jsonl,
-            a.document,
+            cli::model::MapOutput {
+                top: a.top,
+                jsonl: a.format == MapFormat::Jsonl,
+                document: a.document,
+            },
         ),
         Command::Bench(BenchCommand::Otx {
             pulses,

@@ -3,8 +3,8 @@
 -- chart: bar x=tactic_name y=coverage_pct
 WITH seen AS (
   SELECT DISTINCT m.technique_id
-  FROM threat_intelligence_data t
-  JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version
+  FROM mapped_threat_data m
+  JOIN threat_intelligence_data t ON m.item_id = t.item_id AND m.item_version = t.item_version
 )
 SELECT tt.domain, tt.tactic, tt.tactic_name,
        count(DISTINCT tt.technique_id) AS techniques,

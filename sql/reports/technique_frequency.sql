@@ -8,7 +8,7 @@ SELECT m.technique_id,
        count(DISTINCT m.source) AS sources,
        round(avg(m.score), 3) AS avg_score,
        count(DISTINCT m.item_id) AS score
-FROM threat_intelligence_data t
-JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version
+FROM mapped_threat_data m
+JOIN threat_intelligence_data t ON m.item_id = t.item_id AND m.item_version = t.item_version
 GROUP BY m.technique_id
 ORDER BY items DESC, m.technique_id;

@@ -12,7 +12,7 @@ SELECT t.item_id,
        b.technique_id || ' ' || coalesce(b.technique_name, '') AS technique,
        round(b.score, 3) AS score,
        t.text
-FROM (SELECT * FROM best WHERE rn = 1) b
-JOIN threat_intelligence_data t ON b.item_id = t.item_id AND b.item_version = t.item_version
+FROM threat_intelligence_data t
+JOIN best b ON b.item_id = t.item_id AND b.item_version = t.item_version AND b.rn = 1
 ORDER BY t.observed_at DESC NULLS LAST, t.item_id
 LIMIT 5000;

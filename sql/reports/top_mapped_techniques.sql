@@ -5,8 +5,8 @@ WITH latest AS (SELECT max(run_id) AS run_id FROM threat_model),
 best AS (
   SELECT m.technique_id, t.title, m.score, m.method,
          row_number() OVER (PARTITION BY m.technique_id ORDER BY m.score DESC, t.item_id) AS rn
-  FROM threat_intelligence_data t
-  JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version
+  FROM mapped_threat_data m
+  JOIN threat_intelligence_data t ON m.item_id = t.item_id AND m.item_version = t.item_version
 )
 SELECT * FROM (
 SELECT tm.technique_id, tm.technique_name, tm.tactic, tm.evidence_count, tm.distinct_sources,

@@ -141,7 +141,11 @@ fn is_whole_document(p: &Path) -> bool {
 }
 
 /// JSON line of one mapped report: `{"row", "techniques": [{"technique_id", "score", "sentences", "sentence"}]}`.
-pub fn document_line(m: &Mapper, row: usize, found: &[threatlake_udfs::mapper::document::Found]) -> String {
+pub fn document_line(
+    m: &Mapper,
+    row: usize,
+    found: &[threatlake_udfs::mapper::document::Found],
+) -> String {
     let techniques: Vec<serde_json::Value> = found
         .iter()
         .map(|f| {
@@ -160,6 +164,16 @@ fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
 }
 
+/// How `map` prints.
+pub struct MapOutput {
+    /// Techniques per text.
+    pub top: usize,
+    /// JSON lines instead of text.
+    pub jsonl: bool,
+    /// Each text is a whole report (`map_report`).
+    pub document: bool,
+}
+
 /// `map`.
 pub fn map(
     settings: &Settings,
@@ -167,10 +181,13 @@ pub fn map(
     domain: Domain,
     text: Option<String>,
     input: Option<PathBuf>,
-    top: usize,
-    jsonl: bool,
-    document: bool,
+    output: MapOutput,
 ) -> Result<()> {
+    let MapOutput {
+        top,
+        jsonl,
+        document,
+    } = output;
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load(&dir)?;
     let texts = match (text, input) {
@@ -191,9 +208,10 @@ pub fn map(
     let mut out = std::io::BufWriter::new(out.lock());
     let configured = settings.mapping.threshold;
     if document {
-        let docs = threatlake_udfs::mapping_kernels::par_documents(&m, texts.len(), configured, |i| {
-            Some(texts[i].as_str())
-        });
+        let docs =
+            threatlake_udfs::mapping_kernels::par_documents(&m, texts.len(), configured, |i| {
+                Some(texts[i].as_str())
+            });
         for (i, found) in docs.into_iter().enumerate() {
             let found = found.unwrap_or_default();
             if jsonl {
@@ -251,15 +269,12 @@ pub fn map(
                 )?;
             }
             let mut s = Scratch::default();
-            if let Some(e) =
-                m.model
-                    .explain(
-                        &m.vectors,
-                        &texts[i],
-                        m.threshold_for_text(configured, &texts[i]),
-                        &mut s,
-                    )
-            {
+            if let Some(e) = m.model.explain(
+                &m.vectors,
+                &texts[i],
+                m.threshold_for_text(configured, &texts[i]),
+                &mut s,
+            ) {
                 writeln!(out, "    evidence: {e}")?;
             }
         }
@@ -686,7 +701,10 @@ pub fn calibrate(
     }
     m.save_calibration(&dir, &c)?;
     println!();
-    println!("calibration saved to {}", dir.join(mapper::CALIBRATION_FILE).display());
+    println!(
+        "calibration saved to {}",
+        dir.join(mapper::CALIBRATION_FILE).display()
+    );
     if let Some(w) = write {
         let bytes = serde_json::to_vec_pretty(&c)?;
         std::fs::write(w, bytes).with_context(|| format!("cannot write {}", w.display()))?;
@@ -700,8 +718,10 @@ pub fn calibrate(
 /// the union of its sentences' labels.
 fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
     let rows = read_grouped(path)?;
-    let mut docs: std::collections::BTreeMap<String, (Vec<String>, std::collections::BTreeSet<String>)> =
-        Default::default();
+    let mut docs: std::collections::BTreeMap<
+        String,
+        (Vec<String>, std::collections::BTreeSet<String>),
+    > = Default::default();
     for r in rows {
         let Some(g) = r.group else { continue };
         let d = docs.entry(g).or_default();
@@ -717,12 +737,9 @@ fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
         return Ok(());
     }
     let threshold = settings.mapping.threshold;
-    let found = threatlake_udfs::mapping_kernels::par_documents(
-        m,
-        docs.len(),
-        threshold,
-        |i| Some(docs[i].0.as_str()),
-    );
+    let found = threatlake_udfs::mapping_kernels::par_documents(m, docs.len(), threshold, |i| {
+        Some(docs[i].0.as_str())
+    });
     let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
     for ((_, labels), f) in docs.iter().zip(found) {
         let got: std::collections::BTreeSet<&str> = f
@@ -737,12 +754,19 @@ fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
     }
     let p = tp as f64 / (tp + fp).max(1) as f64;
     let r = tp as f64 / (tp + fn_).max(1) as f64;
-    let f1 = if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 };
+    let f1 = if p + r > 0.0 {
+        2.0 * p * r / (p + r)
+    } else {
+        0.0
+    };
     println!();
     println!(
         "documents  {} (rows grouped by report; map_report at threshold {})",
         docs.len(),
-        threshold.map_or_else(|| format!("{} (the model's own)", m.default_threshold()), |t| t.to_string())
+        threshold.map_or_else(
+            || format!("{} (the model's own)", m.default_threshold()),
+            |t| t.to_string()
+        )
     );
     println!("doc precision {p:.4}  recall {r:.4}  F1 {f1:.4}");
     Ok(())

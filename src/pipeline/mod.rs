@@ -984,11 +984,9 @@ pub async fn build_model(
         .calibration
         .as_deref()
         .map(|p| {
-            crate::mapping::calibration_setting(p).map_err(|message| {
-                PipelineError::Setting {
-                    setting: "mapping.calibration".into(),
-                    message,
-                }
+            crate::mapping::calibration_setting(p).map_err(|message| PipelineError::Setting {
+                setting: "mapping.calibration".into(),
+                message,
             })
         })
         .transpose()?;
@@ -1029,8 +1027,11 @@ pub async fn build_model(
         .is_file();
     summary.push_str(&match (&settings.mapping.calibration, calibrated) {
         (Some(p), true) => format!("\nscores: text calibration of {p}"),
-        (Some(p), false) => format!("\nscores: {p} is for another domain; scores calibrated on ATT&CK procedures only"),
-        (None, _) => "\nscores: calibrated on ATT&CK procedures only (mapping.calibration is null)".to_string(),
+        (Some(p), false) => format!(
+            "\nscores: {p} is for another domain; scores calibrated on ATT&CK procedures only"
+        ),
+        (None, _) => "\nscores: calibrated on ATT&CK procedures only (mapping.calibration is null)"
+            .to_string(),
     });
     let mut published = None;
     if let Some(remote) = &settings.lake.models_remote {

@@ -169,7 +169,11 @@ impl Feed<'_> {
     }
 
     /// Write the events of `chunk` (emptied).
-    async fn write_chunk(&mut self, engine: &Engine, chunk: &mut Vec<Item>) -> Result<(), ReportError> {
+    async fn write_chunk(
+        &mut self,
+        engine: &Engine,
+        chunk: &mut Vec<Item>,
+    ) -> Result<(), ReportError> {
         if chunk.is_empty() {
             return Ok(());
         }
@@ -178,7 +182,10 @@ impl Feed<'_> {
             .await
             .map_err(|e| self.write_err(format!("reading observables: {e}")))?;
         for item in chunk.drain(..) {
-            let obs = observed.get(&item.id).map(Vec::as_slice).unwrap_or_default();
+            let obs = observed
+                .get(&item.id)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             self.write_event(&item, obs)?;
         }
         Ok(())

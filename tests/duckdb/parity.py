@@ -27,6 +27,13 @@ def error_of(con, sql: str) -> str:
     return ""
 
 
+# A two-paragraph ICS report (the extension and DataFusion must find the same techniques in it).
+REPORT = (
+    "The actor sent unauthorized command messages to the PLC to open the breakers.\n\n"
+    "Later they modified the controller program and uploaded new logic to the PLC."
+)
+
+
 def main() -> None:
     ext, model, lake, domain = sys.argv[1:5]
     out = {"duckdb_version": duckdb.__version__}
@@ -59,6 +66,10 @@ def main() -> None:
     out["unknown_technique_error"] = error_of(con, "SELECT technique_score('powershell', 'T9999')")
     out["bad_k_error"] = error_of(con, "SELECT map_techniques('powershell', -1)")
     out["bad_model_error"] = error_of(con, f"SELECT threatlake_use_model({literal(lake)})")
+    report = con.execute(
+        "SELECT to_json(map_report(?)), map_report(NULL)", [REPORT]
+    ).fetchone()
+    out["report"] = [json.loads(report[0]), report[1]]
     out["explain"] = con.execute(
         "SELECT explain_mapping('The actor sent unauthorized command messages to the PLC')"
     ).fetchone()[0]

@@ -217,6 +217,30 @@ fn stock_duckdb_loads_the_extension_and_agrees() {
     assert!(r["bad_k_error"].as_str().unwrap().contains("-1"), "{r}");
     assert!(!r["bad_model_error"].as_str().unwrap().is_empty(), "{r}");
     assert!(r["explain"].is_string(), "{r}");
+    // map_report: the same techniques, sentence counts and best sentences as DataFusion.
+    let df = sql_json(
+        dir,
+        "datafusion",
+        "SELECT map_report('The actor sent unauthorized command messages to the PLC to open the breakers.' \
+         || chr(10) || chr(10) || 'Later they modified the controller program and uploaded new logic to the PLC.') AS r",
+    );
+    let key = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["technique_id"].clone(),
+                    t["sentences"].clone(),
+                    t["sentence"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let from_df = key(&df[0]["r"]);
+    assert!(!from_df.is_empty(), "{df:?}");
+    assert_eq!(key(&r["report"][0]), from_df, "{r}");
+    assert!(r["report"][1].is_null(), "{r}");
 }
 
 #[test]

@@ -88,15 +88,7 @@ pub fn features(z: f32, rank: usize, t: &TextFeatures) -> [f64; FEATURES] {
     let z = z.clamp(-30.0, 30.0);
     let gap = f64::from((t.z1.clamp(-30.0, 30.0) - z).clamp(0.0, MAX_MARGIN));
     let z = f64::from(z);
-    [
-        z,
-        top,
-        top * margin,
-        (1.0 - top) * gap,
-        len,
-        known,
-        z * len,
-    ]
+    [z, top, top * margin, (1.0 - top) * gap, len, known, z * len]
 }
 
 impl Calibration {
@@ -128,12 +120,7 @@ impl Calibration {
     }
 
     /// Fit on `(features, correct)` rows.
-    pub fn fit(
-        rows: &[Row],
-        fitted_on: Vec<String>,
-        domain: &str,
-        attack_version: &str,
-    ) -> Self {
+    pub fn fit(rows: &[Row], fitted_on: Vec<String>, domain: &str, attack_version: &str) -> Self {
         let (best, others): (Vec<Row>, Vec<Row>) = rows.iter().partition(|(x, _, _)| x[1] > 0.5);
         Self {
             best: Logistic::fit(&best),
@@ -232,7 +219,11 @@ pub const CANDIDATES: usize = 5;
 
 /// The samples of labelled texts `(text, labels, group)` of file `file`, scored in parallel
 /// by the model's raw logits.
-pub fn samples(m: &super::Mapper, file: usize, texts: &[(String, Vec<String>, u64)]) -> Vec<Sample> {
+pub fn samples(
+    m: &super::Mapper,
+    file: usize,
+    texts: &[(String, Vec<String>, u64)],
+) -> Vec<Sample> {
     use rayon::prelude::*;
     texts
         .par_iter()
@@ -311,8 +302,9 @@ pub fn choose_threshold(
 /// A stable group number of a text's group key (a report id, a rule id).
 pub fn group_of(key: &str) -> u64 {
     // FNV-1a: stable across runs and platforms (the std hasher is not).
-    key.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

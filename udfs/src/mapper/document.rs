@@ -74,9 +74,9 @@ pub fn map_document(
 
 /// Abbreviations whose period does not end a sentence (lower case, without the period).
 const ABBREVIATIONS: &[&str] = &[
-    "al", "approx", "cf", "co", "corp", "dept", "dr", "e.g", "eg", "esp", "etc", "fig", "figs", "i.e",
-    "ie", "inc", "jr", "ltd", "mr", "mrs", "ms", "no", "nos", "p", "pp", "prof", "sr", "st", "u.k",
-    "u.s", "v", "vol", "vs", "viz",
+    "al", "approx", "cf", "co", "corp", "dept", "dr", "e.g", "eg", "esp", "etc", "fig", "figs",
+    "i.e", "ie", "inc", "jr", "ltd", "mr", "mrs", "ms", "no", "nos", "p", "pp", "prof", "sr", "st",
+    "u.k", "u.s", "v", "vol", "vs", "viz",
 ];
 
 /// File extensions, so `cmd.exe` is not taken for a domain.
@@ -108,10 +108,26 @@ pub fn prose_sentences(text: &str) -> Vec<String> {
 }
 
 fn looks_like_html(text: &str) -> bool {
-    let head: String = text.chars().take(4096).collect::<String>().to_ascii_lowercase();
-    ["<html", "<body", "<p>", "<p ", "<div", "<br", "<!doctype", "<li>", "<span", "<h1", "<h2"]
-        .iter()
-        .any(|t| head.contains(t))
+    let head: String = text
+        .chars()
+        .take(4096)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    [
+        "<html",
+        "<body",
+        "<p>",
+        "<p ",
+        "<div",
+        "<br",
+        "<!doctype",
+        "<li>",
+        "<span",
+        "<h1",
+        "<h2",
+    ]
+    .iter()
+    .any(|t| head.contains(t))
 }
 
 /// Text of an HTML page: scripts, styles and comments dropped, block elements as line breaks,
@@ -192,9 +208,9 @@ fn decode_entities(s: &str) -> String {
             "rsquo" | "lsquo" => Some('\''),
             "rdquo" | "ldquo" => Some('"'),
             "ndash" | "mdash" => Some('-'),
-            n if n.starts_with("#x") || n.starts_with("#X") => {
-                u32::from_str_radix(&n[2..], 16).ok().and_then(char::from_u32)
-            }
+            n if n.starts_with("#x") || n.starts_with("#X") => u32::from_str_radix(&n[2..], 16)
+                .ok()
+                .and_then(char::from_u32),
             n if n.starts_with('#') => n[1..].parse().ok().and_then(char::from_u32),
             _ => None,
         };
@@ -240,7 +256,9 @@ fn classify<'a>(line: &'a str, in_fence: &mut bool) -> Line<'a> {
         return Line::Blank;
     }
     // Indented code (markdown) and table rows.
-    if line.starts_with("    ") && !line.trim_start().starts_with(['-', '*', '+']) && looks_like_code(t)
+    if line.starts_with("    ")
+        && !line.trim_start().starts_with(['-', '*', '+'])
+        && looks_like_code(t)
         || line.starts_with('\t') && looks_like_code(t)
         || t.starts_with('|')
         || t.matches('|').count() >= 2
@@ -292,7 +310,9 @@ fn is_indicator(w: &str) -> bool {
     let url = w.contains("://") || w.starts_with("hxxp");
     let dotted = w.replace("[.]", ".");
     let ip = dotted.split('.').count() == 4
-        && dotted.split('.').all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()));
+        && dotted
+            .split('.')
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()));
     let domain = dotted.contains('.')
         && !dotted.ends_with('.')
         && dotted.rsplit('.').next().is_some_and(|tld| {
@@ -300,7 +320,9 @@ fn is_indicator(w: &str) -> bool {
                 && tld.chars().all(|c| c.is_ascii_alphabetic())
                 && !FILE_EXTENSIONS.contains(&tld.to_ascii_lowercase().as_str())
         })
-        && dotted.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+        && dotted
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
     hex || url || ip || domain
 }
 
@@ -403,7 +425,9 @@ fn ends_sentence(word: &str, next: &str) -> bool {
         return false;
     }
     if last == '.' {
-        let stem = core.trim_end_matches('.').trim_start_matches(['(', '"', '\'']);
+        let stem = core
+            .trim_end_matches('.')
+            .trim_start_matches(['(', '"', '\'']);
         let lower = stem.to_lowercase();
         // An initial ("J. Smith") or an abbreviation ("e.g. Emotet", "Fig. 3").
         if stem.chars().count() == 1 && stem.chars().all(char::is_alphabetic) {
@@ -428,14 +452,35 @@ fn looks_like_command(s: &str) -> bool {
     let Some(first) = words.first() else {
         return false;
     };
-    let first = first.trim_matches(|c: char| matches!(c, '"' | '\'' | '`')).to_ascii_lowercase();
+    let first = first
+        .trim_matches(|c: char| matches!(c, '"' | '\'' | '`'))
+        .to_ascii_lowercase();
     let program = [".exe", ".ps1", ".sh", ".bat", ".cmd", ".vbs", ".py"]
         .iter()
         .any(|e| first.ends_with(e))
         || first.starts_with('/')
         || first.contains('\\')
-        || ["cmd", "powershell", "pwsh", "bash", "sh", "curl", "wget", "sudo", "reg", "schtasks", "wmic", "net", "certutil", "rundll32", "regsvr32", "mshta", "bitsadmin", "nc"]
-            .contains(&first.as_str());
+        || [
+            "cmd",
+            "powershell",
+            "pwsh",
+            "bash",
+            "sh",
+            "curl",
+            "wget",
+            "sudo",
+            "reg",
+            "schtasks",
+            "wmic",
+            "net",
+            "certutil",
+            "rundll32",
+            "regsvr32",
+            "mshta",
+            "bitsadmin",
+            "nc",
+        ]
+        .contains(&first.as_str());
     let code = words
         .iter()
         .filter(|w| {
@@ -537,7 +582,10 @@ mod tests {
             "## Execution\nThe group relies on **[PowerShell](https://attack.mitre.org/techniques/T1059/001)** \
              and `cmd.exe` to run commands.",
         );
-        assert_eq!(s, vec!["The group relies on PowerShell and cmd.exe to run commands."]);
+        assert_eq!(
+            s,
+            vec!["The group relies on PowerShell and cmd.exe to run commands."]
+        );
     }
 
     #[test]
