@@ -270,7 +270,7 @@ const FLOORS: [Floor; 3] = [
 /// not); returns the number of sets that fell below.
 fn development_floors(m: &threatlake_udfs::mapper::Mapper) -> usize {
     use threatlake_udfs::mapper::eval;
-    use threatlake_udfs::mapping_kernels::{par_documents, par_top_k};
+    use threatlake_udfs::mapping_kernels::par_top_k;
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/eval");
     let mut failed = 0;
     for f in &FLOORS {
@@ -332,33 +332,12 @@ fn development_floors(m: &threatlake_udfs::mapper::Mapper) -> usize {
                         .filter_map(|l| l.as_str()),
                 );
             }
-            let docs: Vec<(String, std::collections::BTreeSet<&str>)> = docs
+            let docs: Vec<(String, std::collections::BTreeSet<String>)> = docs
                 .into_values()
                 .filter(|(_, l)| !l.is_empty())
-                .map(|(t, l)| (t.join("\n\n"), l.into_iter().collect()))
+                .map(|(t, l)| (t.join("\n\n"), l.into_iter().map(str::to_string).collect()))
                 .collect();
-            let found = par_documents(m, docs.len(), None, |i| Some(docs[i].0.as_str()));
-            let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
-            for ((_, want), got) in docs.iter().zip(found) {
-                let got: std::collections::BTreeSet<&str> = got
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|x| m.model.techniques[x.technique].id.as_str())
-                    .collect();
-                let hit = got.iter().filter(|t| want.contains(**t)).count();
-                tp += hit;
-                fp += got.len() - hit;
-                fn_ += want.len() - hit;
-            }
-            let (p, r) = (
-                tp as f64 / (tp + fp).max(1) as f64,
-                tp as f64 / (tp + fn_).max(1) as f64,
-            );
-            if p + r > 0.0 {
-                2.0 * p * r / (p + r)
-            } else {
-                0.0
-            }
+            eval::document_scores(m, &docs, None).2
         });
         eprintln!(
             "dev  {}: top1 {:.4} recall@5 {:.4} mrr@10 {:.4} ECE {:.4} negatives mapped {:.4}{}",

@@ -737,28 +737,7 @@ fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
         return Ok(());
     }
     let threshold = settings.mapping.threshold;
-    let found = threatlake_udfs::mapping_kernels::par_documents(m, docs.len(), threshold, |i| {
-        Some(docs[i].0.as_str())
-    });
-    let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
-    for ((_, labels), f) in docs.iter().zip(found) {
-        let got: std::collections::BTreeSet<&str> = f
-            .unwrap_or_default()
-            .iter()
-            .map(|x| m.model.techniques[x.technique].id.as_str())
-            .collect();
-        let hit = got.iter().filter(|t| labels.contains(**t)).count();
-        tp += hit;
-        fp += got.len() - hit;
-        fn_ += labels.iter().filter(|l| !got.contains(l.as_str())).count();
-    }
-    let p = tp as f64 / (tp + fp).max(1) as f64;
-    let r = tp as f64 / (tp + fn_).max(1) as f64;
-    let f1 = if p + r > 0.0 {
-        2.0 * p * r / (p + r)
-    } else {
-        0.0
-    };
+    let (p, r, f1) = eval::document_scores(m, &docs, threshold);
     println!();
     println!(
         "documents  {} (rows grouped by report; map_report at threshold {})",

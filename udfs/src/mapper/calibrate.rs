@@ -285,7 +285,8 @@ pub fn cross_validated(samples: &[Sample], folds: u64) -> Vec<Option<f64>> {
 }
 
 /// The lowest threshold (in steps of 0.01) at which at most `max_negatives` of the negatives
-/// keep a technique and the kept positives are right at least `min_precision` of the time.
+/// keep a technique and the kept positives (at least one) are right at least `min_precision` of
+/// the time.
 pub fn choose_threshold(
     positives: &[(f64, bool)],
     negatives: &[f64],
@@ -295,7 +296,10 @@ pub fn choose_threshold(
     (1..100).map(|i| i as f64 / 100.0).find(|&t| {
         let p = super::eval::operating_points(positives, negatives, &[t]);
         let p = &p[0];
-        p.negatives_mapped.is_none_or(|n| n <= max_negatives) && p.precision >= min_precision
+        // A threshold that keeps no positive meets any precision vacuously: not a choice.
+        p.negatives_mapped.is_none_or(|n| n <= max_negatives)
+            && p.precision >= min_precision
+            && (p.coverage > 0.0 || positives.is_empty())
     })
 }
 

@@ -168,6 +168,38 @@ pub fn operating_points(
         .collect()
 }
 
+/// Document-level precision, recall and F1 (micro) of `map_report` on reports with their labelled
+/// technique sets, at `threshold` (`None`: the model's own per sentence).
+pub fn document_scores(
+    m: &super::Mapper,
+    docs: &[(String, std::collections::BTreeSet<String>)],
+    threshold: Option<f64>,
+) -> (f64, f64, f64) {
+    let found = crate::mapping_kernels::par_documents(m, docs.len(), threshold, |i| {
+        Some(docs[i].0.as_str())
+    });
+    let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
+    for ((_, want), got) in docs.iter().zip(found) {
+        let got: HashSet<&str> = got
+            .unwrap_or_default()
+            .iter()
+            .map(|x| m.model.techniques[x.technique].id.as_str())
+            .collect();
+        let hit = got.iter().filter(|t| want.contains(**t)).count();
+        tp += hit;
+        fp += got.len() - hit;
+        fn_ += want.len() - hit;
+    }
+    let p = tp as f64 / (tp + fp).max(1) as f64;
+    let r = tp as f64 / (tp + fn_).max(1) as f64;
+    let f1 = if p + r > 0.0 {
+        2.0 * p * r / (p + r)
+    } else {
+        0.0
+    };
+    (p, r, f1)
+}
+
 /// A labelled text for evaluation.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct Labelled {
