@@ -149,7 +149,13 @@ pub async fn map_intel(
             column_strings(b, 1),
             column_strings(b, 2),
         );
-        let texts = b.column(4).as_string::<i32>();
+        // The text as Utf8 whatever string type the views produce (a no-op when it already is).
+        let texts =
+            arrow::compute::cast(b.column(4), &DataType::Utf8).map_err(|e| FeedError::Arrow {
+                table: "threat_intelligence_data",
+                message: e.to_string(),
+            })?;
+        let texts = texts.as_string::<i32>();
         let lists = b.column(3).as_list::<i32>();
         for r in 0..b.num_rows() {
             let (Some(id), Some(ver), Some(src)) = (&ids[r], &vers[r], &srcs[r]) else {
