@@ -1247,6 +1247,10 @@ impl Model {
         let scores: Vec<f64> = match &self.calibration {
             Some(c) => {
                 let logits: Vec<f32> = ranked.iter().map(|(_, z)| *z).collect();
+                let text = super::calibrate::TextFeatures {
+                    prose: super::document::reads_as_prose(input),
+                    ..text
+                };
                 c.ranked(&logits, &text)
             }
             None => ranked.iter().map(|(_, z)| sigmoid(*z) as f64).collect(),
@@ -1260,7 +1264,8 @@ impl Model {
     }
 
     /// The best `k` candidates of `input` with their raw (uncalibrated) logits, best first, and
-    /// the text's features for the calibration.
+    /// the text's features for the calibration (`prose` left true: callers that calibrate decide it,
+    /// so an uncalibrated model's hot path does not pay for the check).
     pub fn ranked_logits(
         &self,
         wv: &WordVectors,
@@ -1284,8 +1289,7 @@ impl Model {
         }
         idx.sort_by(cmp);
         let ranked: Vec<(usize, f32)> = idx.into_iter().map(|t| (t, s.fused[t])).collect();
-        let mut text = self.text_features(&ranked, s);
-        text.prose = super::document::reads_as_prose(input);
+        let text = self.text_features(&ranked, s);
         (ranked, text)
     }
 

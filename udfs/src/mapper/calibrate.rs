@@ -208,8 +208,6 @@ pub struct Sample {
     pub positive: bool,
     /// Whether it reads as prose (only prose is calibrated; see [`TextFeatures::prose`]).
     pub prose: bool,
-    /// Raw logit of its best candidate.
-    pub z1: f32,
     /// Its best candidates, best first: features and whether each is one of the labels.
     pub candidates: Vec<([f64; FEATURES], bool)>,
 }
@@ -241,8 +239,7 @@ pub fn samples(
                 file,
                 group: *group,
                 positive: !labels.is_empty(),
-                prose: t.prose,
-                z1: ranked.first().map_or(f32::NEG_INFINITY, |r| r.1),
+                prose: super::document::reads_as_prose(text),
                 candidates,
             }
         })
@@ -275,7 +272,8 @@ pub fn cross_validated(samples: &[Sample], folds: u64) -> Vec<Option<f64>> {
                     if s.prose {
                         c.probability(x)
                     } else {
-                        sigmoid(s.z1)
+                        // Feature 0 is the raw logit (bounded).
+                        sigmoid(x[0] as f32)
                     }
                 });
             }
