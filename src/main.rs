@@ -237,6 +237,9 @@ enum ModelCommand {
         #[arg(long, value_enum, default_value_t = SingleDomain::Enterprise)]
         domain: SingleDomain,
     },
+    /// Analysts' decisions from the dashboard's mapping workbench.
+    #[command(subcommand)]
+    Feedback(FeedbackCommand),
     /// Compare two threat-model snapshots (default: the last two runs): new, rising, fading, gone.
     Diff {
         /// Older run id.
@@ -274,6 +277,18 @@ enum ModelCommand {
         /// Domain.
         #[arg(long, value_enum, default_value_t = SingleDomain::Enterprise)]
         domain: SingleDomain,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FeedbackCommand {
+    /// Write the `mapping_feedback` decisions as labelled JSON lines in the `model eval --input`
+    /// format: {"text", "labels", "rejected", "source": "workbench", "doc"} (the newest decision
+    /// per suggestion wins; labels [] when every suggestion was rejected).
+    Export {
+        /// Output file (default: stdout).
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
 }
 
@@ -507,6 +522,13 @@ enum BenchCommand {
         /// Runs of each report query through /sql.
         #[arg(long, default_value_t = 20)]
         sql_runs: usize,
+    },
+    /// The dashboard in-process on a loopback port: every page and partial rendered N times
+    /// (p50/p95 server time), the JS + CSS a first load sends (gzip bytes).
+    Dashboard {
+        /// Renders of each page.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
     },
     /// Push every mapping of a lake (e.g. one `bench report --keep DIR` built) to osmem-server via
     /// `_bulk` (docs/s, peak RSS) and to rsyslogd as CEF over TCP (lines/s); both are started here.
@@ -744,6 +766,33 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             cli::feeds::run(&settings, job, options).await
+        }
+        Command::Model(ModelCommand::Feedback(FeedbackCommand::Export { output })) => {
+            let lake = Lake::from_settings(&settings.lake)?;
+            let engine = threatlake::Engine::open_with(
+                &lake,
+                &threatlake::sql::EngineOptions::from_settings(&settings),
+            )
+            .await?;
+            let examples = threatlake::feedback::export(&engine).await?;
+            let mut text = String::new();
+            for e in &examples {
+                text.push_str(&serde_json::to_string(e)?);
+                text.push('\n');
+            }
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!(
+                        "{} labelled sentences written to {}",
+                        examples.len(),
+                        path.display()
+                    );
+                }
+                None => print!("{text}"),
+            }
+            Ok(())
         }
         Command::Model(ModelCommand::Diff { run_a, run_b, all }) => {
             cli::feeds::diff(&settings, run_a, run_b, all).await
@@ -989,6 +1038,9 @@ async fn main_inner(cli: Cli) -> Result<()> {
             query_runs,
         }) => cli::bench::ingest(&from, runs, query_runs).await,
         Command::Bench(BenchCommand::Hostile { mb }) => cli::bench::hostile(mb).await,
+        Command::Bench(BenchCommand::Dashboard { runs }) => {
+            cli::bench::dashboard(&settings, runs).await
+        }
         Command::Bench(BenchCommand::Serve {
             clients,
             secs,

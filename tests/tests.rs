@@ -8,6 +8,9 @@ mod it {
     mod ballista;
     /// `threatlake` CLI output, snapshot-tested (insta-cmd) per output format and for `\d`.
     mod cli;
+    /// The dashboard in Debian's chromium (Playwright): every page after sign-in, no console error
+    /// or CSP violation, hostile intel shown as text, numbers equal to SQL, Navigator layer.
+    mod dashboard;
     /// The lake's Delta tables: aborts at every write, readers during re-ingests, concurrent
     /// appends, time travel, upgrade of a plain-Parquet lake.
     mod delta;

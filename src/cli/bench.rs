@@ -923,6 +923,138 @@ pub async fn serve(
     Ok(())
 }
 
+/// `bench dashboard`: each page rendered `runs` times through the in-process server with a reader
+/// token (server time: request to last byte on loopback), and the bytes of JS + CSS a first load
+/// fetches gzipped.
+pub async fn dashboard(settings: &threatlake::Settings, runs: usize) -> Result<()> {
+    use threatlake::server::auth::{AuthFile, Role};
+
+    let tmp = tempfile::tempdir().context("creating a temporary auth file")?;
+    let mut s = settings.clone();
+    s.server.auth_file = tmp.path().join("auth.yaml").display().to_string();
+    s.schedule.jobs.clear();
+    let (token, _) =
+        AuthFile::new(&s.server.auth_file).create_token("bench", Role::Reader, None)?;
+    let lake = Lake::from_settings(&s.lake)?;
+    let engine =
+        Engine::open_with(&lake, &threatlake::sql::EngineOptions::from_settings(&s)).await?;
+    let pick = |sql: &'static str| {
+        let engine = &engine;
+        async move { Ok::<_, anyhow::Error>(first_column(engine, sql).await?.into_iter().next()) }
+    };
+    let technique = pick(
+        "SELECT technique_id FROM mapped_threat_data GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
+    )
+    .await?
+    .unwrap_or_else(|| "T1059".into());
+    let item = pick("SELECT item_id FROM threat_intelligence_data ORDER BY item_id LIMIT 1")
+        .await?
+        .context("no threat items in the lake; run `threatlake run --samples` or `bench report --keep DIR` first")?;
+    let family = pick("SELECT family FROM threat_intelligence_data WHERE family IS NOT NULL GROUP BY 1 ORDER BY count(*) DESC LIMIT 1")
+        .await?
+        .unwrap_or_default();
+    drop(engine);
+    let enc = |v: &str| -> String { url::form_urlencoded::byte_serialize(v.as_bytes()).collect() };
+    let pages: Vec<String> = vec![
+        "/".into(),
+        format!("/?family={}", enc(&family)),
+        "/map".into(),
+        "/matrix".into(),
+        "/matrix?sub=1".into(),
+        "/matrix/layer.json".into(),
+        format!("/techniques/{technique}"),
+        "/items".into(),
+        format!("/items?technique={technique}&offset=50"),
+        format!("/items/{}", enc(&item)),
+        "/threat-model".into(),
+        format!(
+            "/sql?sql={}",
+            enc("SELECT source, count(*) AS n FROM threat_intelligence_data GROUP BY source")
+        ),
+        "/jobs".into(),
+    ];
+
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let options = threatlake::server::ServeOptions {
+        bind: "127.0.0.1:0".into(),
+        tls: None,
+        insecure_http: false,
+    };
+    let server = tokio::spawn(threatlake::server::serve_until(
+        s.clone(),
+        options,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |a| {
+            let _ = addr_tx.send(a);
+        },
+    ));
+    let addr = addr_rx.await.context("the server did not start")?;
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    println!(
+        "bench dashboard on {base} over {} ({} build), {runs} renders per page",
+        lake.location,
+        build_kind()
+    );
+    let mut all = Vec::new();
+    for page in &pages {
+        let mut times = Vec::new();
+        for _ in 0..runs.max(1) {
+            let t = Instant::now();
+            let r = client
+                .get(format!("{base}{page}"))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            let status = r.status();
+            let _ = r.bytes().await?;
+            anyhow::ensure!(status.is_success(), "GET {page}: {status}");
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "  {:<44} p50 {:>8.1} ms  p95 {:>8.1} ms",
+            page.chars().take(44).collect::<String>(),
+            pct_ms(&times, 50.0),
+            pct_ms(&times, 95.0)
+        );
+        all.extend(times);
+    }
+    all.sort();
+    println!(
+        "every page: p50 {:.1} ms, p95 {:.1} ms (goal p95 ≤ 200 ms)",
+        pct_ms(&all, 50.0),
+        pct_ms(&all, 95.0)
+    );
+    // What a first load fetches: the stylesheet and the three scripts, gzipped as served.
+    let mut gz = 0usize;
+    for asset in ["app.css", "app.js", "htmx.min.js", "echarts.min.js"] {
+        let r = client
+            .get(format!("{base}/assets/{asset}"))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "GET /assets/{asset}: {}",
+            r.status()
+        );
+        gz += r.bytes().await?.len();
+    }
+    println!(
+        "JS + CSS of a first load: {:.0} KB gzipped (goal ≤ 600 KB)",
+        gz as f64 / 1000.0
+    );
+    let _ = stop_tx.send(());
+    server.await??;
+    Ok(())
+}
+
 /// A receiver process for `bench push`, killed on drop.
 struct Receiver(std::process::Child);
 

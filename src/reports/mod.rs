@@ -332,7 +332,16 @@ impl Built {
 
 /// Run one report and build its chart.
 pub async fn build(engine: &Engine, def: &ReportDef, domain: &str) -> Result<Built, ReportError> {
-    let data = run(engine, def).await?;
+    build_from(engine, run(engine, def).await?, domain).await
+}
+
+/// Build the chart of a result computed elsewhere (the dashboard's filtered matrix).
+pub async fn build_from(
+    engine: &Engine,
+    data: Dataset,
+    domain: &str,
+) -> Result<Built, ReportError> {
+    let def = &data.def;
     let spec = def.chart_spec()?;
     let frame = Frame::new(&data.schema, &data.batches);
     let chart = Chart::build(engine, &spec, &def.title, &frame, domain).await;

@@ -94,7 +94,9 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Response {
 }
 
 /// Rows as JSON objects (arrow-json: strings escaped, nulls explicit).
-fn rows_json(batches: &[RecordBatch]) -> Result<Vec<serde_json::Value>, arrow::error::ArrowError> {
+pub(super) fn rows_json(
+    batches: &[RecordBatch],
+) -> Result<Vec<serde_json::Value>, arrow::error::ArrowError> {
     let mut w = arrow::json::WriterBuilder::new()
         .with_explicit_nulls(true)
         .build::<_, arrow::json::writer::JsonArray>(Vec::new());
@@ -845,7 +847,7 @@ pub struct ItemPage {
 }
 
 /// Escape LIKE wildcards so `q` matches literally.
-fn like_literal(s: &str) -> String {
+pub(super) fn like_literal(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('%', "\\%")
         .replace('_', "\\_")
@@ -1181,7 +1183,7 @@ pub struct RunList {
     pub runs: Vec<serde_json::Value>,
 }
 
-fn running_json(job: Job, r: &super::Running) -> serde_json::Value {
+pub(super) fn running_json(job: Job, r: &super::Running) -> serde_json::Value {
     let stages = r.stages.lock().map(|s| s.clone()).unwrap_or_default();
     serde_json::json!({
         "run_id": r.run_id, "job": job.as_str(), "trigger": r.trigger.as_str(), "status": "running",

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod dashboard;
 pub mod metrics;
 mod pages;
 pub mod schedule;
@@ -528,7 +529,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/metrics", get(api::metrics))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
-        .route("/", get(pages::home))
+        .merge(dashboard::routes())
         .nest("/api/v1", api::routes())
         .merge(taxii::routes())
         .fallback(api::not_found)
@@ -540,11 +541,20 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
 /// The role a route needs; None: anonymous.
 fn required_role(method: &Method, route: &str) -> Option<Role> {
     match (method.as_str(), route) {
-        (_, "/healthz" | "/readyz" | "/login") => None,
-        ("POST", "/api/v1/runs") => Some(Role::Analyst),
+        (_, "/healthz" | "/readyz" | "/login" | "/assets/{file}") => None,
+        ("POST", "/api/v1/runs" | "/jobs" | "/workbench/feedback") => Some(Role::Analyst),
         (_, r) if r.starts_with("/api/v1/auth/") => Some(Role::Admin),
         _ => Some(Role::Reader),
     }
+}
+
+/// A page for people (the dashboard), as opposed to the API, TAXII and metrics: without a session
+/// it sends the browser to the sign-in page.
+fn is_page(route: &str) -> bool {
+    !(route.starts_with("/api/")
+        || route.starts_with("/taxii2/")
+        || route == "/metrics"
+        || route == "(unmatched)")
 }
 
 /// The session cookie's name (`__Host-` prefix under TLS).
@@ -618,7 +628,7 @@ async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
                     next.run(req).await
                 }
                 (None, Some(_)) => {
-                    if method == Method::GET && route == "/" {
+                    if method == Method::GET && is_page(&route) {
                         axum::response::Redirect::to("/login").into_response()
                     } else {
                         api::error(
@@ -669,7 +679,8 @@ async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         status.as_u16(),
         t.elapsed().as_secs_f64(),
     );
-    if route != "/healthz" && route != "/readyz" {
+    // Health probes and the dashboard's static files would only flood the audit log.
+    if !matches!(route.as_str(), "/healthz" | "/readyz" | "/assets/{file}") {
         state.audit.push(AuditRow {
             at: crate::feeds::fixed(chrono::Utc::now()),
             who: note
@@ -774,7 +785,10 @@ fn csrf_ok(
     let Some(id) = &p.session else {
         return true;
     };
-    if matches!(*method, Method::GET | Method::HEAD) || route == "/logout" {
+    if matches!(*method, Method::GET | Method::HEAD)
+        || route == "/logout"
+        || dashboard::FORM_CSRF_ROUTES.contains(&route)
+    {
         return true;
     }
     let Some(s) = state.sessions.get(id) else {

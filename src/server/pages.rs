@@ -1,10 +1,11 @@
 //! Browser pages: the login form, sign-in (argon2id check, failed-login limit, fresh session id,
-//! hardened cookie), sign-out, and the signed-in home page. Rendered with minijinja (auto-escaped).
+//! hardened cookie) and sign-out; the signed-in pages are the dashboard's. Rendered with minijinja
+//! (auto-escaped).
 
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use cookie::{Cookie, SameSite};
@@ -17,26 +18,14 @@ use super::{cookie_name, AppState, AuditNote};
 const LOGIN: &str = r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>threatlake — sign in</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{font-family:system-ui,sans-serif;max-width:24rem;margin:4rem auto}label,input,button{display:block;width:100%;margin:.3rem 0}p.err{color:#a00}</style>
-</head><body><h1>threatlake</h1>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/assets/app.css">
+</head><body class="login"><main><h1>threatlake</h1>
 {% if message %}<p class="err" role="alert">{{ message }}</p>{% endif %}
 <form method="post" action="/login">
 <label for="username">User name</label><input id="username" name="username" autocomplete="username" required>
 <label for="password">Password</label><input id="password" name="password" type="password" autocomplete="current-password" required>
-<button type="submit">Sign in</button></form></body></html>
-"#;
-
-const HOME: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>threatlake</title>
-<meta name="csrf-token" content="{{ csrf }}">
-<style>body{font-family:system-ui,sans-serif;max-width:40rem;margin:3rem auto}</style>
-</head><body><h1>threatlake</h1>
-<p>Signed in as <strong id="user">{{ user }}</strong> ({{ role }}).</p>
-<ul><li><a href="/api/v1/openapi.json">API description (OpenAPI 3.1)</a></li>
-<li><a href="/api/v1/threat-model">Current threat model (JSON)</a></li>
-<li><a href="/api/v1/runs">Job runs (JSON)</a></li></ul>
-<form method="post" action="/logout"><input type="hidden" name="csrf_token" value="{{ csrf }}"><button type="submit">Sign out</button></form>
-</body></html>
+<button type="submit">Sign in</button></form></main></body></html>
 "#;
 
 fn render(name: &str, source: &'static str, ctx: minijinja::Value) -> Response {
@@ -47,7 +36,11 @@ fn render(name: &str, source: &'static str, ctx: minijinja::Value) -> Response {
         .and_then(|_| env.get_template(name))
         .and_then(|t| t.render(ctx));
     match out {
-        Ok(html) => Html(html).into_response(),
+        Ok(html) => {
+            let mut r = Html(html).into_response();
+            super::dashboard::harden(&mut r);
+            r
+        }
         Err(e) => {
             tracing::error!("rendering {name}: {e}");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
@@ -183,23 +176,4 @@ pub async fn logout(
         who: None,
     };
     redirect_setting_cookie(&state, "/login", String::new(), time_secs(0), note)
-}
-
-/// `GET /`: who is signed in, links, the sign-out form.
-pub async fn home(
-    State(state): State<Arc<AppState>>,
-    Extension(p): Extension<Principal>,
-    _headers: HeaderMap,
-) -> Response {
-    let csrf = p
-        .session
-        .as_deref()
-        .and_then(|id| state.sessions.get(id))
-        .map(|s| s.csrf)
-        .unwrap_or_default();
-    render(
-        "home.html",
-        HOME,
-        minijinja::context! { user => p.name, role => p.role.as_str(), csrf => csrf },
-    )
 }

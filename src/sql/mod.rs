@@ -661,6 +661,11 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef, &'static [&'static str])>
         &crate::server::audit::AUDIT_PARTITION,
     ));
     v.push((
+        crate::feedback::MAPPING_FEEDBACK,
+        crate::feedback::schema(),
+        &crate::feedback::PARTITION,
+    ));
+    v.push((
         crate::integrations::outbox::OUTBOX_LOG,
         crate::integrations::outbox::schema(),
         &crate::integrations::outbox::OUTBOX_PARTITION,

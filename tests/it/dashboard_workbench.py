@@ -1,0 +1,128 @@
+"""The mapping workbench in a real browser (Debian chromium driven by Playwright).
+
+Environment: BASE, ANALYST, READER, PASSWORD, OUT (screenshots). An analyst maps a report, accepts,
+rejects and corrects suggestions; a reader sees no decision buttons and a forged decision is refused.
+Prints one JSON line: the decisions made; exits non-zero on the first failure.
+"""
+
+import json
+import os
+import sys
+import urllib.parse
+
+from playwright.sync_api import sync_playwright
+
+BASE = os.environ["BASE"].rstrip("/")
+HOST = urllib.parse.urlparse(BASE).netloc
+OUT = os.environ["OUT"]
+CRADLE = ("The loader runs powershell -nop -w hidden -enc with an IEX (New-Object Net.WebClient)."
+          "DownloadString cradle to fetch the next stage.")
+REPORT = f"""<h1>Campaign notes</h1>
+<p>Invoices sent as ISO attachments contain a shortcut file that the victim opens.</p>
+<p>{CRADLE}</p>
+<p>The beacon persists with a scheduled task named OneDriveUpdate and <script>alert(1)</script> beacons every minute.</p>
+<ul><li>203.0.113.45</li><li>update-cdn-sync.example</li></ul>
+"""
+
+
+def fail(msg):
+    print("FAIL: " + msg, file=sys.stderr)
+    sys.exit(1)
+
+
+with sync_playwright() as p:
+    browser = p.chromium.launch(
+        executable_path="/usr/bin/chromium",
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run"],
+    )
+    problems = []
+
+    def session(user, viewport):
+        ctx = browser.new_context(viewport=viewport)
+        ctx.add_init_script(
+            "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+            " e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+        )
+        page = ctx.new_page()
+        page.set_default_timeout(60000)
+        page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+        page.on("pageerror", lambda e: problems.append(f"error: {e}"))
+        page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+        page.on("request", lambda r: urllib.parse.urlparse(r.url).netloc not in (HOST, "")
+                and not r.url.startswith("data:") and problems.append(f"foreign request {r.url}"))
+        page.goto(BASE + "/login")
+        page.fill("#username", user)
+        page.fill("#password", os.environ["PASSWORD"])
+        page.click("button[type=submit]")
+        page.wait_for_url(BASE + "/")
+        return ctx, page
+
+    def submit(page):
+        page.goto(BASE + "/workbench")
+        page.fill("#text", REPORT)
+        page.click("form[action='/workbench'] button[type=submit]")
+        page.wait_for_load_state("load")
+        if page.evaluate("window.__csp"):
+            problems.append(f"CSP violations {page.evaluate('window.__csp')}")
+
+    ctx, page = session(os.environ["ANALYST"], {"width": 1280, "height": 800})
+    submit(page)
+    sentences = page.locator("section.sentence")
+    texts = [sentences.nth(i).locator(".said").inner_text() for i in range(sentences.count())]
+    if any("203.0.113.45" in t for t in texts) or len(texts) < 3:
+        fail(f"the indicator list was mapped as prose, or sentences are missing: {texts}")
+    cradle = sentences.filter(has_text="DownloadString")
+    if cradle.count() != 1:
+        fail(f"the PowerShell sentence is not one section: {texts}")
+    ids = cradle.locator("tr[data-technique]").evaluate_all("rs => rs.map(r => r.dataset.technique)")
+    if "T1059.001" not in ids:
+        fail(f"T1059.001 is not among the cradle's top 3: {ids}")
+    if "<script>alert(1)</script>" not in " ".join(texts):
+        fail("the hostile markup in the report is not shown as text")
+    page.screenshot(path=os.path.join(OUT, "workbench-desktop.png"), full_page=True)
+    # Accept T1059.001; reject the cradle's other suggestions; correct the first sentence's first.
+    decisions = []
+    row = cradle.locator("tr[data-technique='T1059.001']")
+    row.locator("button[value=accept]").click()
+    row.locator(".decided").wait_for()
+    decisions.append(["accept", "T1059.001", row.locator(".decided").inner_text()])
+    for other in [i for i in ids if i != "T1059.001"]:
+        r = cradle.locator(f"tr[data-technique='{other}']")
+        r.locator("button[value=reject]").click()
+        r.locator(".decided").wait_for()
+        decisions.append(["reject", other, r.locator(".decided").inner_text()])
+    first = sentences.nth(0).locator("tr[data-technique]").first
+    suggested = first.get_attribute("data-technique")
+    first.locator("input[name=correct]").fill("T1566.001")
+    first.locator("button[value=correct]").click()
+    first.locator(".decided").wait_for()
+    decisions.append(["correct", suggested, first.locator(".decided").inner_text()])
+    for verdict, tid, said in decisions:
+        if tid not in said:
+            fail(f"{verdict} {tid}: the page said {said!r}")
+    # A decision form without the session's CSRF token is refused.
+    r = page.request.post(BASE + "/workbench/feedback", form={
+        "csrf_token": "forged", "doc": "x", "sentence": "x", "suggested": "T1059", "decision": "accept"})
+    if r.status != 403:
+        fail(f"a forged CSRF token answered {r.status}")
+    ctx.close()
+
+    ctx, page = session(os.environ["READER"], {"width": 390, "height": 844})
+    submit(page)
+    if page.locator("section.sentence").count() == 0:
+        fail("a reader gets no suggestions")
+    if page.locator("form.decide").count():
+        fail("a reader sees decision buttons")
+    csrf = page.get_attribute("meta[name=csrf-token]", "content")
+    r = page.request.post(BASE + "/workbench/feedback", form={
+        "csrf_token": csrf, "doc": "x", "sentence": "x", "suggested": "T1059", "decision": "accept"})
+    if r.status != 403:
+        fail(f"a reader's decision answered {r.status}")
+    page.screenshot(path=os.path.join(OUT, "workbench-phone.png"), full_page=True)
+    ctx.close()
+    browser.close()
+    if problems:
+        fail("; ".join(problems))
+
+print(json.dumps({"decisions": decisions, "cradle": CRADLE, "first": texts[0]}))
