@@ -20,7 +20,8 @@ CRADLE = ("The loader runs powershell -nop -w hidden -enc with an IEX (New-Objec
 REPORT = f"""<h1>Campaign notes</h1>
 <p>Invoices sent as ISO attachments contain a shortcut file that the victim opens.</p>
 <p>{CRADLE}</p>
-<p>The beacon persists with a scheduled task named OneDriveUpdate and <script>alert(1)</script> beacons every minute.</p>
+<p>The beacon persists with a scheduled task named OneDriveUpdate and &lt;script&gt;alert(1)&lt;/script&gt; &quot;&gt;&lt;img src=x onerror=alert(2)&gt; beacons every minute.</p>
+<script>alert(4)</script>
 <ul><li>203.0.113.45</li><li>update-cdn-sync.example</li></ul>
 """
 
@@ -78,8 +79,11 @@ with sync_playwright() as p:
     ids = cradle.locator("tr[data-technique]").evaluate_all("rs => rs.map(r => r.dataset.technique)")
     if "T1059.001" not in ids:
         fail(f"T1059.001 is not among the cradle's top 3: {ids}")
-    if "<script>alert(1)</script>" not in " ".join(texts):
-        fail("the hostile markup in the report is not shown as text")
+    joined = " ".join(texts)
+    if "<script>alert(1)</script>" not in joined or '"><img src=x onerror=alert(2)>' not in joined:
+        fail(f"the hostile markup in the report's text is not shown as text: {texts}")
+    if "alert(4)" in joined:
+        fail("the report's own script element was mapped as prose")
     page.screenshot(path=os.path.join(OUT, "workbench-desktop.png"), full_page=True)
     # Accept T1059.001; reject the cradle's other suggestions; correct the first sentence's first.
     decisions = []

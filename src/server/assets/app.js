@@ -42,19 +42,23 @@
       tooltip: { trigger: "axis", renderMode: "richText" },
       xAxis: { type: "time" },
       yAxis: { type: "value", minInterval: 1 },
-      brush: { xAxisIndex: 0, brushType: "lineX", brushMode: "single", throttleType: "debounce", throttleDelay: 300 },
       toolbox: { show: false },
       series: [{ type: "bar", name: "items", barMaxWidth: 14, itemStyle: { color: "#2f5f8a" },
         data: rows.map(function (r) { return [utc(r.day), r.items]; }) }]
     });
-    chart.dispatchAction({ type: "takeGlobalCursor", key: "brush", brushOption: { brushType: "lineX", brushMode: "single" } });
-    chart.on("brushEnd", function (p) {
-      var area = p.areas && p.areas[0];
-      if (!area || !area.coordRange) { return; }
-      var from = day(area.coordRange[0]);
+    // A drag across the plot selects the days under it.
+    var zr = chart.getZr();
+    var startX = null;
+    zr.on("mousedown", function (e) { startX = e.offsetX; });
+    zr.on("mouseup", function (e) {
+      if (startX === null) { return; }
+      var a = Math.min(startX, e.offsetX), b = Math.max(startX, e.offsetX);
+      startX = null;
+      if (b - a < 5) { return; }
+      var from = chart.convertFromPixel({ xAxisIndex: 0 }, a);
+      var to = chart.convertFromPixel({ xAxisIndex: 0 }, b);
       // The end day is included: the filter's `until` is exclusive.
-      var to = day(area.coordRange[1] + 86400000);
-      window.location.assign(withParams({ since: from, until: to }));
+      window.location.assign(withParams({ since: day(from), until: day(to + 86400000) }));
     });
     return chart;
   }

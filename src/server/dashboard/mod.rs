@@ -61,6 +61,8 @@ pub struct Params {
     pub until: Option<String>,
     /// Feed (otx, virustotal, taxii).
     pub source: Option<String>,
+    /// Item kind (pulse, file, domain, ip_address, url, report, indicator).
+    pub kind: Option<String>,
     /// Malware family or adversary.
     pub family: Option<String>,
     /// Country as the feed states it.
@@ -87,6 +89,7 @@ pub struct Filter {
     since: Option<(String, i64)>,
     until: Option<(String, i64)>,
     source: Option<String>,
+    kind: Option<String>,
     family: Option<String>,
     country: Option<String>,
     technique: Option<String>,
@@ -136,6 +139,7 @@ impl Filter {
             since: when(&p.since, "since")?,
             until: when(&p.until, "until")?,
             source: nonempty(&p.source),
+            kind: nonempty(&p.kind),
             family: nonempty(&p.family),
             country: nonempty(&p.country),
             technique,
@@ -153,6 +157,7 @@ impl Filter {
         add("since", &self.since.as_ref().map(|s| s.0.clone()));
         add("until", &self.until.as_ref().map(|s| s.0.clone()));
         add("source", &self.source);
+        add("kind", &self.kind);
         add("family", &self.family);
         add("country", &self.country);
         add("technique", &self.technique);
@@ -209,6 +214,9 @@ impl Filter {
         }
         if let Some(v) = &self.source {
             add("t.source = ?", s(v), &mut parts);
+        }
+        if let Some(v) = &self.kind {
+            add("t.kind = ?", s(v), &mut parts);
         }
         if let Some(v) = &self.family {
             add("t.family = ?", s(v), &mut parts);

@@ -38,6 +38,11 @@ fn num_of(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or_default()
 }
 
+/// A count as the pages show it (no decimals).
+fn count_of(v: &Value, k: &str) -> u64 {
+    num_of(v, k).max(0.0) as u64
+}
+
 /// Heat class 1–5 of `n` against `max` (0: none).
 fn heat(n: f64, max: f64) -> u8 {
     if n <= 0.0 || max <= 0.0 {
@@ -85,24 +90,36 @@ pub async fn overview(
              round(max(m.score), 3) AS best FROM {MAPPED} WHERE {{c}} \
              GROUP BY 1 ORDER BY items DESC, 1 LIMIT 15"
         ));
+        let (s6, p6) = q(
+            "SELECT t.kind, count(*) AS items FROM threat_intelligence_data t \
+             WHERE {c} GROUP BY 1 ORDER BY items DESC, 1",
+        );
         let last = "SELECT run_id, job, status, CAST(started AS VARCHAR) AS started, seconds \
              FROM job_runs ORDER BY started DESC, run_id DESC LIMIT 1"
             .to_string();
-        let (sources, seen, days, families, top, last) = tokio::try_join!(
+        let (sources, seen, days, families, top, kinds, last) = tokio::try_join!(
             rows(&state, s1, p1),
             rows(&state, s2, p2),
             rows(&state, s3, p3),
             rows(&state, s4, p4),
             rows(&state, s5, p5),
+            rows(&state, s6, p6),
             rows(&state, last, vec![]),
         )?;
         let changes = model_changes(&state).await?;
-        let total: f64 = sources.iter().map(|r| num_of(r, "items")).sum();
+        let total: u64 = sources.iter().map(|r| count_of(r, "items")).sum();
         let families: Vec<Value> = families
             .iter()
             .map(|r| {
                 let fam = str_of(r, "family");
-                json!({"label": fam, "n": num_of(r, "items"), "href": f.link("/", "family", Some(fam))})
+                json!({"label": fam, "n": count_of(r, "items"), "href": f.link("/", "family", Some(fam))})
+            })
+            .collect();
+        let kinds: Vec<Value> = kinds
+            .iter()
+            .map(|r| {
+                let kind = str_of(r, "kind");
+                json!({"label": kind, "n": count_of(r, "items"), "href": f.link("/", "kind", Some(kind))})
             })
             .collect();
         let top: Vec<Value> = top
@@ -119,8 +136,8 @@ pub async fn overview(
             "overview.html",
             frame,
             minijinja::context! {
-                sources, total, seen => seen.first().map(|r| num_of(r, "n")).unwrap_or_default(),
-                days, families, top, last => last.first().cloned(), changes,
+                sources, total, seen => seen.first().map(|r| count_of(r, "n")).unwrap_or_default(),
+                days, families, kinds, top, last => last.first().cloned(), changes,
             },
         ))
     };
@@ -182,7 +199,7 @@ pub async fn map(
         let mut table = Vec::new();
         for r in &counts {
             let (name, n) = (str_of(r, "country"), num_of(r, "items"));
-            table.push(json!({"country": name, "items": n, "href": f.link("/items", "country", Some(name))}));
+            table.push(json!({"country": name, "items": n as u64, "href": f.link("/items", "country", Some(name))}));
             match crate::charts::world::country_id(name) {
                 Some(id) => {
                     let e = per.entry(id).or_insert((0.0, name.to_string()));
@@ -197,7 +214,7 @@ pub async fn map(
             .map(|c| {
                 let (n, spelling) = per.get(&c.id).cloned().unwrap_or_default();
                 json!({
-                    "name": c.name, "items": n, "heat": heat(n, max), "d": svg_path(&c.rings),
+                    "name": c.name, "items": n as u64, "heat": heat(n, max), "d": svg_path(&c.rings),
                     "href": (n > 0.0).then(|| f.link("/items", "country", Some(&spelling))),
                 })
             })
@@ -295,7 +312,7 @@ pub async fn matrix(
                 rolled.get(&id).copied().unwrap_or_default()
             };
             let cell = json!({
-                "id": id, "name": str_of(r, "technique_name"), "items": n, "heat": heat(n, max),
+                "id": id, "name": str_of(r, "technique_name"), "items": n as u64, "heat": heat(n, max),
                 "href": f.link(&format!("/techniques/{id}"), "technique", None),
             });
             if is_sub {
@@ -483,7 +500,7 @@ pub async fn technique(
         let (s_items, p_items) = with_technique(&format!(
             "SELECT t.item_id, t.title, t.source, CAST(t.observed_at AS VARCHAR) AS observed_at, \
              m.technique_id, round(m.score, 3) AS score, m.method{{evidence}} \
-             FROM {MAPPED} WHERE {{c}} AND {{tc}} ORDER BY m.score DESC, t.item_id LIMIT 100"
+             FROM {MAPPED} WHERE {{c}} AND {{tc}} ORDER BY 6 DESC, 1 LIMIT 100"
         ));
         let (s_count, p_count) = with_technique(&format!(
             "SELECT count(DISTINCT m.item_id) AS n FROM {MAPPED} WHERE {{c}} AND {{tc}}"
@@ -549,7 +566,7 @@ pub async fn technique(
             frame,
             minijinja::context! {
                 info, items, trend, groups, software,
-                count => count.first().map(|r| num_of(r, "n")).unwrap_or_default(),
+                count => count.first().map(|r| count_of(r, "n")).unwrap_or_default(),
                 items_link => f.link("/items", "technique", Some(&id)),
             },
         ))
@@ -594,17 +611,19 @@ pub async fn items(
         let mut v = Vec::new();
         let c = f.condition(&mut v);
         let list = format!(
-            "SELECT t.item_id, t.source, t.kind, t.title, CAST(t.observed_at AS VARCHAR) AS observed_at, \
+            "SELECT t.item_id, t.source, t.kind, t.title, CAST(t.observed_at AS VARCHAR) AS observed, \
              t.country, t.family FROM threat_intelligence_data t WHERE {c} \
              ORDER BY t.observed_at DESC NULLS LAST, t.item_id LIMIT {} OFFSET {offset}",
             PAGE + 1
         );
         let count = format!("SELECT count(*) AS n FROM threat_intelligence_data t WHERE {c}");
         let sources = "SELECT DISTINCT source FROM threat_intelligence_data ORDER BY 1".to_string();
-        let (mut list, count, sources) = tokio::try_join!(
+        let kinds = "SELECT DISTINCT kind FROM threat_intelligence_data ORDER BY 1".to_string();
+        let (mut list, count, sources, kinds) = tokio::try_join!(
             rows(&state, list, v.clone()),
             rows(&state, count, v),
             rows(&state, sources, vec![]),
+            rows(&state, kinds, vec![]),
         )?;
         let more = list.len() > PAGE;
         list.truncate(PAGE);
@@ -627,12 +646,13 @@ pub async fn items(
             frame,
             minijinja::context! {
                 items => list, offset, shown_to => offset + PAGE,
-                total => count.first().map(|r| num_of(r, "n")).unwrap_or_default(),
+                total => count.first().map(|r| count_of(r, "n")).unwrap_or_default(),
                 next => more.then(|| page_link(offset + PAGE)),
                 prev => (offset > 0).then(|| page_link(offset.saturating_sub(PAGE))),
                 sources => sources.iter().map(|r| str_of(r, "source").to_string()).collect::<Vec<_>>(),
+                kinds => kinds.iter().map(|r| str_of(r, "kind").to_string()).collect::<Vec<_>>(),
                 values => json!({
-                    "since": params.since, "until": params.until, "source": params.source,
+                    "since": params.since, "until": params.until, "source": params.source, "kind": params.kind,
                     "family": params.family, "country": params.country,
                     "technique": params.technique, "q": params.q,
                 }),
@@ -715,7 +735,7 @@ pub async fn item(
                 &state,
                 format!(
                     "SELECT m.technique_id, m.technique_name, m.tactic, round(m.score, 3) AS score, m.method \
-                     FROM {MAPPED} WHERE t.item_id = $1 ORDER BY m.score DESC, m.technique_id"
+                     FROM {MAPPED} WHERE t.item_id = $1 ORDER BY 4 DESC, 1"
                 ),
                 vec![text(&id)],
             ),
