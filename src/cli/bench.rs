@@ -786,25 +786,8 @@ pub async fn serve(
     let in_process = n as f64 / t.elapsed().as_secs_f64();
     drop(engine);
 
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let options = threatlake::server::ServeOptions {
-        bind: "127.0.0.1:0".into(),
-        tls: None,
-        insecure_http: false,
-    };
-    let server = tokio::spawn(threatlake::server::serve_until(
-        s.clone(),
-        options,
-        async move {
-            let _ = stop_rx.await;
-        },
-        move |a| {
-            let _ = addr_tx.send(a);
-        },
-    ));
-    let addr = addr_rx.await.context("the server did not start")?;
-    let base = format!("http://{addr}");
+    let server = InProcess::start(&s).await?;
+    let base = server.base.clone();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;
@@ -918,9 +901,7 @@ pub async fn serve(
         s.server.sql.memory_mb,
         s.server.sql.memory_mb + 300
     );
-    let _ = stop_tx.send(());
-    server.await??;
-    Ok(())
+    server.stop().await
 }
 
 /// `bench dashboard`: each page rendered `runs` times through the in-process server with a reader
@@ -974,25 +955,8 @@ pub async fn dashboard(settings: &threatlake::Settings, runs: usize) -> Result<(
         "/jobs".into(),
     ];
 
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let options = threatlake::server::ServeOptions {
-        bind: "127.0.0.1:0".into(),
-        tls: None,
-        insecure_http: false,
-    };
-    let server = tokio::spawn(threatlake::server::serve_until(
-        s.clone(),
-        options,
-        async move {
-            let _ = stop_rx.await;
-        },
-        move |a| {
-            let _ = addr_tx.send(a);
-        },
-    ));
-    let addr = addr_rx.await.context("the server did not start")?;
-    let base = format!("http://{addr}");
+    let server = InProcess::start(&s).await?;
+    let base = server.base.clone();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;
@@ -1055,9 +1019,48 @@ pub async fn dashboard(settings: &threatlake::Settings, runs: usize) -> Result<(
         "JS + CSS of a first load: {:.0} KB gzipped (goal ≤ 600 KB)",
         gz as f64 / 1000.0
     );
-    let _ = stop_tx.send(());
-    server.await??;
-    Ok(())
+    server.stop().await
+}
+
+/// `threatlake serve` on a loopback port inside this process (the bench's own settings).
+struct InProcess {
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), threatlake::server::ServerError>>,
+}
+
+impl InProcess {
+    async fn start(s: &threatlake::Settings) -> Result<Self> {
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let options = threatlake::server::ServeOptions {
+            bind: "127.0.0.1:0".into(),
+            tls: None,
+            insecure_http: false,
+        };
+        let task = tokio::spawn(threatlake::server::serve_until(
+            s.clone(),
+            options,
+            async move {
+                let _ = stop_rx.await;
+            },
+            move |a| {
+                let _ = addr_tx.send(a);
+            },
+        ));
+        let addr = addr_rx.await.context("the server did not start")?;
+        Ok(InProcess {
+            base: format!("http://{addr}"),
+            stop,
+            task,
+        })
+    }
+
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
 }
 
 /// A receiver process for `bench push`, killed on drop.

@@ -400,68 +400,62 @@ fn download(bytes: Vec<u8>, media: &'static str, name: &'static str) -> Response
     r
 }
 
-/// `GET /matrix/layer.json`: the current view as an ATT&CK Navigator layer.
-pub async fn matrix_layer(
+/// `GET /matrix/layer.json` (an ATT&CK Navigator layer) and `GET /matrix/matrix.svg` (the
+/// `attack_matrix` report's chart): the current view.
+pub async fn matrix_download(
     State(state): State_,
     Extension(p): Extension<Principal>,
+    Path(file): Path<String>,
     Query(params): Query<Params>,
 ) -> Response {
     let r = async {
+        let svg = match file.as_str() {
+            "layer.json" => false,
+            "matrix.svg" => true,
+            _ => {
+                return Err(PageError::not_found(
+                    "the matrix downloads are layer.json and matrix.svg",
+                ))
+            }
+        };
         let f = Filter::parse(&params)?;
         let data = matrix_dataset(&state, &f).await?;
         let domain = state.settings.mapping.domain.as_str();
         let engine = state.engine();
         let limit = Duration::from_secs(state.settings.server.sql.timeout_secs.max(1));
-        let layer = state
+        let bytes = state
             .on_query_threads(limit, async move {
+                if svg {
+                    let built = crate::reports::build_from(&engine, data, domain).await?;
+                    return built
+                        .image(crate::charts::ImageFormat::Svg)
+                        .map(|r| r.bytes)
+                        .map_err(|e| crate::reports::ReportError::Chart {
+                            name: "attack_matrix".into(),
+                            source: e,
+                        });
+                }
                 let version = crate::reports::batch::current_version(&engine, domain).await?;
                 let platforms = crate::reports::batch::domain_platforms(&engine, domain).await?;
-                crate::reports::navigator::layer(&data, domain, &version, &platforms)
+                let layer = crate::reports::navigator::layer(&data, domain, &version, &platforms)?;
+                Ok(serde_json::to_vec_pretty(&layer).unwrap_or_default())
             })
             .await
             .map_err(|e| PageError::bad(format!("{e:?}")))?
             .map_err(|e| PageError::bad(e.to_string()))?;
-        let bytes = serde_json::to_vec_pretty(&layer).unwrap_or_default();
-        Ok(download(
-            bytes,
-            "application/json",
-            "attachment; filename=\"threatlake-matrix-layer.json\"",
-        ))
-    };
-    finish(&state, &p, r.await)
-}
-
-/// `GET /matrix/matrix.svg`: the current view drawn as the report's matrix chart.
-pub async fn matrix_svg(
-    State(state): State_,
-    Extension(p): Extension<Principal>,
-    Query(params): Query<Params>,
-) -> Response {
-    let r = async {
-        let f = Filter::parse(&params)?;
-        let data = matrix_dataset(&state, &f).await?;
-        let domain = state.settings.mapping.domain.as_str();
-        let engine = state.engine();
-        let limit = Duration::from_secs(state.settings.server.sql.timeout_secs.max(1));
-        let svg = state
-            .on_query_threads(limit, async move {
-                let built = crate::reports::build_from(&engine, data, domain).await?;
-                built
-                    .image(crate::charts::ImageFormat::Svg)
-                    .map(|r| r.bytes)
-                    .map_err(|e| crate::reports::ReportError::Chart {
-                        name: "attack_matrix".into(),
-                        source: e,
-                    })
-            })
-            .await
-            .map_err(|e| PageError::bad(format!("{e:?}")))?
-            .map_err(|e| PageError::bad(e.to_string()))?;
-        Ok(download(
-            svg,
-            "image/svg+xml",
-            "attachment; filename=\"threatlake-matrix.svg\"",
-        ))
+        Ok(if svg {
+            download(
+                bytes,
+                "image/svg+xml",
+                "attachment; filename=\"threatlake-matrix.svg\"",
+            )
+        } else {
+            download(
+                bytes,
+                "application/json",
+                "attachment; filename=\"threatlake-matrix-layer.json\"",
+            )
+        })
     };
     finish(&state, &p, r.await)
 }
