@@ -50,6 +50,27 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
 /// Routes whose POST form carries the CSRF token as a field (checked by the handler).
 pub const FORM_CSRF_ROUTES: [&str; 3] = ["/jobs", "/workbench", "/workbench/feedback"];
 
+/// The CSRF check of [`FORM_CSRF_ROUTES`]: a session's form must carry its token (compared in
+/// constant time); token-authenticated calls have no session and need none.
+pub fn form_csrf(state: &AppState, p: &Principal, token: &str) -> Result<(), PageError> {
+    use subtle::ConstantTimeEq;
+    let ok = match &p.session {
+        None => true,
+        Some(id) => state
+            .sessions
+            .get(id)
+            .is_some_and(|s| bool::from(s.csrf.as_bytes().ct_eq(token.as_bytes()))),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(PageError {
+            status: StatusCode::FORBIDDEN,
+            message: "the form's CSRF token does not match your session; reload the page".into(),
+        })
+    }
+}
+
 /// Query parameters of every page (each page reads the ones it uses). The filter fields narrow
 /// every count, chart and list, and travel in every link.
 #[derive(Debug, Clone, Default, Deserialize)]

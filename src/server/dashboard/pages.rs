@@ -14,7 +14,6 @@ use axum::{Extension, Form};
 use datafusion::scalar::ScalarValue;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use super::{error_page, render, rows, Filter, Frame, PageError, Params};
 use crate::server::auth::Principal;
@@ -1004,23 +1003,8 @@ pub async fn start_job(
     Extension(p): Extension<Principal>,
     Form(form): Form<StartForm>,
 ) -> Response {
-    let csrf_ok = match &p.session {
-        None => true,
-        Some(id) => state
-            .sessions
-            .get(id)
-            .is_some_and(|s| bool::from(s.csrf.as_bytes().ct_eq(form.csrf_token.as_bytes()))),
-    };
-    if !csrf_ok {
-        return error_page(
-            &state,
-            &p,
-            PageError {
-                status: StatusCode::FORBIDDEN,
-                message: "the form's CSRF token does not match your session; reload the page"
-                    .into(),
-            },
-        );
+    if let Err(e) = super::form_csrf(&state, &p, &form.csrf_token) {
+        return error_page(&state, &p, e);
     }
     let Some(job) = crate::pipeline::Job::parse(&form.job) else {
         return error_page(

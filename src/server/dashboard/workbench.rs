@@ -10,7 +10,6 @@ use axum::response::Response;
 use axum::{Extension, Form};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use super::{error_page, render, Frame, PageError};
 use crate::feedback::{Decision, Verdict};
@@ -21,23 +20,6 @@ use crate::server::AppState;
 const TOP: usize = 3;
 /// Sentences mapped per submission.
 const MAX_SENTENCES: usize = 1000;
-
-fn csrf_ok(state: &AppState, p: &Principal, token: &str) -> bool {
-    match &p.session {
-        None => true,
-        Some(id) => state
-            .sessions
-            .get(id)
-            .is_some_and(|s| bool::from(s.csrf.as_bytes().ct_eq(token.as_bytes()))),
-    }
-}
-
-fn refused() -> PageError {
-    PageError {
-        status: StatusCode::FORBIDDEN,
-        message: "the form's CSRF token does not match your session; reload the page".into(),
-    }
-}
 
 /// `GET /workbench`: the form.
 pub async fn form(
@@ -61,8 +43,8 @@ pub async fn submit(
     Extension(p): Extension<Principal>,
     Form(f): Form<Submit>,
 ) -> Response {
-    if !csrf_ok(&state, &p, &f.csrf_token) {
-        return error_page(&state, &p, refused());
+    if let Err(e) = super::form_csrf(&state, &p, &f.csrf_token) {
+        return error_page(&state, &p, e);
     }
     let engine = state.engine();
     let configured = state.settings.mapping.threshold;
@@ -151,8 +133,8 @@ pub async fn decide(
     headers: HeaderMap,
     Form(f): Form<Decide>,
 ) -> Response {
-    if !csrf_ok(&state, &p, &f.csrf_token) {
-        return error_page(&state, &p, refused());
+    if let Err(e) = super::form_csrf(&state, &p, &f.csrf_token) {
+        return error_page(&state, &p, e);
     }
     let r = async {
         let verdict = Verdict::parse(&f.decision)
