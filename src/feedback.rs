@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::feeds::{ts, FeedError};
 use crate::{Engine, Lake};
@@ -94,14 +94,73 @@ pub fn doc_id(text: &str) -> String {
 
 /// Append one decision (one commit).
 pub async fn record(lake: &Lake, d: &Decision) -> Result<(), FeedError> {
-    let month = d.at.get(..7).unwrap_or("unknown").to_string();
+    record_all(lake, std::slice::from_ref(d)).await
+}
+
+/// One line of a labelled file to import (the export's format, `model eval --input` files,
+/// CTID TRAM-style annotations): `labels` become accepted decisions, `rejected` rejections.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Labelled {
+    /// The sentence.
+    pub text: String,
+    /// Techniques that are right for it.
+    pub labels: Vec<String>,
+    /// Techniques that are wrong for it.
+    #[serde(default)]
+    pub rejected: Vec<String>,
+    /// The document it comes from (default: the sentence's own id).
+    #[serde(default)]
+    pub doc: Option<String>,
+}
+
+/// The decisions a labelled file stands for, made by `who` at `at`: an accept per label, a reject
+/// per rejected technique. Fails on the first technique id that is not one, naming its line.
+pub fn decisions_of(lines: &[Labelled], who: &str, at: &str) -> Result<Vec<Decision>, String> {
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let doc = l
+            .doc
+            .clone()
+            .filter(|d| !d.is_empty() && d.len() <= 64)
+            .unwrap_or_else(|| doc_id(&l.text));
+        let accepted = l.labels.iter().map(|t| (t, Verdict::Accept));
+        let rejected = l.rejected.iter().map(|t| (t, Verdict::Reject));
+        for (t, verdict) in accepted.chain(rejected) {
+            if !crate::reports::navigator::is_technique_id(t) {
+                return Err(format!(
+                    "line {}: {t:?} is not an ATT&CK technique id (T1234 or T1234.567)",
+                    i + 1
+                ));
+            }
+            out.push(Decision {
+                at: at.to_string(),
+                who: who.to_string(),
+                doc: doc.clone(),
+                sentence: l.text.clone(),
+                suggested: t.clone(),
+                score: None,
+                decision: verdict.as_str().into(),
+                technique_id: (verdict == Verdict::Accept).then(|| t.clone()),
+                model: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Append decisions in one commit (partitioned by the first one's month).
+pub async fn record_all(lake: &Lake, decisions: &[Decision]) -> Result<(), FeedError> {
+    let Some(first) = decisions.first() else {
+        return Ok(());
+    };
+    let month = first.at.get(..7).unwrap_or("unknown").to_string();
     crate::feeds::append(
         lake,
         MAPPING_FEEDBACK,
         &schema(),
         &[("month", month.as_str())],
-        &format!("feedback {}", d.doc),
-        std::slice::from_ref(d),
+        &format!("feedback {} {}", first.doc, decisions.len()),
+        decisions,
     )
     .await
 }

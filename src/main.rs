@@ -219,6 +219,10 @@ enum ModelCommand {
         /// Ignore mapping.pretrained_vectors.
         #[arg(long)]
         no_pretrained: bool,
+        /// Leave out the sentences analysts labelled in the mapping workbench (`mapping_feedback`),
+        /// which are otherwise learnt as procedure examples.
+        #[arg(long)]
+        no_feedback: bool,
     },
     /// Fit the text calibration of a model's scores on labelled text that is not ATT&CK's own
     /// (cross-validated; prints calibration error and precision/coverage per threshold) and save it
@@ -289,6 +293,17 @@ enum FeedbackCommand {
         /// Output file (default: stdout).
         #[arg(long, value_name = "FILE")]
         output: Option<PathBuf>,
+    },
+    /// Record labelled sentences as analysts' decisions (e.g. earlier TRAM annotations or an
+    /// export from another lake): JSON lines {"text", "labels", "rejected"?, "doc"?}; each label
+    /// is an accepted technique, each rejected one a rejection. One commit.
+    Import {
+        /// The labelled file.
+        #[arg(long, value_name = "FILE")]
+        input: PathBuf,
+        /// Who the decisions are recorded as (default: import:<file name>).
+        #[arg(long)]
+        who: Option<String>,
     },
 }
 
@@ -768,31 +783,10 @@ async fn main_inner(cli: Cli) -> Result<()> {
             cli::feeds::run(&settings, job, options).await
         }
         Command::Model(ModelCommand::Feedback(FeedbackCommand::Export { output })) => {
-            let lake = Lake::from_settings(&settings.lake)?;
-            let engine = threatlake::Engine::open_with(
-                &lake,
-                &threatlake::sql::EngineOptions::from_settings(&settings),
-            )
-            .await?;
-            let examples = threatlake::feedback::export(&engine).await?;
-            let mut text = String::new();
-            for e in &examples {
-                text.push_str(&serde_json::to_string(e)?);
-                text.push('\n');
-            }
-            match output {
-                Some(path) => {
-                    std::fs::write(&path, text)
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    eprintln!(
-                        "{} labelled sentences written to {}",
-                        examples.len(),
-                        path.display()
-                    );
-                }
-                None => print!("{text}"),
-            }
-            Ok(())
+            cli::model::feedback_export(&settings, output.as_deref()).await
+        }
+        Command::Model(ModelCommand::Feedback(FeedbackCommand::Import { input, who })) => {
+            cli::model::feedback_import(&settings, &input, who.as_deref()).await
         }
         Command::Model(ModelCommand::Diff { run_a, run_b, all }) => {
             cli::feeds::diff(&settings, run_a, run_b, all).await
@@ -960,7 +954,15 @@ async fn main_inner(cli: Cli) -> Result<()> {
             domain,
             pretrained,
             no_pretrained,
-        }) => cli::model::build(&settings, domain.into(), pretrained, no_pretrained).await,
+            no_feedback,
+        }) => {
+            let options = threatlake::pipeline::BuildOptions {
+                pretrained,
+                no_pretrained,
+                no_feedback,
+            };
+            cli::model::build(&settings, domain.into(), options).await
+        }
         Command::Model(ModelCommand::Calibrate {
             inputs,
             write,

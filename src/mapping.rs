@@ -191,6 +191,40 @@ pub async fn training_set(engine: &Engine, domain: Domain) -> Result<TrainingSet
     Ok(set)
 }
 
+/// Add the sentences analysts labelled in the mapping workbench (`mapping_feedback`: accepted and
+/// corrected techniques, the newest decision per suggestion) to `set` as procedure examples of
+/// their techniques; returns how many sentences were added. Techniques the domain does not know
+/// are skipped; rejections are not learnt (the mapper has no negative examples).
+pub async fn add_feedback(engine: &Engine, set: &mut TrainingSet) -> Result<usize, MappingError> {
+    let known: HashSet<&str> = set
+        .techniques
+        .iter()
+        .map(|t| t.id.as_str())
+        .chain(set.revoked.iter().map(|(a, _)| a.as_str()))
+        .collect();
+    let (mut added, mut sentences) = (Vec::new(), 0);
+    for ex in crate::feedback::export(engine).await? {
+        let labels: Vec<String> = ex
+            .labels
+            .into_iter()
+            .filter(|l| known.contains(l.as_str()))
+            .collect();
+        if labels.is_empty() || ex.text.trim().is_empty() {
+            continue;
+        }
+        for technique in labels {
+            added.push(Example {
+                technique,
+                text: ex.text.clone(),
+                source: format!("workbench:{}", ex.doc),
+            });
+        }
+        sentences += 1;
+    }
+    set.examples.extend(added);
+    Ok(sentences)
+}
+
 fn name_regex(names: Option<&Vec<String>>) -> Option<Regex> {
     let mut names: Vec<&String> = names?.iter().filter(|n| n.chars().count() >= 3).collect();
     names.sort_by_key(|n| std::cmp::Reverse(n.len()));
@@ -266,10 +300,16 @@ pub async fn build_model(
     pretrained: Option<&Path>,
     params: MapperParams,
     calibration: Option<mapper::calibrate::Calibration>,
+    feedback: bool,
 ) -> Result<BuildReport, MappingError> {
     let mut timings = Vec::new();
     let t = Instant::now();
-    let set = training_set(engine, domain).await?;
+    let mut set = training_set(engine, domain).await?;
+    let learnt = if feedback {
+        add_feedback(engine, &mut set).await?
+    } else {
+        0
+    };
     timings.push(("read lake", t.elapsed()));
     let t = Instant::now();
     let pre = pretrained.map(|p| load_pretrained(p, &set)).transpose()?;
@@ -288,7 +328,8 @@ pub async fn build_model(
     timings.push(("fit", t.elapsed()));
     let t = Instant::now();
     let dir = mapper::model_dir(models_root, domain.as_str(), &set.attack_version);
-    let manifest = m.manifest(pretrained.map(|p| p.display().to_string()));
+    let mut manifest = m.manifest(pretrained.map(|p| p.display().to_string()));
+    manifest.feedback = learnt;
     m.save(&dir, &manifest)?;
     timings.push(("save", t.elapsed()));
     let bytes = std::fs::read_dir(&dir)

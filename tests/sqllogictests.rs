@@ -141,6 +141,7 @@ fn main() {
             None,
             threatlake_udfs::mapper::MapperParams::default(),
             Some(threatlake::mapping::calibration_setting("builtin").unwrap()),
+            false,
         )
         .await
         .unwrap();

@@ -29,15 +29,85 @@ pub fn resolve_model(settings: &Settings, model: Option<&Path>, domain: Domain) 
 pub async fn build(
     settings: &Settings,
     domain: Domain,
-    pretrained: Option<String>,
-    no_pretrained: bool,
+    options: threatlake::pipeline::BuildOptions,
 ) -> Result<()> {
     let lake = Lake::from_settings(&settings.lake)?;
     let engine = Engine::open(&lake).await?;
-    let built =
-        threatlake::pipeline::build_model(settings, &engine, domain, pretrained, no_pretrained)
-            .await?;
+    let built = threatlake::pipeline::build_model(settings, &engine, domain, options).await?;
     println!("{}", built.summary);
+    Ok(())
+}
+
+/// `model feedback export`: the workbench decisions as labelled JSON lines, to `output` or stdout.
+pub async fn feedback_export(settings: &Settings, output: Option<&Path>) -> Result<()> {
+    let lake = Lake::from_settings(&settings.lake)?;
+    let engine = Engine::open_with(
+        &lake,
+        &threatlake::sql::EngineOptions::from_settings(settings),
+    )
+    .await?;
+    let examples = threatlake::feedback::export(&engine).await?;
+    let mut text = String::new();
+    for e in &examples {
+        text.push_str(&serde_json::to_string(e)?);
+        text.push('\n');
+    }
+    match output {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "{} labelled sentences written to {}",
+                examples.len(),
+                path.display()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+/// `model feedback import`: record a labelled file's sentences as decisions in `mapping_feedback`.
+pub async fn feedback_import(settings: &Settings, input: &Path, who: Option<&str>) -> Result<()> {
+    let text = std::fs::read_to_string(input)
+        .with_context(|| format!("cannot read {}", input.display()))?;
+    let mut lines = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: threatlake::feedback::Labelled = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{} line {}: expected {{\"text\": \"…\", \"labels\": [\"T…\"], \"rejected\"?: [\"T…\"]}}",
+                input.display(),
+                i + 1
+            )
+        })?;
+        lines.push(l);
+    }
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let who = who.map_or_else(|| format!("import:{name}"), str::to_string);
+    let at = threatlake::feeds::fixed(chrono::Utc::now());
+    let decisions = threatlake::feedback::decisions_of(&lines, &who, &at)
+        .map_err(|e| anyhow::anyhow!("{}: {e}; fix the file and import again", input.display()))?;
+    let lake = Lake::from_settings(&settings.lake)?;
+    threatlake::feedback::record_all(&lake, &decisions).await?;
+    let sentences = lines
+        .iter()
+        .filter(|l| !l.labels.is_empty() || !l.rejected.is_empty())
+        .count();
+    println!(
+        "{} decisions on {sentences} of {} sentences recorded in mapping_feedback as {who}{}",
+        decisions.len(),
+        lines.len(),
+        if sentences < lines.len() {
+            " (sentences without labels or rejections say nothing to learn and were skipped)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 

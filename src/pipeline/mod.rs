@@ -939,7 +939,7 @@ async fn model_stage(cx: &Context<'_>) -> Result<Done, PipelineError> {
     }
     cx.observer
         .progress(Stage::Model, "building the mapping model");
-    let b = build_model(cx.settings, &engine, domain, None, false).await?;
+    let b = build_model(cx.settings, &engine, domain, BuildOptions::default()).await?;
     Ok(Done::ok(b.summary, &[("techniques", b.techniques)]))
 }
 
@@ -955,19 +955,32 @@ pub struct BuiltModel {
     pub published: Option<(String, usize)>,
 }
 
+/// How `model build` fits.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// General-English vectors overriding `mapping.pretrained_vectors`.
+    pub pretrained: Option<String>,
+    /// Ignore `mapping.pretrained_vectors`.
+    pub no_pretrained: bool,
+    /// Leave out the sentences analysts labelled in the mapping workbench.
+    pub no_feedback: bool,
+}
+
 /// Fit the mapper on the lake's newest `domain` release, save it under `lake.models` and publish it
-/// when the models live on S3. `pretrained` overrides `mapping.pretrained_vectors`.
+/// when the models live on S3. Analysts' accepted and corrected workbench decisions are learnt as
+/// procedure examples unless `options.no_feedback`.
 pub async fn build_model(
     settings: &Settings,
     engine: &Engine,
     domain: Domain,
-    pretrained: Option<String>,
-    no_pretrained: bool,
+    options: BuildOptions,
 ) -> Result<BuiltModel, PipelineError> {
-    let pre = if no_pretrained {
+    let pre = if options.no_pretrained {
         None
     } else {
-        pretrained.or_else(|| settings.mapping.pretrained_vectors.clone())
+        options
+            .pretrained
+            .or_else(|| settings.mapping.pretrained_vectors.clone())
     };
     if let Some(p) = &pre {
         if !Path::new(p).is_file() {
@@ -998,6 +1011,7 @@ pub async fn build_model(
         pre.as_deref().map(Path::new),
         threatlake_udfs::mapper::MapperParams::default(),
         calibration,
+        !options.no_feedback,
     )
     .await?;
     let m = &report.manifest;
@@ -1021,6 +1035,12 @@ pub async fn build_model(
         stages.join(", "),
         report.dir.display()
     );
+    if m.feedback > 0 {
+        summary.push_str(&format!(
+            "\nlearnt {} sentence(s) analysts labelled in the mapping workbench (mapping_feedback)",
+            m.feedback
+        ));
+    }
     let calibrated = report
         .dir
         .join(threatlake_udfs::mapper::CALIBRATION_FILE)

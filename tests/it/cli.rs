@@ -1,8 +1,9 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use insta_cmd::assert_cmd_snapshot;
+use serde_json::json;
 
 use crate::common;
 
@@ -568,4 +569,119 @@ fn map_without_a_model_says_how_to_build_one() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("run `threatlake model build --domain enterprise`"));
+}
+
+/// The techniques `map --format jsonl` ranks for `text` on the ICS lake in `dir`, best first.
+fn ranked_ics(dir: &Path, text: &str) -> Vec<String> {
+    let (ok, out, err) = common::run(common::ics_cli_on(dir).args([
+        "map", "--domain", "ics", "--format", "jsonl", "--top", "30", text,
+    ]));
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["techniques"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["technique_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn model_build_learns_the_sentences_analysts_labelled() {
+    let dir = common::scratch("cli-feedback-learn");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(common::ingest(&dir, &["ics"]));
+    let build = |extra: &[&str]| {
+        let (ok, out, err) = common::run(
+            common::ics_cli_on(&dir)
+                .args(["model", "build", "--domain", "ics"])
+                .args(extra),
+        );
+        assert!(ok, "{out}\n{err}");
+        out
+    };
+    let out = build(&[]);
+    assert!(!out.contains("learnt"), "{out}");
+    let sentence = "During the maintenance window the intruders pushed a tampered firmware image \
+                    to the plant's safety controllers over the engineering network.";
+    let before = ranked_ics(&dir, sentence);
+    // A technique the model ranks low for the sentence, labelled right by an analyst.
+    let label = before[19].clone();
+
+    // A bad file is refused, naming the line, and stores nothing.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}\n{}\n",
+            json!({"text": "a", "labels": [label]}),
+            json!({"text": "b", "labels": ["not-an-id"]})
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = common::run(common::ics_cli_on(&dir).args([
+        "model",
+        "feedback",
+        "import",
+        "--input",
+        bad.to_str().unwrap(),
+    ]));
+    assert!(!ok, "{out}");
+    assert!(err.contains("line 2") && err.contains("not-an-id"), "{err}");
+    assert_eq!(
+        common::sql(&dir, "SELECT count(*) AS n FROM mapping_feedback").trim(),
+        "n\n0"
+    );
+
+    let good = dir.join("labelled.jsonl");
+    std::fs::write(
+        &good,
+        format!(
+            "{}\n{}\n",
+            json!({"text": sentence, "labels": [label], "rejected": [before[0]], "doc": "report-7"}),
+            json!({"text": "Nothing to learn here.", "labels": []}),
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = common::run(common::ics_cli_on(&dir).args([
+        "model",
+        "feedback",
+        "import",
+        "--input",
+        good.to_str().unwrap(),
+        "--who",
+        "tram",
+    ]));
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("2 decisions on 1 of 2 sentences"), "{out}");
+    let (ok, out, err) =
+        common::run(common::ics_cli_on(&dir).args(["model", "feedback", "export"]));
+    assert!(ok, "{err}");
+    let exported: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(exported["labels"], json!([label]), "{out}");
+    assert_eq!(exported["rejected"], json!([before[0]]), "{out}");
+    assert_eq!(exported["doc"], "report-7", "{out}");
+
+    let out = build(&[]);
+    assert!(
+        out.contains("learnt 1 sentence(s) analysts labelled in the mapping workbench"),
+        "{out}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("models/ics-18.1/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["feedback"], 1, "{manifest}");
+    let after = ranked_ics(&dir, sentence);
+    let rank = |r: &[String]| r.iter().position(|t| *t == label).unwrap_or(r.len());
+    assert!(
+        rank(&after) < 3,
+        "{label} was 20th before learning the sentence and is {} after: {after:?}",
+        rank(&after) + 1
+    );
+
+    // --no-feedback builds from ATT&CK alone again.
+    let out = build(&["--no-feedback"]);
+    assert!(!out.contains("learnt"), "{out}");
+    assert_eq!(rank(&ranked_ics(&dir, sentence)), rank(&before));
 }

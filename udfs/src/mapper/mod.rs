@@ -86,6 +86,9 @@ pub struct Manifest {
     pub dims: usize,
     /// Whether general-English vectors were mixed in.
     pub pretrained: Option<String>,
+    /// Sentences analysts labelled in the mapping workbench, learnt as procedure examples.
+    #[serde(default)]
+    pub feedback: usize,
 }
 
 impl Mapper {
@@ -116,6 +119,7 @@ impl Mapper {
             words: self.vectors.words(),
             dims: self.vectors.dims(),
             pretrained,
+            feedback: 0,
         }
     }
 
