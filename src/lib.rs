@@ -8,6 +8,7 @@ pub mod charts;
 pub mod config;
 #[cfg(feature = "duckdb")]
 pub mod duck;
+pub mod extract;
 pub mod feedback;
 pub mod feeds;
 pub mod integrations;

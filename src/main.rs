@@ -320,8 +320,8 @@ struct MapArgs {
     /// Output: text (with evidence) or jsonl ({"row": N, "techniques": [{"technique_id", "score"}…]}).
     #[arg(long, value_enum, default_value_t = MapFormat::Text)]
     format: MapFormat,
-    /// Each text is a whole report (plain, markdown, HTML or PDF-extracted text; --input .txt/.md/.html
-    /// is read whole): map it sentence by sentence and list every technique found with its score,
+    /// Each text is a whole report (plain, markdown, HTML or PDF; --input .txt/.md/.html/.pdf is read
+    /// whole): map it sentence by sentence and list every technique found with its score,
     /// supporting sentences and best sentence (jsonl adds "sentences" and "sentence").
     #[arg(long)]
     document: bool,
@@ -544,6 +544,10 @@ enum BenchCommand {
         /// Renders of each page.
         #[arg(long, default_value_t = 20)]
         runs: usize,
+        /// Also time each page's first load (empty cache, charts drawn) in this Chromium, driven
+        /// by Playwright (pip install playwright), e.g. /usr/bin/chromium.
+        #[arg(long, value_name = "CHROMIUM")]
+        browser: Option<PathBuf>,
     },
     /// Push every mapping of a lake (e.g. one `bench report --keep DIR` built) to osmem-server via
     /// `_bulk` (docs/s, peak RSS) and to rsyslogd as CEF over TCP (lines/s); both are started here.
@@ -1040,8 +1044,8 @@ async fn main_inner(cli: Cli) -> Result<()> {
             query_runs,
         }) => cli::bench::ingest(&from, runs, query_runs).await,
         Command::Bench(BenchCommand::Hostile { mb }) => cli::bench::hostile(mb).await,
-        Command::Bench(BenchCommand::Dashboard { runs }) => {
-            cli::bench::dashboard(&settings, runs).await
+        Command::Bench(BenchCommand::Dashboard { runs, browser }) => {
+            cli::bench::dashboard(&settings, runs, browser.as_deref()).await
         }
         Command::Bench(BenchCommand::Serve {
             clients,

@@ -1,5 +1,6 @@
 //! `threatlake bench`: figures for ingest and query speed and peak memory (release builds only mean anything).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -756,6 +757,9 @@ pub async fn serve(
     s.schedule.jobs.clear();
     let (token, _) =
         AuthFile::new(&s.server.auth_file).create_token("bench", Role::Reader, None)?;
+    // The Chromium first loads sign in as a reader.
+    let password = threatlake::server::auth::random_token(24);
+    AuthFile::new(&s.server.auth_file).set_user("bench", Some(Role::Reader), &password, false)?;
     // Texts: ATT&CK procedure examples.
     let lake = Lake::from_settings(&s.lake)?;
     let engine =
@@ -906,8 +910,12 @@ pub async fn serve(
 
 /// `bench dashboard`: each page rendered `runs` times through the in-process server with a reader
 /// token (server time: request to last byte on loopback), and the bytes of JS + CSS a first load
-/// fetches gzipped.
-pub async fn dashboard(settings: &threatlake::Settings, runs: usize) -> Result<()> {
+/// fetches gzipped; with `browser`, each page's first load in Chromium.
+pub async fn dashboard(
+    settings: &threatlake::Settings,
+    runs: usize,
+    browser: Option<&Path>,
+) -> Result<()> {
     use threatlake::server::auth::{AuthFile, Role};
 
     let tmp = tempfile::tempdir().context("creating a temporary auth file")?;
@@ -916,6 +924,9 @@ pub async fn dashboard(settings: &threatlake::Settings, runs: usize) -> Result<(
     s.schedule.jobs.clear();
     let (token, _) =
         AuthFile::new(&s.server.auth_file).create_token("bench", Role::Reader, None)?;
+    // The Chromium first loads sign in as a reader.
+    let password = threatlake::server::auth::random_token(24);
+    AuthFile::new(&s.server.auth_file).set_user("bench", Some(Role::Reader), &password, false)?;
     let lake = Lake::from_settings(&s.lake)?;
     let engine =
         Engine::open_with(&lake, &threatlake::sql::EngineOptions::from_settings(&s)).await?;
@@ -1019,7 +1030,72 @@ pub async fn dashboard(settings: &threatlake::Settings, runs: usize) -> Result<(
         "JS + CSS of a first load: {:.0} KB gzipped (goal ≤ 600 KB)",
         gz as f64 / 1000.0
     );
+    if let Some(chromium) = browser {
+        // The script blocks while the in-process server answers it on the runtime's threads.
+        let (chromium, base) = (chromium.to_path_buf(), base.clone());
+        tokio::task::spawn_blocking(move || {
+            first_loads(&chromium, &base, &password, &pages, runs.clamp(1, 5))
+        })
+        .await??;
+    }
     server.stop().await
+}
+
+/// Each page's first load in Chromium (`bench_first_load.py` through Playwright): printed per
+/// page (median of `runs`) and the slowest.
+fn first_loads(
+    chromium: &Path,
+    base: &str,
+    password: &str,
+    pages: &[String],
+    runs: usize,
+) -> Result<()> {
+    let html: Vec<&String> = pages.iter().filter(|p| !p.ends_with(".json")).collect();
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("bench_first_load.py");
+    std::fs::write(&script, include_str!("bench_first_load.py"))?;
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .env("BASE", base)
+        .env("USER", "bench")
+        .env("PASSWORD", password)
+        .env("PAGES", serde_json::to_string(&html)?)
+        .env("CHROMIUM", chromium)
+        .env("RUNS", runs.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running python3 (Playwright drives Chromium: pip install playwright)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the Chromium first-load script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "first load in {} (empty cache, charts drawn), median of {runs}:",
+        chromium.display()
+    );
+    let mut worst = 0f64;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let ms: Vec<f64> = v["ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
+        let median = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
+        worst = worst.max(ms.last().copied().unwrap_or(0.0));
+        println!(
+            "  {:<44} {:>8.0} ms",
+            v["page"]
+                .as_str()
+                .unwrap_or("?")
+                .chars()
+                .take(44)
+                .collect::<String>(),
+            median
+        );
+    }
+    println!("slowest first load: {worst:.0} ms (goal ≤ 1 s)");
+    Ok(())
 }
 
 /// `threatlake serve` on a loopback port inside this process (the bench's own settings).

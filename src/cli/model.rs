@@ -202,12 +202,9 @@ pub fn jsonl_line(row: usize, ranked: &[(String, f64)]) -> String {
     format!("{{\"row\": {row}, \"techniques\": [{}]}}", items.join(", "))
 }
 
-/// Files read whole as one report by `map --document --input`.
+/// Files read whole as one report by `map --document --input` (text, markdown, HTML, PDF).
 fn is_whole_document(p: &Path) -> bool {
-    let name = p.to_string_lossy().to_lowercase();
-    [".txt", ".md", ".markdown", ".html", ".htm", ".text"]
-        .iter()
-        .any(|e| name.ends_with(e))
+    threatlake::extract::ReportKind::of(&p.to_string_lossy(), b"").is_some()
 }
 
 /// JSON line of one mapped report: `{"row", "techniques": [{"technique_id", "score", "sentences", "sentence"}]}`.
@@ -263,12 +260,12 @@ pub fn map(
     let texts = match (text, input) {
         (Some(t), None) => vec![t],
         (None, Some(p)) if document && is_whole_document(&p) => {
-            vec![std::fs::read_to_string(&p).with_context(|| {
-                format!(
-                    "cannot read {} as UTF-8 text (extract a PDF's text first, e.g. pdftotext)",
-                    p.display()
-                )
-            })?]
+            let bytes =
+                std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            vec![threatlake::extract::report_text(
+                &p.display().to_string(),
+                &bytes,
+            )?]
         }
         (None, Some(p)) => read_texts(&p)?,
         (Some(_), Some(_)) => bail!("give either TEXT or --input FILE, not both"),

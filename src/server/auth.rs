@@ -560,6 +560,13 @@ impl Sessions {
         Some(s.clone())
     }
 
+    /// Whether `token` is the live session `id`'s CSRF token (compared in constant time).
+    pub fn csrf_matches(&self, id: &str, token: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.get(id)
+            .is_some_and(|s| bool::from(s.csrf.as_bytes().ct_eq(token)))
+    }
+
     /// End a session.
     pub fn remove(&self, id: &str) {
         self.map

@@ -22,7 +22,6 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 
 use crate::pipeline::{self, Job, JobReport, RunOptions, StageOutcome, StopFlag, Trigger};
 use crate::sql::{Engine, EngineOptions};
@@ -785,17 +784,11 @@ fn csrf_ok(
     let Some(id) = &p.session else {
         return true;
     };
-    if matches!(*method, Method::GET | Method::HEAD)
-        || route == "/logout"
-        || dashboard::FORM_CSRF_ROUTES.contains(&route)
+    if matches!(*method, Method::GET | Method::HEAD) || dashboard::FORM_CSRF_ROUTES.contains(&route)
     {
         return true;
     }
-    let Some(s) = state.sessions.get(id) else {
-        return false;
-    };
     headers
         .get("x-csrf-token")
-        .map(|v| bool::from(v.as_bytes().ct_eq(s.csrf.as_bytes())))
-        .unwrap_or(false)
+        .is_some_and(|v| state.sessions.csrf_matches(id, v.as_bytes()))
 }

@@ -10,7 +10,6 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use cookie::{Cookie, SameSite};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 
 use super::auth::Principal;
 use super::{cookie_name, AppState, AuditNote};
@@ -157,11 +156,7 @@ pub async fn logout(
         )
         .into_response();
     };
-    let ok = state
-        .sessions
-        .get(id)
-        .is_some_and(|s| bool::from(s.csrf.as_bytes().ct_eq(f.csrf_token.as_bytes())));
-    if !ok {
+    if !state.sessions.csrf_matches(id, f.csrf_token.as_bytes()) {
         return super::api::error(
             StatusCode::FORBIDDEN,
             "csrf",

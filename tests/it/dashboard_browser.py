@@ -21,6 +21,7 @@ PASSWORD = os.environ["PASSWORD"]
 TOKEN = os.environ["TOKEN"]
 HOSTILE = os.environ["HOSTILE"]
 PAYLOADS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "javascript:alert(3)"]
+HOSTILE_TEXT = " ".join(PAYLOADS)
 PAGES = ["/", "/map", "/matrix", "/matrix?sub=1", "/items", "/threat-model", "/sql", "/jobs"]
 checked = []
 
@@ -142,6 +143,39 @@ with sync_playwright() as p:
     visit(page, "/items?q=" + urllib.parse.quote("alert(1)"))
     if PAYLOADS[0] not in page.inner_text("#results"):
         fail("the item list does not show the hostile title as text")
+    # Its raw response, as the feed sent it: JSON shown as text, never run.
+    visit(page, hostile_path)
+    with page.expect_response(lambda r: r.url.endswith("/raw")) as resp:
+        page.click("#raw-link")
+    page.wait_for_load_state("load")
+    if resp.value.status != 200 or not resp.value.headers["content-type"].startswith("application/json"):
+        fail(f"the raw response link answered {resp.value.status} {resp.value.headers.get('content-type')}")
+    raw = json.loads(resp.value.text())
+    if not any("otx:" + r.get("id", "") == HOSTILE and r.get("name") == HOSTILE_TEXT for r in raw.get("results", [])):
+        fail(f"the raw response is not the hostile pulse's: {str(raw)[:300]}")
+    if page.locator("img").count():
+        fail("the raw response's markup became elements")
+    # Chart tooltips: hovering the hostile family's bar draws its whole name as chart text only.
+    visit(page, "/")
+    spot = page.evaluate("""(x) => {
+        const el = document.getElementById('chart-families');
+        const c = echarts.getInstanceByDom(el);
+        const i = c.getOption().yAxis[0].data.indexOf(x);
+        if (i < 0) return null;
+        const [px, py] = c.convertToPixel({seriesIndex: 0}, [0.5, i]);
+        const r = el.getBoundingClientRect();
+        return {x: r.left + px + 2, y: r.top + py};
+    }""", HOSTILE_TEXT)
+    if spot is None:
+        fail("the hostile family has no bar on the overview")
+    shown = "(x) => document.getElementById('chart-families').textContent.includes(x)"
+    if page.evaluate(shown, HOSTILE_TEXT):
+        fail("the family axis shows the whole hostile name before any hover (labels should be cut)")
+    page.mouse.move(spot["x"], spot["y"])
+    page.wait_for_function(shown, arg=HOSTILE_TEXT, timeout=10000)
+    if page.locator("#chart-families img, #chart-families script, #chart-families a[href^='javascript']").count():
+        fail("the tooltip injected an element")
+    page.screenshot(path=os.path.join(OUT, "desktop-tooltip.png"))
     checked.append("hostile text")
 
     # Overview numbers equal SQL.

@@ -1,7 +1,8 @@
 """The mapping workbench in a real browser (Debian chromium driven by Playwright).
 
 Environment: BASE, ANALYST, READER, PASSWORD, OUT (screenshots). An analyst maps a report, accepts,
-rejects and corrects suggestions; a reader sees no decision buttons and a forged decision is refused.
+rejects and corrects suggestions, and uploads the report as a PDF (good and broken); a reader sees no
+decision buttons and a forged decision is refused.
 Prints one JSON line: the decisions made; exits non-zero on the first failure.
 """
 
@@ -24,6 +25,29 @@ REPORT = f"""<h1>Campaign notes</h1>
 <script>alert(4)</script>
 <ul><li>203.0.113.45</li><li>update-cdn-sync.example</li></ul>
 """
+
+
+def pdf(lines):
+    """A one-page PDF (Helvetica, a line per entry) laid out as the PDF 1.4 reference describes."""
+    esc = [ln.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") for ln in lines]
+    stream = "BT /F1 9 Tf 12 TL 30 750 Td\n" + "".join(f"({ln}) Tj T*\n" for ln in esc) + "ET"
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        " /Resources << /Font << /F1 5 0 R >> >> >>",
+        f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
+    ]
+    out, offsets = b"%PDF-1.4\n", []
+    for i, o in enumerate(objects):
+        offsets.append(len(out))
+        out += f"{i + 1} 0 obj\n{o}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{o:010} 00000 n \n" for o in offsets).encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
 
 
 def fail(msg):
@@ -105,6 +129,35 @@ with sync_playwright() as p:
     for verdict, tid, said in decisions:
         if tid not in said:
             fail(f"{verdict} {tid}: the page said {said!r}")
+    # A PDF report is read on the server: its sentences are mapped like pasted text.
+    page.goto(BASE + "/workbench")
+    page.set_input_files("#file", files=[{"name": "campaign.pdf", "mimeType": "application/pdf",
+                                          "buffer": pdf(["Campaign notes", "", CRADLE])}])
+    page.click("form[action='/workbench'] button[type=submit]")
+    page.wait_for_load_state("load")
+    from_pdf = page.locator("section.sentence").filter(has_text="DownloadString")
+    if from_pdf.count() != 1:
+        fail(f"the PDF's cradle sentence is not mapped: {page.locator('main').inner_text()[:600]}")
+    ids = from_pdf.locator("tr[data-technique]").evaluate_all("rs => rs.map(r => r.dataset.technique)")
+    if "T1059.001" not in ids:
+        fail(f"T1059.001 is not among the PDF cradle's top 3: {ids}")
+    if "DownloadString" not in page.input_value("#text"):
+        fail("the text read from the PDF is not shown in the text box")
+    page.screenshot(path=os.path.join(OUT, "workbench-pdf.png"), full_page=True)
+    # A broken PDF with a hostile name gets an error naming it (as text) and the fix.
+    page.goto(BASE + "/workbench")
+    hostile = '"><img src=x onerror=alert(5)>.pdf'
+    page.set_input_files("#file", files=[{"name": hostile, "mimeType": "application/pdf",
+                                          "buffer": b"%PDF-1.7\n1 0 obj << /Type /Catalog"}])
+    with page.expect_response(BASE + "/workbench") as resp:
+        page.click("form[action='/workbench'] button[type=submit]")
+    if resp.value.status != 400:
+        fail(f"a broken PDF answered {resp.value.status}")
+    said = page.locator("main").inner_text()
+    if hostile + ": the PDF's text could not be read" not in said or "paste its text" not in said:
+        fail(f"the broken PDF's error does not name it and the fix: {said[:400]}")
+    if page.locator("main img").count():
+        fail("the hostile file name became an element")
     # A decision form without the session's CSRF token is refused.
     r = page.request.post(BASE + "/workbench/feedback", form={
         "csrf_token": "forged", "doc": "x", "sentence": "x", "suggested": "T1059", "decision": "accept"})

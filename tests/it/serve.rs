@@ -229,6 +229,12 @@ async fn every_route_answers_each_credential_as_its_role_allows() {
             None,
             Some("reader"),
         ),
+        (
+            "GET",
+            format!("/items/{}/raw", urlencode(&item)),
+            None,
+            Some("reader"),
+        ),
         ("GET", "/threat-model".into(), None, Some("reader")),
         (
             "GET",

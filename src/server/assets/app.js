@@ -118,24 +118,9 @@
     window.addEventListener("pagehide", function () { source.close(); });
   }
 
-  // The workbench's file input fills the text box (HTML and markdown are split on the server).
-  function loadFiles() {
-    document.querySelectorAll("input[type=file][data-into]").forEach(function (input) {
-      input.addEventListener("change", function () {
-        var target = document.getElementById(input.getAttribute("data-into"));
-        var file = input.files && input.files[0];
-        if (!target || !file) { return; }
-        var reader = new FileReader();
-        reader.onload = function () { target.value = String(reader.result); };
-        reader.readAsText(file);
-      });
-    });
-  }
-
   document.addEventListener("DOMContentLoaded", function () {
     drawCharts(document);
     followJobs();
-    loadFiles();
     window.addEventListener("resize", function () { charts.forEach(function (c) { c.resize(); }); });
   });
   document.addEventListener("htmx:afterSettle", function (e) { drawCharts(e.target); });

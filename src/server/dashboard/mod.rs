@@ -37,29 +37,32 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
         .route("/techniques/{id}", get(pages::technique))
         .route("/items", get(pages::items))
         .route("/items/{id}", get(pages::item))
+        .route("/items/{id}/raw", get(pages::item_raw))
         .route("/threat-model", get(pages::threat_model))
         .route("/sql", get(pages::sql_console))
         .route("/sql/result.csv", get(pages::sql_csv))
         .route("/jobs", get(pages::jobs).post(pages::start_job))
         .route("/jobs/events", get(pages::job_events))
-        .route("/workbench", get(workbench::form).post(workbench::submit))
+        .route(
+            "/workbench",
+            get(workbench::form).post(workbench::submit).layer(
+                // A report upload may be larger than the API's server.max_body_kb.
+                axum::extract::DefaultBodyLimit::max(crate::extract::MAX_REPORT_BYTES + (64 << 10)),
+            ),
+        )
         .route("/workbench/feedback", post(workbench::decide))
         .route("/assets/{file}", get(assets::serve))
 }
 
 /// Routes whose POST form carries the CSRF token as a field (checked by the handler).
-pub const FORM_CSRF_ROUTES: [&str; 3] = ["/jobs", "/workbench", "/workbench/feedback"];
+pub const FORM_CSRF_ROUTES: [&str; 4] = ["/logout", "/jobs", "/workbench", "/workbench/feedback"];
 
 /// The CSRF check of [`FORM_CSRF_ROUTES`]: a session's form must carry its token (compared in
 /// constant time); token-authenticated calls have no session and need none.
 pub fn form_csrf(state: &AppState, p: &Principal, token: &str) -> Result<(), PageError> {
-    use subtle::ConstantTimeEq;
     let ok = match &p.session {
         None => true,
-        Some(id) => state
-            .sessions
-            .get(id)
-            .is_some_and(|s| bool::from(s.csrf.as_bytes().ct_eq(token.as_bytes()))),
+        Some(id) => state.sessions.csrf_matches(id, token.as_bytes()),
     };
     if ok {
         Ok(())
@@ -253,16 +256,27 @@ impl Filter {
             );
         }
         if let Some(v) = &self.technique {
+            let matched = technique_match("f", "?");
             add(
-                "EXISTS (SELECT 1 FROM mapped_threat_data f WHERE f.item_id = t.item_id \
-                 AND f.item_version = t.item_version AND split_part(f.technique_id, '.', 1) = \
-                 split_part(?, '.', 1) AND (f.technique_id = ? OR strpos(?, '.') = 0))",
+                &format!(
+                    "EXISTS (SELECT 1 FROM mapped_threat_data f WHERE f.item_id = t.item_id \
+                     AND f.item_version = t.item_version AND {matched})"
+                ),
                 s(v),
                 &mut parts,
             );
         }
         parts.join(" AND ")
     }
+}
+
+/// The condition "the `mapped_threat_data` row aliased `alias` is of the technique in placeholder
+/// `value`", where a parent technique includes its sub-techniques.
+pub fn technique_match(alias: &str, value: &str) -> String {
+    format!(
+        "split_part({alias}.technique_id, '.', 1) = split_part({value}, '.', 1) \
+         AND ({alias}.technique_id = {value} OR strpos({value}, '.') = 0)"
+    )
 }
 
 /// `k=v&…`, form-encoded.

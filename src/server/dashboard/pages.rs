@@ -459,14 +459,6 @@ pub async fn matrix_download(
     finish(&state, &p, r.await)
 }
 
-/// The condition "mapped to technique `$n` (a parent includes its sub-techniques)".
-fn technique_condition(n: usize) -> String {
-    format!(
-        "split_part(m.technique_id, '.', 1) = split_part(${n}, '.', 1) \
-         AND (m.technique_id = ${n} OR strpos(${n}, '.') = 0)"
-    )
-}
-
 /// `GET /techniques/{id}`: the technique, its items with score, method and evidence, its trend,
 /// and the ATT&CK groups and software known to use it.
 pub async fn technique(
@@ -487,7 +479,7 @@ pub async fn technique(
             let mut v = Vec::new();
             let c = f.condition(&mut v);
             v.push(text(&id));
-            let tc = technique_condition(v.len());
+            let tc = super::technique_match("m", &format!("${}", v.len()));
             (sql.replace("{c}", &c).replace("{tc}", &tc), v)
         };
         let (s_items, p_items) = with_technique(&format!(
@@ -733,9 +725,10 @@ pub async fn item(
                 vec![text(&id)],
             ),
         )?;
-        let Some(item) = found.into_iter().next() else {
+        let Some(mut item) = found.into_iter().next() else {
             return Err(PageError::not_found("no such item"));
         };
+        item["raw_href"] = json!(format!("/items/{}/raw", encode_path(&id)));
         let evidence = str_of(&item, "evidence").to_string();
         let runs = highlight(str_of(&item, "text"), &evidence_terms(&evidence));
         let techniques: Vec<Value> = techniques
@@ -758,6 +751,83 @@ pub async fn item(
             frame,
             minijinja::context! { item, runs, techniques, evidence },
         ))
+    };
+    finish(&state, &p, r.await)
+}
+
+/// `GET /items/{id}/raw`: the response the item was parsed from, as the feed sent it (JSON,
+/// unpacked from the raw store; a page of several items is shown whole).
+pub async fn item_raw(
+    State(state): State_,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    let r = async {
+        let found = rows(
+            &state,
+            "SELECT raw_ref FROM threat_intelligence_data WHERE item_id = $1".into(),
+            vec![text(&id)],
+        )
+        .await?;
+        let Some(item) = found.first() else {
+            return Err(PageError::not_found("no such item"));
+        };
+        let rel = str_of(item, "raw_ref").to_string();
+        // The lake names a file under the raw store; nothing else is read.
+        let safe = !rel.is_empty()
+            && rel.ends_with(".json.gz")
+            && !rel.starts_with('/')
+            && rel
+                .split('/')
+                .all(|s| !s.is_empty() && s != "." && s != "..");
+        if !safe {
+            return Err(PageError::not_found("the item has no raw response kept"));
+        }
+        let unavailable = |e: String| {
+            tracing::error!("raw response {rel}: {e}");
+            PageError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "the raw response could not be read; see the server log".into(),
+            }
+        };
+        let raw = crate::lake::raw_from_settings(&state.settings.lake)
+            .map_err(|e| unavailable(e.to_string()))?;
+        let Some(gz) = raw
+            .get_opt(&rel)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+        else {
+            return Err(PageError::not_found(
+                "the raw response is no longer in the raw store (removed by retention?)",
+            ));
+        };
+        let body = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out)
+                .map(|_| out)
+        })
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| unavailable(e.to_string()))?;
+        let name: String = rel
+            .rsplit('/')
+            .next()
+            .unwrap_or("raw.json.gz")
+            .trim_end_matches(".gz")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            .collect();
+        let mut r = body.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{name}\"")) {
+            h.insert(header::CONTENT_DISPOSITION, v);
+        }
+        super::harden(&mut r);
+        Ok(r)
     };
     finish(&state, &p, r.await)
 }

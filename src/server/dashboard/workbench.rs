@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::Multipart;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -27,24 +28,95 @@ pub async fn form(
     Extension(p): Extension<Principal>,
 ) -> Response {
     let frame = Frame::new(&state, &p, "workbench", "Mapping workbench".into(), None);
-    render("workbench.html", frame, minijinja::context! { text => "" })
+    render(
+        "workbench.html",
+        frame,
+        minijinja::context! { text => "", max_mb => crate::extract::MAX_REPORT_BYTES >> 20 },
+    )
 }
 
-/// The submitted report.
-#[derive(Deserialize)]
-pub struct Submit {
+/// The submitted report: pasted text, or an uploaded file whose text is extracted here.
+struct Submit {
     csrf_token: String,
     text: String,
+    file: Option<(String, Vec<u8>)>,
 }
 
-/// `POST /workbench`: the report's sentences with their suggestions.
+/// The multipart form's fields; a malformed body is a 400 naming the problem.
+async fn read_form(mut m: Multipart) -> Result<Submit, PageError> {
+    let bad = |e: axum::extract::multipart::MultipartError| PageError {
+        status: e.status(),
+        message: format!(
+            "the form could not be read ({}); reports may have up to {} MB",
+            e.body_text(),
+            crate::extract::MAX_REPORT_BYTES >> 20
+        ),
+    };
+    let mut f = Submit {
+        csrf_token: String::new(),
+        text: String::new(),
+        file: None,
+    };
+    while let Some(field) = m.next_field().await.map_err(bad)? {
+        match field.name().unwrap_or_default() {
+            "csrf_token" => f.csrf_token = field.text().await.map_err(bad)?,
+            "text" => f.text = field.text().await.map_err(bad)?,
+            "file" => {
+                let name = field.file_name().unwrap_or_default().to_string();
+                let bytes = field.bytes().await.map_err(bad)?;
+                if !bytes.is_empty() {
+                    f.file = Some((name, bytes.to_vec()));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(f)
+}
+
+/// `POST /workbench` (multipart: `csrf_token`, `text`, and optionally `file`, a .txt, .md, .html
+/// or .pdf report that replaces the text): the report's sentences with their suggestions.
 pub async fn submit(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
-    Form(f): Form<Submit>,
+    form: Multipart,
 ) -> Response {
+    let mut f = match read_form(form).await {
+        Ok(f) => f,
+        Err(e) => return error_page(&state, &p, e),
+    };
     if let Err(e) = super::form_csrf(&state, &p, &f.csrf_token) {
         return error_page(&state, &p, e);
+    }
+    if let Some((name, bytes)) = f.file.take() {
+        let shown: String = name.chars().take(80).collect();
+        let name = if shown.is_empty() {
+            "upload".into()
+        } else {
+            shown
+        };
+        match tokio::task::spawn_blocking(move || crate::extract::report_text(&name, &bytes)).await
+        {
+            Ok(Ok(text)) => f.text = text,
+            Ok(Err(e)) => return error_page(&state, &p, PageError::bad(e.to_string())),
+            Err(e) => {
+                tracing::error!("workbench upload: {e}");
+                return error_page(
+                    &state,
+                    &p,
+                    PageError::bad("the file could not be read".into()),
+                );
+            }
+        }
+    }
+    if f.text.trim().is_empty() {
+        return error_page(
+            &state,
+            &p,
+            PageError::bad(
+                "paste a report's text or choose a .txt, .md, .html or .pdf file".into(),
+            ),
+        );
     }
     let engine = state.engine();
     let configured = state.settings.mapping.threshold;
@@ -107,6 +179,7 @@ pub async fn submit(
         frame,
         minijinja::context! {
             text => f.text, sentences, total, model, doc => crate::feedback::doc_id(&f.text),
+            max_mb => crate::extract::MAX_REPORT_BYTES >> 20,
             cut => total > MAX_SENTENCES,
         },
     )
