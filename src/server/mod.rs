@@ -540,7 +540,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
 /// The role a route needs; None: anonymous.
 fn required_role(method: &Method, route: &str) -> Option<Role> {
     match (method.as_str(), route) {
-        (_, "/healthz" | "/readyz" | "/login" | "/assets/{file}") => None,
+        (_, "/healthz" | "/readyz" | "/login" | "/assets/{file}" | "/favicon.ico") => None,
         ("POST", "/api/v1/runs" | "/jobs" | "/workbench/feedback") => Some(Role::Analyst),
         (_, r) if r.starts_with("/api/v1/auth/") => Some(Role::Admin),
         _ => Some(Role::Reader),
@@ -679,7 +679,10 @@ async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         t.elapsed().as_secs_f64(),
     );
     // Health probes and the dashboard's static files would only flood the audit log.
-    if !matches!(route.as_str(), "/healthz" | "/readyz" | "/assets/{file}") {
+    if !matches!(
+        route.as_str(),
+        "/healthz" | "/readyz" | "/assets/{file}" | "/favicon.ico"
+    ) {
         state.audit.push(AuditRow {
             at: crate::feeds::fixed(chrono::Utc::now()),
             who: note

@@ -250,6 +250,7 @@ async fn every_route_answers_each_credential_as_its_role_allows() {
         ),
         ("GET", "/jobs".into(), None, Some("reader")),
         ("GET", "/assets/app.js".into(), None, None),
+        ("GET", "/favicon.ico".into(), None, None),
         ("GET", "/api/v1/openapi.json".into(), None, Some("reader")),
         ("GET", "/api/v1/session".into(), None, Some("reader")),
         (

@@ -92,3 +92,14 @@ pub async fn serve(Path(file): Path<String>, headers: HeaderMap) -> Response {
     );
     r
 }
+
+/// `GET /favicon.ico`: no icon (pages declare an empty one; browsers still ask for it beside
+/// non-HTML responses such as a raw feed response), without a 404 in the console.
+pub async fn no_icon() -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=86400"),
+    );
+    r
+}

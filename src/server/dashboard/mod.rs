@@ -52,6 +52,7 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
         )
         .route("/workbench/feedback", post(workbench::decide))
         .route("/assets/{file}", get(assets::serve))
+        .route("/favicon.ico", get(assets::no_icon))
 }
 
 /// Routes whose POST form carries the CSRF token as a field (checked by the handler).
