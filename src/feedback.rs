@@ -113,11 +113,29 @@ pub struct Labelled {
     pub doc: Option<String>,
 }
 
-/// The decisions a labelled file stands for, made by `who` at `at`: an accept per label, a reject
-/// per rejected technique. Fails on the first technique id that is not one, naming its line.
-pub fn decisions_of(lines: &[Labelled], who: &str, at: &str) -> Result<Vec<Decision>, String> {
+/// A labelled file that cannot be imported.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// A label that is not a technique id.
+    #[error("line {line}: {id:?} is not an ATT&CK technique id (T1234 or T1234.567)")]
+    NotATechnique {
+        /// Its line in the file.
+        line: usize,
+        /// What it said.
+        id: String,
+    },
+}
+
+/// The decisions the lines of a labelled file stand for (each with its line number), made by
+/// `who` at `at`: an accept per label, a reject per rejected technique. Fails on the first
+/// technique id that is not one, naming its line.
+pub fn decisions_of(
+    lines: &[(usize, Labelled)],
+    who: &str,
+    at: &str,
+) -> Result<Vec<Decision>, ImportError> {
     let mut out = Vec::new();
-    for (i, l) in lines.iter().enumerate() {
+    for (line, l) in lines {
         let doc = l
             .doc
             .clone()
@@ -127,10 +145,10 @@ pub fn decisions_of(lines: &[Labelled], who: &str, at: &str) -> Result<Vec<Decis
         let rejected = l.rejected.iter().map(|t| (t, Verdict::Reject));
         for (t, verdict) in accepted.chain(rejected) {
             if !crate::reports::navigator::is_technique_id(t) {
-                return Err(format!(
-                    "line {}: {t:?} is not an ATT&CK technique id (T1234 or T1234.567)",
-                    i + 1
-                ));
+                return Err(ImportError::NotATechnique {
+                    line: *line,
+                    id: t.clone(),
+                });
             }
             out.push(Decision {
                 at: at.to_string(),

@@ -82,7 +82,7 @@ pub async fn feedback_import(settings: &Settings, input: &Path, who: Option<&str
                 i + 1
             )
         })?;
-        lines.push(l);
+        lines.push((i + 1, l));
     }
     let name = input
         .file_name()
@@ -96,7 +96,7 @@ pub async fn feedback_import(settings: &Settings, input: &Path, who: Option<&str
     threatlake::feedback::record_all(&lake, &decisions).await?;
     let sentences = lines
         .iter()
-        .filter(|l| !l.labels.is_empty() || !l.rejected.is_empty())
+        .filter(|(_, l)| !l.labels.is_empty() || !l.rejected.is_empty())
         .count();
     println!(
         "{} decisions on {sentences} of {} sentences recorded in mapping_feedback as {who}{}",

@@ -614,21 +614,23 @@ fn model_build_learns_the_sentences_analysts_labelled() {
     std::fs::write(
         &bad,
         format!(
-            "{}\n{}\n",
+            "{}\n\n{}\n",
             json!({"text": "a", "labels": [label]}),
             json!({"text": "b", "labels": ["not-an-id"]})
         ),
     )
     .unwrap();
-    let (ok, out, err) = common::run(common::ics_cli_on(&dir).args([
-        "model",
-        "feedback",
-        "import",
-        "--input",
-        bad.to_str().unwrap(),
-    ]));
+    let import = |file: &Path, extra: &[&str]| {
+        common::run(
+            common::ics_cli_on(&dir)
+                .args(["model", "feedback", "import", "--input"])
+                .arg(file)
+                .args(extra),
+        )
+    };
+    let (ok, out, err) = import(&bad, &[]);
     assert!(!ok, "{out}");
-    assert!(err.contains("line 2") && err.contains("not-an-id"), "{err}");
+    assert!(err.contains("line 3") && err.contains("not-an-id"), "{err}");
     assert_eq!(
         common::sql(&dir, "SELECT count(*) AS n FROM mapping_feedback").trim(),
         "n\n0"
@@ -644,17 +646,13 @@ fn model_build_learns_the_sentences_analysts_labelled() {
         ),
     )
     .unwrap();
-    let (ok, out, err) = common::run(common::ics_cli_on(&dir).args([
-        "model",
-        "feedback",
-        "import",
-        "--input",
-        good.to_str().unwrap(),
-        "--who",
-        "tram",
-    ]));
+    let (ok, out, err) = import(&good, &["--who", "tram"]);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("2 decisions on 1 of 2 sentences"), "{out}");
+    assert_eq!(
+        common::sql(&dir, "SELECT DISTINCT who FROM mapping_feedback").trim(),
+        "who\ntram"
+    );
     let (ok, out, err) =
         common::run(common::ics_cli_on(&dir).args(["model", "feedback", "export"]));
     assert!(ok, "{err}");
