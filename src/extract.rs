@@ -20,9 +20,9 @@ pub enum ReportKind {
 
 impl ReportKind {
     /// The kind a file name says (`.txt`, `.text`, `.md`, `.markdown`, `.html`, `.htm`, `.pdf`),
-    /// or the PDF signature of its first bytes.
-    pub fn of(name: &str, head: &[u8]) -> Option<ReportKind> {
-        if head.starts_with(b"%PDF-") {
+    /// or the PDF signature its bytes start with.
+    pub fn of(name: &str, bytes: &[u8]) -> Option<ReportKind> {
+        if bytes.starts_with(b"%PDF-") {
             return Some(ReportKind::Pdf);
         }
         let ext = name.rsplit_once('.')?.1.to_ascii_lowercase();
@@ -75,10 +75,10 @@ pub fn report_text(name: &str, bytes: &[u8]) -> Result<String, ExtractError> {
             bytes: bytes.len(),
         });
     }
-    let kind = ReportKind::of(name, &bytes[..bytes.len().min(8)])
-        .ok_or_else(|| ExtractError::Unsupported(name.to_string()))?;
+    let kind =
+        ReportKind::of(name, bytes).ok_or_else(|| ExtractError::Unsupported(name.to_string()))?;
     match kind {
-        ReportKind::Text | ReportKind::Html => String::from_utf8(bytes.to_vec())
+        ReportKind::Text | ReportKind::Html => std::str::from_utf8(bytes)
             .map(|s| s.trim_start_matches('\u{feff}').to_string())
             .map_err(|_| ExtractError::NotUtf8(name.to_string())),
         ReportKind::Pdf => pdf_text(name, bytes),
@@ -112,12 +112,12 @@ fn pdf_text(name: &str, bytes: &[u8]) -> Result<String, ExtractError> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     /// A one-page PDF (Helvetica, one line per entry of `lines`), laid out as the PDF 1.4
     /// reference describes: objects, a cross-reference table with their byte offsets, a trailer.
-    pub(crate) fn pdf(lines: &[&str]) -> Vec<u8> {
+    fn pdf(lines: &[&str]) -> Vec<u8> {
         let mut stream = String::from("BT /F1 11 Tf 14 TL 50 750 Td\n");
         for l in lines {
             let esc = l

@@ -757,9 +757,6 @@ pub async fn serve(
     s.schedule.jobs.clear();
     let (token, _) =
         AuthFile::new(&s.server.auth_file).create_token("bench", Role::Reader, None)?;
-    // The Chromium first loads sign in as a reader.
-    let password = threatlake::server::auth::random_token(24);
-    AuthFile::new(&s.server.auth_file).set_user("bench", Some(Role::Reader), &password, false)?;
     // Texts: ATT&CK procedure examples.
     let lake = Lake::from_settings(&s.lake)?;
     let engine =
@@ -925,8 +922,14 @@ pub async fn dashboard(
     let (token, _) =
         AuthFile::new(&s.server.auth_file).create_token("bench", Role::Reader, None)?;
     // The Chromium first loads sign in as a reader.
-    let password = threatlake::server::auth::random_token(24);
-    AuthFile::new(&s.server.auth_file).set_user("bench", Some(Role::Reader), &password, false)?;
+    let password = match browser {
+        Some(_) => {
+            let pw = threatlake::server::auth::random_token(24);
+            AuthFile::new(&s.server.auth_file).set_user("bench", Some(Role::Reader), &pw, false)?;
+            Some(pw)
+        }
+        None => None,
+    };
     let lake = Lake::from_settings(&s.lake)?;
     let engine =
         Engine::open_with(&lake, &threatlake::sql::EngineOptions::from_settings(&s)).await?;
@@ -1030,7 +1033,7 @@ pub async fn dashboard(
         "JS + CSS of a first load: {:.0} KB gzipped (goal ≤ 600 KB)",
         gz as f64 / 1000.0
     );
-    if let Some(chromium) = browser {
+    if let (Some(chromium), Some(password)) = (browser, password) {
         // The script blocks while the in-process server answers it on the runtime's threads.
         let (chromium, base) = (chromium.to_path_buf(), base.clone());
         tokio::task::spawn_blocking(move || {

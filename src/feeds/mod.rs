@@ -307,6 +307,36 @@ pub async fn keep_raw(
     Ok(rel)
 }
 
+/// Whether `rel` can name a response [`keep_raw`] kept: a relative `.json.gz` path inside the raw
+/// store (no empty, `.` or `..` segment). `raw_ref` values are checked before they are read.
+pub fn is_raw_ref(rel: &str) -> bool {
+    rel.ends_with(".json.gz")
+        && !rel.starts_with('/')
+        && rel
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..")
+}
+
+/// A response [`keep_raw`] kept, unpacked; None when it is no longer in the raw store.
+pub async fn read_raw(raw: &Location, rel: &str) -> Result<Option<Vec<u8>>, FeedError> {
+    let Some(gz) = raw.get_opt(rel).await? else {
+        return Ok(None);
+    };
+    let failed = |e: String| FeedError::Input {
+        path: rel.to_string(),
+        message: format!("unpacking the raw response: {e}"),
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out)
+            .map(|_| out)
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
+    .map(Some)
+    .map_err(|e| failed(e.to_string()))
+}
+
 /// Feed state table: small key/value facts per source (watermarks, daily budget use).
 pub const STATE: &str = "feed_state";
 const STATE_PARTITION: [&str; 1] = ["source"];
@@ -467,6 +497,22 @@ pub fn text(v: Option<&serde_json::Value>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_kept_response_paths_are_raw_refs() {
+        assert!(is_raw_ref("otx/2026-12-02/b1-p00001.json.gz"));
+        for bad in [
+            "",
+            "../otx/x.json.gz",
+            "otx/../../etc/x.json.gz",
+            "/etc/x.json.gz",
+            "otx//x.json.gz",
+            "otx/./x.json.gz",
+            "otx/x.json",
+        ] {
+            assert!(!is_raw_ref(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn timestamps_of_both_pulse_formats_parse() {

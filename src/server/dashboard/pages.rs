@@ -774,13 +774,7 @@ pub async fn item_raw(
         };
         let rel = str_of(item, "raw_ref").to_string();
         // The lake names a file under the raw store; nothing else is read.
-        let safe = !rel.is_empty()
-            && rel.ends_with(".json.gz")
-            && !rel.starts_with('/')
-            && rel
-                .split('/')
-                .all(|s| !s.is_empty() && s != "." && s != "..");
-        if !safe {
+        if !crate::feeds::is_raw_ref(&rel) {
             return Err(PageError::not_found("the item has no raw response kept"));
         }
         let unavailable = |e: String| {
@@ -792,8 +786,7 @@ pub async fn item_raw(
         };
         let raw = crate::lake::raw_from_settings(&state.settings.lake)
             .map_err(|e| unavailable(e.to_string()))?;
-        let Some(gz) = raw
-            .get_opt(&rel)
+        let Some(body) = crate::feeds::read_raw(&raw, &rel)
             .await
             .map_err(|e| unavailable(e.to_string()))?
         else {
@@ -801,14 +794,6 @@ pub async fn item_raw(
                 "the raw response is no longer in the raw store (removed by retention?)",
             ));
         };
-        let body = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out)
-                .map(|_| out)
-        })
-        .await
-        .map_err(|e| unavailable(e.to_string()))?
-        .map_err(|e| unavailable(e.to_string()))?;
         let name: String = rel
             .rsplit('/')
             .next()
