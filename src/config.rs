@@ -527,6 +527,14 @@ pub struct ServerSettings {
     pub audit_flush_secs: u64,
     /// Largest request body in KB.
     pub max_body_kb: usize,
+    /// MB of memory for the results of the dashboard's own queries, kept until the lake changes
+    /// (0: every page queries the lake).
+    #[serde(default = "default_page_cache_mb")]
+    pub page_cache_mb: usize,
+}
+
+fn default_page_cache_mb() -> usize {
+    64
 }
 
 impl Default for ServerSettings {
@@ -551,6 +559,7 @@ impl Default for ServerSettings {
             },
             audit_flush_secs: 5,
             max_body_kb: 1024,
+            page_cache_mb: default_page_cache_mb(),
         }
     }
 }

@@ -980,6 +980,7 @@ pub async fn dashboard(
         build_kind()
     );
     let mut all = Vec::new();
+    let mut firsts = Vec::new();
     for page in &pages {
         let mut times = Vec::new();
         for _ in 0..runs.max(1) {
@@ -994,20 +995,28 @@ pub async fn dashboard(
             anyhow::ensure!(status.is_success(), "GET {page}: {status}");
             times.push(t.elapsed());
         }
+        // The first render reads the lake; later ones of the same page find its queries'
+        // answers kept (server.page_cache_mb) until the lake changes.
+        let first = times[0];
+        firsts.push(first);
         times.sort();
         println!(
-            "  {:<44} p50 {:>8.1} ms  p95 {:>8.1} ms",
+            "  {:<44} first {:>8.1} ms  p50 {:>8.1} ms  p95 {:>8.1} ms",
             page.chars().take(44).collect::<String>(),
+            first.as_secs_f64() * 1e3,
             pct_ms(&times, 50.0),
             pct_ms(&times, 95.0)
         );
         all.extend(times);
     }
     all.sort();
+    firsts.sort();
     println!(
-        "every page: p50 {:.1} ms, p95 {:.1} ms (goal p95 ≤ 200 ms)",
+        "every page: p50 {:.1} ms, p95 {:.1} ms (goal p95 ≤ 200 ms); first renders after a lake change (nothing kept): p50 {:.1} ms, max {:.1} ms",
         pct_ms(&all, 50.0),
-        pct_ms(&all, 95.0)
+        pct_ms(&all, 95.0),
+        pct_ms(&firsts, 50.0),
+        firsts.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
     );
     // What a first load fetches: the stylesheet and the three scripts, gzipped as served (this
     // client does not unpack them).

@@ -96,6 +96,10 @@ struct MappedRow {
     batch_id: String,
 }
 
+/// Texts longer than this (in characters, about six sentences) are mapped as reports, sentence
+/// by sentence (`map_report`); shorter ones whole (`map_techniques`, top-k).
+pub const REPORT_CHARS: usize = 1_000;
+
 /// What `map-intel` did.
 #[derive(Debug, Default, Clone)]
 pub struct MapReport {
@@ -109,7 +113,8 @@ pub struct MapReport {
     pub source_rows: usize,
 }
 
-/// Map every threat item (version) not mapped yet: model top-k above `threshold`, plus the techniques
+/// Map every threat item (version) not mapped yet: model top-k above `threshold` (a text longer than
+/// [`REPORT_CHARS`]: every technique its sentences map to), plus the techniques
 /// the source states (OTX `attack_ids`, VirusTotal sandbox trees, TAXII attack-pattern references).
 pub async fn map_intel(
     lake: &Lake,
@@ -133,16 +138,29 @@ pub async fn map_intel(
     let pending = "SELECT t.item_id, t.item_version, t.source, t.text FROM threat_intelligence_data t \
         WHERE NOT EXISTS (SELECT 1 FROM mapped_items m WHERE m.item_id = t.item_id AND m.item_version = t.item_version) \
           AND NOT EXISTS (SELECT 1 FROM mapped_threat_data d WHERE d.item_id = t.item_id AND d.item_version = t.item_version)";
+    // Short texts (a pulse's paragraph) are mapped whole, top-k; longer ones (a report pasted into a
+    // pulse, a TAXII report's description) sentence by sentence with `map_report`, so a report
+    // keeps every technique it describes. Each UDF runs only on the rows of its branch.
     let sql = format!(
-        "SELECT p.item_id, p.item_version, p.source, map_techniques(p.text, {top_k}) AS ranked, p.text FROM ({pending}) p ORDER BY p.item_id"
+        "SELECT p.item_id, p.item_version, p.source, \
+           CASE WHEN character_length(p.text) <= {REPORT_CHARS} THEN map_techniques(p.text, {top_k}) END AS ranked, p.text, \
+           CASE WHEN character_length(p.text) > {REPORT_CHARS} THEN map_report(p.text) END AS report \
+         FROM ({pending}) p ORDER BY p.item_id"
     );
     let mut rows: Vec<MappedRow> = Vec::new();
     let mut items = std::collections::BTreeSet::new();
     let batches = engine.run(&sql).await?.remove(0).batches;
+    let mapper = engine.mapper.get().ok();
     let model = match threshold {
         Some(_) => None,
-        None => engine.mapper.get().ok(),
+        None => mapper.as_ref(),
     };
+    // Tactics of a technique `map_report` found (its entries carry id, name and score only).
+    let tactics_of: std::collections::HashMap<&str, &[String]> = mapper
+        .iter()
+        .flat_map(|m| m.model.techniques.iter())
+        .map(|t| (t.id.as_str(), t.tactics.as_slice()))
+        .collect();
     for b in &batches {
         let (ids, vers, srcs) = (
             column_strings(b, 0),
@@ -157,11 +175,41 @@ pub async fn map_intel(
             })?;
         let texts = texts.as_string::<i32>();
         let lists = b.column(3).as_list::<i32>();
+        let reports = b.column(5).as_list::<i32>();
         for r in 0..b.num_rows() {
             let (Some(id), Some(ver), Some(src)) = (&ids[r], &vers[r], &srcs[r]) else {
                 continue;
             };
             items.insert((id.clone(), ver.clone()));
+            if !reports.is_null(r) {
+                // Thresholds were applied per sentence by map_report.
+                let entries = reports.value(r);
+                let s = entries.as_struct();
+                let tid = s.column(0).as_string::<i32>();
+                let name = s.column(1).as_string::<i32>();
+                let score = s.column(2).as_primitive::<Float64Type>();
+                for e in 0..s.len() {
+                    let tl = tactics_of
+                        .get(tid.value(e))
+                        .map(|t| t.to_vec())
+                        .unwrap_or_default();
+                    rows.push(MappedRow {
+                        item_id: id.clone(),
+                        item_version: ver.clone(),
+                        source: src.clone(),
+                        technique_id: tid.value(e).to_string(),
+                        technique_name: Some(name.value(e).to_string()),
+                        tactic: tl.first().cloned(),
+                        tactics: tl,
+                        score: score.value(e),
+                        method: "model",
+                        model_version: model_version.clone(),
+                        mapped_at: at.clone(),
+                        batch_id: batch.clone(),
+                    });
+                }
+                continue;
+            }
             if lists.is_null(r) {
                 continue;
             }

@@ -279,6 +279,19 @@ impl Lake {
         at: &AsOf,
         session: &dyn Session,
     ) -> Result<Option<Arc<dyn TableProvider>>, LakeError> {
+        Ok(self
+            .versioned_provider(name, at, session)
+            .await?
+            .map(|(p, _)| p))
+    }
+
+    /// [`Lake::provider`] with the version of the snapshot it reads.
+    pub async fn versioned_provider(
+        &self,
+        name: &str,
+        at: &AsOf,
+        session: &dyn Session,
+    ) -> Result<Option<(Arc<dyn TableProvider>, u64)>, LakeError> {
         let Some(t) = self.delta_table(name, at).await? else {
             return Ok(None);
         };
@@ -298,7 +311,7 @@ impl Lake {
                 table: name.to_string(),
                 message: e.to_string(),
             })?;
-        Ok(Some(Arc::new(scan)))
+        Ok(Some((Arc::new(scan), state.version())))
     }
 
     /// Commit `batches` (of `schema`, without the partition columns) to `table` in one transaction,

@@ -162,6 +162,7 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
         .route("/session", get(session))
         .route("/sql", post(sql))
         .route("/map", post(map))
+        .route("/map/report", post(map_report))
         .route("/techniques/{id}", get(technique))
         .route("/threat-model", get(threat_model))
         .route("/threat-model/diff", get(threat_model_diff))
@@ -587,6 +588,13 @@ pub async fn map(
         })
     })
     .await;
+    mapping_answer(res)
+}
+
+/// A mapping handler's answer: the result, 503 without a model, 500 if the blocking task failed.
+fn mapping_answer<T: Serialize>(
+    res: Result<Result<T, String>, tokio::task::JoinError>,
+) -> Response {
     match res {
         Ok(Ok(r)) => Json(r).into_response(),
         Ok(Err(e)) => error(
@@ -596,6 +604,102 @@ pub async fn map(
         ),
         Err(e) => internal("mapping", e),
     }
+}
+
+/// Whole reports to map, sentence by sentence.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MapReportRequest {
+    /// 1 to 100 reports: plain text, markdown, HTML or text extracted from a PDF (the request as a
+    /// whole at most `server.max_body_kb`).
+    pub texts: Vec<String>,
+}
+
+/// A technique a report describes.
+#[derive(Serialize, ToSchema)]
+pub struct ReportTechnique {
+    /// `T1059.001`.
+    pub technique_id: String,
+    /// Name.
+    pub name: String,
+    /// Tactics.
+    pub tactics: Vec<String>,
+    /// Calibrated score of its best sentence, in [0, 1].
+    pub score: f64,
+    /// Sentences mapped to it at or above the threshold.
+    pub sentences: usize,
+    /// Its best sentence.
+    pub sentence: String,
+}
+
+/// One report's techniques, strongest first.
+#[derive(Serialize, ToSchema)]
+pub struct MappedReport {
+    /// Every technique at least one prose sentence maps to at or above the threshold.
+    pub techniques: Vec<ReportTechnique>,
+}
+
+/// The report mapping answer.
+#[derive(Serialize, ToSchema)]
+pub struct MapReportResponse {
+    /// The model used (`enterprise-18.1`).
+    pub model: String,
+    /// One per report, in order.
+    pub results: Vec<MappedReport>,
+}
+
+/// Map whole reports (`map_report`): prose sentences mapped one by one (markup, lists, tables, code
+/// and indicator lines left out), each technique with its best score, supporting sentence count and
+/// best sentence.
+#[utoipa::path(post, path = "/api/v1/map/report", request_body = MapReportRequest,
+    responses((status = 200, body = MapReportResponse), (status = 400, body = ApiError), (status = 401, body = ApiError),
+              (status = 403, body = ApiError), (status = 413, body = ApiError), (status = 503, body = ApiError)))]
+pub async fn map_report(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<MapReportRequest>,
+) -> Response {
+    if req.texts.is_empty() || req.texts.len() > 100 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "send 1 to 100 reports",
+        );
+    }
+    let engine = state.engine();
+    let configured = state.settings.mapping.threshold;
+    let res = tokio::task::spawn_blocking(move || {
+        let m = engine.mapper.get()?;
+        let found =
+            threatlake_udfs::mapping_kernels::par_documents(&m, req.texts.len(), configured, |i| {
+                Some(req.texts[i].as_str())
+            });
+        let results = found
+            .into_iter()
+            .map(|f| MappedReport {
+                techniques: f
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|x| {
+                        let t = &m.model.techniques[x.technique];
+                        ReportTechnique {
+                            technique_id: t.id.clone(),
+                            name: t.name.clone(),
+                            tactics: t.tactics.clone(),
+                            score: x.score,
+                            sentences: x.sentences,
+                            sentence: x.sentence,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok::<_, String>(MapReportResponse {
+            model: format!("{}-{}", m.model.domain, m.model.attack_version),
+            results,
+        })
+    })
+    .await;
+    mapping_answer(res)
 }
 
 /// Collect `df` on the query threads (bounded by server.sql.timeout_secs) as JSON rows.
@@ -1353,7 +1457,7 @@ impl utoipa::Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "threatlake", description = "Threat intelligence mapped to MITRE ATT&CK: SQL over the lake, mapping, threat model, items, reports, jobs."),
-    paths(healthz, readyz, metrics, openapi, session, sql, map, technique, threat_model, threat_model_diff, items, item, report, start_run, list_runs, get_run, list_tokens, list_users),
+    paths(healthz, readyz, metrics, openapi, session, sql, map, map_report, technique, threat_model, threat_model_diff, items, item, report, start_run, list_runs, get_run, list_tokens, list_users),
     components(schemas(SqlFormat)),
     modifiers(&Security)
 )]

@@ -132,6 +132,8 @@ pub struct AppState {
     tasks: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
     stop: StopFlag,
     tls: bool,
+    /// Answers of the dashboard's own queries for the current lake snapshot.
+    pub(crate) page_cache: dashboard::PageCache,
 }
 
 impl AppState {
@@ -381,6 +383,7 @@ pub async fn serve_until(
         tasks: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
         stop: StopFlag::default(),
         tls: options.tls.is_some(),
+        page_cache: dashboard::PageCache::new(settings.server.page_cache_mb << 20),
         engine: RwLock::new(Arc::new(engine)),
         runtime,
         query_rt: query_rt.handle().clone(),

@@ -217,6 +217,9 @@ pub struct Engine {
     /// The `--since` filter of the views (Ballista sessions re-create the views with it).
     #[cfg_attr(not(feature = "ballista"), allow(dead_code))]
     since: Option<chrono::DateTime<chrono::Utc>>,
+    /// The version of each lake table it reads: two sessions with equal versions (and `since`)
+    /// answer every query over the lake's tables alike.
+    versions: std::collections::BTreeMap<String, u64>,
 }
 
 impl Engine {
@@ -264,9 +267,16 @@ impl Engine {
         // committed version, whatever writers commit meanwhile.
         let found = lake.require_delta().await?;
         let known = known_tables();
+        let mut versions = std::collections::BTreeMap::new();
         for (name, schema, cols) in &known {
-            let provider = match lake.provider(name, &AsOf::Latest, &ctx.state()).await? {
-                Some(p) => p,
+            let provider = match lake
+                .versioned_provider(name, &AsOf::Latest, &ctx.state())
+                .await?
+            {
+                Some((p, v)) => {
+                    versions.insert(name.to_string(), v);
+                    p
+                }
                 None => empty_table(schema.clone(), cols)?,
             };
             ctx.register_table(*name, provider)?;
@@ -275,7 +285,11 @@ impl Engine {
             if known.iter().any(|(k, _, _)| k == name) {
                 continue;
             }
-            if let Some(provider) = lake.provider(name, &AsOf::Latest, &ctx.state()).await? {
+            if let Some((provider, v)) = lake
+                .versioned_provider(name, &AsOf::Latest, &ctx.state())
+                .await?
+            {
+                versions.insert(name.clone(), v);
                 ctx.register_table(name.as_str(), provider)?;
             }
         }
@@ -291,7 +305,13 @@ impl Engine {
             mapper,
             as_of,
             since,
+            versions,
         })
+    }
+
+    /// The snapshot this session reads: each lake table with the version registered.
+    pub fn versions(&self) -> &std::collections::BTreeMap<String, u64> {
+        &self.versions
     }
 
     /// Run every statement in `sql` and collect the results of each.

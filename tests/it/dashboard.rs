@@ -14,7 +14,7 @@ const HOSTILE_ID: &str = "bbbbbbbbbbbbbbbbbbbbbbbb";
 
 /// The sample feeds plus a pulse with script, attribute-breaking and `javascript:` payloads in
 /// its name, description, tags, country, family and adversary.
-fn hostile_samples(dir: &Path) -> PathBuf {
+pub(crate) fn hostile_samples(dir: &Path) -> PathBuf {
     let samples = dir.join("samples");
     common::copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("data/samples"),

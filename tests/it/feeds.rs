@@ -945,6 +945,46 @@ async fn run_maps_intel_and_diffs_threat_models() {
         !ok && err.contains("known reports: technique_frequency"),
         "{err}"
     );
+
+    // A report pasted into a pulse is mapped sentence by sentence (map_report): with one technique
+    // per text (top_k 1) it still gets every technique its sentences describe.
+    let report = "In March the actor gained access to the utility network through a spearphishing attachment sent to an engineer, and a remote access tool was installed on the engineering workstation. \
+        From the engineering workstation the actor sent unauthorized command messages to the PLC over Modbus to change the setpoints of the chlorine pumps.\n\n\
+        The actor then downloaded a modified program to the controller, replacing the logic that limits the pump speed. \
+        To hide the intrusion, the malware suppressed alarms on the HMI and spoofed reporting messages so that operators saw normal values on their screens.\n\n\
+        The operators lost view of the process for several hours, and the plant was stopped manually to restore safe operation. \
+        Before the attack the actor had collected project files from the engineering workstation and the data historian, which describe the controller logic and the network layout. \
+        The same actor also brute forced the default credentials of the remote terminal units and switched the controllers into program mode so that the new logic could be written.";
+    let long = json!({
+        "id": "aa0000000000000000000003", "name": "Incident report", "description": report,
+        "author_name": "analyst", "created": "2026-11-25T10:00:00", "modified": "2026-11-25T10:00:00",
+        "revision": 1, "tlp": "green", "tags": [], "attack_ids": [], "targeted_countries": [],
+        "industries": [], "malware_families": [], "references": [], "adversary": "", "indicators": []
+    });
+    pulses.lock().unwrap().push(long);
+    let (ok, out, err) = run(otx_cmd(&dir, &fake.base)
+        .env("THREATLAKE_LAKE_MODELS", dir.join("models"))
+        .env("THREATLAKE_MAPPING_DOMAIN", "ics")
+        .env("THREATLAKE_MAPPING_TOP_K", "1")
+        .args(["run"]));
+    assert!(ok, "{out}\n{err}");
+    let item = "item_id = 'otx:aa0000000000000000000003'";
+    assert_eq!(
+        sql(&dir, &format!("SELECT character_length(text) > {} AS long FROM threat_intelligence_data WHERE {item}", threatlake::feeds::intel::REPORT_CHARS)),
+        "long\ntrue\n"
+    );
+    let mapped = sql(
+        &dir,
+        &format!("SELECT technique_id FROM mapped_threat_data WHERE method = 'model' AND {item} ORDER BY 1"),
+    );
+    let q = format!("SELECT x['technique_id'] AS technique_id FROM (SELECT unnest(map_report(text)) AS x FROM threat_intelligence_data WHERE {item}) r ORDER BY 1");
+    let (ok, found, err) = job(&["sql", "--format", "csv", "--quiet", "-c", &q]);
+    assert!(ok, "{err}");
+    assert_eq!(mapped, found);
+    assert!(
+        mapped.lines().count() > 3 && mapped.contains("T0855"),
+        "{mapped}"
+    );
 }
 
 /// `run --offline --samples`: the shipped sample responses go through the same parsers, no network,

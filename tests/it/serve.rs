@@ -266,6 +266,14 @@ async fn every_route_answers_each_credential_as_its_role_allows() {
             Some("reader"),
         ),
         (
+            "POST",
+            "/api/v1/map/report".into(),
+            Some(
+                json!({"texts": ["The actor modified the PLC program over Modbus. Then the actor suppressed alarms on the HMI."]}),
+            ),
+            Some("reader"),
+        ),
+        (
             "GET",
             "/api/v1/techniques/T0855".into(),
             None,
@@ -352,6 +360,149 @@ async fn every_route_answers_each_credential_as_its_role_allows() {
                 "a server path leaked: {what}"
             );
         }
+    }
+}
+
+/// Dashboard pages answer from the page cache until the lake changes, then from the new snapshot:
+/// a pulse ingested by the CLI shows up in the items total after the server re-reads the lake.
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_pages_follow_the_lake_when_it_changes() {
+    let dir = lake_copy("serve-page-cache");
+    let reader = token(&dir, "r", "reader", &[]);
+    let server = Server::start(&dir, &[("THREATLAKE_SERVER_REFRESH_SECS", "1")], &[]);
+    let c = client();
+    let total = || items_total(&c, &server, &reader);
+    let count = |dir: &Path| {
+        lake_sql(dir, "SELECT count(*) AS n FROM threat_intelligence_data")
+            .lines()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = count(&dir);
+    assert_eq!(total().await, before);
+    assert_eq!(total().await, before, "a kept answer differs");
+    // One more pulse (the hostile sample) lands through the CLI while the server runs.
+    let samples = super::dashboard::hostile_samples(&dir);
+    let (ok, out, err) = common::run(cli(&dir, &[]).args([
+        "run",
+        "--offline",
+        "--samples",
+        "--samples-dir",
+        samples.to_str().unwrap(),
+    ]));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(count(&dir), before + 1);
+    let t = Instant::now();
+    loop {
+        let n = total().await;
+        if n == before + 1 {
+            break;
+        }
+        assert_eq!(n, before, "neither the old nor the new total");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the page still shows {n} items a minute after the lake changed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The items total the `/items` page shows.
+async fn items_total(c: &reqwest::Client, server: &Server, token: &str) -> u64 {
+    let (status, html) = send(c, "GET", &server.url("/items"), Some(token), None).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    let n = html
+        .split("<span id=\"items-total\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or_else(|| panic!("no items total: {html}"));
+    n.parse().unwrap()
+}
+
+/// `POST /api/v1/map/report` answers what `map_report` finds in SQL for the same report: each
+/// technique with its tactics, supporting sentences and best sentence; indicator lines are not
+/// sentences; an empty or oversized request is a 400 naming the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn map_report_endpoint_maps_a_report_sentence_by_sentence() {
+    let dir = lake_copy("serve-map-report");
+    let reader = token(&dir, "r", "reader", &[]);
+    let server = Server::start(&dir, &[], &[]);
+    let c = client();
+    let report = "# Water utility incident\n\n\
+        The actor sent unauthorized command messages to the PLC over Modbus to change the setpoints of the pumps. \
+        Later the actor sent more unauthorized command messages to the controller to stop the pumps.\n\n\
+        To hide the intrusion, the malware suppressed alarms on the HMI so that operators noticed nothing.\n\n\
+        - 198.51.100.7\n- evil.example.com\n";
+    let (status, text) = send(
+        &c,
+        "POST",
+        &server.url("/api/v1/map/report"),
+        Some(&reader),
+        Some(json!({"texts": [report, ""]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["model"].as_str().unwrap().starts_with("ics-"), "{v}");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[1]["techniques"], json!([]));
+    let found = results[0]["techniques"].as_array().unwrap();
+    let ids: Vec<&str> = found
+        .iter()
+        .map(|t| t["technique_id"].as_str().unwrap())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    // The same as the SQL function on the same text (the CLI, another process).
+    let sql_ids = lake_sql(
+        &dir,
+        &format!(
+            "SELECT x['technique_id'] AS id FROM (SELECT unnest(map_report('{}')) AS x) r ORDER BY 1",
+            // The same text as a SQL literal (it holds no quote).
+            report.replace('\n', "' || chr(10) || '")
+        ),
+    );
+    assert_eq!(
+        sql_ids.lines().skip(1).collect::<Vec<_>>(),
+        sorted,
+        "{text}"
+    );
+    let t0855 = found
+        .iter()
+        .find(|t| t["technique_id"] == "T0855")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(t0855["tactics"], json!(["impair-process-control"]));
+    assert_eq!(t0855["sentences"], 2, "{text}");
+    assert!(t0855["sentence"]
+        .as_str()
+        .unwrap()
+        .contains("unauthorized command messages"));
+    let scores: Vec<f64> = found.iter().map(|t| t["score"].as_f64().unwrap()).collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]) && scores.iter().all(|s| (0.0..=1.0).contains(s)),
+        "{text}"
+    );
+    assert!(
+        found.iter().all(|t| {
+            let s = t["sentence"].as_str().unwrap();
+            !s.contains("198.51.100.7") && !s.contains("evil.example.com") && !s.starts_with('#')
+        }),
+        "{text}"
+    );
+    for body in [json!({"texts": []}), json!({"texts": vec!["x"; 101]})] {
+        let (status, text) = send(
+            &c,
+            "POST",
+            &server.url("/api/v1/map/report"),
+            Some(&reader),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert!(text.contains("send 1 to 100 reports"), "{text}");
     }
 }
 

@@ -3,8 +3,11 @@
 //! Page state lives in the URL; filter values reach SQL only as query parameters.
 
 mod assets;
+mod cache;
 mod pages;
 mod workbench;
+
+pub use cache::PageCache;
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -351,6 +354,15 @@ pub async fn query(
     params: Vec<ScalarValue>,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), PageError> {
     let engine = state.engine();
+    // The same query over the same table versions has the same answer.
+    let key = PageCache::cacheable(&sql).then(|| PageCache::key(&sql, &params));
+    if let Some(hit) = key
+        .as_ref()
+        .and_then(|k| state.page_cache.get(engine.versions(), k))
+    {
+        return Ok(hit);
+    }
+    let versions = key.as_ref().map(|_| engine.versions().clone());
     let limit = Duration::from_secs(state.settings.server.sql.timeout_secs.max(1));
     let work = async move {
         let df = engine.ctx.sql(&sql).await?;
@@ -366,7 +378,12 @@ pub async fn query(
         Ok::<_, datafusion::error::DataFusionError>((schema, batches))
     };
     match state.on_query_threads(limit, work).await {
-        Ok(Ok(r)) => Ok(r),
+        Ok(Ok(r)) => {
+            if let (Some(k), Some(v)) = (key, versions) {
+                state.page_cache.put(&v, k, &r);
+            }
+            Ok(r)
+        }
         Ok(Err(e)) => Err(PageError::from_sql(e.into())),
         Err(super::QueryAborted::Timeout(secs)) => {
             Err(PageError::from_sql(crate::sql::SqlError::Timeout { secs }))

@@ -482,9 +482,10 @@ pub async fn technique(
             let tc = super::technique_match("m", &format!("${}", v.len()));
             (sql.replace("{c}", &c).replace("{tc}", &tc), v)
         };
+        // The evidence is explained for the 100 rows shown only.
         let (s_items, p_items) = with_technique(&format!(
             "SELECT t.item_id, t.title, t.source, CAST(t.observed_at AS VARCHAR) AS observed_at, \
-             m.technique_id, round(m.score, 3) AS score, m.method{{evidence}} \
+             m.technique_id, round(m.score, 3) AS score, m.method, t.text \
              FROM {MAPPED} WHERE {{c}} AND {{tc}} ORDER BY 6 DESC, 1 LIMIT 100"
         ));
         let (s_count, p_count) = with_technique(&format!(
@@ -502,12 +503,7 @@ pub async fn technique(
                     .into(),
                 vec![text(&id), text(domain)],
             ),
-            with_evidence(
-                &state,
-                &s_items,
-                ", CASE WHEN m.method = 'model' THEN explain_mapping(t.text) END AS evidence",
-                p_items
-            ),
+            with_evidence(&state, s_items, p_items, false),
             rows(&state, s_count, p_count),
             rows(&state, s_trend, p_trend),
             rows(
@@ -559,21 +555,54 @@ pub async fn technique(
     finish(&state, &p, r.await)
 }
 
-/// Rows of `sql` with `evidence` put in place of `{evidence}`; without it when the mapping model
-/// cannot explain (no model built yet): the page still shows the rest.
+/// Rows of `sql` (kept like every dashboard query's) with `evidence`: what `explain_mapping` says
+/// of each row's `text` (rows whose `method` is not `model` get none), the `text` column dropped
+/// unless `keep_text`. Without a mapping model (none built yet) the rows come without evidence: the
+/// page still shows the rest.
 async fn with_evidence(
     state: &AppState,
-    sql: &str,
-    evidence: &str,
+    sql: String,
     params: Vec<ScalarValue>,
+    keep_text: bool,
 ) -> Result<Vec<Value>, PageError> {
-    match rows(state, sql.replace("{evidence}", evidence), params.clone()).await {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            tracing::warn!("mapping evidence left out: {}", e.message);
-            rows(state, sql.replace("{evidence}", ""), params).await
+    let mut found = rows(state, sql, params).await?;
+    let engine = state.engine();
+    let threshold = state.settings.mapping.threshold;
+    tokio::task::spawn_blocking(move || {
+        let m = engine
+            .mapper
+            .get()
+            .inspect_err(|e| tracing::warn!("mapping evidence left out: {e}"))
+            .ok();
+        let mut scratch = threatlake_udfs::mapper::Scratch::default();
+        for r in &mut found {
+            let model = r.get("method").is_none_or(|v| v == "model");
+            let evidence = match (&m, r.get("text").and_then(Value::as_str)) {
+                (Some(m), Some(t)) if model => m.model.explain(
+                    &m.vectors,
+                    t,
+                    m.threshold_for_text(threshold, t),
+                    &mut scratch,
+                ),
+                _ => None,
+            };
+            if let Some(o) = r.as_object_mut() {
+                if !keep_text {
+                    o.remove("text");
+                }
+                o.insert("evidence".into(), json!(evidence));
+            }
         }
-    }
+        found
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!("explaining mappings: {e}");
+        PageError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "explaining the mappings failed; see the server log".into(),
+        }
+    })
 }
 
 /// A path segment, percent-encoded.
@@ -712,9 +741,10 @@ pub async fn item(
                 &state,
                 "SELECT t.item_id, t.item_version, t.source, t.kind, t.title, t.text, \
                  CAST(t.observed_at AS VARCHAR) AS observed_at, t.country, t.family, t.tags, \
-                 t.raw_ref{evidence} FROM threat_intelligence_data t WHERE t.item_id = $1",
-                ", explain_mapping(t.text) AS evidence",
+                 t.raw_ref FROM threat_intelligence_data t WHERE t.item_id = $1"
+                    .into(),
                 vec![text(&id)],
+                true,
             ),
             rows(
                 &state,
