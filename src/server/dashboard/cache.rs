@@ -148,7 +148,10 @@ mod tests {
             assert!(c.get(&snap(1), "q0").is_some(), "{i}");
         }
         let (n, bytes) = c.usage();
-        assert!(bytes <= size * 8 + 100 && n < 20 && n >= 7, "{n} {bytes}");
+        assert!(
+            bytes <= size * 8 + 100 && (7..20).contains(&n),
+            "{n} {bytes}"
+        );
         assert!(c.get(&snap(1), "q1").is_none() && c.get(&snap(1), "q19").is_some());
         // Larger than an eighth of the budget: not kept. A zero budget keeps nothing.
         c.put(&snap(1), "big".into(), &answer(10_000));
