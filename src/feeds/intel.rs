@@ -161,6 +161,25 @@ pub async fn map_intel(
         .flat_map(|m| m.model.techniques.iter())
         .map(|t| (t.id.as_str(), t.tactics.as_slice()))
         .collect();
+    // A model row of an item (id, version, source).
+    let model_row = |(id, ver, src): (&String, &String, &String),
+                     technique: &str,
+                     name: &str,
+                     tactics: Vec<String>,
+                     score: f64| MappedRow {
+        item_id: id.clone(),
+        item_version: ver.clone(),
+        source: src.clone(),
+        technique_id: technique.to_string(),
+        technique_name: Some(name.to_string()),
+        tactic: tactics.first().cloned(),
+        tactics,
+        score,
+        method: "model",
+        model_version: model_version.clone(),
+        mapped_at: at.clone(),
+        batch_id: batch.clone(),
+    };
     for b in &batches {
         let (ids, vers, srcs) = (
             column_strings(b, 0),
@@ -193,20 +212,13 @@ pub async fn map_intel(
                         .get(tid.value(e))
                         .map(|t| t.to_vec())
                         .unwrap_or_default();
-                    rows.push(MappedRow {
-                        item_id: id.clone(),
-                        item_version: ver.clone(),
-                        source: src.clone(),
-                        technique_id: tid.value(e).to_string(),
-                        technique_name: Some(name.value(e).to_string()),
-                        tactic: tl.first().cloned(),
-                        tactics: tl,
-                        score: score.value(e),
-                        method: "model",
-                        model_version: model_version.clone(),
-                        mapped_at: at.clone(),
-                        batch_id: batch.clone(),
-                    });
+                    rows.push(model_row(
+                        (id, ver, src),
+                        tid.value(e),
+                        name.value(e),
+                        tl,
+                        score.value(e),
+                    ));
                 }
                 continue;
             }
@@ -234,20 +246,13 @@ pub async fn map_intel(
                     .flatten()
                     .map(str::to_string)
                     .collect();
-                rows.push(MappedRow {
-                    item_id: id.clone(),
-                    item_version: ver.clone(),
-                    source: src.clone(),
-                    technique_id: tid.value(e).to_string(),
-                    technique_name: Some(name.value(e).to_string()),
-                    tactic: tl.first().cloned(),
-                    tactics: tl,
-                    score: score.value(e),
-                    method: "model",
-                    model_version: model_version.clone(),
-                    mapped_at: at.clone(),
-                    batch_id: batch.clone(),
-                });
+                rows.push(model_row(
+                    (id, ver, src),
+                    tid.value(e),
+                    name.value(e),
+                    tl,
+                    score.value(e),
+                ));
             }
         }
     }

@@ -169,11 +169,20 @@ pub fn hint(err: &object_store::Error) -> &'static str {
 /// store said the credentials were refused.
 pub fn hint_text(text: &str, auth: bool) -> &'static str {
     let has = |s: &str| text.contains(s);
+    // An HTTP status as a number of its own, not digits inside a duration ("270.404037ms").
+    let status = |code: &str| {
+        text.match_indices(code).any(|(i, _)| {
+            let before = text[..i].chars().next_back();
+            let after = text[i + code.len()..].chars().next();
+            !before.is_some_and(|c| c.is_ascii_digit() || c == '.')
+                && !after.is_some_and(|c| c.is_ascii_digit() || c == '.')
+        })
+    };
     if has("169.254.169.254") || has("Missing AccessKeyId") {
         "; no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials), or run where an instance or task role provides them"
     } else if has("InvalidAccessKeyId")
         || has("SignatureDoesNotMatch")
-        || has("403")
+        || status("403")
         || has("Forbidden")
         || auth
     {
@@ -257,6 +266,15 @@ pub fn parse(spec: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_403_inside_a_duration_is_not_a_refusal() {
+        let dying = "Generic S3 error: Error performing PUT http://127.0.0.1:33603/b/x.json in 270.404037ms, after 2 retries - HTTP error: error sending request";
+        assert!(hint_text(dying, false).contains("did not answer"));
+        let refused = "Error performing PUT http://127.0.0.1:9000/b/x.json in 12ms - Server returned non-2xx status code: 403 Forbidden";
+        assert!(hint_text(refused, false).contains("refused the credentials"));
+        assert!(hint_text("status: 403", false).contains("refused the credentials"));
+    }
 
     #[test]
     fn errors_are_condensed_to_code_message_and_request() {

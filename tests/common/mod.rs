@@ -121,6 +121,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `run --offline --samples --samples-dir DIR` with `c`, which must succeed.
+pub fn run_samples(c: &mut std::process::Command, samples: &Path) {
+    let (ok, out, err) = run(c
+        .args(["run", "--offline", "--samples", "--samples-dir"])
+        .arg(samples));
+    assert!(ok, "run --samples-dir {}: {out}\n{err}", samples.display());
+}
+
 /// Run a command: (success, stdout, stderr).
 pub fn run(c: &mut std::process::Command) -> (bool, String, String) {
     let o = c.output().unwrap();

@@ -74,14 +74,7 @@ fn dashboard_pages_in_chromium_escape_intel_and_agree_with_sql() {
         common::run(common::ics_cli_on(&dir).args(["model", "build", "--domain", "ics"]));
     assert!(ok, "{out}\n{err}");
     let samples = hostile_samples(&dir);
-    let (ok, out, err) = common::run(common::ics_cli_on(&dir).args([
-        "run",
-        "--offline",
-        "--samples",
-        "--samples-dir",
-        samples.to_str().unwrap(),
-    ]));
-    assert!(ok, "{out}\n{err}");
+    common::run_samples(&mut common::ics_cli_on(&dir), &samples);
     // A second snapshot, so the overview and the threat-model page have a change to show.
     let (ok, out, err) = common::run(common::ics_cli_on(&dir).args(["run", "--job", "snapshot"]));
     assert!(ok, "{out}\n{err}");

@@ -60,14 +60,7 @@ fn base_lake() -> &'static Path {
                 common::run(common::ics_cli_on(&dir).args(["model", "build", "--domain", "ics"]));
             assert!(ok, "{out}\n{err}");
             let samples = hostile_samples();
-            let (ok, out, err) = common::run(common::ics_cli_on(&dir).args([
-                "run",
-                "--offline",
-                "--samples",
-                "--samples-dir",
-                samples.to_str().unwrap(),
-            ]));
-            assert!(ok, "{out}\n{err}");
+            common::run_samples(&mut common::ics_cli_on(&dir), &samples);
             dir
         })
         .join()

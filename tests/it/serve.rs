@@ -385,14 +385,7 @@ async fn dashboard_pages_follow_the_lake_when_it_changes() {
     assert_eq!(total().await, before, "a kept answer differs");
     // One more pulse (the hostile sample) lands through the CLI while the server runs.
     let samples = super::dashboard::hostile_samples(&dir);
-    let (ok, out, err) = common::run(cli(&dir, &[]).args([
-        "run",
-        "--offline",
-        "--samples",
-        "--samples-dir",
-        samples.to_str().unwrap(),
-    ]));
-    assert!(ok, "{out}\n{err}");
+    common::run_samples(&mut cli(&dir, &[]), &samples);
     assert_eq!(count(&dir), before + 1);
     let t = Instant::now();
     loop {
