@@ -336,12 +336,7 @@ pub fn map(
                 )?;
             }
             let mut s = Scratch::default();
-            if let Some(e) = m.model.explain(
-                &m.vectors,
-                &texts[i],
-                m.threshold_for_text(configured, &texts[i]),
-                &mut s,
-            ) {
+            if let Some(e) = m.explain(&texts[i], configured, &mut s) {
                 writeln!(out, "    evidence: {e}")?;
             }
         }

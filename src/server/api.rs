@@ -572,12 +572,7 @@ pub async fn map(
                     .explain
                     .then(|| {
                         let mut s = threatlake_udfs::mapper::Scratch::default();
-                        m.model.explain(
-                            &m.vectors,
-                            &req.texts[i],
-                            m.threshold_for_text(configured, &req.texts[i]),
-                            &mut s,
-                        )
+                        m.explain(&req.texts[i], configured, &mut s)
                     })
                     .flatten(),
             })

@@ -279,9 +279,7 @@ pub fn explain_mapping(m: &Mapper, texts: &StringArray, threshold: Option<f64>) 
         if texts.is_null(i) {
             return None;
         }
-        let text = texts.value(i);
-        m.model
-            .explain(&m.vectors, text, m.threshold_for_text(threshold, text), s)
+        m.explain(texts.value(i), threshold, s)
     });
     Arc::new(StringArray::from(out))
 }

@@ -578,12 +578,7 @@ async fn with_evidence(
         for r in &mut found {
             let model = r.get("method").is_none_or(|v| v == "model");
             let evidence = match (&m, r.get("text").and_then(Value::as_str)) {
-                (Some(m), Some(t)) if model => m.model.explain(
-                    &m.vectors,
-                    t,
-                    m.threshold_for_text(threshold, t),
-                    &mut scratch,
-                ),
+                (Some(m), Some(t)) if model => m.explain(t, threshold, &mut scratch),
                 _ => None,
             };
             if let Some(o) = r.as_object_mut() {

@@ -238,6 +238,22 @@ impl Mapper {
         self.model.sentence_vector(&self.vectors, text, scratch)
     }
 
+    /// Why the text's best match scored (see [`Model::explain`]), at the text's threshold
+    /// ([`Mapper::threshold_for_text`] of `configured`); None when nothing matched.
+    pub fn explain(
+        &self,
+        text: &str,
+        configured: Option<f64>,
+        scratch: &mut Scratch,
+    ) -> Option<String> {
+        self.model.explain(
+            &self.vectors,
+            text,
+            self.threshold_for_text(configured, text),
+            scratch,
+        )
+    }
+
     /// Top-k techniques of one text.
     pub fn top_k(&self, text: &str, k: usize, scratch: &mut Scratch) -> Vec<Ranked> {
         self.model.top_k(&self.vectors, text, k, scratch)
