@@ -218,131 +218,269 @@ pub async fn for_each_mapped_object(
     })?;
     // The attack-patterns mapped to (ATT&CK has hundreds of techniques: held in memory).
     let patterns = attack_patterns(engine).await?;
-    let used = engine
-        .run(
-            "SELECT m.technique_id, max(m.technique_name), CAST(min(m.mapped_at) AS VARCHAR) \
-             FROM threat_intelligence_data t \
-             JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version \
-             GROUP BY m.technique_id ORDER BY 1",
-        )
-        .await
-        .map_err(sql_err)?;
-    let mut pattern_ids: BTreeMap<String, String> = BTreeMap::new();
-    for b in &used[0].batches {
-        for row in crate::feeds::rows_of(b) {
-            let Some(tid) = row[0].clone() else {
-                continue;
-            };
-            let mapped = parse_ts(row[2].as_deref()).unwrap_or(epoch);
-            let object = match patterns.get(&tid) {
-                Some(p) => p.object.clone(),
-                None => json!({
-                    "type": "attack-pattern", "spec_version": "2.1", "id": sid("attack-pattern", &tid),
-                    "created": fmt_ts(mapped), "modified": fmt_ts(mapped),
-                    "name": row[1].clone().unwrap_or_else(|| tid.clone()),
-                    "external_references": [{"source_name": "mitre-attack", "external_id": tid,
-                        "url": format!("https://attack.mitre.org/techniques/{}/", tid.replace('.', "/"))}]
-                }),
-            };
-            pattern_ids.insert(tid, object["id"].as_str().unwrap_or_default().to_string());
-            emit(Dated {
-                added: mapped,
-                object,
-            })?;
+    // Items are read in passes over disjoint shares of the item ids ([`ItemPasses`]), so a join
+    // holds one share of the items, whatever their number.
+    let passes = ItemPasses::for_lake(engine).await?;
+    // Technique → (name, first mapped), over every pass.
+    let mut used: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
+    for pass in passes.iter() {
+        let r = engine
+            .run(&format!(
+                "SELECT m.technique_id, max(m.technique_name), CAST(min(m.mapped_at) AS VARCHAR) \
+                 FROM threat_intelligence_data t \
+                 JOIN mapped_threat_data m ON m.item_id = t.item_id AND m.item_version = t.item_version \
+                 WHERE {} GROUP BY m.technique_id",
+                pass.filter("t.item_id")
+            ))
+            .await
+            .map_err(sql_err)?;
+        for b in &r[0].batches {
+            for mut row in crate::feeds::rows_of(b) {
+                let Some(tid) = row[0].take() else {
+                    continue;
+                };
+                let e = used.entry(tid).or_default();
+                e.0 = e.0.take().max(row[1].take());
+                e.1 = match (e.1.take(), row[2].take()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
         }
     }
+    let mut pattern_ids: BTreeMap<String, String> = BTreeMap::new();
+    for (tid, (name, mapped)) in used {
+        let mapped = parse_ts(mapped.as_deref()).unwrap_or(epoch);
+        let object = match patterns.get(&tid) {
+            Some(p) => p.object.clone(),
+            None => json!({
+                "type": "attack-pattern", "spec_version": "2.1", "id": sid("attack-pattern", &tid),
+                "created": fmt_ts(mapped), "modified": fmt_ts(mapped),
+                "name": name.unwrap_or_else(|| tid.clone()),
+                "external_references": [{"source_name": "mitre-attack", "external_id": tid,
+                    "url": format!("https://attack.mitre.org/techniques/{}/", tid.replace('.', "/"))}]
+            }),
+        };
+        pattern_ids.insert(tid, object["id"].as_str().unwrap_or_default().to_string());
+        emit(Dated {
+            added: mapped,
+            object,
+        })?;
+    }
     drop(patterns);
-    // One row per item with its mappings as a list (no sort holds the items' text). The items are
-    // the hash join's build side (its left input): at 1M items their text takes less memory than
-    // the aggregated mapping lists, which failed a 1 GB pool as the build side.
-    let stmt = crate::sql::parse(
+    for pass in passes.iter() {
+        // One row per item of the pass with its mappings as a list (no sort holds the items' text).
+        // The items are the hash join's build side (its left input): their text takes less memory
+        // than the aggregated mapping lists, which failed a 1 GB pool as the build side at 1M items.
+        let stmt = crate::sql::parse(&format!(
         "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.mappings \
          FROM threat_intelligence_data t \
          JOIN (SELECT item_id, item_version, \
                       array_agg(named_struct('technique_id', technique_id, 'method', method, 'score', score, \
                                              'mapped_at', CAST(mapped_at AS VARCHAR))) AS mappings \
-               FROM mapped_threat_data GROUP BY item_id, item_version) m \
-           ON m.item_id = t.item_id AND m.item_version = t.item_version",
-    )
+               FROM mapped_threat_data WHERE {} GROUP BY item_id, item_version) m \
+           ON m.item_id = t.item_id AND m.item_version = t.item_version \
+         WHERE {}",
+        pass.filter("item_id"),
+        pass.filter("t.item_id")
+    ))
     .map_err(sql_err)?
     .remove(0);
-    let (_, mut stream) = engine.stream_statement(stmt).await.map_err(sql_err)?;
-    while let Some(b) = stream.next().await {
-        let b = b.map_err(|e| sql_err(e.into()))?;
-        let scalars = b
-            .project(&[0, 1, 2, 3, 4, 5])
-            .map_err(|e| sql_err(datafusion::error::DataFusionError::from(e).into()))?;
-        let lists = b.column(6).as_list::<i32>();
-        for (r, row) in crate::feeds::rows_of(&scalars).into_iter().enumerate() {
-            let get = |c: usize| row[c].clone();
-            let (Some(item), Some(ver)) = (get(0), get(1)) else {
-                continue;
-            };
-            // (technique, method) → (best score, first mapped), in technique then method order.
-            let mut mappings: BTreeMap<(String, String), (f64, DateTime<Utc>)> = BTreeMap::new();
-            if lists.is_valid(r) {
-                let entries = lists.value(r);
-                let s = entries.as_struct();
-                let col = |i: usize| crate::feeds::array_strings(s.column(i));
-                let (tids, methods, scores, times) = (col(0), col(1), col(2), col(3));
-                for e in 0..s.len() {
-                    let Some(tid) = tids[e].clone() else {
-                        continue;
-                    };
-                    let score: f64 = scores[e]
-                        .as_deref()
-                        .and_then(|x| x.parse().ok())
-                        .unwrap_or(0.0);
-                    let mapped = parse_ts(times[e].as_deref()).unwrap_or(epoch);
-                    let m = mappings
-                        .entry((tid, methods[e].clone().unwrap_or_default()))
-                        .or_insert((score, mapped));
-                    *m = (m.0.max(score), m.1.min(mapped));
-                }
-            }
-            let Some(first) = mappings.values().map(|(_, t)| *t).min() else {
-                continue;
-            };
-            let report_id = sid("report", &format!("{item}|{ver}"));
-            let when = parse_ts(get(5).as_deref()).unwrap_or(first);
-            let mut refs: Vec<String> = Vec::new();
-            for ((tid, method), (score, mapped)) in mappings {
-                let pattern_id = pattern_ids
-                    .get(&tid)
-                    .cloned()
-                    .unwrap_or_else(|| sid("attack-pattern", &tid));
-                let rel_id = sid("relationship", &format!("{item}|{ver}|{tid}|{method}"));
-                emit(Dated {
-                    added: mapped,
-                    object: json!({
-                        "type": "relationship", "spec_version": "2.1", "id": rel_id,
-                        "created": fmt_ts(mapped), "modified": fmt_ts(mapped), "created_by_ref": identity,
-                        "relationship_type": "related-to", "source_ref": report_id, "target_ref": pattern_id,
-                        "confidence": (score * 100.0).round().clamp(0.0, 100.0) as i64,
-                        "description": format!("{method} mapping, score {score:.3}"),
-                        "x_threatlake_score": score, "x_threatlake_method": method
-                    }),
-                })?;
-                for id in [pattern_id, rel_id] {
-                    if !refs.contains(&id) {
-                        refs.push(id);
+        let (_, mut stream) = engine.stream_statement(stmt).await.map_err(sql_err)?;
+        while let Some(b) = stream.next().await {
+            let b = b.map_err(|e| sql_err(e.into()))?;
+            let scalars = b
+                .project(&[0, 1, 2, 3, 4, 5])
+                .map_err(|e| sql_err(datafusion::error::DataFusionError::from(e).into()))?;
+            let lists = b.column(6).as_list::<i32>();
+            for (r, row) in crate::feeds::rows_of(&scalars).into_iter().enumerate() {
+                let get = |c: usize| row[c].clone();
+                let (Some(item), Some(ver)) = (get(0), get(1)) else {
+                    continue;
+                };
+                // (technique, method) → (best score, first mapped), in technique then method order.
+                let mut mappings: BTreeMap<(String, String), (f64, DateTime<Utc>)> =
+                    BTreeMap::new();
+                if lists.is_valid(r) {
+                    let entries = lists.value(r);
+                    let s = entries.as_struct();
+                    let col = |i: usize| crate::feeds::array_strings(s.column(i));
+                    let (tids, methods, scores, times) = (col(0), col(1), col(2), col(3));
+                    for e in 0..s.len() {
+                        let Some(tid) = tids[e].clone() else {
+                            continue;
+                        };
+                        let score: f64 = scores[e]
+                            .as_deref()
+                            .and_then(|x| x.parse().ok())
+                            .unwrap_or(0.0);
+                        let mapped = parse_ts(times[e].as_deref()).unwrap_or(epoch);
+                        let m = mappings
+                            .entry((tid, methods[e].clone().unwrap_or_default()))
+                            .or_insert((score, mapped));
+                        *m = (m.0.max(score), m.1.min(mapped));
                     }
                 }
+                let Some(first) = mappings.values().map(|(_, t)| *t).min() else {
+                    continue;
+                };
+                let report_id = sid("report", &format!("{item}|{ver}"));
+                let when = parse_ts(get(5).as_deref()).unwrap_or(first);
+                let mut refs: Vec<String> = Vec::new();
+                for ((tid, method), (score, mapped)) in mappings {
+                    let pattern_id = pattern_ids
+                        .get(&tid)
+                        .cloned()
+                        .unwrap_or_else(|| sid("attack-pattern", &tid));
+                    let rel_id = sid("relationship", &format!("{item}|{ver}|{tid}|{method}"));
+                    emit(Dated {
+                        added: mapped,
+                        object: json!({
+                            "type": "relationship", "spec_version": "2.1", "id": rel_id,
+                            "created": fmt_ts(mapped), "modified": fmt_ts(mapped), "created_by_ref": identity,
+                            "relationship_type": "related-to", "source_ref": report_id, "target_ref": pattern_id,
+                            "confidence": (score * 100.0).round().clamp(0.0, 100.0) as i64,
+                            "description": format!("{method} mapping, score {score:.3}"),
+                            "x_threatlake_score": score, "x_threatlake_method": method
+                        }),
+                    })?;
+                    for id in [pattern_id, rel_id] {
+                        if !refs.contains(&id) {
+                            refs.push(id);
+                        }
+                    }
+                }
+                emit(Dated {
+                    added: first,
+                    object: json!({
+                        "type": "report", "spec_version": "2.1", "id": report_id,
+                        "created": fmt_ts(when), "modified": fmt_ts(when), "published": fmt_ts(when),
+                        "created_by_ref": identity,
+                        "name": get(3).unwrap_or_else(|| item.clone()),
+                        "description": get(4).unwrap_or_default(),
+                        "report_types": ["threat-report"],
+                        "external_references": [{"source_name": get(2).unwrap_or_default(), "external_id": item}],
+                        "object_refs": refs
+                    }),
+                })?;
             }
-            emit(Dated {
-                added: first,
-                object: json!({
-                    "type": "report", "spec_version": "2.1", "id": report_id,
-                    "created": fmt_ts(when), "modified": fmt_ts(when), "published": fmt_ts(when),
-                    "created_by_ref": identity,
-                    "name": get(3).unwrap_or_else(|| item.clone()),
-                    "description": get(4).unwrap_or_default(),
-                    "report_types": ["threat-report"],
-                    "external_references": [{"source_name": get(2).unwrap_or_default(), "external_id": item}],
-                    "object_refs": refs
-                }),
-            })?;
         }
     }
     Ok(())
+}
+
+/// Disjoint shares of the item ids, read one after another so that a query joining items with
+/// their mappings holds one share: an item belongs to the share its id's MD5 says (the first hex
+/// digits), the same in both tables, so every item lands in exactly one pass with all its
+/// mappings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ItemPasses {
+    /// Number of passes: a power of two, at most 256.
+    count: usize,
+}
+
+/// Mapping rows per pass: at 250k the biggest join of a pass (the items' text) stays near 200 MB.
+pub const ROWS_PER_PASS: usize = 250_000;
+
+impl ItemPasses {
+    /// Passes for `rows` mapping rows: the smallest power of two giving each at most
+    /// [`ROWS_PER_PASS`] (at least 1, at most 256).
+    pub fn for_rows(rows: usize) -> Self {
+        let want = rows.div_ceil(ROWS_PER_PASS).max(1);
+        Self {
+            count: want.next_power_of_two().min(256),
+        }
+    }
+
+    /// Passes for the mapping rows of `engine`'s lake.
+    pub async fn for_lake(engine: &Engine) -> Result<Self, ReportError> {
+        let r = engine
+            .run("SELECT count(*) FROM mapped_threat_data")
+            .await
+            .map_err(sql_err)?;
+        let rows = r[0]
+            .batches
+            .first()
+            .and_then(|b| crate::feeds::rows_of(b).into_iter().next())
+            .and_then(|row| row[0].as_deref()?.parse().ok())
+            .unwrap_or(0);
+        Ok(Self::for_rows(rows))
+    }
+
+    /// Each pass (`0..count`).
+    pub fn iter(self) -> impl Iterator<Item = ItemPass> {
+        (0..self.count).map(move |index| ItemPass {
+            index,
+            count: self.count,
+        })
+    }
+}
+
+/// One of the [`ItemPasses`].
+#[derive(Debug, Clone, Copy)]
+pub struct ItemPass {
+    index: usize,
+    count: usize,
+}
+
+impl ItemPass {
+    /// A SQL condition true for the item ids of this pass in `column` (a column reference the
+    /// caller wrote; the condition holds only hex literals made here). `TRUE` for a single pass.
+    pub fn filter(&self, column: &str) -> String {
+        if self.count == 1 {
+            return "TRUE".into();
+        }
+        let digits = if self.count <= 16 { 1 } else { 2 };
+        let prefixes: Vec<String> = (0..16usize.pow(digits))
+            .filter(|v| v % self.count == self.index)
+            .map(|v| format!("'{v:0width$x}'", width = digits as usize))
+            .collect();
+        format!("left(md5({column}), {digits}) IN ({})", prefixes.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_grow_with_the_rows_in_powers_of_two() {
+        let n = |rows| ItemPasses::for_rows(rows).iter().count();
+        assert_eq!(n(0), 1);
+        assert_eq!(n(ROWS_PER_PASS), 1);
+        assert_eq!(n(ROWS_PER_PASS + 1), 2);
+        assert_eq!(n(1_000_000), 4);
+        assert_eq!(n(3 * ROWS_PER_PASS), 4);
+        assert_eq!(n(5_000_000), 32);
+        assert_eq!(n(usize::MAX / 2), 256);
+        assert_eq!(
+            ItemPasses::for_rows(10)
+                .iter()
+                .next()
+                .map(|p| p.filter("x")),
+            Some("TRUE".into())
+        );
+    }
+
+    #[test]
+    fn every_id_prefix_is_in_exactly_one_pass() {
+        for count in [2usize, 4, 16, 32, 256] {
+            let passes = ItemPasses { count };
+            let digits = if count <= 16 { 1 } else { 2 };
+            let mut seen = std::collections::BTreeMap::new();
+            for p in passes.iter() {
+                let f = p.filter("t.item_id");
+                assert!(
+                    f.starts_with(&format!("left(md5(t.item_id), {digits}) IN (")),
+                    "{f}"
+                );
+                for lit in f.split('\'').skip(1).step_by(2) {
+                    assert_eq!(lit.len(), digits);
+                    *seen.entry(lit.to_string()).or_insert(0) += 1;
+                }
+            }
+            assert_eq!(seen.len(), 16usize.pow(digits as u32), "{count} passes");
+            assert!(seen.values().all(|&n| n == 1), "{count} passes overlap");
+        }
+    }
 }
