@@ -476,10 +476,19 @@ pub struct ReportSettings {
     /// Memory the report queries may hold (MB; sorts spill to disk beyond it; 0 = unbounded).
     #[serde(default = "default_reports_memory_mb")]
     pub memory_mb: usize,
+    /// Mapping rows per pass of the STIX export and the TAXII collection: items are read in
+    /// passes over disjoint shares of their ids, so a pass's join holds about this many rows'
+    /// items (≈ 200 MB at the default); fewer passes are faster, more need less memory.
+    #[serde(default = "default_rows_per_pass")]
+    pub rows_per_pass: usize,
 }
 
 fn default_reports_memory_mb() -> usize {
     1024
+}
+
+fn default_rows_per_pass() -> usize {
+    crate::reports::stix::ROWS_PER_PASS
 }
 
 /// `schedule:` section.

@@ -1032,7 +1032,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             per_partition,
         }) => cli::bench::s3(&settings, &to, partitions, per_partition).await,
         Command::Bench(BenchCommand::Report { items, from, keep }) => {
-            cli::bench::report(&settings, items, &from, keep).await
+            cli::bench::report(&settings, cli.global.config.as_deref(), items, &from, keep).await
         }
         Command::Bench(BenchCommand::Push { dir }) => cli::bench::push(&settings, &dir).await,
         Command::Bench(BenchCommand::Map { rows, runs }) => {

@@ -20,6 +20,29 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Run `cmd` to its end, reading its peak RSS (VmHWM, Linux) every 10 ms while it runs: the
+/// high-water mark only grows, so the last reading misses at most its final 10 ms.
+fn run_watching_rss(
+    cmd: &mut std::process::Command,
+) -> Result<(std::process::ExitStatus, Option<f64>)> {
+    let mut child = cmd.spawn()?;
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, peak));
+        }
+        let hwm = std::fs::read_to_string(&status_file).ok().and_then(|st| {
+            let line = st.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        });
+        if let Some(kb) = hwm {
+            peak = Some(kb / 1024.0);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -396,9 +419,11 @@ const FAMILIES: &[&str] = &[
 
 /// `bench report`: a lake of `items` OTX pulses whose texts are ATT&CK procedure examples (varied
 /// techniques, countries, families, dates over a year), mapped by the configured model and
-/// snapshotted twice; then every report in every format, timed, with the peak RSS of that stage.
+/// snapshotted twice; then every report in every format as `threatlake report` in a process of its
+/// own, timed, with that process's peak RSS.
 pub async fn report(
     settings: &threatlake::Settings,
+    config: Option<&std::path::Path>,
     items: usize,
     from: &str,
     keep: Option<std::path::PathBuf>,
@@ -471,18 +496,25 @@ pub async fn report(
         "{items} pulses written, mapped and snapshotted in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    // Peak RSS of the report stage alone: reset the high-water mark first (Linux).
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    // The report stage as a user runs it: `threatlake report` in a process of its own, with this
+    // command's settings file and the bench lake (so its peak RSS is the report's, not this
+    // process's lake build and model).
     let out = root.join("reports");
     let t = Instant::now();
-    crate::cli::report::report(
-        &s,
-        vec![],
-        crate::cli::report::ALL_FORMATS,
-        Some(out.clone()),
-        None,
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let (status, peak) = run_watching_rss(
+        cmd.arg("--lake")
+            .arg(&lake_dir)
+            .arg("report")
+            .arg("--out")
+            .arg(&out)
+            .stdout(std::process::Stdio::null()),
     )
-    .await?;
+    .context("running threatlake report")?;
+    anyhow::ensure!(status.success(), "threatlake report failed ({status})");
     let secs = t.elapsed().as_secs_f64();
     let bytes: u64 = std::fs::read_dir(&out)?
         .filter_map(|e| e.ok()?.metadata().ok())
@@ -491,7 +523,7 @@ pub async fn report(
     println!(
         "report --all ({}) over {items} items: {secs:.1} s, peak RSS {:.0} MiB, {:.1} MB written to {}",
         crate::cli::report::ALL_FORMATS,
-        peak_rss_mib().unwrap_or(f64::NAN),
+        peak.unwrap_or(f64::NAN),
         bytes as f64 / 1e6,
         out.display()
     );

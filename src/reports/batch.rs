@@ -164,7 +164,7 @@ pub async fn write_all(
     let mut bundles = Vec::new();
     if formats.contains(&Format::Stix) {
         let mut file = super::AtomicFile::create(&out.join("mapped_intel.stix.json"))?;
-        super::stix::write_bundle(&engine, file.writer()).await?;
+        super::stix::write_bundle(&engine, settings.reports.rows_per_pass, file.writer()).await?;
         file.commit()?;
         bundles.push("mapped_intel.stix.json");
         files_written += 1;

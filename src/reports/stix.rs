@@ -28,6 +28,7 @@ fn sid(kind: &str, key: &str) -> String {
 /// item's objects at a time, whatever the number of items. Returns the objects written.
 pub async fn write_bundle(
     engine: &Engine,
+    rows_per_pass: usize,
     out: &mut (dyn Write + Send),
 ) -> Result<usize, ReportError> {
     let io = |e: std::io::Error| ReportError::Write {
@@ -41,7 +42,7 @@ pub async fn write_bundle(
     )
     .map_err(io)?;
     let mut n = 0usize;
-    for_each_mapped_object(engine, |d| {
+    for_each_mapped_object(engine, rows_per_pass, |d| {
         let text = serde_json::to_string_pretty(&d.object).map_err(|e| ReportError::Write {
             path: "mapped_intel.stix.json".into(),
             message: e.to_string(),
@@ -179,9 +180,12 @@ pub async fn attack_patterns(engine: &Engine) -> Result<BTreeMap<String, Dated>,
 }
 
 /// Mapped intel as dated STIX objects, collected (the TAXII collection pages them by date).
-pub async fn mapped_objects(engine: &Engine) -> Result<Vec<Dated>, ReportError> {
+pub async fn mapped_objects(
+    engine: &Engine,
+    rows_per_pass: usize,
+) -> Result<Vec<Dated>, ReportError> {
     let mut out = Vec::new();
-    for_each_mapped_object(engine, |d| {
+    for_each_mapped_object(engine, rows_per_pass, |d| {
         out.push(d);
         Ok(())
     })
@@ -203,6 +207,7 @@ fn sql_err(source: crate::sql::SqlError) -> ReportError {
 /// so one item's objects are held at a time.
 pub async fn for_each_mapped_object(
     engine: &Engine,
+    rows_per_pass: usize,
     mut emit: impl FnMut(Dated) -> Result<(), ReportError>,
 ) -> Result<(), ReportError> {
     use futures::StreamExt;
@@ -220,7 +225,7 @@ pub async fn for_each_mapped_object(
     let patterns = attack_patterns(engine).await?;
     // Items are read in passes over disjoint shares of the item ids ([`ItemPasses`]), so a join
     // holds one share of the items, whatever their number.
-    let passes = ItemPasses::for_lake(engine).await?;
+    let passes = ItemPasses::for_lake(engine, rows_per_pass).await?;
     // Technique → (name, first mapped), over every pass.
     let mut used: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
     for pass in passes.iter() {
@@ -379,21 +384,22 @@ pub struct ItemPasses {
     count: usize,
 }
 
-/// Mapping rows per pass: at 250k the biggest join of a pass (the items' text) stays near 200 MB.
+/// Mapping rows per pass by default (`reports.rows_per_pass`): at 250k the biggest join of a pass
+/// (the items' text) stays near 200 MB.
 pub const ROWS_PER_PASS: usize = 250_000;
 
 impl ItemPasses {
     /// Passes for `rows` mapping rows: the smallest power of two giving each at most
-    /// [`ROWS_PER_PASS`] (at least 1, at most 256).
-    pub fn for_rows(rows: usize) -> Self {
-        let want = rows.div_ceil(ROWS_PER_PASS).max(1);
+    /// `per_pass` (at least 1, at most 256).
+    pub fn for_rows(rows: usize, per_pass: usize) -> Self {
+        let want = rows.div_ceil(per_pass.max(1)).max(1);
         Self {
             count: want.next_power_of_two().min(256),
         }
     }
 
-    /// Passes for the mapping rows of `engine`'s lake.
-    pub async fn for_lake(engine: &Engine) -> Result<Self, ReportError> {
+    /// Passes for the mapping rows of `engine`'s lake, `per_pass` each.
+    pub async fn for_lake(engine: &Engine, per_pass: usize) -> Result<Self, ReportError> {
         let r = engine
             .run("SELECT count(*) FROM mapped_threat_data")
             .await
@@ -404,7 +410,7 @@ impl ItemPasses {
             .and_then(|b| crate::feeds::rows_of(b).into_iter().next())
             .and_then(|row| row[0].as_deref()?.parse().ok())
             .unwrap_or(0);
-        Ok(Self::for_rows(rows))
+        Ok(Self::for_rows(rows, per_pass))
     }
 
     /// Each pass (`0..count`).
@@ -445,7 +451,7 @@ mod tests {
 
     #[test]
     fn passes_grow_with_the_rows_in_powers_of_two() {
-        let n = |rows| ItemPasses::for_rows(rows).iter().count();
+        let n = |rows| ItemPasses::for_rows(rows, ROWS_PER_PASS).iter().count();
         assert_eq!(n(0), 1);
         assert_eq!(n(ROWS_PER_PASS), 1);
         assert_eq!(n(ROWS_PER_PASS + 1), 2);
@@ -454,7 +460,12 @@ mod tests {
         assert_eq!(n(5_000_000), 32);
         assert_eq!(n(usize::MAX / 2), 256);
         assert_eq!(
-            ItemPasses::for_rows(10)
+            ItemPasses::for_rows(10, 0).iter().count(),
+            16,
+            "0 per pass taken as 1"
+        );
+        assert_eq!(
+            ItemPasses::for_rows(10, ROWS_PER_PASS)
                 .iter()
                 .next()
                 .map(|p| p.filter("x")),

@@ -201,9 +201,10 @@ fn not_found() -> Response {
 async fn load(state: &Arc<AppState>, c: Collection) -> Result<Vec<Dated>, Response> {
     let engine = state.engine();
     let limit = Duration::from_secs(state.settings.server.sql.timeout_secs.max(1));
+    let rows_per_pass = state.settings.reports.rows_per_pass;
     let work = async move {
         match c {
-            Collection::Mapped => stix::mapped_objects(&engine).await,
+            Collection::Mapped => stix::mapped_objects(&engine, rows_per_pass).await,
             Collection::Attack => stix::attack_patterns(&engine)
                 .await
                 .map(|m| m.into_values().collect()),

@@ -402,33 +402,48 @@ async fn html_pdf_and_images_escape_and_render() {
 /// `threatlake chart` on the fixture: (output line, SVG text).
 /// The STIX bundle, now written object by object, holds exactly the objects the whole-bundle builder
 /// made (golden recorded before streaming; only the random bundle id and the order are free), and
-/// stix2-validator accepts it.
+/// stix2-validator accepts it. Read in many passes over shares of the item ids (as a large lake
+/// is), it holds the same objects again.
 #[tokio::test(flavor = "multi_thread")]
 async fn stix_bundle_streams_the_same_objects() {
     let dir = fixture("reports-stix").await;
-    let out = dir.join("out");
-    let (ok, stdout, err) = run(cmd(&dir).args([
-        "report",
-        "technique_frequency",
-        "--format",
-        "stix",
-        "--out",
-        out.to_str().unwrap(),
-    ]));
-    assert!(ok, "{stdout}\n{err}");
-    let path = out.join("mapped_intel.stix.json");
-    common::assert_valid_stix(&path);
-    let mut bundle: Value = serde_json::from_str(&read(&path)).unwrap();
-    assert!(bundle["id"].as_str().unwrap().starts_with("bundle--"));
-    bundle["id"] = json!("bundle--(random)");
-    bundle["objects"]
-        .as_array_mut()
-        .unwrap()
-        .sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    insta::assert_snapshot!(
-        "mapped_intel_stix_objects",
+    let bundle = |rows_per_pass: &str| {
+        let out = dir.join(format!("out-{rows_per_pass}"));
+        let (ok, stdout, err) = run(cmd(&dir)
+            .env("THREATLAKE_REPORTS_ROWS_PER_PASS", rows_per_pass)
+            .args([
+                "report",
+                "technique_frequency",
+                "--format",
+                "stix",
+                "--out",
+                out.to_str().unwrap(),
+            ]));
+        assert!(ok, "{stdout}\n{err}");
+        let path = out.join("mapped_intel.stix.json");
+        common::assert_valid_stix(&path);
+        let mut bundle: Value = serde_json::from_str(&read(&path)).unwrap();
+        assert!(bundle["id"].as_str().unwrap().starts_with("bundle--"));
+        bundle["id"] = json!("bundle--(random)");
+        bundle["objects"]
+            .as_array_mut()
+            .unwrap()
+            .sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
         serde_json::to_string_pretty(&bundle).unwrap()
-    );
+    };
+    let whole = bundle("250000");
+    insta::assert_snapshot!("mapped_intel_stix_objects", whole);
+    // One mapping row per pass: as many passes as rows (rounded up to a power of two; 8 on the
+    // fixture), so items land in different passes and some passes hold none.
+    let rows: usize = sql(&dir, "SELECT count(*) AS n FROM mapped_threat_data")
+        .lines()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rows > 4, "{rows} mapping rows");
+    assert_eq!(bundle("1"), whole, "the bundle read in passes differs");
+    assert_eq!(bundle("3"), whole, "the bundle read in passes differs");
 }
 
 fn chart(dir: &Path, sql: &str, args: &[&str], file: &str) -> (String, String) {
