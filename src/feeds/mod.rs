@@ -218,6 +218,27 @@ pub fn rows_of(b: &RecordBatch) -> Vec<Vec<Option<String>>> {
         .collect()
 }
 
+/// A list-of-structs column as, per row, its entries as rows of nullable strings (each struct
+/// field cast to text once for the whole batch: per-row slices of view-typed children cost time in
+/// the number of their buffers); None for a null list, no rows for a column of another type.
+pub fn struct_list_rows(lists: &arrow::array::ListArray) -> Vec<Option<Vec<Vec<Option<String>>>>> {
+    use arrow::array::Array;
+    let Some(s) = arrow::array::AsArray::as_struct_opt(lists.values()) else {
+        return vec![None; lists.len()];
+    };
+    let cols: Vec<Vec<Option<String>>> = s.columns().iter().map(array_strings).collect();
+    let offsets = lists.value_offsets();
+    (0..lists.len())
+        .map(|r| {
+            lists.is_valid(r).then(|| {
+                (offsets[r] as usize..offsets[r + 1] as usize)
+                    .map(|e| cols.iter().map(|c| c[e].clone()).collect())
+                    .collect()
+            })
+        })
+        .collect()
+}
+
 /// The newest stored `modified` of every id of a feed log, in the fixed RFC 3339 form (so text
 /// order is time order); None where no version of the id has one. A pull compares what comes
 /// again with it. `table` and `id` are the caller's constants, never input.

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use arrow::array::{Array, AsArray};
+use arrow::array::AsArray;
 
 use md5::Digest;
 use serde_json::{json, Value};
@@ -105,7 +105,8 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
         let scalars = b
             .project(&[0, 1, 2, 3, 4, 5])
             .map_err(|e| err(datafusion::error::DataFusionError::from(e).into()))?;
-        let lists = b.column(6).as_list::<i32>();
+        // Per row its techniques as (technique, name, score).
+        let entries = crate::feeds::struct_list_rows(b.column(6).as_list::<i32>());
         for (r, row) in crate::feeds::rows_of(&scalars).into_iter().enumerate() {
             let mut row = row.into_iter();
             let mut next = || row.next().flatten();
@@ -125,19 +126,13 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
                 }),
                 techniques: vec![],
             };
-            if lists.is_valid(r) {
-                let entries = lists.value(r);
-                let s = entries.as_struct();
-                let col = |i: usize| crate::feeds::array_strings(s.column(i));
-                let (tids, names, scores) = (col(0), col(1), col(2));
-                for ((tid, name), score) in tids.into_iter().zip(names).zip(scores) {
-                    if let Some(tid) = tid {
-                        let score = score.and_then(|s| s.parse().ok()).unwrap_or(0.0);
-                        item.techniques.push((tid, name, score));
-                    }
+            for e in entries[r].iter().flatten() {
+                if let Some(tid) = e[0].clone() {
+                    let score = e[2].as_deref().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+                    item.techniques.push((tid, e[1].clone(), score));
                 }
-                item.techniques.sort_by(|a, b| a.0.cmp(&b.0));
             }
+            item.techniques.sort_by(|a, b| a.0.cmp(&b.0));
             if item.techniques.is_empty() {
                 continue;
             }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use arrow::array::{Array, AsArray};
+use arrow::array::AsArray;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -278,18 +278,18 @@ pub async fn for_each_mapped_object(
         // The items are the hash join's build side (its left input): their text takes less memory
         // than the aggregated mapping lists, which failed a 1 GB pool as the build side at 1M items.
         let stmt = crate::sql::parse(&format!(
-        "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.mappings \
-         FROM threat_intelligence_data t \
-         JOIN (SELECT item_id, item_version, \
-                      array_agg(named_struct('technique_id', technique_id, 'method', method, 'score', score, \
-                                             'mapped_at', CAST(mapped_at AS VARCHAR))) AS mappings \
-               FROM mapped_threat_data WHERE {} GROUP BY item_id, item_version) m \
-           ON m.item_id = t.item_id AND m.item_version = t.item_version \
-         WHERE {}",
-        pass.filter("item_id"),
-        pass.filter("t.item_id")
-    ))
-    .map_err(sql_err)?
+            "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.mappings \
+             FROM threat_intelligence_data t \
+             JOIN (SELECT item_id, item_version, \
+                          array_agg(named_struct('technique_id', technique_id, 'method', method, 'score', score, \
+                                                 'mapped_at', CAST(mapped_at AS VARCHAR))) AS mappings \
+                   FROM mapped_threat_data WHERE {} GROUP BY item_id, item_version) m \
+               ON m.item_id = t.item_id AND m.item_version = t.item_version \
+             WHERE {}",
+            pass.filter("item_id"),
+            pass.filter("t.item_id")
+        ))
+        .map_err(sql_err)?
     .remove(0);
         let (_, mut stream) = engine.stream_statement(stmt).await.map_err(sql_err)?;
         while let Some(b) = stream.next().await {
@@ -297,7 +297,8 @@ pub async fn for_each_mapped_object(
             let scalars = b
                 .project(&[0, 1, 2, 3, 4, 5])
                 .map_err(|e| sql_err(datafusion::error::DataFusionError::from(e).into()))?;
-            let lists = b.column(6).as_list::<i32>();
+            // Per row its mappings as (technique, method, score, mapped at).
+            let entries = crate::feeds::struct_list_rows(b.column(6).as_list::<i32>());
             for (r, row) in crate::feeds::rows_of(&scalars).into_iter().enumerate() {
                 let get = |c: usize| row[c].clone();
                 let (Some(item), Some(ver)) = (get(0), get(1)) else {
@@ -306,25 +307,16 @@ pub async fn for_each_mapped_object(
                 // (technique, method) → (best score, first mapped), in technique then method order.
                 let mut mappings: BTreeMap<(String, String), (f64, DateTime<Utc>)> =
                     BTreeMap::new();
-                if lists.is_valid(r) {
-                    let entries = lists.value(r);
-                    let s = entries.as_struct();
-                    let col = |i: usize| crate::feeds::array_strings(s.column(i));
-                    let (tids, methods, scores, times) = (col(0), col(1), col(2), col(3));
-                    for e in 0..s.len() {
-                        let Some(tid) = tids[e].clone() else {
-                            continue;
-                        };
-                        let score: f64 = scores[e]
-                            .as_deref()
-                            .and_then(|x| x.parse().ok())
-                            .unwrap_or(0.0);
-                        let mapped = parse_ts(times[e].as_deref()).unwrap_or(epoch);
-                        let m = mappings
-                            .entry((tid, methods[e].clone().unwrap_or_default()))
-                            .or_insert((score, mapped));
-                        *m = (m.0.max(score), m.1.min(mapped));
-                    }
+                for e in entries[r].iter().flatten() {
+                    let Some(tid) = e[0].clone() else {
+                        continue;
+                    };
+                    let score: f64 = e[2].as_deref().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+                    let mapped = parse_ts(e[3].as_deref()).unwrap_or(epoch);
+                    let m = mappings
+                        .entry((tid, e[1].clone().unwrap_or_default()))
+                        .or_insert((score, mapped));
+                    *m = (m.0.max(score), m.1.min(mapped));
                 }
                 let Some(first) = mappings.values().map(|(_, t)| *t).min() else {
                     continue;
