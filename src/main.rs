@@ -234,6 +234,10 @@ enum ModelCommand {
         /// Also write the calibration to this file (e.g. the shipped config/mapping_calibration.json).
         #[arg(long, value_name = "FILE")]
         write: Option<PathBuf>,
+        /// Also write every text's candidates (features, whether each is a label) as JSON lines,
+        /// for analysis outside threatlake.
+        #[arg(long, value_name = "FILE")]
+        samples: Option<PathBuf>,
         /// Model directory (default: newest for the domain).
         #[arg(long, value_name = "DIR")]
         model: Option<PathBuf>,
@@ -970,6 +974,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
         Command::Model(ModelCommand::Calibrate {
             inputs,
             write,
+            samples,
             model,
             domain,
         }) => cli::model::calibrate(
@@ -977,7 +982,10 @@ async fn main_inner(cli: Cli) -> Result<()> {
             model.as_deref(),
             domain.into(),
             &inputs,
-            write.as_deref(),
+            cli::model::CalibrateOutputs {
+                write: write.as_deref(),
+                samples: samples.as_deref(),
+            },
         ),
         Command::Model(ModelCommand::Eval {
             from_lake: true,

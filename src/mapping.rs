@@ -270,7 +270,7 @@ pub const BUILTIN_CALIBRATION: &str = include_str!("../config/mapping_calibratio
 /// and how to fix it.
 pub fn calibration_setting(value: &str) -> Result<mapper::calibrate::Calibration, String> {
     if value == "builtin" {
-        return serde_json::from_str(BUILTIN_CALIBRATION)
+        return mapper::calibrate::parse(BUILTIN_CALIBRATION.as_bytes())
             .map_err(|e| format!("the built-in calibration does not parse ({e}); set mapping.calibration to a file or null"));
     }
     read_calibration(Path::new(value))
@@ -284,9 +284,9 @@ pub fn read_calibration(path: &Path) -> Result<mapper::calibrate::Calibration, S
             path.display()
         )
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    mapper::calibrate::parse(&bytes).map_err(|e| {
         format!(
-            "{} is not a calibration file ({e}); write one with `threatlake model calibrate --write`",
+            "{} is not a calibration file this build reads ({e}); write one with `threatlake model calibrate --write`",
             path.display()
         )
     })

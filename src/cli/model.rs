@@ -437,9 +437,30 @@ pub fn eval_file(
     if pairs.is_empty() {
         return Ok(());
     }
-    let rel = eval::reliability(&pairs, 10);
+    // A negative's best technique is never a correct label: every text counts, as map_technique
+    // sees them.
+    let mut every = pairs.clone();
+    every.extend(negatives.iter().map(|p| (*p, false)));
+    let rel = eval::reliability(&every, 10);
+    let scores: Vec<f64> = every.iter().map(|p| p.0).collect();
     println!();
-    println!("top-1 score calibration: ECE {:.4} (10 bins)", rel.ece);
+    println!(
+        "top-1 score calibration: ECE {:.4} (10 bins{}; a perfectly calibrated score would show {:.4} on {} texts)",
+        rel.ece,
+        if negatives.is_empty() {
+            ""
+        } else {
+            ", negatives counted as wrong"
+        },
+        eval::ece_noise_floor(&scores, 10, 200),
+        every.len()
+    );
+    if !negatives.is_empty() {
+        println!(
+            "labelled texts only: ECE {:.4}",
+            eval::reliability(&pairs, 10).ece
+        );
+    }
     println!(
         "{:>11} {:>6} {:>10} {:>9}",
         "score", "n", "mean score", "accuracy"
@@ -647,13 +668,23 @@ fn read_grouped(path: &Path) -> Result<Vec<GroupedRow>> {
 
 /// `model calibrate`: fit the text calibration on labelled files, report it cross-validated
 /// (5 folds by report/rule, so sentences of one report never sit on both sides) and save it.
+/// Files `model calibrate` writes besides the model's `calibration.json`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CalibrateOutputs<'a> {
+    /// A copy of the calibration (e.g. the shipped `config/mapping_calibration.json`).
+    pub write: Option<&'a Path>,
+    /// Every sample's candidates as JSON lines.
+    pub samples: Option<&'a Path>,
+}
+
 pub fn calibrate(
     settings: &Settings,
     model: Option<&Path>,
     domain: Domain,
     inputs: &[PathBuf],
-    write: Option<&Path>,
+    outputs: CalibrateOutputs<'_>,
 ) -> Result<()> {
+    let write = outputs.write;
     use threatlake_udfs::mapper::calibrate::{self as cal, Calibration};
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load_uncalibrated(&dir)?;
@@ -673,6 +704,14 @@ pub fn calibrate(
             .map_or(p.display().to_string(), |n| n.to_string_lossy().to_string());
         names.push(format!("{name} ({} rows)", rows.len()));
         all.extend(cal::samples(&m, fi, &rows));
+    }
+    if let Some(path) = outputs.samples {
+        let mut out = String::new();
+        for s in &all {
+            out.push_str(&serde_json::to_string(s)?);
+            out.push('\n');
+        }
+        std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
     }
     let cv = cal::cross_validated(&all, 5);
     let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());

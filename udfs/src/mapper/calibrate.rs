@@ -1,13 +1,21 @@
 //! Text calibration of mapping scores: the model's raw candidate logits turned into the probability
 //! that a technique is a correct label of text written outside ATT&CK, from features of the whole
 //! ranking (the candidate's logit, the best candidate's margin over the second, the text's length,
-//! the share of its words the model knows), fitted by logistic regression on labelled text that is
-//! not ATT&CK's own (`threatlake model calibrate`) and saved beside the model as `calibration.json`.
+//! the share of its words the model knows) and of the candidate's evidence (how much each kind —
+//! TF-IDF centroid, nearest example, prototypes, name, cited id, classifier — supports it), fitted
+//! by logistic regression on labelled text that is not ATT&CK's own (`threatlake model calibrate`)
+//! and saved beside the model as `calibration.json`.
 
 use serde::{Deserialize, Serialize};
 
+use super::algorithm::Components;
+
 /// Number of calibration features.
-pub const FEATURES: usize = 7;
+pub const FEATURES: usize = 13;
+
+/// Version of the calibration's features; a `calibration.json` of another version was fitted on
+/// other features (or another ranking) and must be fitted again.
+pub const FORMAT: u32 = 2;
 
 /// Features of one text's ranking that do not depend on the candidate.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -53,6 +61,8 @@ impl Logistic {
 /// score `map_technique` abstains on) and one for the candidates after it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
+    /// Feature version ([`FORMAT`]).
+    pub format: u32,
     /// For the best candidate.
     pub best: Logistic,
     /// For the others.
@@ -75,8 +85,9 @@ pub fn sigmoid(z: f32) -> f64 {
 /// Longest margin that counts (beyond it the best candidate is simply clear).
 const MAX_MARGIN: f32 = 8.0;
 
-/// The features of a candidate with raw logit `z` at `rank` (0 = best) in a text with `t`.
-pub fn features(z: f32, rank: usize, t: &TextFeatures) -> [f64; FEATURES] {
+/// The features of a candidate with raw logit `z` and evidence `e` at `rank` (0 = best) in a text
+/// with `t`.
+pub fn features(z: f32, rank: usize, t: &TextFeatures, e: &Components) -> [f64; FEATURES] {
     let top = if rank == 0 { 1.0 } else { 0.0 };
     let margin = f64::from((t.z1 - t.z2).clamp(0.0, MAX_MARGIN));
     let len = (1.0 + t.tokens as f64).ln();
@@ -88,7 +99,47 @@ pub fn features(z: f32, rank: usize, t: &TextFeatures) -> [f64; FEATURES] {
     let z = z.clamp(-30.0, 30.0);
     let gap = f64::from((t.z1.clamp(-30.0, 30.0) - z).clamp(0.0, MAX_MARGIN));
     let z = f64::from(z);
-    [z, top, top * margin, (1.0 - top) * gap, len, known, z * len]
+    let e = [e.centroid, e.knn, e.embedding, e.name, e.id, e.lr].map(|v| {
+        let v = f64::from(v);
+        if v.is_finite() {
+            v
+        } else {
+            0.0
+        }
+    });
+    [
+        z,
+        top,
+        top * margin,
+        (1.0 - top) * gap,
+        len,
+        known,
+        z * len,
+        e[0],
+        e[1],
+        e[2],
+        e[3],
+        e[4],
+        e[5],
+    ]
+}
+
+/// Read a `calibration.json`: `Err` names what is wrong (an older format, bad JSON) and the fix is
+/// the caller's to say.
+pub fn parse(bytes: &[u8]) -> Result<Calibration, String> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        format: u32,
+    }
+    let head: Head = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if head.format != FORMAT {
+        return Err(format!(
+            "it was fitted on the features of an older threatlake (format {}, this build reads {FORMAT})",
+            head.format
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 impl Calibration {
@@ -102,17 +153,17 @@ impl Calibration {
         }
     }
 
-    /// Calibrated probabilities of a text's candidates given best first as raw logits; never
-    /// higher than the candidate ranked above (the ranking stays the model's). Text that is not
-    /// prose keeps the model's own probabilities.
-    pub fn ranked(&self, logits: &[f32], t: &TextFeatures) -> Vec<f64> {
+    /// Calibrated probabilities of a text's candidates given best first as raw logits with their
+    /// evidence; never higher than the candidate ranked above (the ranking stays the model's). Text
+    /// that is not prose keeps the model's own probabilities.
+    pub fn ranked(&self, candidates: &[(f32, Components)], t: &TextFeatures) -> Vec<f64> {
         if !t.prose {
-            return logits.iter().map(|z| sigmoid(*z)).collect();
+            return candidates.iter().map(|(z, _)| sigmoid(*z)).collect();
         }
-        let mut out = Vec::with_capacity(logits.len());
+        let mut out = Vec::with_capacity(candidates.len());
         let mut cap = 1.0f64;
-        for (rank, z) in logits.iter().enumerate() {
-            let p = self.probability(&features(*z, rank, t)).min(cap);
+        for (rank, (z, e)) in candidates.iter().enumerate() {
+            let p = self.probability(&features(*z, rank, t, e)).min(cap);
             cap = p;
             out.push(p);
         }
@@ -123,6 +174,7 @@ impl Calibration {
     pub fn fit(rows: &[Row], fitted_on: Vec<String>, domain: &str, attack_version: &str) -> Self {
         let (best, others): (Vec<Row>, Vec<Row>) = rows.iter().partition(|(x, _, _)| x[1] > 0.5);
         Self {
+            format: FORMAT,
             best: Logistic::fit(&best),
             others: Logistic::fit(&others),
             threshold: crate::DEFAULT_THRESHOLD,
@@ -198,7 +250,7 @@ pub fn logistic<const N: usize>(
 }
 
 /// One labelled text prepared for calibration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Sample {
     /// Index of the file it came from.
     pub file: usize,
@@ -210,6 +262,8 @@ pub struct Sample {
     pub prose: bool,
     /// Its best candidates, best first: features and whether each is one of the labels.
     pub candidates: Vec<([f64; FEATURES], bool)>,
+    /// The evidence behind each candidate (for analysis; see `model calibrate --samples`).
+    pub evidence: Vec<super::algorithm::Components>,
 }
 
 /// Candidates per text used for fitting.
@@ -227,12 +281,17 @@ pub fn samples(
         .par_iter()
         .map_init(super::Scratch::default, |s, (text, labels, group)| {
             let (ranked, t) = m.model.ranked_logits(&m.vectors, text, CANDIDATES, s);
+            let evidence: Vec<Components> = ranked
+                .iter()
+                .map(|(tech, _)| m.model.components(*tech, s))
+                .collect();
             let candidates = ranked
                 .iter()
+                .zip(&evidence)
                 .enumerate()
-                .map(|(rank, (tech, z))| {
+                .map(|(rank, ((tech, z), e))| {
                     let id = &m.model.techniques[*tech].id;
-                    (features(*z, rank, &t), labels.iter().any(|l| l == id))
+                    (features(*z, rank, &t, e), labels.iter().any(|l| l == id))
                 })
                 .collect();
             Sample {
@@ -241,6 +300,7 @@ pub fn samples(
                 positive: !labels.is_empty(),
                 prose: super::document::reads_as_prose(text),
                 candidates,
+                evidence,
             }
         })
         .collect()
@@ -326,27 +386,40 @@ mod tests {
     #[test]
     fn probability_rises_with_the_logit_and_keeps_the_ranking() {
         // Synthetic data where correctness follows the logit: the fitted calibration is monotone.
+        let e = Components {
+            centroid: 0.3,
+            knn: 0.4,
+            embedding: 0.5,
+            ..Components::default()
+        };
         let mut rows = Vec::new();
         for i in 0..2000 {
             let z = (i % 200) as f32 / 20.0 - 5.0;
             let p = 1.0 / (1.0 + (-(z as f64) * 1.5).exp());
             let correct = ((i * 7919) % 1000) as f64 / 1000.0 < p;
-            rows.push((features(z, 0, &text(z, z - 1.0, 12)), correct, 1.0));
+            rows.push((features(z, 0, &text(z, z - 1.0, 12), &e), correct, 1.0));
         }
         let c = Calibration::fit(&rows, vec![], "enterprise", "18.1");
         let t = text(2.0, 1.0, 12);
         let ps: Vec<f64> = (-40..40)
-            .map(|z| c.probability(&features(z as f32 / 8.0, 0, &t)))
+            .map(|z| c.probability(&features(z as f32 / 8.0, 0, &t, &e)))
             .collect();
         assert!(ps.windows(2).all(|w| w[1] >= w[0]), "{ps:?}");
         assert!(ps[0] < 0.2 && ps[79] > 0.8, "{} {}", ps[0], ps[79]);
-        let ranked = c.ranked(&[3.0, 2.9, -1.0, -20.0], &text(3.0, 2.9, 12));
+        let ranked = c.ranked(
+            &[3.0, 2.9, -1.0, -20.0].map(|z| (z, e)),
+            &text(3.0, 2.9, 12),
+        );
         assert!(ranked.windows(2).all(|w| w[1] <= w[0]), "{ranked:?}");
     }
 
     #[test]
     fn no_evidence_gives_finite_features() {
-        let x = features(f32::NEG_INFINITY, 1, &text(-30.0, -30.0, 0));
+        let e = Components {
+            knn: f32::NEG_INFINITY,
+            ..Components::default()
+        };
+        let x = features(f32::NEG_INFINITY, 1, &text(-30.0, -30.0, 0), &e);
         assert!(x.iter().all(|v| v.is_finite()), "{x:?}");
     }
 

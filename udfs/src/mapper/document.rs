@@ -19,15 +19,16 @@ pub struct Found {
     pub technique: usize,
     /// The best score of a sentence mapped to it.
     pub score: f64,
-    /// Sentences that map to it at or above the threshold.
+    /// Sentences (and technique-table rows) that map to it at or above the threshold.
     pub sentences: usize,
-    /// The sentence that scored best.
+    /// The sentence (or row) that scored best.
     pub sentence: String,
 }
 
 /// Map a whole report: each prose sentence's top techniques at or above the threshold (`threshold`,
-/// else the model's own), per technique the best score, the number of supporting sentences and the
-/// best sentence; strongest first.
+/// else the model's own), and the techniques a technique table's rows cite by id (scored by the model
+/// on the row); per technique the best score, the number of supporting sentences and rows, and the
+/// best of them; strongest first.
 pub fn map_document(
     m: &super::Mapper,
     text: &str,
@@ -36,29 +37,42 @@ pub fn map_document(
 ) -> Vec<Found> {
     let mut found: Vec<Found> = Vec::new();
     let mut at: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
-    for sentence in prose_sentences(text) {
-        let threshold = m.threshold_for_text(threshold, &sentence);
-        for r in m.top_k(&sentence, PER_SENTENCE, s) {
-            if r.score < threshold || r.score <= 0.0 {
-                continue;
+    let mut add = |technique: usize, score: f64, unit: &str| match at.get(&technique) {
+        Some(&i) => {
+            let f = &mut found[i];
+            f.sentences += 1;
+            if score > f.score {
+                f.score = score;
+                f.sentence = unit.to_string();
             }
-            match at.get(&r.technique) {
-                Some(&i) => {
-                    let f = &mut found[i];
-                    f.sentences += 1;
-                    if r.score > f.score {
-                        f.score = r.score;
-                        f.sentence.clone_from(&sentence);
+        }
+        None => {
+            at.insert(technique, found.len());
+            found.push(Found {
+                technique,
+                score,
+                sentences: 1,
+                sentence: unit.to_string(),
+            });
+        }
+    };
+    for unit in report_units(text) {
+        match unit {
+            Unit::Sentence(sentence) => {
+                let threshold = m.threshold_for_text(threshold, &sentence);
+                for r in m.top_k(&sentence, PER_SENTENCE, s) {
+                    if r.score >= threshold && r.score > 0.0 {
+                        add(r.technique, r.score, &sentence);
                     }
                 }
-                None => {
-                    at.insert(r.technique, found.len());
-                    found.push(Found {
-                        technique: r.technique,
-                        score: r.score,
-                        sentences: 1,
-                        sentence: sentence.clone(),
-                    });
+            }
+            Unit::Cited(row) => {
+                let threshold = m.threshold_for_text(threshold, &row);
+                for t in m.model.cited_techniques(&row) {
+                    let score = m.model.technique_score(&m.vectors, &row, t, s);
+                    if score >= threshold && score > 0.0 {
+                        add(t, score, &row);
+                    }
                 }
             }
         }
@@ -88,6 +102,28 @@ const FILE_EXTENSIONS: &[&str] = &[
 
 /// The prose sentences of `text`, in order.
 pub fn prose_sentences(text: &str) -> Vec<String> {
+    report_units(text)
+        .into_iter()
+        .filter_map(|u| match u {
+            Unit::Sentence(s) => Some(s),
+            Unit::Cited(_) => None,
+        })
+        .collect()
+}
+
+/// What the mapper reads of a report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Unit {
+    /// A prose sentence, mapped by the model.
+    Sentence(String),
+    /// A table row citing ATT&CK technique ids (cells joined by spaces): it counts for the
+    /// techniques it cites.
+    Cited(String),
+}
+
+/// The prose sentences and technique-citing table rows of `text`, in order (at most
+/// [`MAX_SENTENCES`]).
+pub fn report_units(text: &str) -> Vec<Unit> {
     let plain = if looks_like_html(text) {
         html_to_text(text)
     } else {
@@ -95,15 +131,23 @@ pub fn prose_sentences(text: &str) -> Vec<String> {
     };
     let mut out = Vec::new();
     for block in blocks(&plain) {
-        for s in split_sentences(&block) {
+        let sentences = match block {
+            Block::Prose(p) => split_sentences(&p),
+            Block::Cited(row) => {
+                out.push(Unit::Cited(row));
+                continue;
+            }
+        };
+        for s in sentences {
             if out.len() >= MAX_SENTENCES {
                 return out;
             }
             if is_prose(&s) {
-                out.push(s);
+                out.push(Unit::Sentence(s));
             }
         }
     }
+    out.truncate(MAX_SENTENCES);
     out
 }
 
@@ -239,7 +283,10 @@ enum Line<'a> {
     Item(&'a str),
     /// A heading: a unit of its own, never joined to what follows.
     Heading(&'a str),
-    /// Code, table rows, indicator lines, fences: never prose.
+    /// A table row that cites an ATT&CK technique id (a report's technique table): not prose, but
+    /// a unit for the techniques it cites.
+    Cited(&'a str),
+    /// Code, other table rows, indicator lines, fences: never prose.
     Skip,
 }
 
@@ -255,14 +302,19 @@ fn classify<'a>(line: &'a str, in_fence: &mut bool) -> Line<'a> {
     if t.is_empty() {
         return Line::Blank;
     }
-    // Indented code (markdown) and table rows.
+    // Table rows: a unit when they cite a technique, else skipped.
+    if t.starts_with('|') || t.matches('|').count() >= 2 || t.matches('\t').count() >= 2 {
+        return if super::text::cited_ids(t).next().is_some() {
+            Line::Cited(t)
+        } else {
+            Line::Skip
+        };
+    }
+    // Indented code (markdown).
     if line.starts_with("    ")
         && !line.trim_start().starts_with(['-', '*', '+'])
         && looks_like_code(t)
         || line.starts_with('\t') && looks_like_code(t)
-        || t.starts_with('|')
-        || t.matches('|').count() >= 2
-        || t.matches('\t').count() >= 2
     {
         return Line::Skip;
     }
@@ -326,21 +378,39 @@ fn is_indicator(w: &str) -> bool {
     hex || url || ip || domain
 }
 
-/// Paragraphs and list items of plain or markdown text: wrapped lines joined (a word hyphenated at
-/// a line end is rejoined), markdown emphasis, code spans and link targets removed.
-fn blocks(text: &str) -> Vec<String> {
+/// A block of a document: a paragraph, list item or heading (prose to split into sentences), or a
+/// table row citing techniques.
+#[derive(Debug, Clone, PartialEq)]
+enum Block {
+    Prose(String),
+    Cited(String),
+}
+
+/// Paragraphs, list items and technique-citing table rows of plain or markdown text: wrapped lines
+/// joined (a word hyphenated at a line end is rejoined), markdown emphasis, code spans and link
+/// targets removed, table cells separated by spaces.
+fn blocks(text: &str) -> Vec<Block> {
     let mut out = Vec::new();
     let mut para = String::new();
     let mut in_fence = false;
-    let flush = |para: &mut String, out: &mut Vec<String>| {
+    let flush = |para: &mut String, out: &mut Vec<Block>| {
         if !para.trim().is_empty() {
-            out.push(strip_markdown(para.trim()));
+            out.push(Block::Prose(strip_markdown(para.trim())));
         }
         para.clear();
     };
     for line in text.lines() {
         match classify(line, &mut in_fence) {
             Line::Blank | Line::Skip => flush(&mut para, &mut out),
+            Line::Cited(row) => {
+                flush(&mut para, &mut out);
+                let cells: Vec<&str> = row
+                    .split(['|', '\t'])
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                out.push(Block::Cited(strip_markdown(&cells.join(" "))));
+            }
             Line::Item(item) => {
                 flush(&mut para, &mut out);
                 para.push_str(item);

@@ -122,6 +122,24 @@ pub fn reliability(pairs: &[(f64, bool)], bins: usize) -> Reliability {
     Reliability { bins: out, ece }
 }
 
+/// The ECE a perfectly calibrated score would still show on these scores (mean over `draws`
+/// simulated outcomes, each text right with probability its score): the noise floor of the
+/// measured ECE on a set this size — a 99-text set has one near 0.09 at 10 bins.
+pub fn ece_noise_floor(scores: &[f64], bins: usize, draws: usize) -> f64 {
+    use rand::Rng;
+    // A fixed seed, so the figure is the same on every run.
+    let mut rng = Xoshiro256Plus::seed_from_u64(7);
+    let draws = draws.max(1);
+    let mut pairs = Vec::with_capacity(scores.len());
+    let mut total = 0.0;
+    for _ in 0..draws {
+        pairs.clear();
+        pairs.extend(scores.iter().map(|&p| (p, rng.gen::<f64>() < p)));
+        total += reliability(&pairs, bins).ece;
+    }
+    total / draws as f64
+}
+
 /// What a threshold keeps: the labelled texts still mapped (their top-1 score at or above it), how
 /// many of those are right, and the share of texts without a technique that still get one.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -427,6 +445,19 @@ mod tests {
         // A score of exactly 1 lands in the last bin; NaN in the first.
         let r = reliability(&[(1.0, true), (f64::NAN, false)], 10);
         assert_eq!((r.bins[0].lo, r.bins[1].hi), (0.0, 1.0));
+    }
+
+    #[test]
+    fn ece_noise_floor_shrinks_with_the_set() {
+        // Scores spread over [0, 1]: the floor of a perfectly calibrated score falls as the set
+        // grows (about 1/sqrt(n)), and is exactly 0 for certain scores.
+        let spread =
+            |n: usize| -> Vec<f64> { (0..n).map(|i| (i as f64 + 0.5) / n as f64).collect() };
+        let small = ece_noise_floor(&spread(99), 10, 200);
+        let large = ece_noise_floor(&spread(4_000), 10, 200);
+        assert!(small > 0.05 && small < 0.15, "{small}");
+        assert!(large < small / 4.0, "{large} vs {small}");
+        assert_eq!(ece_noise_floor(&[0.0, 1.0, 1.0], 10, 50), 0.0);
     }
 
     #[test]

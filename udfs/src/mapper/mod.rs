@@ -204,10 +204,10 @@ impl Mapper {
         if cal.is_file() {
             let bytes = std::fs::read(&cal)
                 .map_err(|e| MapperError::Io(cal.display().to_string(), e.to_string()))?;
-            m.model.calibration = Some(serde_json::from_slice(&bytes).map_err(|e| {
+            m.model.calibration = Some(calibrate::parse(&bytes).map_err(|e| {
                 MapperError::Io(
                     cal.display().to_string(),
-                    format!("{e}; write it again with `threatlake model calibrate`"),
+                    format!("{e}; write it again with `threatlake model calibrate` or rebuild the model with `threatlake model build`"),
                 )
             })?);
         }

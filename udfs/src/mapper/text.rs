@@ -274,9 +274,55 @@ pub fn sentences(text: &str) -> impl Iterator<Item = &str> {
         .filter(|s| s.split_whitespace().count() >= 3)
 }
 
+/// ATT&CK technique ids cited in `input`, upper-cased, sub-techniques with a dot: `T1059.001`,
+/// `t1003`, `T1021/001` (as some reports write them); not inside a longer word or number.
+pub fn cited_ids(input: &str) -> impl Iterator<Item = String> + '_ {
+    let bytes = input.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i + 5 <= bytes.len() {
+            let boundary = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+            if boundary
+                && (bytes[i] == b'T' || bytes[i] == b't')
+                && bytes[i + 1..i + 5].iter().all(u8::is_ascii_digit)
+            {
+                let start = i;
+                let mut end = i + 5;
+                let sub = end + 4 <= bytes.len()
+                    && matches!(bytes[end], b'.' | b'/')
+                    && bytes[end + 1..end + 4].iter().all(u8::is_ascii_digit);
+                if sub {
+                    end += 4;
+                }
+                i = end;
+                if end == bytes.len() || !bytes[end].is_ascii_alphanumeric() {
+                    let mut id = input[start..start + 5].to_ascii_uppercase();
+                    if sub {
+                        id.push('.');
+                        id.push_str(&input[start + 6..end]);
+                    }
+                    return Some(id);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        None
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_cited_technique_ids() {
+        let ids: Vec<String> =
+            cited_ids("Used t1003 and T1059.001, T1021/001; not XT1234, T12345 or T1059.1.")
+                .collect();
+        assert_eq!(ids, ["T1003", "T1059.001", "T1021.001", "T1059"]);
+        assert_eq!(cited_ids("T105 T").count(), 0);
+    }
 
     #[test]
     fn splits_compounds_and_keeps_whole() {
