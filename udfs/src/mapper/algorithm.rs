@@ -1109,6 +1109,14 @@ impl Model {
         }
     }
 
+    /// The parent technique of sub-technique `t` (None for a technique without one).
+    pub fn parent_technique(&self, t: usize) -> Option<usize> {
+        self.parent
+            .get(t)
+            .filter(|p| **p != u32::MAX)
+            .map(|p| *p as usize)
+    }
+
     /// The techniques `input` cites by id (revoked ids as their replacement), in order, once each.
     pub fn cited_techniques(&self, input: &str) -> Vec<usize> {
         let mut out = Vec::new();
@@ -1322,10 +1330,7 @@ impl Model {
     /// A parent ranked below the list's end takes the sub-technique's place, which then leaves the
     /// list. Only a family's first member moves; the rest of the order is kept.
     fn parents_lead(&self, ranked: &mut [(usize, f32)], fused: &[f32]) {
-        let family = |t: usize| match self.parent.get(t) {
-            Some(&p) if p != u32::MAX => p as usize,
-            _ => t,
-        };
+        let family = |t: usize| self.parent_technique(t).unwrap_or(t);
         for i in 0..ranked.len() {
             let (t, z) = ranked[i];
             let parent = family(t);

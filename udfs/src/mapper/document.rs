@@ -9,74 +9,80 @@ pub const MAX_WORDS: usize = 120;
 /// Sentences read from one document at most (a 5–20 page report has a few hundred).
 pub const MAX_SENTENCES: usize = 5_000;
 
-/// Techniques taken from each sentence at most.
-pub const PER_SENTENCE: usize = 3;
-
 /// A technique found in a document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Found {
     /// Index into the model's techniques.
     pub technique: usize,
-    /// The best score of a sentence mapped to it.
+    /// Probability that the report describes it: that at least one of its sentences is a correct
+    /// mention (see [`map_document`]).
     pub score: f64,
-    /// Sentences (and technique-table rows) that map to it at or above the threshold.
+    /// Sentences (and technique-table rows) behind it: those whose best technique it is, or for a
+    /// parent technique one of its sub-techniques.
     pub sentences: usize,
     /// The sentence (or row) that scored best.
     pub sentence: String,
 }
 
-/// Map a whole report: each prose sentence's top techniques at or above the threshold (`threshold`,
-/// else the model's own), and the techniques a technique table's rows cite by id (scored by the model
-/// on the row); per technique the best score, the number of supporting sentences and rows, and the
-/// best of them; strongest first.
+/// Map a whole report. Each prose sentence's best technique, with its score, is evidence for that
+/// technique and, for a sub-technique, for its parent (which it implies); a technique table's row
+/// is evidence for the techniques it cites by id (scored by the model on the row). A technique's
+/// report score is the probability that at least one of its sentences is a correct mention,
+/// `1 − Π(1 − p)` over them (sentences taken as independent: on the development reports the
+/// report-level score is about as well calibrated as the sentence scores), and the report has it
+/// when that reaches the threshold (`threshold`, else the model's own). Strongest first.
 pub fn map_document(
     m: &super::Mapper,
     text: &str,
     threshold: Option<f64>,
     s: &mut super::Scratch,
 ) -> Vec<Found> {
-    let mut found: Vec<Found> = Vec::new();
-    let mut at: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
-    let mut add = |technique: usize, score: f64, unit: &str| match at.get(&technique) {
-        Some(&i) => {
-            let f = &mut found[i];
-            f.sentences += 1;
-            if score > f.score {
-                f.score = score;
-                f.sentence = unit.to_string();
-            }
+    // Per technique: the chance that none of its sentences is right, its sentences, the best one.
+    let mut evidence: std::collections::HashMap<usize, (f64, usize, f64, String)> =
+        std::collections::HashMap::new();
+    let mut add = |technique: usize, p: f64, unit: &str| {
+        if !(p > 0.0) {
+            return;
         }
-        None => {
-            at.insert(technique, found.len());
-            found.push(Found {
-                technique,
-                score,
-                sentences: 1,
-                sentence: unit.to_string(),
-            });
+        let p = p.min(1.0);
+        for t in std::iter::once(technique).chain(m.model.parent_technique(technique)) {
+            let e = evidence
+                .entry(t)
+                .or_insert_with(|| (1.0, 0, 0.0, String::new()));
+            e.0 *= 1.0 - p;
+            e.1 += 1;
+            if p > e.2 {
+                e.2 = p;
+                e.3 = unit.to_string();
+            }
         }
     };
     for unit in report_units(text) {
         match unit {
             Unit::Sentence(sentence) => {
-                let threshold = m.threshold_for_text(threshold, &sentence);
-                for r in m.top_k(&sentence, PER_SENTENCE, s) {
-                    if r.score >= threshold && r.score > 0.0 {
-                        add(r.technique, r.score, &sentence);
-                    }
+                if let Some(r) = m.top_k(&sentence, 1, s).first() {
+                    add(r.technique, r.score, &sentence);
                 }
             }
             Unit::Cited(row) => {
-                let threshold = m.threshold_for_text(threshold, &row);
                 for t in m.model.cited_techniques(&row) {
-                    let score = m.model.technique_score(&m.vectors, &row, t, s);
-                    if score >= threshold && score > 0.0 {
-                        add(t, score, &row);
-                    }
+                    let p = m.model.technique_score(&m.vectors, &row, t, s);
+                    add(t, p, &row);
                 }
             }
         }
     }
+    let threshold = threshold.unwrap_or_else(|| m.default_threshold());
+    let mut found: Vec<Found> = evidence
+        .into_iter()
+        .map(|(technique, (miss, sentences, _, sentence))| Found {
+            technique,
+            score: 1.0 - miss,
+            sentences,
+            sentence,
+        })
+        .filter(|f| f.score >= threshold && f.score > 0.0)
+        .collect();
     let techniques = &m.model.techniques;
     found.sort_by(|a, b| {
         b.score
