@@ -619,18 +619,20 @@ pub struct ReportTechnique {
     pub name: String,
     /// Tactics.
     pub tactics: Vec<String>,
-    /// Calibrated score of its best sentence, in [0, 1].
+    /// Probability that the report describes it, in [0, 1]: that at least one of its sentences is a
+    /// correct mention.
     pub score: f64,
-    /// Sentences mapped to it at or above the threshold.
+    /// Sentences (and technique-table rows) behind it: those whose best technique it is or, for a
+    /// parent technique, one of its sub-techniques.
     pub sentences: usize,
-    /// Its best sentence.
+    /// Its best sentence (or row).
     pub sentence: String,
 }
 
 /// One report's techniques, strongest first.
 #[derive(Serialize, ToSchema)]
 pub struct MappedReport {
-    /// Every technique at least one prose sentence maps to at or above the threshold.
+    /// Every technique whose report score reaches the threshold.
     pub techniques: Vec<ReportTechnique>,
 }
 
@@ -643,9 +645,9 @@ pub struct MapReportResponse {
     pub results: Vec<MappedReport>,
 }
 
-/// Map whole reports (`map_report`): prose sentences mapped one by one (markup, lists, tables, code
-/// and indicator lines left out), each technique with its best score, supporting sentence count and
-/// best sentence.
+/// Map whole reports (`map_report`): prose sentences mapped one by one (markup, lists, code and
+/// indicator lines left out; technique-table rows count for the ids they cite), each technique with
+/// its report score, its sentence count and best sentence.
 #[utoipa::path(post, path = "/api/v1/map/report", request_body = MapReportRequest,
     responses((status = 200, body = MapReportResponse), (status = 400, body = ApiError), (status = 401, body = ApiError),
               (status = 403, body = ApiError), (status = 413, body = ApiError), (status = 503, body = ApiError)))]

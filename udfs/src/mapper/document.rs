@@ -590,6 +590,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn technique_table_rows_citing_ids_are_units() {
+        let text = "Intro sentence about the actor and its tools.\n\n| Tactic | Technique |\n| --- | --- |\n| Execution | [T1059.001](https://attack.mitre.org/techniques/T1059/001/) PowerShell |\n| hash | 44d88612fea8a8f36de82e1278abb02f |\nThe actor then used T1003 against the domain controller.";
+        assert_eq!(
+            report_units(text),
+            [
+                Unit::Sentence("Intro sentence about the actor and its tools.".into()),
+                Unit::Cited("Execution T1059.001 PowerShell".into()),
+                Unit::Sentence("The actor then used T1003 against the domain controller.".into()),
+            ]
+        );
+        // The sentences alone (the workbench's view) leave the row out.
+        assert_eq!(prose_sentences(text).len(), 2);
+    }
+
+    #[test]
     fn abbreviations_and_dotted_tokens_do_not_split() {
         let s = prose_sentences(
             "The actor, e.g. APT29, contacted 192.168.10.5 and update.evil-domain.com over HTTPS. \
