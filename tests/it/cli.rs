@@ -546,6 +546,41 @@ fn model_eval_reports_metrics() {
 }
 
 #[test]
+fn a_calibration_from_an_older_build_is_refused_with_the_fix() {
+    // A copy of the ICS model with the calibration file an older threatlake wrote (7 features, no
+    // format): the scores it would give mean nothing, so the model is not used and the error says
+    // what to run.
+    let models = common::scratch("cli-old-calibration");
+    let dir = models.join("ics-18.1");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.bin", "embeddings.fifu", "manifest.json"] {
+        std::fs::copy(ics_models().join("ics-18.1").join(f), dir.join(f)).unwrap();
+    }
+    let logistic = r#"{"weights": [0.1, 0.0, 0.1, 0.0, 1.5, 2.5, 0.1], "bias": -7.0}"#;
+    std::fs::write(
+        dir.join("calibration.json"),
+        format!(
+            r#"{{"best": {logistic}, "others": {logistic}, "fitted_on": [], "threshold": 0.21, "domain": "ics", "attack_version": "18.1"}}"#
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = common::run(
+        common::cli()
+            .env("THREATLAKE_LAKE_MODELS", &models)
+            .args(["--lake", lake().to_str().unwrap()])
+            .args(["map", "--domain", "ics", "modified the controller program"]),
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("calibration.json")
+            && err.contains("older threatlake")
+            && err.contains("threatlake model calibrate")
+            && err.contains("threatlake model build"),
+        "{err}"
+    );
+}
+
+#[test]
 fn map_without_a_model_says_how_to_build_one() {
     let empty = common::scratch("cli-no-models");
     let out = common::cli()

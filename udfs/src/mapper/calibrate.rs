@@ -426,6 +426,44 @@ mod tests {
     }
 
     #[test]
+    fn a_cited_technique_keeps_the_models_probability() {
+        let e = Components {
+            centroid: 0.3,
+            ..Components::default()
+        };
+        let cited = Components { id: 1.0, ..e };
+        // Every tenth candidate is cited and right: were it fitted on, the id would get a weight.
+        let samples: Vec<Sample> = (0..400)
+            .map(|i| {
+                let z = (i % 40) as f32 / 4.0 - 5.0;
+                let (ev, right) = if i % 10 == 0 {
+                    (cited, true)
+                } else {
+                    (e, i % 3 == 0)
+                };
+                Sample {
+                    file: 0,
+                    group: i,
+                    positive: true,
+                    prose: true,
+                    candidates: vec![(features(z, 0, &text(z, z - 1.0, 12), &ev), right)],
+                    evidence: vec![ev],
+                }
+            })
+            .collect();
+        let rows = rows_of(&samples.iter().collect::<Vec<_>>());
+        assert_eq!(rows.len(), 360);
+        let c = Calibration::fit(&rows, vec![], "enterprise", "18.1");
+        let t = text(3.3, 0.5, 10);
+        assert_eq!(c.probability(&features(3.3, 0, &t, &cited)), sigmoid(3.3));
+        // The same candidate without the citation is calibrated (here: right a third of the time).
+        let p = c.probability(&features(3.3, 0, &t, &e));
+        assert!((p - sigmoid(3.3)).abs() > 0.3, "{p}");
+        // Cited candidates are not fitted on: the id weight stays 0.
+        assert_eq!(c.best.weights[11], 0.0);
+    }
+
+    #[test]
     fn no_evidence_gives_finite_features() {
         let e = Components {
             knn: f32::NEG_INFINITY,

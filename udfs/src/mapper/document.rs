@@ -41,7 +41,8 @@ pub fn map_document(
     let mut evidence: std::collections::HashMap<usize, (f64, usize, f64, String)> =
         std::collections::HashMap::new();
     let mut add = |technique: usize, p: f64, unit: &str| {
-        if !(p > 0.0) {
+        // NaN and 0 are no evidence.
+        if p.is_nan() || p <= 0.0 {
             return;
         }
         let p = p.min(1.0);
