@@ -234,8 +234,9 @@ enum ModelCommand {
         /// Also write the calibration to this file (e.g. the shipped config/mapping_calibration.json).
         #[arg(long, value_name = "FILE")]
         write: Option<PathBuf>,
-        /// Also write every text's candidates (features, whether each is a label) as JSON lines,
-        /// for analysis outside threatlake.
+        /// Also write every text's candidates (their calibration features, the last six the
+        /// candidate's evidence, and whether each is a label) as JSON lines, for analysis outside
+        /// threatlake.
         #[arg(long, value_name = "FILE")]
         samples: Option<PathBuf>,
         /// Model directory (default: newest for the domain).

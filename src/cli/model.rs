@@ -666,8 +666,6 @@ fn read_grouped(path: &Path) -> Result<Vec<GroupedRow>> {
         .collect())
 }
 
-/// `model calibrate`: fit the text calibration on labelled files, report it cross-validated
-/// (5 folds by report/rule, so sentences of one report never sit on both sides) and save it.
 /// Files `model calibrate` writes besides the model's `calibration.json`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CalibrateOutputs<'a> {
@@ -677,6 +675,8 @@ pub struct CalibrateOutputs<'a> {
     pub samples: Option<&'a Path>,
 }
 
+/// `model calibrate`: fit the text calibration on labelled files, report it cross-validated
+/// (5 folds by report/rule, so sentences of one report never sit on both sides) and save it.
 pub fn calibrate(
     settings: &Settings,
     model: Option<&Path>,
@@ -684,7 +684,6 @@ pub fn calibrate(
     inputs: &[PathBuf],
     outputs: CalibrateOutputs<'_>,
 ) -> Result<()> {
-    let write = outputs.write;
     use threatlake_udfs::mapper::calibrate::{self as cal, Calibration};
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load_uncalibrated(&dir)?;
@@ -806,7 +805,7 @@ pub fn calibrate(
         "calibration saved to {}",
         dir.join(mapper::CALIBRATION_FILE).display()
     );
-    if let Some(w) = write {
+    if let Some(w) = outputs.write {
         let bytes = serde_json::to_vec_pretty(&c)?;
         std::fs::write(w, bytes).with_context(|| format!("cannot write {}", w.display()))?;
         println!("and to {}", w.display());

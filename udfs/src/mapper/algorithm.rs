@@ -231,7 +231,7 @@ pub struct Ranked {
 }
 
 /// Per-component scores of a technique (for explanations and ablations).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Components {
     /// TF-IDF centroid cosine.
     pub centroid: f32,

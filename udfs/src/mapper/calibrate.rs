@@ -271,10 +271,9 @@ pub struct Sample {
     pub positive: bool,
     /// Whether it reads as prose (only prose is calibrated; see [`TextFeatures::prose`]).
     pub prose: bool,
-    /// Its best candidates, best first: features and whether each is one of the labels.
+    /// Its best candidates, best first: features (in [`features`]' order, the last six the
+    /// candidate's evidence) and whether each is one of the labels.
     pub candidates: Vec<([f64; FEATURES], bool)>,
-    /// The evidence behind each candidate (for analysis; see `model calibrate --samples`).
-    pub evidence: Vec<super::algorithm::Components>,
 }
 
 /// Candidates per text used for fitting.
@@ -292,17 +291,13 @@ pub fn samples(
         .par_iter()
         .map_init(super::Scratch::default, |s, (text, labels, group)| {
             let (ranked, t) = m.model.ranked_logits(&m.vectors, text, CANDIDATES, s);
-            let evidence: Vec<Components> = ranked
-                .iter()
-                .map(|(tech, _)| m.model.components(*tech, s))
-                .collect();
             let candidates = ranked
                 .iter()
-                .zip(&evidence)
                 .enumerate()
-                .map(|(rank, ((tech, z), e))| {
+                .map(|(rank, (tech, z))| {
                     let id = &m.model.techniques[*tech].id;
-                    (features(*z, rank, &t, e), labels.iter().any(|l| l == id))
+                    let e = m.model.components(*tech, s);
+                    (features(*z, rank, &t, &e), labels.iter().any(|l| l == id))
                 })
                 .collect();
             Sample {
@@ -311,7 +306,6 @@ pub fn samples(
                 positive: !labels.is_empty(),
                 prose: super::document::reads_as_prose(text),
                 candidates,
-                evidence,
             }
         })
         .collect()
@@ -447,7 +441,6 @@ mod tests {
                     positive: true,
                     prose: true,
                     candidates: vec![(features(z, 0, &text(z, z - 1.0, 12), &ev), right)],
-                    evidence: vec![ev],
                 }
             })
             .collect();
