@@ -233,8 +233,9 @@ struct Floor {
     ece: f64,
     /// Share of negatives mapped at the model's own threshold.
     negatives_mapped: f64,
-    /// map_report F1 over the set's reports (rows grouped by `doc`).
-    doc_f1: Option<f64>,
+    /// map_report F1 over the set's reports (rows grouped by `doc`), and the ceiling of its report
+    /// scores' ECE.
+    doc: Option<(f64, f64)>,
 }
 
 const FLOORS: [Floor; 3] = [
@@ -245,7 +246,7 @@ const FLOORS: [Floor; 3] = [
         mrr_at_10: MRR_ANNOCTR,
         ece: ECE_ANNOCTR,
         negatives_mapped: 0.04,
-        doc_f1: Some(DOC_F1_ANNOCTR),
+        doc: Some((DOC_F1_ANNOCTR, DOC_ECE_ANNOCTR)),
     },
     Floor {
         file: "splunk_detections.jsonl",
@@ -254,7 +255,7 @@ const FLOORS: [Floor; 3] = [
         mrr_at_10: MRR_SPLUNK,
         ece: ECE_SPLUNK,
         negatives_mapped: 0.0,
-        doc_f1: None,
+        doc: None,
     },
     Floor {
         file: "car_analytics.jsonl",
@@ -263,7 +264,7 @@ const FLOORS: [Floor; 3] = [
         mrr_at_10: MRR_CAR,
         ece: ECE_CAR,
         negatives_mapped: 0.0,
-        doc_f1: None,
+        doc: None,
     },
 ];
 
@@ -319,7 +320,7 @@ fn development_floors(m: &threatlake_udfs::mapper::Mapper) -> usize {
         let metrics = eval::evaluate(&ids, &pos_labels);
         let ece = eval::reliability(&pairs, 10).ece;
         let neg_share = negatives_mapped as f64 / negatives.max(1) as f64;
-        let doc_f1 = f.doc_f1.map(|_| {
+        let doc = f.doc.map(|_| {
             let mut docs: std::collections::BTreeMap<&str, (Vec<&str>, Vec<&str>)> =
                 Default::default();
             for (r, t) in rows.iter().zip(&texts) {
@@ -338,7 +339,7 @@ fn development_floors(m: &threatlake_udfs::mapper::Mapper) -> usize {
                 .filter(|(_, l)| !l.is_empty())
                 .map(|(t, l)| (t.join("\n\n"), l.into_iter().map(str::to_string).collect()))
                 .collect();
-            eval::document_scores(m, &docs, None).2
+            eval::document_scores(m, &docs, None)
         });
         eprintln!(
             "dev  {}: top1 {:.4} recall@5 {:.4} mrr@10 {:.4} ECE {:.4} negatives mapped {:.4}{}",
@@ -348,14 +349,19 @@ fn development_floors(m: &threatlake_udfs::mapper::Mapper) -> usize {
             metrics.mrr_at_10,
             ece,
             neg_share,
-            doc_f1.map_or(String::new(), |x| format!(" document F1 {x:.4}"))
+            doc.map_or(String::new(), |d| format!(
+                " document F1 {:.4} report-score ECE {:.4}",
+                d.f1, d.ece
+            ))
         );
         let ok = metrics.top1 >= f.top1
             && metrics.recall_at_5 >= f.recall_at_5
             && metrics.mrr_at_10 >= f.mrr_at_10
             && ece <= f.ece
             && neg_share <= f.negatives_mapped
-            && doc_f1.zip(f.doc_f1).is_none_or(|(got, floor)| got >= floor);
+            && doc
+                .zip(f.doc)
+                .is_none_or(|(got, (f1, ece))| got.f1 >= f1 && got.ece <= ece);
         if !ok {
             failed += 1;
             eprintln!("FAIL {} fell below its floor", f.file);
@@ -366,13 +372,15 @@ fn development_floors(m: &threatlake_udfs::mapper::Mapper) -> usize {
 
 // Floors: the figures measured with the shipped calibration (enterprise 18.1, default parameters:
 // top-1 0.3597 / 0.4930 / 0.7374, recall@5 0.6225 / 0.7293 / 0.9192, MRR@10 0.4696 / 0.5971 / 0.8185,
-// ECE 0.0306 / 0.0495 / 0.1028, AnnoCTR negatives mapped 0.031 and document F1 0.459), a little
-// below; ECE ceilings a little above (CAR's 99 rows cannot show less than about 0.1: see README).
+// ECE 0.0306 / 0.0495 / 0.1028, AnnoCTR negatives mapped 0.031, document F1 0.456 and report-score
+// ECE 0.032), a little below; ECE ceilings a little above (CAR's 99 rows cannot show less than
+// about 0.1: see README; the report scores uncalibrated showed 0.082).
 const TOP1_ANNOCTR: f64 = 0.355;
 const R5_ANNOCTR: f64 = 0.615;
 const MRR_ANNOCTR: f64 = 0.465;
 const ECE_ANNOCTR: f64 = 0.04;
 const DOC_F1_ANNOCTR: f64 = 0.45;
+const DOC_ECE_ANNOCTR: f64 = 0.045;
 const TOP1_SPLUNK: f64 = 0.488;
 const R5_SPLUNK: f64 = 0.725;
 const MRR_SPLUNK: f64 = 0.592;

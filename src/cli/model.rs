@@ -640,6 +640,7 @@ pub async fn eval_holdout(
 }
 
 /// A labelled row with the report or rule it belongs to (AnnoCTR's `doc`, else `id`).
+#[derive(Clone)]
 struct GroupedRow {
     text: String,
     labels: Vec<String>,
@@ -686,11 +687,19 @@ pub fn calibrate(
 ) -> Result<()> {
     use threatlake_udfs::mapper::calibrate::{self as cal, Calibration};
     let dir = resolve_model(settings, model, domain)?;
-    let m = Mapper::load_uncalibrated(&dir)?;
+    let mut m = Mapper::load_uncalibrated(&dir)?;
     let mut all = Vec::new();
     let mut names = Vec::new();
+    let mut reports = Vec::new();
     for (fi, p) in inputs.iter().enumerate() {
-        let rows: Vec<(String, Vec<String>, u64)> = read_grouped(p)?
+        let grouped = read_grouped(p)?;
+        reports.push(
+            reports_of(grouped.clone())
+                .into_iter()
+                .map(|(t, l, g)| (t, l, cal::group_of(&g)))
+                .collect::<Vec<cal::LabelledReport>>(),
+        );
+        let rows: Vec<(String, Vec<String>, u64)> = grouped
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
@@ -795,10 +804,18 @@ pub fn calibrate(
         }
     }
     let rows = cal::rows_of(&all.iter().collect::<Vec<_>>());
-    let mut c = Calibration::fit(&rows, names, &m.model.domain, &m.model.attack_version);
+    let mut c = Calibration::fit(
+        &rows,
+        names.clone(),
+        &m.model.domain,
+        &m.model.attack_version,
+    );
     if let Some(t) = chosen {
         c.threshold = t;
     }
+    // The report calibration, on the reports' support under the text calibration just fitted.
+    m.model.calibration = Some(c.clone());
+    c.report = calibrate_reports(&m, &names, &reports);
     m.save_calibration(&dir, &c)?;
     println!();
     println!(
@@ -813,11 +830,70 @@ pub fn calibrate(
     Ok(())
 }
 
-/// Document-level scores of `map_report` on a labelled file whose rows name their report (`doc`):
-/// each report's sentences joined are mapped as one document, its technique set compared with
-/// the union of its sentences' labels.
-fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
-    let rows = read_grouped(path)?;
+/// Fit `map_report`'s calibration on the labelled reports of each file (`reports[file]`), print it
+/// cross-validated (5 folds by report) per file, and choose its threshold for the best pooled F1
+/// of the reports' technique sets. `None` when there are no reports with a supported technique.
+fn calibrate_reports(
+    m: &Mapper,
+    names: &[String],
+    reports: &[Vec<threatlake_udfs::mapper::calibrate::LabelledReport>],
+) -> Option<threatlake_udfs::mapper::calibrate::ReportCalibration> {
+    use threatlake_udfs::mapper::calibrate as cal;
+    let samples: Vec<cal::ReportSample> = reports
+        .iter()
+        .enumerate()
+        .flat_map(|(fi, r)| cal::report_samples(m, fi, r))
+        .collect();
+    if samples.is_empty() {
+        return None;
+    }
+    let cv = cal::cross_validated_reports(&samples, 5);
+    let labels = |fi: usize| -> usize { reports[fi].iter().map(|(_, l, _)| l.len()).sum() };
+    let pairs = |fi: usize, calibrated: bool| -> Vec<(f64, bool)> {
+        samples
+            .iter()
+            .zip(&cv)
+            .filter(|(s, _)| s.file == fi)
+            .map(|(s, p)| (if calibrated { *p } else { s.any }, s.right))
+            .collect()
+    };
+    let sets: Vec<(Vec<(f64, bool)>, usize)> = (0..reports.len())
+        .map(|fi| (pairs(fi, true), labels(fi)))
+        .filter(|(p, _)| !p.is_empty())
+        .collect();
+    let threshold = cal::best_f1_threshold(&sets);
+    let before_threshold = m.default_threshold();
+    println!();
+    println!(
+        "map_report scores: 1 − Π(1 − p) before (cut at {before_threshold:.2}), calibrated after (cross-validated, cut at {threshold:.2}: the best F1 averaged over the files)"
+    );
+    println!(
+        "{:<28} {:>8} {:>8} {:>10} {:>12} {:>10} {:>12}",
+        "file", "reports", "scores", "ECE before", "after (CV)", "F1 before", "after (CV)"
+    );
+    for (fi, name) in names.iter().enumerate() {
+        let (before, after) = (pairs(fi, false), pairs(fi, true));
+        if before.is_empty() {
+            continue;
+        }
+        println!(
+            "{:<28} {:>8} {:>8} {:>10.4} {:>12.4} {:>10.4} {:>12.4}",
+            name.split(" (").next().unwrap_or(name),
+            reports[fi].len(),
+            before.len(),
+            eval::reliability(&before, 10).ece,
+            eval::reliability(&after, 10).ece,
+            cal::set_scores(&before, labels(fi), before_threshold).2,
+            cal::set_scores(&after, labels(fi), threshold).2,
+        );
+    }
+    Some(cal::fit_reports(&samples, threshold))
+}
+
+/// The reports of labelled rows that name their report (`doc`, or a rule's `id`): each report's
+/// rows joined, with the union of their labels, and its group key; reports with no label are
+/// left out.
+fn reports_of(rows: Vec<GroupedRow>) -> Vec<(String, std::collections::BTreeSet<String>, String)> {
     let mut docs: std::collections::BTreeMap<
         String,
         (Vec<String>, std::collections::BTreeSet<String>),
@@ -828,25 +904,45 @@ fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
         d.0.push(r.text);
         d.1.extend(r.labels);
     }
-    let docs: Vec<(String, std::collections::BTreeSet<String>)> = docs
-        .into_values()
-        .filter(|(_, l)| !l.is_empty())
-        .map(|(t, l)| (t.join("\n\n"), l))
+    docs.into_iter()
+        .filter(|(_, (_, l))| !l.is_empty())
+        .map(|(g, (t, l))| (t.join("\n\n"), l, g))
+        .collect()
+}
+
+/// Document-level scores of `map_report` on a labelled file whose rows name their report (`doc`):
+/// each report's sentences joined are mapped as one document, its technique set compared with
+/// the union of its sentences' labels.
+fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
+    let docs: Vec<(String, std::collections::BTreeSet<String>)> = reports_of(read_grouped(path)?)
+        .into_iter()
+        .map(|(t, l, _)| (t, l))
         .collect();
     if docs.len() < 2 {
         return Ok(());
     }
-    let threshold = settings.mapping.threshold;
-    let (p, r, f1) = eval::document_scores(m, &docs, threshold);
+    let configured = settings.mapping.threshold;
+    let d = eval::document_scores(m, &docs, configured);
     println!();
     println!(
-        "documents  {} (rows grouped by report; map_report at threshold {})",
+        "documents  {} (rows grouped by report; map_report at threshold {}{})",
         docs.len(),
-        threshold.map_or_else(
-            || format!("{} (the model's own)", m.default_threshold()),
-            |t| t.to_string()
-        )
+        d.threshold,
+        if configured.is_some() {
+            " (mapping.threshold)"
+        } else {
+            " (the model's own for reports)"
+        }
     );
-    println!("doc precision {p:.4}  recall {r:.4}  F1 {f1:.4}");
+    println!(
+        "doc precision {:.4}  recall {:.4}  F1 {:.4}",
+        d.precision, d.recall, d.f1
+    );
+    println!(
+        "report score calibration: ECE {:.4} over {} (report, technique) scores (a perfectly calibrated score would show {:.4})",
+        d.ece,
+        d.scored,
+        d.noise_floor
+    );
     Ok(())
 }

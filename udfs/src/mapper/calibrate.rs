@@ -75,6 +75,50 @@ pub struct Calibration {
     pub domain: String,
     /// ATT&CK release of that model.
     pub attack_version: String,
+    /// The calibration of `map_report`'s scores (absent: they stay `1 − Π(1 − p)`).
+    #[serde(default)]
+    pub report: Option<ReportCalibration>,
+}
+
+/// The calibration of a technique's report score: Platt scaling of the log-odds of its
+/// uncalibrated score `1 − Π(1 − p)` ([`super::document::Support::any`]), fitted on labelled
+/// reports (`threatlake model calibrate`). Monotone, so it keeps the order of a report's
+/// techniques. (The best sentence's score, the supporting sentences and the report's length as
+/// further features calibrated the development sets no better, cross-validated.)
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReportCalibration {
+    /// Weight of the log-odds.
+    pub slope: f64,
+    /// Intercept.
+    pub bias: f64,
+    /// The report threshold chosen with it: the one with the best F1 of the reports' technique
+    /// sets, averaged over the labelled files, cross-validated.
+    pub threshold: f64,
+}
+
+/// The log-odds of a probability, bounded.
+fn logit(p: f64) -> f64 {
+    let p = p.clamp(1e-6, 1.0 - 1e-6);
+    (p / (1.0 - p)).ln()
+}
+
+impl ReportCalibration {
+    /// Fit on `(uncalibrated score, in the report's labels)` pairs; the threshold is the caller's.
+    pub fn fit(pairs: &[(f64, bool)], threshold: f64) -> Self {
+        let rows: Vec<([f64; 1], bool, f64)> =
+            pairs.iter().map(|(p, y)| ([logit(*p)], *y, 1.0)).collect();
+        let ([slope], bias) = logistic(&rows, 600, 1e-4);
+        Self {
+            slope,
+            bias,
+            threshold,
+        }
+    }
+
+    /// Probability that a technique of uncalibrated report score `any` is one of the report's.
+    pub fn probability(&self, any: f64) -> f64 {
+        1.0 / (1.0 + (-(self.bias + self.slope * logit(any))).exp())
+    }
 }
 
 /// The model's own probability of a raw logit (its ATT&CK-procedure calibration).
@@ -192,6 +236,7 @@ impl Calibration {
             fitted_on,
             domain: domain.to_string(),
             attack_version: attack_version.to_string(),
+            report: None,
         }
     }
 }
@@ -367,6 +412,110 @@ pub fn choose_threshold(
     })
 }
 
+/// One technique a labelled report supports, prepared for the report calibration.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReportSample {
+    /// Index of the file the report came from.
+    pub file: usize,
+    /// Cross-validation group (the report).
+    pub group: u64,
+    /// The uncalibrated report score, `1 − Π(1 − p)`.
+    pub any: f64,
+    /// Whether the technique is one of the report's labels.
+    pub right: bool,
+}
+
+/// A labelled report: its text, its techniques, its group.
+pub type LabelledReport = (String, std::collections::BTreeSet<String>, u64);
+
+/// The techniques each report of file `file` supports (with the model's current text
+/// calibration), scored in parallel.
+pub fn report_samples(
+    m: &super::Mapper,
+    file: usize,
+    reports: &[LabelledReport],
+) -> Vec<ReportSample> {
+    use rayon::prelude::*;
+    reports
+        .par_iter()
+        .map_init(super::Scratch::default, |s, (text, labels, group)| {
+            let (support, _) = super::document::report_support(m, text, s);
+            support
+                .iter()
+                .map(|e| ReportSample {
+                    file,
+                    group: *group,
+                    any: e.any,
+                    right: labels.contains(&m.model.techniques[e.technique].id),
+                })
+                .collect::<Vec<_>>()
+        })
+        .flatten()
+        .collect()
+}
+
+/// Fit the report calibration on `samples`, with the threshold `threshold`.
+pub fn fit_reports(samples: &[ReportSample], threshold: f64) -> ReportCalibration {
+    let pairs: Vec<(f64, bool)> = samples.iter().map(|s| (s.any, s.right)).collect();
+    ReportCalibration::fit(&pairs, threshold)
+}
+
+/// Each report sample's probability from a report calibration fitted without its fold (`folds`
+/// folds by report), in sample order.
+pub fn cross_validated_reports(samples: &[ReportSample], folds: u64) -> Vec<f64> {
+    let folds = folds.max(2);
+    let mut out = vec![0.0; samples.len()];
+    for f in 0..folds {
+        let train: Vec<ReportSample> = samples
+            .iter()
+            .filter(|s| s.group % folds != f)
+            .copied()
+            .collect();
+        let c = fit_reports(&train, 0.0);
+        for (o, s) in out.iter_mut().zip(samples) {
+            if s.group % folds == f {
+                *o = c.probability(s.any);
+            }
+        }
+    }
+    out
+}
+
+/// Micro precision, recall and F1 of the report technique sets kept at `threshold`, from every
+/// supported technique's `(score, right)` and the number of labels over the reports.
+pub fn set_scores(scored: &[(f64, bool)], labels: usize, threshold: f64) -> (f64, f64, f64) {
+    let kept = scored.iter().filter(|(p, _)| *p >= threshold);
+    let (tp, n) = kept.fold((0usize, 0usize), |(tp, n), (_, right)| {
+        (tp + usize::from(*right), n + 1)
+    });
+    let p = tp as f64 / n.max(1) as f64;
+    let r = tp as f64 / labels.max(1) as f64;
+    let f1 = if p + r > 0.0 {
+        2.0 * p * r / (p + r)
+    } else {
+        0.0
+    };
+    (p, r, f1)
+}
+
+/// The threshold (in steps of 0.01) with the best F1 of the report sets averaged over `sets`
+/// (each: every supported technique's `(score, right)` and its number of labels); the lowest of
+/// equals.
+pub fn best_f1_threshold(sets: &[(Vec<(f64, bool)>, usize)]) -> f64 {
+    let mut best = (f64::NEG_INFINITY, crate::DEFAULT_THRESHOLD);
+    for t in (1..100).map(|i| i as f64 / 100.0) {
+        let f1 = sets
+            .iter()
+            .map(|(scored, labels)| set_scores(scored, *labels, t).2)
+            .sum::<f64>()
+            / sets.len().max(1) as f64;
+        if f1 > best.0 + 1e-12 {
+            best = (f1, t);
+        }
+    }
+    best.1
+}
+
 /// A stable group number of a text's group key (a report id, a rule id).
 pub fn group_of(key: &str) -> u64 {
     // FNV-1a: stable across runs and platforms (the std hasher is not).
@@ -454,6 +603,41 @@ mod tests {
         assert!((p - sigmoid(3.3)).abs() > 0.3, "{p}");
         // Cited candidates are not fitted on: the id weight stays 0.
         assert_eq!(c.best.weights[11], 0.0);
+    }
+
+    #[test]
+    fn report_calibration_is_monotone_and_pulls_overconfident_scores_down() {
+        // Uncalibrated report scores that run high: a technique scored p is right p² of the time.
+        let pairs: Vec<(f64, bool)> = (0..4000)
+            .map(|i| {
+                let p = (i % 100) as f64 / 100.0 + 0.005;
+                (p, ((i * 7919) % 1000) as f64 / 1000.0 < p * p)
+            })
+            .collect();
+        let c = ReportCalibration::fit(&pairs, 0.3);
+        assert_eq!(c.threshold, 0.3);
+        let ps: Vec<f64> = (1..100).map(|i| c.probability(i as f64 / 100.0)).collect();
+        assert!(ps.windows(2).all(|w| w[1] > w[0]), "{ps:?}");
+        // Calibrated: the mean probability of a bin matches its share right.
+        let cal: Vec<(f64, bool)> = pairs.iter().map(|(p, y)| (c.probability(*p), *y)).collect();
+        let before = super::super::eval::reliability(&pairs, 10).ece;
+        let after = super::super::eval::reliability(&cal, 10).ece;
+        assert!(after < before / 2.0, "{before} → {after}");
+        assert!(c.probability(0.5) < 0.45, "{}", c.probability(0.5));
+        // Certain scores stay finite.
+        assert!(c.probability(1.0).is_finite() && c.probability(0.0).is_finite());
+    }
+
+    #[test]
+    fn report_threshold_has_the_best_mean_f1() {
+        // Two sets: scores ≥ 0.5 are right; a threshold of 0.5 keeps all of them and nothing else.
+        let a: Vec<(f64, bool)> = (0..20).map(|i| (i as f64 / 20.0, i >= 10)).collect();
+        let b: Vec<(f64, bool)> = vec![(0.9, true), (0.6, true), (0.2, false)];
+        assert_eq!(set_scores(&a, 10, 0.5), (1.0, 1.0, 1.0));
+        // Labels never supported count against recall.
+        assert_eq!(set_scores(&b, 4, 0.5), (1.0, 0.5, 2.0 / 3.0));
+        assert_eq!(set_scores(&b, 4, 0.95), (0.0, 0.0, 0.0));
+        assert!((best_f1_threshold(&[(a, 10), (b, 2)]) - 0.46).abs() < 1e-9);
     }
 
     #[test]

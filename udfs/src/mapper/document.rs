@@ -14,8 +14,7 @@ pub const MAX_SENTENCES: usize = 5_000;
 pub struct Found {
     /// Index into the model's techniques.
     pub technique: usize,
-    /// Probability that the report describes it: that at least one of its sentences is a correct
-    /// mention (see [`map_document`]).
+    /// Probability that the technique is one of the report's (see [`map_document`]).
     pub score: f64,
     /// Sentences (and technique-table rows) behind it: those whose best technique it is, or for a
     /// parent technique one of its sub-techniques.
@@ -24,22 +23,32 @@ pub struct Found {
     pub sentence: String,
 }
 
-/// Map a whole report. Each prose sentence's best technique, with its score, is evidence for that
-/// technique and, for a sub-technique, for its parent (which it implies); a technique table's row
-/// is evidence for the techniques it cites by id (scored by the model on the row). A technique's
-/// report score is the probability that at least one of its sentences is a correct mention,
-/// `1 − Π(1 − p)` over them (sentences taken as independent, which they are not quite: on the
-/// AnnoCTR reports this score has a 10-bin ECE of 0.08 and runs high), and the report has it when
-/// that reaches the threshold (`threshold`, else the model's own). Strongest first.
-pub fn map_document(
+/// What a report's sentences say for one technique, before the report calibration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Support {
+    /// Index into the model's techniques.
+    pub technique: usize,
+    /// Probability that at least one of its sentences is a correct mention, were the sentences
+    /// independent: `1 − Π(1 − p)`.
+    pub any: f64,
+    /// Sentences (and rows) behind it.
+    pub sentences: usize,
+    /// The best sentence's score.
+    pub best: f64,
+    /// That sentence (or row).
+    pub sentence: String,
+}
+
+/// The techniques a report's sentences support, and how many units (sentences and cited table
+/// rows) the report has. Each prose sentence's best technique, with its score, is evidence for
+/// that technique and, for a sub-technique, for its parent (which it implies); a technique table's
+/// row is evidence for the techniques it cites by id (scored by the model on the row).
+pub fn report_support(
     m: &super::Mapper,
     text: &str,
-    threshold: Option<f64>,
     s: &mut super::Scratch,
-) -> Vec<Found> {
-    // Per technique: the chance that none of its sentences is right, its sentences, the best one.
-    let mut evidence: std::collections::HashMap<usize, (f64, usize, f64, String)> =
-        std::collections::HashMap::new();
+) -> (Vec<Support>, usize) {
+    let mut support: std::collections::HashMap<usize, Support> = std::collections::HashMap::new();
     let mut add = |technique: usize, p: f64, unit: &str| {
         // NaN and 0 are no evidence.
         if p.is_nan() || p <= 0.0 {
@@ -47,40 +56,62 @@ pub fn map_document(
         }
         let p = p.min(1.0);
         for t in std::iter::once(technique).chain(m.model.parent_technique(technique)) {
-            let e = evidence
-                .entry(t)
-                .or_insert_with(|| (1.0, 0, 0.0, String::new()));
-            e.0 *= 1.0 - p;
-            e.1 += 1;
-            if p > e.2 {
-                e.2 = p;
-                e.3 = unit.to_string();
+            let e = support.entry(t).or_insert_with(|| Support {
+                technique: t,
+                any: 0.0,
+                sentences: 0,
+                best: 0.0,
+                sentence: String::new(),
+            });
+            e.any = 1.0 - (1.0 - e.any) * (1.0 - p);
+            e.sentences += 1;
+            if p > e.best {
+                e.best = p;
+                e.sentence = unit.to_string();
             }
         }
     };
-    for unit in report_units(text) {
+    let units = report_units(text);
+    for unit in &units {
         match unit {
             Unit::Sentence(sentence) => {
-                if let Some(r) = m.top_k(&sentence, 1, s).first() {
-                    add(r.technique, r.score, &sentence);
+                if let Some(r) = m.top_k(sentence, 1, s).first() {
+                    add(r.technique, r.score, sentence);
                 }
             }
             Unit::Cited(row) => {
-                for t in m.model.cited_techniques(&row) {
-                    let p = m.model.technique_score(&m.vectors, &row, t, s);
-                    add(t, p, &row);
+                for t in m.model.cited_techniques(row) {
+                    let p = m.model.technique_score(&m.vectors, row, t, s);
+                    add(t, p, row);
                 }
             }
         }
     }
-    let threshold = threshold.unwrap_or_else(|| m.default_threshold());
-    let mut found: Vec<Found> = evidence
+    (support.into_values().collect(), units.len())
+}
+
+/// Map a whole report ([`report_support`]). A technique's score is the probability that it is one
+/// of the report's techniques: the report calibration ([`super::calibrate::ReportCalibration`]) of
+/// its support, fitted on labelled reports, when the model has one; else `1 − Π(1 − p)` over its
+/// sentences, which runs high (a report's sentences are not independent). The report has it when
+/// that reaches the threshold (`threshold`, else the report calibration's, else the model's own).
+/// Strongest first.
+pub fn map_document(
+    m: &super::Mapper,
+    text: &str,
+    threshold: Option<f64>,
+    s: &mut super::Scratch,
+) -> Vec<Found> {
+    let (support, _) = report_support(m, text, s);
+    let report = m.model.calibration.as_ref().and_then(|c| c.report);
+    let threshold = threshold.unwrap_or_else(|| m.report_threshold());
+    let mut found: Vec<Found> = support
         .into_iter()
-        .map(|(technique, (miss, sentences, _, sentence))| Found {
-            technique,
-            score: 1.0 - miss,
-            sentences,
-            sentence,
+        .map(|e| Found {
+            technique: e.technique,
+            score: report.map_or(e.any, |r| r.probability(e.any)),
+            sentences: e.sentences,
+            sentence: e.sentence,
         })
         .filter(|f| f.score >= threshold && f.score > 0.0)
         .collect();

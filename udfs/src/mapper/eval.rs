@@ -186,36 +186,56 @@ pub fn operating_points(
         .collect()
 }
 
+/// How `map_report` did on labelled reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DocumentScores {
+    /// Micro precision of the reports' technique sets.
+    pub precision: f64,
+    /// Micro recall.
+    pub recall: f64,
+    /// Their F1.
+    pub f1: f64,
+    /// The threshold the sets were cut at.
+    pub threshold: f64,
+    /// 10-bin ECE of the report scores of every technique the reports support (right: one of the
+    /// report's labels).
+    pub ece: f64,
+    /// How many (report, technique) scores that is.
+    pub scored: usize,
+    /// The ECE a perfectly calibrated score would show on them ([`ece_noise_floor`]).
+    pub noise_floor: f64,
+}
+
 /// Document-level precision, recall and F1 (micro) of `map_report` on reports with their labelled
-/// technique sets, at `threshold` (`None`: the model's own per sentence).
+/// technique sets, at `threshold` (`None`: the model's own for reports), and the calibration of
+/// its scores.
 pub fn document_scores(
     m: &super::Mapper,
     docs: &[(String, std::collections::BTreeSet<String>)],
     threshold: Option<f64>,
-) -> (f64, f64, f64) {
-    let found = crate::mapping_kernels::par_documents(m, docs.len(), threshold, |i| {
+) -> DocumentScores {
+    // Every supported technique (score > 0), cut below.
+    let found = crate::mapping_kernels::par_documents(m, docs.len(), Some(0.0), |i| {
         Some(docs[i].0.as_str())
     });
-    let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
+    let threshold = threshold.unwrap_or_else(|| m.report_threshold());
+    let mut scored = Vec::new();
     for ((_, want), got) in docs.iter().zip(found) {
-        let got: HashSet<&str> = got
-            .unwrap_or_default()
-            .iter()
-            .map(|x| m.model.techniques[x.technique].id.as_str())
-            .collect();
-        let hit = got.iter().filter(|t| want.contains(**t)).count();
-        tp += hit;
-        fp += got.len() - hit;
-        fn_ += want.len() - hit;
+        for f in got.unwrap_or_default() {
+            scored.push((f.score, want.contains(&m.model.techniques[f.technique].id)));
+        }
     }
-    let p = tp as f64 / (tp + fp).max(1) as f64;
-    let r = tp as f64 / (tp + fn_).max(1) as f64;
-    let f1 = if p + r > 0.0 {
-        2.0 * p * r / (p + r)
-    } else {
-        0.0
-    };
-    (p, r, f1)
+    let labels = docs.iter().map(|(_, w)| w.len()).sum();
+    let (precision, recall, f1) = super::calibrate::set_scores(&scored, labels, threshold);
+    DocumentScores {
+        precision,
+        recall,
+        f1,
+        threshold,
+        ece: reliability(&scored, 10).ece,
+        scored: scored.len(),
+        noise_floor: ece_noise_floor(&scored.iter().map(|(p, _)| *p).collect::<Vec<_>>(), 10, 200),
+    }
 }
 
 /// A labelled text for evaluation.

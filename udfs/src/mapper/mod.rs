@@ -223,6 +223,14 @@ impl Mapper {
             .map_or(crate::DEFAULT_THRESHOLD, |c| c.threshold)
     }
 
+    /// The threshold of `map_report`: its report calibration's, else [`Mapper::default_threshold`].
+    pub fn report_threshold(&self) -> f64 {
+        match &self.model.calibration {
+            Some(c) => c.report.map_or(c.threshold, |r| r.threshold),
+            None => crate::DEFAULT_THRESHOLD,
+        }
+    }
+
     /// The abstain threshold for `text`: `configured` when given; else the calibration's for prose
     /// and [`crate::DEFAULT_THRESHOLD`] for command lines, code and indicator lists (whose scores
     /// keep the model's ATT&CK-procedure calibration).
