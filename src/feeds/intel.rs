@@ -201,7 +201,7 @@ pub async fn map_intel(
             };
             items.insert((id.clone(), ver.clone()));
             if !reports.is_null(r) {
-                // Thresholds were applied per sentence by map_report.
+                // map_report kept the techniques whose report score reached its threshold.
                 let entries = reports.value(r);
                 let s = entries.as_struct();
                 let tid = s.column(0).as_string::<i32>();

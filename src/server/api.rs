@@ -619,8 +619,9 @@ pub struct ReportTechnique {
     pub name: String,
     /// Tactics.
     pub tactics: Vec<String>,
-    /// Probability that the report describes it, in [0, 1]: that at least one of its sentences is a
-    /// correct mention.
+    /// Probability that it is one of the report's techniques, in [0, 1]: the chance that at least
+    /// one of its sentences is a correct mention, calibrated on labelled reports (see the README's
+    /// `map_report`).
     pub score: f64,
     /// Sentences (and technique-table rows) behind it: those whose best technique it is or, for a
     /// parent technique, one of its sub-techniques.

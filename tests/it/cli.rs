@@ -718,3 +718,180 @@ fn model_build_learns_the_sentences_analysts_labelled() {
     assert!(!out.contains("learnt"), "{out}");
     assert_eq!(rank(&ranked_ics(&dir, sentence)), rank(&before));
 }
+
+#[test]
+fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
+    // A copy of the ICS model, calibrated on a handful of labelled ICS reports (rows name their
+    // report in `doc`): calibration.json gains a report calibration, and `map --document` scores a
+    // report's techniques through it — σ(slope·logit(s) + bias) of the score without it, same order.
+    let models = common::scratch("cli-report-calibration");
+    let dir = models.join("ics-18.1");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.bin", "embeddings.fifu", "manifest.json"] {
+        std::fs::copy(ics_models().join("ics-18.1").join(f), dir.join(f)).unwrap();
+    }
+    let reports = [
+        (
+            "r1",
+            "The attackers modified the controller program and downloaded new logic to the PLC.",
+            "T0889",
+        ),
+        (
+            "r1",
+            "They changed the setpoint parameters of the safety controller.",
+            "T0836",
+        ),
+        (
+            "r1",
+            "The quarterly maintenance window was moved to Friday.",
+            "",
+        ),
+        (
+            "r2",
+            "Unauthorized command messages were sent to the field devices over Modbus.",
+            "T0855",
+        ),
+        (
+            "r2",
+            "The operators lost view of the process when the HMI screens froze.",
+            "T0815",
+        ),
+        (
+            "r3",
+            "The malware restarted the devices and shut down the engineering workstation.",
+            "T0816",
+        ),
+        (
+            "r3",
+            "The plant reported fair weather and normal staffing levels that week.",
+            "",
+        ),
+        (
+            "r4",
+            "A new project file was uploaded to the controller with modified ladder logic.",
+            "T0889",
+        ),
+        (
+            "r4",
+            "The attackers brute forced the default credentials of the engineering workstation.",
+            "T0812",
+        ),
+        (
+            "r5",
+            "Firmware of the remote terminal units was replaced with a malicious image.",
+            "T0839",
+        ),
+        (
+            "r5",
+            "The group collected the program of the PLC through a program upload.",
+            "T0845",
+        ),
+        (
+            "r6",
+            "They spoofed reporting messages so operators saw normal values.",
+            "T0856",
+        ),
+        (
+            "r6",
+            "Alarm settings were suppressed so no alarm was raised.",
+            "T0878",
+        ),
+    ];
+    let labelled = models.join("reports.jsonl");
+    let lines: Vec<String> = reports
+        .iter()
+        .map(|(doc, text, label)| {
+            let labels: Vec<&str> = [*label].into_iter().filter(|l| !l.is_empty()).collect();
+            json!({"doc": doc, "text": text, "labels": labels}).to_string()
+        })
+        .collect();
+    std::fs::write(&labelled, lines.join("\n")).unwrap();
+    let cli = || {
+        let mut c = common::cli();
+        c.env("THREATLAKE_LAKE_MODELS", &models)
+            .args(["--lake", lake().to_str().unwrap()]);
+        c
+    };
+    let (ok, out, err) = common::run(cli().args([
+        "model",
+        "calibrate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input",
+        labelled.to_str().unwrap(),
+    ]));
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("map_report scores"), "{out}");
+    let cal: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("calibration.json")).unwrap()).unwrap();
+    let report = &cal["report"];
+    let (slope, bias, threshold) = (
+        report["slope"].as_f64().unwrap(),
+        report["bias"].as_f64().unwrap(),
+        report["threshold"].as_f64().unwrap(),
+    );
+    assert!(slope > 0.0 && (0.0..1.0).contains(&threshold), "{report}");
+    let document =
+        "The attackers modified the controller program and downloaded new logic to the PLC. \
+        They also uploaded a modified project file to the controller.\n\n\
+        Later they sent unauthorized command messages to the field devices.";
+    let scores = |cli: &mut Command| -> Vec<(String, f64)> {
+        let (ok, out, err) = common::run(cli.args([
+            "map",
+            "--domain",
+            "ics",
+            "--document",
+            "--format",
+            "jsonl",
+            document,
+        ]));
+        assert!(ok, "{err}");
+        let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        line["techniques"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["technique_id"].as_str().unwrap().to_string(),
+                    t["score"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // Threshold 0 keeps every supported technique, with and without the report calibration.
+    let config = models.join("settings.yaml");
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/settings.yaml"))
+            .unwrap();
+    assert!(shipped.contains("\n  threshold: null"));
+    std::fs::write(
+        &config,
+        shipped.replace("\n  threshold: null", "\n  threshold: 0.0"),
+    )
+    .unwrap();
+    let calibrated = scores(cli().args(["--config", config.to_str().unwrap()]));
+    let mut without = cal.clone();
+    without.as_object_mut().unwrap().remove("report");
+    std::fs::write(dir.join("calibration.json"), without.to_string()).unwrap();
+    let raw = scores(cli().args(["--config", config.to_str().unwrap()]));
+    assert!(!raw.is_empty(), "{raw:?}");
+    assert_eq!(
+        calibrated.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+        raw.iter().map(|(t, _)| t).collect::<Vec<_>>()
+    );
+    // The calibration moves the scores (else the check below would hold for any slope near 1).
+    assert!(
+        calibrated
+            .iter()
+            .zip(&raw)
+            .any(|((_, c), (_, r))| (c - r).abs() > 0.01),
+        "{calibrated:?} {raw:?}"
+    );
+    for ((_, c), (_, r)) in calibrated.iter().zip(&raw) {
+        let r = r.clamp(1e-6, 1.0 - 1e-6);
+        let want = 1.0 / (1.0 + (-(bias + slope * (r / (1.0 - r)).ln())).exp());
+        // Scores are printed to 4 decimals.
+        assert!((c - want).abs() < 2e-3, "{c} vs σ(…{r}) = {want}");
+    }
+}
