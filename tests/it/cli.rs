@@ -825,12 +825,18 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
     let cal: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("calibration.json")).unwrap()).unwrap();
     let report = &cal["report"];
-    let (slope, bias, threshold) = (
-        report["slope"].as_f64().unwrap(),
-        report["bias"].as_f64().unwrap(),
-        report["threshold"].as_f64().unwrap(),
+    assert!(
+        report["slope"].as_f64().unwrap() > 0.0
+            && report["bias"].as_f64().unwrap().is_finite()
+            && (0.0..1.0).contains(&report["threshold"].as_f64().unwrap()),
+        "{report}"
     );
-    assert!(slope > 0.0 && (0.0..1.0).contains(&threshold), "{report}");
+    // Thirteen rows fit the text calibration to near-certain scores; a report calibration that
+    // halves the log-odds shows whether map --document applies it.
+    let (slope, bias) = (0.5, -1.0);
+    let mut cal = cal.clone();
+    cal["report"] = json!({"slope": slope, "bias": bias, "threshold": 0.2});
+    std::fs::write(dir.join("calibration.json"), cal.to_string()).unwrap();
     let document =
         "The attackers modified the controller program and downloaded new logic to the PLC. \
         They also uploaded a modified project file to the controller.\n\n\
@@ -888,10 +894,16 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
             .any(|((_, c), (_, r))| (c - r).abs() > 0.01),
         "{calibrated:?} {raw:?}"
     );
-    for ((_, c), (_, r)) in calibrated.iter().zip(&raw) {
+    let platt = |r: f64| {
         let r = r.clamp(1e-6, 1.0 - 1e-6);
-        let want = 1.0 / (1.0 + (-(bias + slope * (r / (1.0 - r)).ln())).exp());
-        // Scores are printed to 4 decimals.
-        assert!((c - want).abs() < 2e-3, "{c} vs σ(…{r}) = {want}");
+        1.0 / (1.0 + (-(bias + slope * (r / (1.0 - r)).ln())).exp())
+    };
+    for ((_, c), (_, r)) in calibrated.iter().zip(&raw) {
+        // Scores are printed to 4 decimals: the raw score lies within 0.00005 of what is shown.
+        let (lo, hi) = (platt(r - 5e-5), platt(r + 5e-5));
+        assert!(
+            (lo - 1e-4..=hi + 1e-4).contains(c),
+            "{c} vs σ(…{r}) in [{lo}, {hi}]"
+        );
     }
 }
