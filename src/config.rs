@@ -463,6 +463,11 @@ pub struct MappingSettings {
     /// makes one); null builds models whose scores are calibrated on ATT&CK procedures only.
     #[serde(default)]
     pub calibration: Option<String>,
+    /// Labelled report sentences `model build` learns as procedure examples besides ATT&CK's:
+    /// `builtin` (AnnoCTR's train documents, `data/mapping/`), a JSON-lines file of
+    /// `{"text", "labels"}`, or null (none).
+    #[serde(default)]
+    pub examples: Option<String>,
 }
 
 /// `reports:` section.

@@ -191,38 +191,90 @@ pub async fn training_set(engine: &Engine, domain: Domain) -> Result<TrainingSet
     Ok(set)
 }
 
+/// Add labelled sentences `(text, labels, source)` to `set` as procedure examples of their
+/// techniques; returns how many sentences were added. Techniques the domain does not know are
+/// skipped (so Enterprise sentences teach a Mobile or ICS model nothing).
+fn add_labelled(
+    set: &mut TrainingSet,
+    rows: impl IntoIterator<Item = (String, Vec<String>, String)>,
+) -> usize {
+    let known: HashSet<String> = set
+        .techniques
+        .iter()
+        .map(|t| t.id.clone())
+        .chain(set.revoked.iter().map(|(a, _)| a.clone()))
+        .collect();
+    let mut sentences = 0;
+    for (text, labels, source) in rows {
+        let labels: Vec<String> = labels.into_iter().filter(|l| known.contains(l)).collect();
+        if labels.is_empty() || text.trim().is_empty() {
+            continue;
+        }
+        for technique in labels {
+            set.examples.push(Example {
+                technique,
+                text: text.clone(),
+                source: source.clone(),
+            });
+        }
+        sentences += 1;
+    }
+    sentences
+}
+
 /// Add the sentences analysts labelled in the mapping workbench (`mapping_feedback`: accepted and
 /// corrected techniques, the newest decision per suggestion) to `set` as procedure examples of
 /// their techniques; returns how many sentences were added. Techniques the domain does not know
 /// are skipped; rejections are not learnt (the mapper has no negative examples).
 pub async fn add_feedback(engine: &Engine, set: &mut TrainingSet) -> Result<usize, MappingError> {
-    let known: HashSet<&str> = set
-        .techniques
-        .iter()
-        .map(|t| t.id.as_str())
-        .chain(set.revoked.iter().map(|(a, _)| a.as_str()))
-        .collect();
-    let (mut added, mut sentences) = (Vec::new(), 0);
-    for ex in crate::feedback::export(engine).await? {
-        let labels: Vec<String> = ex
-            .labels
-            .into_iter()
-            .filter(|l| known.contains(l.as_str()))
-            .collect();
-        if labels.is_empty() || ex.text.trim().is_empty() {
-            continue;
-        }
-        for technique in labels {
-            added.push(Example {
-                technique,
-                text: ex.text.clone(),
-                source: format!("workbench:{}", ex.doc),
-            });
-        }
-        sentences += 1;
-    }
-    set.examples.extend(added);
-    Ok(sentences)
+    let rows = crate::feedback::export(engine)
+        .await?
+        .into_iter()
+        .map(|ex| (ex.text, ex.labels, format!("workbench:{}", ex.doc)));
+    Ok(add_labelled(set, rows))
+}
+
+/// The labelled report sentences shipped with threatlake (`mapping.examples: builtin`): AnnoCTR's
+/// train documents (`data/mapping/README.md`).
+pub const BUILTIN_EXAMPLES: &str = include_str!("../data/mapping/annoctr-train.jsonl");
+
+/// The labelled sentences `mapping.examples` names: `builtin` or a JSON-lines file of
+/// `{"text", "labels", "doc"?}`; the error names the file, the line and the fix.
+pub fn examples_setting(value: &str) -> Result<Vec<crate::feedback::Labelled>, String> {
+    let (name, text) = if value == "builtin" {
+        (
+            "the built-in examples".to_string(),
+            BUILTIN_EXAMPLES.to_string(),
+        )
+    } else {
+        let text = std::fs::read_to_string(value).map_err(|e| {
+            format!(
+                "cannot read the examples {value}: {e}; fix mapping.examples (null learns none)"
+            )
+        })?;
+        (value.to_string(), text)
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                format!(
+                    "{name} line {}: {e}; expected {{\"text\": \"…\", \"labels\": [\"T…\"]}} (fix the file or mapping.examples)",
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+/// What a model learns besides ATT&CK's own text.
+#[derive(Debug, Clone, Default)]
+pub struct Learn {
+    /// The workbench's accepted and corrected sentences (`mapping_feedback`).
+    pub feedback: bool,
+    /// Labelled sentences (`mapping.examples`).
+    pub examples: Vec<crate::feedback::Labelled>,
 }
 
 fn name_regex(names: Option<&Vec<String>>) -> Option<Regex> {
@@ -300,16 +352,24 @@ pub async fn build_model(
     pretrained: Option<&Path>,
     params: MapperParams,
     calibration: Option<mapper::calibrate::Calibration>,
-    feedback: bool,
+    learn: Learn,
 ) -> Result<BuildReport, MappingError> {
     let mut timings = Vec::new();
     let t = Instant::now();
     let mut set = training_set(engine, domain).await?;
-    let learnt = if feedback {
+    let attack_examples = set.examples.len();
+    let learnt = if learn.feedback {
         add_feedback(engine, &mut set).await?
     } else {
         0
     };
+    let examples = add_labelled(
+        &mut set,
+        learn.examples.into_iter().map(|l| {
+            let source = format!("examples:{}", l.doc.as_deref().unwrap_or(""));
+            (l.text, l.labels, source)
+        }),
+    );
     timings.push(("read lake", t.elapsed()));
     let t = Instant::now();
     let pre = pretrained.map(|p| load_pretrained(p, &set)).transpose()?;
@@ -325,11 +385,17 @@ pub async fn build_model(
     .expect("model build worker panicked");
     let mut m = m?;
     m.model.calibration = calibration.filter(|c| c.domain == m.model.domain);
+    m.model.set_learnt(
+        set.examples[attack_examples..]
+            .iter()
+            .map(|e| e.text.as_str()),
+    );
     timings.push(("fit", t.elapsed()));
     let t = Instant::now();
     let dir = mapper::model_dir(models_root, domain.as_str(), &set.attack_version);
     let mut manifest = m.manifest(pretrained.map(|p| p.display().to_string()));
     manifest.feedback = learnt;
+    manifest.examples = examples;
     m.save(&dir, &manifest)?;
     timings.push(("save", t.elapsed()));
     let bytes = std::fs::read_dir(&dir)

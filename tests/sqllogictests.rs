@@ -141,7 +141,10 @@ fn main() {
             None,
             threatlake_udfs::mapper::MapperParams::default(),
             Some(threatlake::mapping::calibration_setting("builtin").unwrap()),
-            false,
+            threatlake::mapping::Learn {
+                feedback: false,
+                examples: threatlake::mapping::examples_setting("builtin").unwrap(),
+            },
         )
         .await
         .unwrap();
@@ -283,6 +286,20 @@ fn development_floors(m: &threatlake_udfs::mapper::Mapper) -> usize {
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
+        // The reports the model learnt sentences of (mapping.examples: AnnoCTR's train documents)
+        // are left out, as `model eval` leaves them out.
+        let key =
+            |r: &serde_json::Value| r["doc"].as_str().or(r["id"].as_str()).map(str::to_string);
+        let learnt: std::collections::HashSet<Option<String>> = rows
+            .iter()
+            .filter(|r| m.model.learnt(r["text"].as_str().unwrap()))
+            .map(key)
+            .collect();
+        assert!(!learnt.contains(&None), "a learnt row without a report");
+        let rows: Vec<serde_json::Value> = rows
+            .into_iter()
+            .filter(|r| !learnt.contains(&key(r)))
+            .collect();
         let texts: Vec<String> = rows
             .iter()
             .map(|r| r["text"].as_str().unwrap().to_string())
@@ -370,22 +387,23 @@ fn development_floors(m: &threatlake_udfs::mapper::Mapper) -> usize {
     failed
 }
 
-// Floors: the figures measured with the shipped calibration (enterprise 18.1, default parameters:
-// top-1 0.3597 / 0.4930 / 0.7374, recall@5 0.6225 / 0.7293 / 0.9192, MRR@10 0.4696 / 0.5971 / 0.8185,
-// ECE 0.0306 / 0.0495 / 0.1028, AnnoCTR negatives mapped 0.031, document F1 0.456 and report-score
-// ECE 0.032), a little below; ECE ceilings a little above (CAR's 99 rows cannot show less than
-// about 0.1: see README; the report scores uncalibrated showed 0.082).
-const TOP1_ANNOCTR: f64 = 0.355;
-const R5_ANNOCTR: f64 = 0.615;
-const MRR_ANNOCTR: f64 = 0.465;
-const ECE_ANNOCTR: f64 = 0.04;
-const DOC_F1_ANNOCTR: f64 = 0.45;
-const DOC_ECE_ANNOCTR: f64 = 0.045;
-const TOP1_SPLUNK: f64 = 0.488;
-const R5_SPLUNK: f64 = 0.725;
-const MRR_SPLUNK: f64 = 0.592;
-const ECE_SPLUNK: f64 = 0.06;
+// Floors: the figures measured with the shipped calibration (enterprise 18.1, default parameters,
+// mapping.examples builtin; AnnoCTR: its 16 dev reports, the model learnt the train reports):
+// top-1 0.5761 / 0.5045 / 0.7374, recall@5 0.8299 / 0.7335 / 0.9091, MRR@10 0.6902 / 0.6062 / 0.8136,
+// ECE 0.0201 / 0.0324 / 0.1276, AnnoCTR negatives mapped 0.029, document F1 0.434 and report-score
+// ECE 0.072, a little below; ECE ceilings a little above (CAR's 99 rows cannot show less than about
+// 0.1, AnnoCTR's 338 report scores less than about 0.04: see README).
+const TOP1_ANNOCTR: f64 = 0.57;
+const R5_ANNOCTR: f64 = 0.82;
+const MRR_ANNOCTR: f64 = 0.685;
+const ECE_ANNOCTR: f64 = 0.03;
+const DOC_F1_ANNOCTR: f64 = 0.425;
+const DOC_ECE_ANNOCTR: f64 = 0.08;
+const TOP1_SPLUNK: f64 = 0.50;
+const R5_SPLUNK: f64 = 0.73;
+const MRR_SPLUNK: f64 = 0.60;
+const ECE_SPLUNK: f64 = 0.04;
 const TOP1_CAR: f64 = 0.73;
-const R5_CAR: f64 = 0.91;
+const R5_CAR: f64 = 0.90;
 const MRR_CAR: f64 = 0.81;
-const ECE_CAR: f64 = 0.125;
+const ECE_CAR: f64 = 0.135;

@@ -406,7 +406,13 @@ pub fn eval_file(
 ) -> Result<()> {
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load(&dir)?;
-    let test = read_labelled(input)?;
+    let test = unlearnt(&m, read_grouped(input)?, input);
+    if test.is_empty() {
+        bail!(
+            "{}: the model learnt every report of it (mapping.examples or workbench feedback); evaluate on other text",
+            input.display()
+        );
+    }
     let texts: Vec<String> = test.iter().map(|l| l.text.clone()).collect();
     let ranked = threatlake_udfs::mapping_kernels::par_top_k(&m, &texts, 10);
     let (mut ids, mut labels, mut pairs, mut negatives) = (vec![], vec![], vec![], vec![]);
@@ -502,7 +508,7 @@ pub fn eval_file(
                 .map_or("-".to_string(), |x| format!("{x:.3}"))
         );
     }
-    eval_documents(settings, &m, input)
+    eval_documents(settings, &m, test)
 }
 
 /// `model eval --from-lake`: the model against the techniques feeds state for their own items (OTX
@@ -647,6 +653,36 @@ struct GroupedRow {
     group: Option<String>,
 }
 
+/// `rows` without the reports (rows of one `doc`/`id`; a row without one is its own) that the model
+/// learnt a sentence of (`mapping.examples`, workbench feedback): scores there measure memory. Says
+/// how many were left out.
+fn unlearnt(m: &Mapper, rows: Vec<GroupedRow>, path: &Path) -> Vec<GroupedRow> {
+    let learnt = |i: usize, r: &GroupedRow| r.group.clone().unwrap_or_else(|| format!("\0{i}"));
+    let groups: std::collections::HashSet<String> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| m.model.learnt(&r.text))
+        .map(|(i, r)| learnt(i, r))
+        .collect();
+    if groups.is_empty() {
+        return rows;
+    }
+    let n = rows.len();
+    let kept: Vec<GroupedRow> = rows
+        .into_iter()
+        .enumerate()
+        .filter(|(i, r)| !groups.contains(&learnt(*i, r)))
+        .map(|(_, r)| r)
+        .collect();
+    println!(
+        "{}: left out {} of {n} rows, those of {} report(s) the model learnt sentences of",
+        path.display(),
+        n - kept.len(),
+        groups.len()
+    );
+    kept
+}
+
 fn read_grouped(path: &Path) -> Result<Vec<GroupedRow>> {
     let labelled = read_labelled(path)?;
     let text = std::fs::read_to_string(path)?;
@@ -692,7 +728,7 @@ pub fn calibrate(
     let mut names = Vec::new();
     let mut reports = Vec::new();
     for (fi, p) in inputs.iter().enumerate() {
-        let grouped = read_grouped(p)?;
+        let grouped = unlearnt(&m, read_grouped(p)?, p);
         reports.push(
             reports_of(grouped.clone())
                 .into_iter()
@@ -913,8 +949,8 @@ fn reports_of(rows: Vec<GroupedRow>) -> Vec<(String, std::collections::BTreeSet<
 /// Document-level scores of `map_report` on a labelled file whose rows name their report (`doc`):
 /// each report's sentences joined are mapped as one document, its technique set compared with
 /// the union of its sentences' labels.
-fn eval_documents(settings: &Settings, m: &Mapper, path: &Path) -> Result<()> {
-    let docs: Vec<(String, std::collections::BTreeSet<String>)> = reports_of(read_grouped(path)?)
+fn eval_documents(settings: &Settings, m: &Mapper, rows: Vec<GroupedRow>) -> Result<()> {
+    let docs: Vec<(String, std::collections::BTreeSet<String>)> = reports_of(rows)
         .into_iter()
         .map(|(t, l, _)| (t, l))
         .collect();

@@ -1003,6 +1003,18 @@ pub async fn build_model(
             })
         })
         .transpose()?;
+    let examples = settings
+        .mapping
+        .examples
+        .as_deref()
+        .map(|p| {
+            crate::mapping::examples_setting(p).map_err(|message| PipelineError::Setting {
+                setting: "mapping.examples".into(),
+                message,
+            })
+        })
+        .transpose()?
+        .unwrap_or_default();
     let t = Instant::now();
     let report = crate::mapping::build_model(
         engine,
@@ -1011,7 +1023,10 @@ pub async fn build_model(
         pre.as_deref().map(Path::new),
         threatlake_udfs::mapper::MapperParams::default(),
         calibration,
-        !options.no_feedback,
+        crate::mapping::Learn {
+            feedback: !options.no_feedback,
+            examples,
+        },
     )
     .await?;
     let m = &report.manifest;
@@ -1039,6 +1054,13 @@ pub async fn build_model(
         summary.push_str(&format!(
             "\nlearnt {} sentence(s) analysts labelled in the mapping workbench (mapping_feedback)",
             m.feedback
+        ));
+    }
+    if m.examples > 0 {
+        summary.push_str(&format!(
+            "\nlearnt {} labelled report sentence(s) of mapping.examples ({})",
+            m.examples,
+            settings.mapping.examples.as_deref().unwrap_or_default()
         ));
     }
     let calibrated = report

@@ -103,6 +103,9 @@ pub struct Model {
     proto_tech: Vec<u16>,
     lr_postings: Vec<Vec<(u16, f32)>>,
     lr_bias: Vec<f32>,
+    /// Keys ([`super::text_key`]) of the texts learnt besides ATT&CK's own (labelled examples and
+    /// workbench feedback), sorted: evaluation leaves them out.
+    learnt: Vec<u64>,
     /// Prototypes of technique `t` are `proto_start[t]..proto_start[t + 1]` (derived on load).
     #[serde(skip)]
     proto_start: Vec<u32>,
@@ -807,6 +810,7 @@ fn fit_once(
         proto_tech,
         lr_postings,
         lr_bias,
+        learnt: Vec::new(),
         proto_start: Vec::new(),
         instance: 0,
         flat: FlatPostings::default(),
@@ -1499,6 +1503,25 @@ impl Model {
     /// Number of training units (names, sentences, procedures).
     pub fn unit_count(&self) -> usize {
         self.unit_tech.len()
+    }
+
+    /// Record the texts learnt besides ATT&CK's own (see [`Model::learnt`]).
+    pub fn set_learnt<'a>(&mut self, texts: impl IntoIterator<Item = &'a str>) {
+        let mut keys: Vec<u64> = texts.into_iter().map(super::text_key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        self.learnt = keys;
+    }
+
+    /// Whether the model learnt `text` (a labelled example or workbench sentence): a score on it
+    /// measures memory, not mapping.
+    pub fn learnt(&self, text: &str) -> bool {
+        self.learnt.binary_search(&super::text_key(text)).is_ok()
+    }
+
+    /// How many texts the model learnt besides ATT&CK's own.
+    pub fn learnt_count(&self) -> usize {
+        self.learnt.len()
     }
 }
 

@@ -47,7 +47,7 @@ pub enum MapperError {
 }
 
 /// Bumped whenever the on-disk model changes shape.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MODEL_FILE: &str = "model.bin";
 const VECTORS_FILE: &str = "embeddings.fifu";
 const MANIFEST_FILE: &str = "manifest.json";
@@ -89,6 +89,16 @@ pub struct Manifest {
     /// Sentences analysts labelled in the mapping workbench, learnt as procedure examples.
     #[serde(default)]
     pub feedback: usize,
+    /// Labelled sentences of `mapping.examples` (report sentences labelled by others), learnt as
+    /// procedure examples.
+    #[serde(default)]
+    pub examples: usize,
+}
+
+/// The key of a text for [`algorithm::Model::learnt`]: a stable hash of its words, lower case.
+pub fn text_key(text: &str) -> u64 {
+    let words: Vec<String> = text.split_whitespace().map(str::to_lowercase).collect();
+    calibrate::group_of(&words.join(" "))
 }
 
 impl Mapper {
@@ -120,6 +130,7 @@ impl Mapper {
             dims: self.vectors.dims(),
             pretrained,
             feedback: 0,
+            examples: 0,
         }
     }
 
