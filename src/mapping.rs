@@ -234,6 +234,42 @@ pub async fn add_feedback(engine: &Engine, set: &mut TrainingSet) -> Result<usiz
     Ok(add_labelled(set, rows))
 }
 
+/// A parent technique's sub-technique that `text` names (its ATT&CK name as written, at word
+/// boundaries; names of three characters or more), for a labelled example: report annotators label
+/// the parent even where the text names the sub-technique (AnnoCTR labels "PowerShell" sentences
+/// T1059), and learnt as the parent such a sentence would teach the mapper to prefer the parent over
+/// the sub-technique it plainly describes. The sub-technique implies the parent, so learning it
+/// loses nothing.
+fn named_sub_techniques(set: &TrainingSet) -> impl Fn(&str, &str) -> Option<String> {
+    let mut subs: HashMap<String, Vec<(String, Regex)>> = HashMap::new();
+    for t in &set.techniques {
+        let Some((parent, _)) = t.id.split_once('.') else {
+            continue;
+        };
+        if t.name.chars().count() < 3 {
+            continue;
+        }
+        if let Ok(re) = Regex::new(&format!(r"\b{}\b", regex::escape(&t.name))) {
+            subs.entry(parent.to_string())
+                .or_default()
+                .push((t.id.clone(), re));
+        }
+    }
+    move |label: &str, text: &str| {
+        let named: Vec<&String> = subs
+            .get(label)?
+            .iter()
+            .filter(|(_, re)| re.is_match(text))
+            .map(|(id, _)| id)
+            .collect();
+        // One sub-technique named: that one; none or several: the label as given.
+        match named.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => None,
+        }
+    }
+}
+
 /// The labelled report sentences shipped with threatlake (`mapping.examples: builtin`): AnnoCTR's
 /// train documents (`data/mapping/README.md`).
 pub const BUILTIN_EXAMPLES: &str = include_str!("../data/mapping/annoctr-train.jsonl");
@@ -363,11 +399,17 @@ pub async fn build_model(
     } else {
         0
     };
+    let named = named_sub_techniques(&set);
     let examples = add_labelled(
         &mut set,
         learn.examples.into_iter().map(|l| {
             let source = format!("examples:{}", l.doc.as_deref().unwrap_or(""));
-            (l.text, l.labels, source)
+            let labels = l
+                .labels
+                .into_iter()
+                .map(|label| named(&label, &l.text).unwrap_or(label))
+                .collect();
+            (l.text, labels, source)
         }),
     );
     timings.push(("read lake", t.elapsed()));

@@ -1323,7 +1323,9 @@ impl Model {
         }
         idx.sort_by(cmp);
         let mut ranked: Vec<(usize, f32)> = idx.into_iter().map(|t| (t, s.fused[t])).collect();
-        self.parents_lead(&mut ranked, &s.fused);
+        if super::document::reads_as_prose(input) {
+            self.parents_lead(&mut ranked, &s.fused);
+        }
         let text = self.text_features(&ranked, s);
         (ranked, text)
     }
@@ -1332,7 +1334,9 @@ impl Model {
     /// [`SUB_TECHNIQUE_LEAD`]: the first sub-technique of a family in `ranked` (best first, raw
     /// logits) trades places and logits with its parent, when the parent was scored (`fused` finite).
     /// A parent ranked below the list's end takes the sub-technique's place, which then leaves the
-    /// list. Only a family's first member moves; the rest of the order is kept.
+    /// list. Only a family's first member moves; the rest of the order is kept. Prose only: the rule
+    /// follows how people label report and rule text; a command line or code names its tool, and a
+    /// sub-technique named there (PowerShell, schtasks) is what it runs.
     fn parents_lead(&self, ranked: &mut [(usize, f32)], fused: &[f32]) {
         let family = |t: usize| self.parent_technique(t).unwrap_or(t);
         for i in 0..ranked.len() {
@@ -1387,13 +1391,16 @@ impl Model {
             b.1.total_cmp(&a.1)
                 .then_with(|| self.techniques[a.0].id.cmp(&self.techniques[b.0].id))
         });
-        self.parents_lead(&mut ranked, &s.fused);
+        let prose = super::document::reads_as_prose(input);
+        if prose {
+            self.parents_lead(&mut ranked, &s.fused);
+        }
         let rank = ranked.iter().position(|r| r.0 == t).unwrap_or(ranked.len());
         let z = ranked.get(rank).map_or(s.fused[t], |r| r.1);
         let Some(c) = &self.calibration else {
             return f64::from(sigmoid(z));
         };
-        if !super::document::reads_as_prose(input) {
+        if !prose {
             return f64::from(sigmoid(z));
         }
         let text = self.text_features(&ranked[..ranked.len().min(2)], s);

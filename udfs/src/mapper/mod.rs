@@ -95,6 +95,12 @@ pub struct Manifest {
     pub examples: usize,
 }
 
+/// Whether a training example's source is text learnt besides ATT&CK's own: a labelled example of
+/// `mapping.examples` (`examples:<doc>`) or a workbench decision (`workbench:<doc>`).
+pub fn learnt_source(source: &str) -> bool {
+    source.starts_with("examples:") || source.starts_with("workbench:")
+}
+
 /// The key of a text for [`algorithm::Model::learnt`]: a stable hash of its words, lower case.
 pub fn text_key(text: &str) -> u64 {
     let words: Vec<String> = text.split_whitespace().map(str::to_lowercase).collect();
