@@ -11,11 +11,11 @@ use serde::{Deserialize, Serialize};
 use super::algorithm::Components;
 
 /// Number of calibration features.
-pub const FEATURES: usize = 16;
+pub const FEATURES: usize = 13;
 
 /// Version of the calibration's features; a `calibration.json` of another version was fitted on
 /// other features (or another ranking) and must be fitted again.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 2;
 
 /// Features of one text's ranking that do not depend on the candidate.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -165,12 +165,6 @@ pub fn features(z: f32, rank: usize, t: &TextFeatures, e: &Components) -> [f64; 
         e[3],
         e[4],
         e[5],
-        // Curvature: on report text whose model learnt labelled report sentences (`mapping.examples`),
-        // the chance of being right is not linear in the logit and the nearest-example similarity
-        // (5-fold CV ECE on AnnoCTR's dev reports 0.079 → 0.047, Splunk 0.058 → 0.039).
-        z * z / 10.0,
-        e[1] * e[1],
-        e[0] * e[1],
     ]
 }
 
