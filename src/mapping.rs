@@ -509,3 +509,90 @@ pub async fn feed_labelled(
         unknown,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn technique(id: &str, name: &str) -> TechniqueInfo {
+        TechniqueInfo {
+            id: id.into(),
+            name: name.into(),
+            tactics: vec![],
+            description: String::new(),
+            detection: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_parent_label_is_learnt_for_the_one_sub_technique_the_text_names() {
+        let set = TrainingSet {
+            techniques: vec![
+                technique("T1059", "Command and Scripting Interpreter"),
+                technique("T1059.001", "PowerShell"),
+                technique("T1059.007", "JavaScript"),
+                technique("T1053", "Scheduled Task/Job"),
+                technique("T1053.002", "At"),
+            ],
+            ..TrainingSet::default()
+        };
+        let named = named_sub_techniques(&set);
+        let ps = "The loader ran PowerShell scripts to fetch the payload.";
+        assert_eq!(named("T1059", ps).as_deref(), Some("T1059.001"));
+        // Names as ATT&CK writes them, at word boundaries.
+        assert_eq!(named("T1059", "It ran powershellish things."), None);
+        // Two sub-techniques named: the label as given.
+        assert_eq!(named("T1059", "PowerShell and JavaScript droppers."), None);
+        // A sub-technique label, or a parent none of whose sub-techniques is named, stays.
+        assert_eq!(named("T1059.001", ps), None);
+        assert_eq!(named("T1053", "They scheduled it At logon."), None);
+
+        let mut set = set;
+        let n = add_labelled(
+            &mut set,
+            [
+                (
+                    ps.to_string(),
+                    vec!["T1059.001".into()],
+                    "examples:r1".into(),
+                ),
+                (
+                    "Mobile only.".to_string(),
+                    vec!["T1437".into()],
+                    "examples:r1".into(),
+                ),
+            ],
+        );
+        assert_eq!(n, 1, "a sentence with no known technique is not learnt");
+        assert_eq!(set.examples.len(), 1);
+        assert!(threatlake_udfs::mapper::learnt_source(
+            &set.examples[0].source
+        ));
+    }
+
+    #[test]
+    fn bad_examples_are_refused_naming_the_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("tl-examples-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("ex.jsonl");
+        std::fs::write(
+            &f,
+            "{\"text\": \"a\", \"labels\": [\"T1059\"]}\n{\"text\": 3}\n",
+        )
+        .unwrap();
+        let err = examples_setting(f.to_str().unwrap()).unwrap_err();
+        assert!(
+            err.contains("ex.jsonl line 2") && err.contains("mapping.examples"),
+            "{err}"
+        );
+        let err = examples_setting(dir.join("missing.jsonl").to_str().unwrap()).unwrap_err();
+        assert!(
+            err.contains("missing.jsonl") && err.contains("null"),
+            "{err}"
+        );
+        let builtin = examples_setting("builtin").unwrap();
+        assert_eq!(builtin.len(), 1461);
+        assert!(builtin.iter().all(|l| !l.labels.is_empty()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -907,3 +907,92 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
         );
     }
 }
+
+#[test]
+fn model_eval_leaves_out_the_reports_the_model_learnt() {
+    // An ICS model built with labelled examples from report "seen": evaluated on a file holding that
+    // report and another, only the other is measured, and the output says what was left out.
+    let models = common::scratch("cli-learnt-examples");
+    let examples = models.join("examples.jsonl");
+    std::fs::create_dir_all(&models).unwrap();
+    let seen = [
+        (
+            "The intruders uploaded modified ladder logic to the controller.",
+            "T0889",
+        ),
+        (
+            "They changed the setpoints of the safety instrumented system.",
+            "T0836",
+        ),
+    ];
+    let lines: Vec<String> = seen
+        .iter()
+        .map(|(t, l)| json!({"doc": "seen", "text": t, "labels": [l]}).to_string())
+        .collect();
+    std::fs::write(&examples, lines.join("\n")).unwrap();
+    let mut eval_lines = lines.clone();
+    eval_lines.push(
+        json!({"doc": "new", "text": "Unauthorized command messages were sent to the field devices.", "labels": ["T0855"]})
+            .to_string(),
+    );
+    eval_lines.push(
+        json!({"doc": "new", "text": "The weather at the plant was calm that week.", "labels": []})
+            .to_string(),
+    );
+    let input = models.join("eval.jsonl");
+    std::fs::write(&input, eval_lines.join("\n")).unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/settings.yaml"))
+            .unwrap();
+    assert!(shipped.contains("\n  examples: builtin"));
+    let config = models.join("settings.yaml");
+    std::fs::write(
+        &config,
+        shipped.replace(
+            "\n  examples: builtin",
+            &format!("\n  examples: {}", examples.display()),
+        ),
+    )
+    .unwrap();
+    let cli = || {
+        let mut c = common::cli();
+        c.env("THREATLAKE_LAKE_MODELS", &models).args([
+            "--lake",
+            lake().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        c
+    };
+    let (ok, out, err) = common::run(cli().args(["model", "build", "--domain", "ics"]));
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("learnt 2 labelled report sentence(s) of mapping.examples"),
+        "{out}"
+    );
+    let (ok, out, err) = common::run(cli().args([
+        "model",
+        "eval",
+        "--domain",
+        "ics",
+        "--input",
+        input.to_str().unwrap(),
+    ]));
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("left out 2 of 4 rows, those of 1 report(s)"),
+        "{out}"
+    );
+    assert!(out.contains("\nn          1\n"), "{out}");
+    assert!(out.contains("negatives  1 "), "{out}");
+    // A file that is all learnt text is refused with the reason.
+    let (ok, _, err) = common::run(cli().args([
+        "model",
+        "eval",
+        "--domain",
+        "ics",
+        "--input",
+        examples.to_str().unwrap(),
+    ]));
+    assert!(!ok && err.contains("learnt every report"), "{err}");
+}
