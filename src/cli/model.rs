@@ -657,12 +657,12 @@ struct GroupedRow {
 /// learnt a sentence of (`mapping.examples`, workbench feedback): scores there measure memory. Says
 /// how many were left out.
 fn unlearnt(m: &Mapper, rows: Vec<GroupedRow>, path: &Path) -> Vec<GroupedRow> {
-    let learnt = |i: usize, r: &GroupedRow| r.group.clone().unwrap_or_else(|| format!("\0{i}"));
+    let key = |i: usize, r: &GroupedRow| r.group.clone().unwrap_or_else(|| format!("\0{i}"));
     let groups: std::collections::HashSet<String> = rows
         .iter()
         .enumerate()
         .filter(|(_, r)| m.model.learnt(&r.text))
-        .map(|(i, r)| learnt(i, r))
+        .map(|(i, r)| key(i, r))
         .collect();
     if groups.is_empty() {
         return rows;
@@ -671,7 +671,7 @@ fn unlearnt(m: &Mapper, rows: Vec<GroupedRow>, path: &Path) -> Vec<GroupedRow> {
     let kept: Vec<GroupedRow> = rows
         .into_iter()
         .enumerate()
-        .filter(|(i, r)| !groups.contains(&learnt(*i, r)))
+        .filter(|(i, r)| !groups.contains(&key(*i, r)))
         .map(|(_, r)| r)
         .collect();
     println!(
@@ -867,8 +867,8 @@ pub fn calibrate(
 }
 
 /// Fit `map_report`'s calibration on the labelled reports of each file (`reports[file]`), print it
-/// cross-validated (5 folds by report) per file, and choose its threshold for the best pooled F1
-/// of the reports' technique sets. `None` when there are no reports with a supported technique.
+/// cross-validated (5 folds by report) per file, and choose its threshold for the best F1 of the
+/// reports' technique sets averaged over the files. `None` when there are no reports with a supported technique.
 fn calibrate_reports(
     m: &Mapper,
     names: &[String],

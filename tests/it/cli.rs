@@ -545,17 +545,23 @@ fn model_eval_reports_metrics() {
     assert!(recall > 0.0, "{text}");
 }
 
+/// A copy of the ICS model (without its calibration) in `models`; returns its directory.
+fn ics_model_copy(models: &Path) -> PathBuf {
+    let dir = models.join("ics-18.1");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.bin", "embeddings.fifu", "manifest.json"] {
+        std::fs::copy(ics_models().join("ics-18.1").join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
 #[test]
 fn a_calibration_from_an_older_build_is_refused_with_the_fix() {
     // A copy of the ICS model with the calibration file an older threatlake wrote (7 features, no
     // format): the scores it would give mean nothing, so the model is not used and the error says
     // what to run.
     let models = common::scratch("cli-old-calibration");
-    let dir = models.join("ics-18.1");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["model.bin", "embeddings.fifu", "manifest.json"] {
-        std::fs::copy(ics_models().join("ics-18.1").join(f), dir.join(f)).unwrap();
-    }
+    let dir = ics_model_copy(&models);
     let logistic = r#"{"weights": [0.1, 0.0, 0.1, 0.0, 1.5, 2.5, 0.1], "bias": -7.0}"#;
     std::fs::write(
         dir.join("calibration.json"),
@@ -725,11 +731,7 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
     // report in `doc`): calibration.json gains a report calibration, and `map --document` scores a
     // report's techniques through it — σ(slope·logit(s) + bias) of the score without it, same order.
     let models = common::scratch("cli-report-calibration");
-    let dir = models.join("ics-18.1");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["model.bin", "embeddings.fifu", "manifest.json"] {
-        std::fs::copy(ics_models().join("ics-18.1").join(f), dir.join(f)).unwrap();
-    }
+    let dir = ics_model_copy(&models);
     let reports = [
         (
             "r1",
