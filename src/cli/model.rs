@@ -657,28 +657,33 @@ struct GroupedRow {
 /// learnt a sentence of (`mapping.examples`, workbench feedback): scores there measure memory. Says
 /// how many were left out.
 fn unlearnt(m: &Mapper, rows: Vec<GroupedRow>, path: &Path) -> Vec<GroupedRow> {
-    let key = |i: usize, r: &GroupedRow| r.group.clone().unwrap_or_else(|| format!("\0{i}"));
-    let groups: std::collections::HashSet<String> = rows
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| m.model.learnt(&r.text))
-        .map(|(i, r)| key(i, r))
-        .collect();
-    if groups.is_empty() {
+    let keep = eval::not_learnt(
+        m,
+        &rows
+            .iter()
+            .map(|r| (r.text.as_str(), r.group.as_deref()))
+            .collect::<Vec<_>>(),
+    );
+    if keep.iter().all(|k| *k) {
         return rows;
     }
     let n = rows.len();
+    // Reports left out: their keys, and each row without one.
+    let left_out = rows.iter().zip(&keep).filter(|(_, k)| !**k);
+    let keys: std::collections::HashSet<&str> = left_out
+        .clone()
+        .filter_map(|(r, _)| r.group.as_deref())
+        .collect();
+    let reports = keys.len() + left_out.filter(|(r, _)| r.group.is_none()).count();
     let kept: Vec<GroupedRow> = rows
         .into_iter()
-        .enumerate()
-        .filter(|(i, r)| !groups.contains(&key(*i, r)))
-        .map(|(_, r)| r)
+        .zip(keep)
+        .filter_map(|(r, k)| k.then_some(r))
         .collect();
     println!(
-        "{}: left out {} of {n} rows, those of {} report(s) the model learnt sentences of",
+        "{}: left out {} of {n} rows, those of {reports} report(s) the model learnt sentences of",
         path.display(),
         n - kept.len(),
-        groups.len()
     );
     kept
 }

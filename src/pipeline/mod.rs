@@ -992,29 +992,32 @@ pub async fn build_model(
             });
         }
     }
-    let calibration = settings
-        .mapping
-        .calibration
-        .as_deref()
-        .map(|p| {
-            crate::mapping::calibration_setting(p).map_err(|message| PipelineError::Setting {
-                setting: "mapping.calibration".into(),
-                message,
+    // An optional `mapping.*` setting read by `read`, its error naming the setting.
+    fn setting<T>(
+        name: &str,
+        value: Option<&str>,
+        read: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, PipelineError> {
+        value
+            .map(|v| {
+                read(v).map_err(|message| PipelineError::Setting {
+                    setting: name.into(),
+                    message,
+                })
             })
-        })
-        .transpose()?;
-    let examples = settings
-        .mapping
-        .examples
-        .as_deref()
-        .map(|p| {
-            crate::mapping::examples_setting(p).map_err(|message| PipelineError::Setting {
-                setting: "mapping.examples".into(),
-                message,
-            })
-        })
-        .transpose()?
-        .unwrap_or_default();
+            .transpose()
+    }
+    let calibration = setting(
+        "mapping.calibration",
+        settings.mapping.calibration.as_deref(),
+        crate::mapping::calibration_setting,
+    )?;
+    let examples = setting(
+        "mapping.examples",
+        settings.mapping.examples.as_deref(),
+        crate::mapping::examples_setting,
+    )?
+    .unwrap_or_default();
     let t = Instant::now();
     let report = crate::mapping::build_model(
         engine,

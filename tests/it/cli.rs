@@ -618,12 +618,22 @@ fn ranked_ics(dir: &Path, text: &str) -> Vec<String> {
         "map", "--domain", "ics", "--format", "jsonl", "--top", "30", text,
     ]));
     assert!(ok, "{out}\n{err}");
+    jsonl_techniques(&out).into_iter().map(|(t, _)| t).collect()
+}
+
+/// The techniques of one `map --format jsonl` line: id and score, in order.
+fn jsonl_techniques(out: &str) -> Vec<(String, f64)> {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     v["techniques"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| t["technique_id"].as_str().unwrap().to_string())
+        .map(|t| {
+            (
+                t["technique_id"].as_str().unwrap().to_string(),
+                t["score"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -854,18 +864,7 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
             document,
         ]));
         assert!(ok, "{err}");
-        let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        line["techniques"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| {
-                (
-                    t["technique_id"].as_str().unwrap().to_string(),
-                    t["score"].as_f64().unwrap(),
-                )
-            })
-            .collect()
+        jsonl_techniques(&out)
     };
     // Threshold 0 keeps every supported technique, with and without the report calibration.
     let config = models.join("settings.yaml");

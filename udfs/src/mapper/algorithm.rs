@@ -1281,10 +1281,6 @@ impl Model {
                     .iter()
                     .map(|(t, z)| (*z, self.components(*t, s)))
                     .collect();
-                let text = super::calibrate::TextFeatures {
-                    prose: super::document::reads_as_prose(input),
-                    ..text
-                };
                 c.ranked(&candidates, &text)
             }
             None => ranked.iter().map(|(_, z)| sigmoid(*z) as f64).collect(),
@@ -1298,8 +1294,8 @@ impl Model {
     }
 
     /// The best `k` candidates of `input` with their raw (uncalibrated) logits, best first, and
-    /// the text's features for the calibration (`prose` left true: callers that calibrate decide it,
-    /// so an uncalibrated model's hot path does not pay for the check).
+    /// the text's features for the calibration (`prose`: whether the text reads as prose, which also
+    /// decides whether parents lead their sub-techniques).
     pub fn ranked_logits(
         &self,
         wv: &WordVectors,
@@ -1323,10 +1319,11 @@ impl Model {
         }
         idx.sort_by(cmp);
         let mut ranked: Vec<(usize, f32)> = idx.into_iter().map(|t| (t, s.fused[t])).collect();
-        if super::document::reads_as_prose(input) {
+        let prose = super::document::reads_as_prose(input);
+        if prose {
             self.parents_lead(&mut ranked, &s.fused);
         }
-        let text = self.text_features(&ranked, s);
+        let text = self.text_features(&ranked, s, prose);
         (ranked, text)
     }
 
@@ -1360,6 +1357,7 @@ impl Model {
         &self,
         ranked: &[(usize, f32)],
         s: &Scratch,
+        prose: bool,
     ) -> super::calibrate::TextFeatures {
         // Candidates without evidence have logit -inf: bounded here so differences stay finite.
         let z1 = ranked.first().map_or(-30.0, |r| r.1.clamp(-30.0, 30.0));
@@ -1368,7 +1366,7 @@ impl Model {
             z2: ranked.get(1).map_or(z1, |r| r.1.clamp(-30.0, 30.0)),
             tokens: s.n_tokens,
             known: s.n_known,
-            prose: true,
+            prose,
         }
     }
 
@@ -1403,7 +1401,7 @@ impl Model {
         if !prose {
             return f64::from(sigmoid(z));
         }
-        let text = self.text_features(&ranked[..ranked.len().min(2)], s);
+        let text = self.text_features(&ranked[..ranked.len().min(2)], s, prose);
         let features = |rank: usize| {
             let (t, z) = ranked.get(rank).copied().unwrap_or((t, z));
             super::calibrate::features(z, rank, &text, &self.components(t, s))

@@ -349,7 +349,7 @@ pub fn samples(
                 file,
                 group: *group,
                 positive: !labels.is_empty(),
-                prose: super::document::reads_as_prose(text),
+                prose: t.prose,
                 candidates,
             }
         })

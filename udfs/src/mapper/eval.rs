@@ -186,6 +186,23 @@ pub fn operating_points(
         .collect()
 }
 
+/// Which of `rows` (text, report key) measure `m` honestly: `false` for every row of a report
+/// (rows sharing a key; a row without one is a report of its own) that the model learnt a sentence
+/// of (labelled examples, workbench feedback): scores there measure memory.
+pub fn not_learnt(m: &super::Mapper, rows: &[(&str, Option<&str>)]) -> Vec<bool> {
+    let key = |i: usize, g: Option<&str>| g.map_or_else(|| format!("\0{i}"), str::to_string);
+    let learnt: HashSet<String> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, (text, _))| m.model.learnt(text))
+        .map(|(i, (_, g))| key(i, *g))
+        .collect();
+    rows.iter()
+        .enumerate()
+        .map(|(i, (_, g))| !learnt.contains(&key(i, *g)))
+        .collect()
+}
+
 /// How `map_report` did on labelled reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DocumentScores {
