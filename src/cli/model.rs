@@ -762,7 +762,7 @@ pub fn calibrate(
         }
         std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
     }
-    let cv = cal::cross_validated(&all, 5);
+    let cv = cal::cross_validated(&all, 5, 0);
     let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
     println!("model {}", dir.display());
     println!(
@@ -807,6 +807,29 @@ pub fn calibrate(
         pos_all.extend(after.iter().copied());
         neg_all.extend(negs.iter().copied());
         per_file.push((name.clone(), after, negs));
+    }
+    // The figures above are one partition of the reports into folds; another draw moves a
+    // small set's ECE by ±0.01, so print its spread.
+    let partitions: Vec<Vec<Option<f64>>> = (1..PARTITIONS)
+        .map(|k| cal::cross_validated(&all, 5, k))
+        .collect();
+    println!();
+    println!("ECE with negatives (CV) over {PARTITIONS} partitions into folds: mean (min – max)");
+    for (fi, name) in names.iter().enumerate() {
+        let e: Vec<f64> = std::iter::once(&cv)
+            .chain(&partitions)
+            .map(|cv| top1_ece(&all, cv, fi))
+            .collect();
+        let (lo, hi) = e
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(*v), hi.max(*v))
+            });
+        println!(
+            "{:<28} {:.4} ({lo:.4} – {hi:.4})",
+            name.split(" (").next().unwrap_or(name),
+            e.iter().sum::<f64>() / e.len() as f64
+        );
     }
     // The abstain threshold: the lowest at which at most 3% of the negatives keep a technique.
     let chosen = cal::choose_threshold(&pos_all, &neg_all, 0.03, 0.0);
@@ -869,6 +892,26 @@ pub fn calibrate(
         println!("and to {}", w.display());
     }
     Ok(())
+}
+
+/// Draws of the cross-validation's folds `model calibrate` prints the ECE over.
+const PARTITIONS: u64 = 5;
+
+/// 10-bin ECE of the cross-validated top-1 probabilities `cv` of file `file`'s samples, a
+/// negative's counted as wrong.
+fn top1_ece(
+    all: &[threatlake_udfs::mapper::calibrate::Sample],
+    cv: &[Option<f64>],
+    file: usize,
+) -> f64 {
+    let pairs: Vec<(f64, bool)> = all
+        .iter()
+        .zip(cv)
+        .filter(|(s, _)| s.file == file)
+        // A negative's best candidate is never right.
+        .filter_map(|(s, p)| Some(((*p)?, s.candidates.first()?.1)))
+        .collect();
+    eval::reliability(&pairs, 10).ece
 }
 
 /// Fit `map_report`'s calibration on the labelled reports of each file (`reports[file]`), print it
@@ -978,6 +1021,10 @@ fn eval_documents(settings: &Settings, m: &Mapper, rows: Vec<GroupedRow>) -> Res
     println!(
         "doc precision {:.4}  recall {:.4}  F1 {:.4}",
         d.precision, d.recall, d.f1
+    );
+    println!(
+        "parent level  precision {:.4}  recall {:.4}  F1 {:.4} (every id taken to its parent technique)",
+        d.parent.0, d.parent.1, d.parent.2
     );
     println!(
         "report score calibration: ECE {:.4} over {} (report, technique) scores (a perfectly calibrated score would show {:.4})",

@@ -355,3 +355,65 @@ fn token_cache_never_changes_results() {
         }
     }
 }
+
+/// The synthetic set plus T1059, the parent of its PowerShell technique.
+fn set_with_parent() -> TrainingSet {
+    let mut set = training_set();
+    set.techniques.push(TechniqueInfo {
+        id: "T1059".into(),
+        name: "Command and Scripting Interpreter".into(),
+        tactics: vec!["execution".into()],
+        description: "Adversaries may abuse command and script interpreters to execute commands."
+            .into(),
+        detection: "Monitor for script command interpreter use.".into(),
+    });
+    for j in 0..20 {
+        set.examples.push(Example {
+            technique: "T1059".into(),
+            text: format!("The group used a script interpreter to run command {j}."),
+            source: format!("source-{}", j % 23),
+        });
+    }
+    set
+}
+
+#[test]
+fn a_report_sentence_supports_its_next_best_techniques_once_each() {
+    use threatlake_udfs::mapper::document::{report_support, REPORT_CANDIDATES, REPORT_FLOOR};
+    let m = Mapper::build(params(), &set_with_parent(), None).expect("fit");
+    let mut s = Scratch::default();
+    let id = |t: usize| m.model.techniques[t].id.as_str();
+    let sentence = "The operators ran an encoded powershell script command to encrypt files and drop a ransom note on all drives.";
+    let top = m.top_k(sentence, REPORT_CANDIDATES, &mut s);
+    let strong: Vec<&str> = top
+        .iter()
+        .filter(|r| r.score >= REPORT_FLOOR)
+        .map(|r| id(r.technique))
+        .collect();
+    // The sentence is about two techniques: both are among its best candidates, and so is the
+    // PowerShell technique's parent.
+    assert!(
+        ["T1486", "T1059.001", "T1059"]
+            .iter()
+            .all(|t| strong.contains(t)),
+        "{strong:?}"
+    );
+    let (support, units) = report_support(&m, sentence, &mut s);
+    assert_eq!(units, 1);
+    let of = |want: &str| {
+        support
+            .iter()
+            .find(|e| id(e.technique) == want)
+            .unwrap_or_else(|| panic!("{want} not supported: {support:?}"))
+    };
+    // Both techniques, not only the best one; the parent through its sub-technique.
+    for t in ["T1486", "T1059.001", "T1059"] {
+        let e = of(t);
+        // One sentence is one piece of evidence, even for a parent that is also a candidate.
+        assert_eq!(e.sentences, 1, "{t}");
+        assert_eq!(e.sentence, sentence);
+    }
+    // The parent's evidence is its best score in the sentence: at least its sub-technique's.
+    assert!(of("T1059").any >= of("T1059.001").any);
+    assert_eq!(support.len(), 3, "{support:?}");
+}

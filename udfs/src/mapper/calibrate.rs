@@ -367,13 +367,27 @@ pub fn rows_of(samples: &[&Sample]) -> Vec<Row> {
         .collect()
 }
 
+/// The fold of group `group` among `folds` in partition `partition`: partition 0 is `group %
+/// folds`, the others shuffle the groups (another draw of the same cross-validation).
+pub fn fold_of(group: u64, folds: u64, partition: u64) -> u64 {
+    if partition == 0 {
+        return group % folds;
+    }
+    // SplitMix64 of the group and the partition.
+    let mut z = group ^ partition.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) % folds
+}
+
 /// The top-1 probability of every sample from a calibration fitted without its fold (`folds`
-/// folds by group), in sample order; `None` for a text with no candidate.
-pub fn cross_validated(samples: &[Sample], folds: u64) -> Vec<Option<f64>> {
+/// folds by group, partition `partition` of [`fold_of`]), in sample order; `None` for a text with
+/// no candidate.
+pub fn cross_validated(samples: &[Sample], folds: u64, partition: u64) -> Vec<Option<f64>> {
     let folds = folds.max(2);
     let mut out = vec![None; samples.len()];
     for f in 0..folds {
-        let fold = |s: &Sample| s.group % folds == f;
+        let fold = |s: &Sample| fold_of(s.group, folds, partition) == f;
         let train: Vec<&Sample> = samples.iter().filter(|s| !fold(s)).collect();
         let rows = rows_of(&train);
         let c = Calibration::fit(&rows, vec![], "", "");
@@ -638,6 +652,30 @@ mod tests {
         assert_eq!(set_scores(&b, 4, 0.5), (1.0, 0.5, 2.0 / 3.0));
         assert_eq!(set_scores(&b, 4, 0.95), (0.0, 0.0, 0.0));
         assert!((best_f1_threshold(&[(a, 10), (b, 2)]) - 0.46).abs() < 1e-9);
+    }
+
+    #[test]
+    fn partitions_keep_groups_whole_and_balance_the_folds() {
+        let groups: Vec<u64> = (0..5000u64)
+            .map(|i| group_of(&format!("report-{i}")))
+            .collect();
+        assert!(groups.iter().all(|g| fold_of(*g, 5, 0) == g % 5));
+        for partition in 1..5 {
+            let mut sizes = [0usize; 5];
+            for g in &groups {
+                let f = fold_of(*g, 5, partition);
+                // A group's fold is the same every time it is asked for.
+                assert_eq!(f, fold_of(*g, 5, partition));
+                sizes[f as usize] += 1;
+            }
+            assert!(sizes.iter().all(|n| (900..1100).contains(n)), "{sizes:?}");
+            // Another draw: a good share of groups changes fold.
+            let moved = groups
+                .iter()
+                .filter(|g| fold_of(**g, 5, partition) != fold_of(**g, 5, partition + 1))
+                .count();
+            assert!(moved > 3000, "{moved}");
+        }
     }
 
     #[test]

@@ -16,8 +16,8 @@ pub struct Found {
     pub technique: usize,
     /// Probability that the technique is one of the report's (see [`map_document`]).
     pub score: f64,
-    /// Sentences (and technique-table rows) behind it: those whose best technique it is, or for a
-    /// parent technique one of its sub-techniques.
+    /// Sentences (and technique-table rows) behind it ([`report_support`]): those that name it
+    /// among their best candidates, or for a parent technique one of its sub-techniques.
     pub sentences: usize,
     /// The sentence (or row) that scored best.
     pub sentence: String,
@@ -39,23 +39,60 @@ pub struct Support {
     pub sentence: String,
 }
 
+/// Candidates of a sentence that count as its report's evidence: its best ones…
+pub const REPORT_CANDIDATES: usize = 3;
+/// …with at least this score (the best one counts whatever its score). A sentence often describes
+/// more than one technique, or one its second candidate names: counting only its best technique
+/// missed a third of a report's labels that a sentence ranked second to fifth.
+pub const REPORT_FLOOR: f64 = 0.05;
+
 /// The techniques a report's sentences support, and how many units (sentences and cited table
-/// rows) the report has. Each prose sentence's best technique, with its score, is evidence for
-/// that technique and, for a sub-technique, for its parent (which it implies); a technique table's
-/// row is evidence for the techniques it cites by id (scored by the model on the row).
+/// rows) the report has. A prose sentence is evidence for its best technique and for its next best
+/// ones scored at least [`REPORT_FLOOR`] (up to [`REPORT_CANDIDATES`]), each with its score; a
+/// technique table's row for the techniques it cites by id (scored by the model on the row). A
+/// sub-technique is evidence for its parent too (it implies it). A unit counts once per technique,
+/// with its best score for it.
 pub fn report_support(
     m: &super::Mapper,
     text: &str,
     s: &mut super::Scratch,
 ) -> (Vec<Support>, usize) {
     let mut support: std::collections::HashMap<usize, Support> = std::collections::HashMap::new();
-    let mut add = |technique: usize, p: f64, unit: &str| {
-        // NaN and 0 are no evidence.
-        if p.is_nan() || p <= 0.0 {
-            return;
-        }
-        let p = p.min(1.0);
-        for t in std::iter::once(technique).chain(m.model.parent_technique(technique)) {
+    // One unit's evidence: technique → its best score in the unit.
+    let mut evidence: Vec<(usize, f64)> = Vec::new();
+    let units = report_units(text);
+    for unit in &units {
+        evidence.clear();
+        let mut note = |technique: usize, p: f64| {
+            // NaN and 0 are no evidence.
+            if p.is_nan() || p <= 0.0 {
+                return;
+            }
+            let p = p.min(1.0);
+            for t in std::iter::once(technique).chain(m.model.parent_technique(technique)) {
+                match evidence.iter_mut().find(|(e, _)| *e == t) {
+                    Some((_, best)) => *best = best.max(p),
+                    None => evidence.push((t, p)),
+                }
+            }
+        };
+        let text = match unit {
+            Unit::Sentence(sentence) => {
+                for (rank, r) in m.top_k(sentence, REPORT_CANDIDATES, s).iter().enumerate() {
+                    if rank == 0 || r.score >= REPORT_FLOOR {
+                        note(r.technique, r.score);
+                    }
+                }
+                sentence
+            }
+            Unit::Cited(row) => {
+                for t in m.model.cited_techniques(row) {
+                    note(t, m.model.technique_score(&m.vectors, row, t, s));
+                }
+                row
+            }
+        };
+        for &(t, p) in &evidence {
             let e = support.entry(t).or_insert_with(|| Support {
                 technique: t,
                 any: 0.0,
@@ -67,23 +104,7 @@ pub fn report_support(
             e.sentences += 1;
             if p > e.best {
                 e.best = p;
-                e.sentence = unit.to_string();
-            }
-        }
-    };
-    let units = report_units(text);
-    for unit in &units {
-        match unit {
-            Unit::Sentence(sentence) => {
-                if let Some(r) = m.top_k(sentence, 1, s).first() {
-                    add(r.technique, r.score, sentence);
-                }
-            }
-            Unit::Cited(row) => {
-                for t in m.model.cited_techniques(row) {
-                    let p = m.model.technique_score(&m.vectors, row, t, s);
-                    add(t, p, row);
-                }
+                e.sentence = text.to_string();
             }
         }
     }

@@ -212,6 +212,10 @@ pub struct DocumentScores {
     pub recall: f64,
     /// Their F1.
     pub f1: f64,
+    /// Precision, recall and F1 with every id taken to its parent technique on both sides (a
+    /// sub-technique implies its parent; report annotators label the parent unless the text
+    /// singles the sub-technique out, rule authors often list both).
+    pub parent: (f64, f64, f64),
     /// The threshold the sets were cut at.
     pub threshold: f64,
     /// 10-bin ECE of the report scores of every technique the reports support (right: one of the
@@ -237,22 +241,61 @@ pub fn document_scores(
     });
     let threshold = threshold.unwrap_or_else(|| m.report_threshold());
     let mut scored = Vec::new();
+    let mut sets = Vec::with_capacity(docs.len());
     for ((_, want), got) in docs.iter().zip(found) {
+        let mut kept = BTreeSet::new();
         for f in got.unwrap_or_default() {
-            scored.push((f.score, want.contains(&m.model.techniques[f.technique].id)));
+            let id = &m.model.techniques[f.technique].id;
+            scored.push((f.score, want.contains(id)));
+            if f.score >= threshold {
+                kept.insert(id.clone());
+            }
         }
+        sets.push((kept, want));
     }
+    let parent = parent_set_scores(&sets);
     let labels = docs.iter().map(|(_, w)| w.len()).sum();
     let (precision, recall, f1) = super::calibrate::set_scores(&scored, labels, threshold);
     DocumentScores {
         precision,
         recall,
         f1,
+        parent,
         threshold,
         ece: reliability(&scored, 10).ece,
         scored: scored.len(),
         noise_floor: ece_noise_floor(&scored.iter().map(|(p, _)| *p).collect::<Vec<_>>(), 10, 200),
     }
+}
+
+/// Micro precision, recall and F1 of technique sets `(found, labels)` with every id taken to its
+/// parent technique on both sides.
+pub fn parent_set_scores(sets: &[(BTreeSet<String>, &BTreeSet<String>)]) -> (f64, f64, f64) {
+    let parents = |ids: &BTreeSet<String>| -> BTreeSet<String> {
+        ids.iter()
+            .map(|id| id.split('.').next().unwrap_or(id).to_string())
+            .collect()
+    };
+    let (mut tp, mut found, mut labels) = (0usize, 0usize, 0usize);
+    for (got, want) in sets {
+        let (got, want) = (parents(got), parents(want));
+        tp += got.intersection(&want).count();
+        found += got.len();
+        labels += want.len();
+    }
+    let (p, r) = (
+        tp as f64 / found.max(1) as f64,
+        tp as f64 / labels.max(1) as f64,
+    );
+    (
+        p,
+        r,
+        if p + r > 0.0 {
+            2.0 * p * r / (p + r)
+        } else {
+            0.0
+        },
+    )
 }
 
 /// A labelled text for evaluation.
@@ -474,6 +517,24 @@ pub fn softmax(v: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parent_level_sets_count_a_sub_technique_as_its_parent() {
+        let ids = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.to_string())
+                .collect::<BTreeSet<String>>()
+        };
+        // Found T1566.001 and T1566 (one parent), T1059.001 (parent T1059, labelled) and T1486
+        // (wrong); labelled T1566, T1059.003 and T1105 (never found).
+        let want = ids(&["T1566", "T1059.003", "T1105"]);
+        let sets = vec![(ids(&["T1566.001", "T1566", "T1059.001", "T1486"]), &want)];
+        let (p, r, f1) = parent_set_scores(&sets);
+        assert_eq!((p, r), (2.0 / 3.0, 2.0 / 3.0));
+        assert!((f1 - 2.0 / 3.0).abs() < 1e-12);
+        // Nothing found: no precision to speak of, no recall.
+        assert_eq!(parent_set_scores(&[(ids(&[]), &want)]), (0.0, 0.0, 0.0));
+    }
 
     #[test]
     fn calibration_error_is_zero_when_scores_match_accuracy_and_grows_when_they_do_not() {
