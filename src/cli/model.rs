@@ -782,11 +782,11 @@ pub fn calibrate(
                 continue;
             };
             if s.positive {
-                before.push((sigmoid(x[0]), *ok));
+                before.push((sigmoid(x[cal::feature::LOGIT]), *ok));
                 after.push((*p, *ok));
             } else {
                 negs.push(*p);
-                negs_before.push(sigmoid(x[0]));
+                negs_before.push(sigmoid(x[cal::feature::LOGIT]));
             }
         }
         let with_negatives = |pos: &[(f64, bool)], negs: Vec<f64>| {

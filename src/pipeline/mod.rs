@@ -925,10 +925,24 @@ async fn model_stage(cx: &Context<'_>) -> Result<Done, PipelineError> {
     let engine = cx.engine().await?;
     let current = attack_release::lake_versions(&engine).await?;
     let want = current.get(&domain).map(|v| format!("{domain}-{v}"));
-    if have.is_some() && (want.is_none() || have == want) {
+    // A model of an older build's format cannot be loaded: build it again.
+    let stale = have.as_ref().and_then(|h| {
+        let found =
+            threatlake_udfs::mapper::manifest_format(&Path::new(&cx.settings.lake.models).join(h))?;
+        (found != threatlake_udfs::mapper::FORMAT_VERSION).then_some(found)
+    });
+    if have.is_some() && stale.is_none() && (want.is_none() || have == want) {
         return Ok(Done::skipped(format!("using {}", have.unwrap_or_default())));
     }
-    if let Some(h) = &have {
+    if let (Some(h), Some(found)) = (&have, stale) {
+        cx.observer.note(
+            Stage::Model,
+            &format!(
+                "{h} was built by an older threatlake (model format {found}, this one reads {}); building a new model",
+                threatlake_udfs::mapper::FORMAT_VERSION
+            ),
+        );
+    } else if let Some(h) = &have {
         cx.observer.note(
             Stage::Model,
             &format!(

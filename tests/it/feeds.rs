@@ -985,6 +985,27 @@ async fn run_maps_intel_and_diffs_threat_models() {
         mapped.lines().count() > 3 && mapped.contains("T0855"),
         "{mapped}"
     );
+    // A model an older threatlake built (another model format) is built again, not loaded.
+    let model_dir = std::fs::read_dir(dir.join("models"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("manifest.json").is_file())
+        .expect("the run built a model");
+    let manifest = |dir: &std::path::Path| -> Value {
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let mut old = manifest(&model_dir);
+    let format = old["format"].as_u64().unwrap();
+    old["format"] = json!(format - 1);
+    std::fs::write(model_dir.join("manifest.json"), old.to_string()).unwrap();
+    let (ok, out, err) = job(&["run"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("was built by an older threatlake") && out.contains("building a new model"),
+        "{out}"
+    );
+    assert_eq!(manifest(&model_dir)["format"].as_u64(), Some(format));
 }
 
 /// `run --offline --samples`: the shipped sample responses go through the same parsers, no network,

@@ -126,6 +126,16 @@ pub fn sigmoid(z: f32) -> f64 {
     1.0 / (1.0 + (-f64::from(z)).exp())
 }
 
+/// Where [`features`] puts the features the calibration reads by name.
+pub mod feature {
+    /// The candidate's raw logit (bounded).
+    pub const LOGIT: usize = 0;
+    /// 1 for the text's best candidate, else 0.
+    pub const TOP: usize = 1;
+    /// The candidate's cited-id evidence (above 0: the text cites it by id).
+    pub const ID: usize = 11;
+}
+
 /// Longest margin that counts (beyond it the best candidate is simply clear).
 const MAX_MARGIN: f32 = 8.0;
 
@@ -151,7 +161,7 @@ pub fn features(z: f32, rank: usize, t: &TextFeatures, e: &Components) -> [f64; 
             0.0
         }
     });
-    [
+    let x = [
         z,
         top,
         top * margin,
@@ -165,7 +175,9 @@ pub fn features(z: f32, rank: usize, t: &TextFeatures, e: &Components) -> [f64; 
         e[3],
         e[4],
         e[5],
-    ]
+    ];
+    debug_assert!(x[feature::LOGIT] == z && x[feature::TOP] == top && x[feature::ID] == e[4]);
+    x
 }
 
 /// Read a `calibration.json`: `Err` names what is wrong (an older format, bad JSON) and the fix is
@@ -186,9 +198,9 @@ pub fn parse(bytes: &[u8]) -> Result<Calibration, String> {
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
-/// Whether the candidate of features `x` is cited by id in the text (feature 11, its `id` evidence).
+/// Whether the candidate of features `x` is cited by id in the text (its `id` evidence).
 fn cited(x: &[f64; FEATURES]) -> bool {
-    x[11] > 0.0
+    x[feature::ID] > 0.0
 }
 
 impl Calibration {
@@ -198,10 +210,9 @@ impl Calibration {
     /// anyway, a cited id with little other evidence fell to 0.17).
     pub fn probability(&self, x: &[f64; FEATURES]) -> f64 {
         if cited(x) {
-            return sigmoid(x[0] as f32);
+            return sigmoid(x[feature::LOGIT] as f32);
         }
-        // Feature 1 says whether the candidate is the text's best.
-        if x[1] > 0.5 {
+        if x[feature::TOP] > 0.5 {
             self.best.probability(x)
         } else {
             self.others.probability(x)
@@ -227,7 +238,8 @@ impl Calibration {
 
     /// Fit on `(features, correct)` rows.
     pub fn fit(rows: &[Row], fitted_on: Vec<String>, domain: &str, attack_version: &str) -> Self {
-        let (best, others): (Vec<Row>, Vec<Row>) = rows.iter().partition(|(x, _, _)| x[1] > 0.5);
+        let (best, others): (Vec<Row>, Vec<Row>) =
+            rows.iter().partition(|(x, _, _)| x[feature::TOP] > 0.5);
         Self {
             format: FORMAT,
             best: Logistic::fit(&best),
@@ -397,8 +409,7 @@ pub fn cross_validated(samples: &[Sample], folds: u64, partition: u64) -> Vec<Op
                     if s.prose {
                         c.probability(x)
                     } else {
-                        // Feature 0 is the raw logit (bounded).
-                        sigmoid(x[0] as f32)
+                        sigmoid(x[feature::LOGIT] as f32)
                     }
                 });
             }
@@ -616,7 +627,7 @@ mod tests {
         let p = c.probability(&features(3.3, 0, &t, &e));
         assert!((p - sigmoid(3.3)).abs() > 0.3, "{p}");
         // Cited candidates are not fitted on: the id weight stays 0.
-        assert_eq!(c.best.weights[11], 0.0);
+        assert_eq!(c.best.weights[feature::ID], 0.0);
     }
 
     #[test]

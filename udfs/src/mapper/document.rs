@@ -86,8 +86,17 @@ pub fn report_support(
                 sentence
             }
             Unit::Cited(row) => {
-                for t in m.model.cited_techniques(row) {
-                    note(t, m.model.technique_score(&m.vectors, row, t, s));
+                // One ranking of the row scores the techniques it cites (each is shortlisted, and
+                // usually near the top); one ranked lower is scored alone, as the same ranking
+                // would score it.
+                let cited = m.model.cited_techniques(row);
+                let ranked = m.top_k(row, cited.len() + REPORT_CANDIDATES, s);
+                for t in cited {
+                    let p = match ranked.iter().find(|r| r.technique == t) {
+                        Some(r) => r.score,
+                        None => m.model.technique_score(&m.vectors, row, t, s),
+                    };
+                    note(t, p);
                 }
                 row
             }
@@ -190,23 +199,21 @@ pub fn report_units(text: &str) -> Vec<Unit> {
     };
     let mut out = Vec::new();
     for block in blocks(&plain) {
-        let sentences = match block {
-            Block::Prose(p) => split_sentences(&p),
-            Block::Cited(row) => {
-                out.push(Unit::Cited(row));
-                continue;
+        match block {
+            Block::Prose(p) => {
+                for s in split_sentences(&p) {
+                    if out.len() >= MAX_SENTENCES {
+                        return out;
+                    }
+                    if is_prose(&s) {
+                        out.push(Unit::Sentence(s));
+                    }
+                }
             }
-        };
-        for s in sentences {
-            if out.len() >= MAX_SENTENCES {
-                return out;
-            }
-            if is_prose(&s) {
-                out.push(Unit::Sentence(s));
-            }
+            Block::Cited(_) if out.len() >= MAX_SENTENCES => return out,
+            Block::Cited(row) => out.push(Unit::Cited(row)),
         }
     }
-    out.truncate(MAX_SENTENCES);
     out
 }
 
@@ -753,5 +760,11 @@ mod tests {
         assert!(s.len() <= MAX_SENTENCES);
         assert!(prose_sentences("<<<>>>&#xFFFFFFFF;&#99999999999;<script").is_empty());
         assert!(prose_sentences("").is_empty());
+        // Technique-table rows count towards the bound too, before and after prose.
+        let rows = "| T1059 | Command and Scripting Interpreter |\n".repeat(MAX_SENTENCES + 10);
+        let text = format!("{rows}\nThe actor then dumped credentials from memory.\n\n{rows}");
+        let units = report_units(&text);
+        assert_eq!(units.len(), MAX_SENTENCES);
+        assert!(units.iter().all(|u| matches!(u, Unit::Cited(_))));
     }
 }

@@ -285,6 +285,18 @@ impl Mapper {
     }
 }
 
+/// The format version a model directory's manifest states (`None`: no readable manifest).
+pub fn manifest_format(dir: &Path) -> Option<u32> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        format: u32,
+    }
+    let bytes = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
+    serde_json::from_slice::<Head>(&bytes)
+        .ok()
+        .map(|h| h.format)
+}
+
 /// The model directory for a domain and release under a models root: `<root>/<domain>-<version>`.
 pub fn model_dir(root: &Path, domain: &str, attack_version: &str) -> PathBuf {
     root.join(format!("{domain}-{attack_version}"))
