@@ -416,6 +416,9 @@ pub fn eval_file(
     let texts: Vec<String> = test.iter().map(|l| l.text.clone()).collect();
     let ranked = threatlake_udfs::mapping_kernels::par_top_k(&m, &texts, 10);
     let (mut ids, mut labels, mut pairs, mut negatives) = (vec![], vec![], vec![], vec![]);
+    // The same, right when the best technique's parent is one of the labels' parents.
+    let mut parent_pairs = vec![];
+    let parent = |id: &str| id.split('.').next().unwrap_or(id).to_string();
     for (l, r) in test.iter().zip(&ranked) {
         let top = r.first().map_or(0.0, |x| x.score);
         if l.labels.is_empty() {
@@ -427,6 +430,12 @@ pub fn eval_file(
             .map(|x| m.model.techniques[x.technique].id.clone())
             .collect();
         pairs.push((top, r_ids.first().is_some_and(|t| l.labels.contains(t))));
+        parent_pairs.push((
+            top,
+            r_ids
+                .first()
+                .is_some_and(|t| l.labels.iter().any(|l| parent(l) == parent(t))),
+        ));
         ids.push(r_ids);
         labels.push(l.labels.clone());
     }
@@ -490,22 +499,27 @@ pub fn eval_file(
     }
     println!();
     println!(
-        "{:>9} {:>9} {:>10} {:>17}",
-        "threshold", "coverage", "precision", "negatives mapped"
+        "{:>9} {:>9} {:>10} {:>17} {:>19}",
+        "threshold", "coverage", "precision", "negatives mapped", "precision (parent)"
     );
-    for p in eval::operating_points(&pairs, &negatives, &thresholds) {
+    let parents = eval::operating_points(&parent_pairs, &negatives, &thresholds);
+    for (p, pp) in eval::operating_points(&pairs, &negatives, &thresholds)
+        .into_iter()
+        .zip(parents)
+    {
         let here = if (p.threshold - threshold).abs() < 1e-9 {
             "  ← mapping.threshold"
         } else {
             ""
         };
         println!(
-            "{:>9.2} {:>9.3} {:>10.3} {:>17}{here}",
+            "{:>9.2} {:>9.3} {:>10.3} {:>17} {:>19.3}{here}",
             p.threshold,
             p.coverage,
             p.precision,
             p.negatives_mapped
-                .map_or("-".to_string(), |x| format!("{x:.3}"))
+                .map_or("-".to_string(), |x| format!("{x:.3}")),
+            pp.precision
         );
     }
     eval_documents(settings, &m, test)

@@ -623,8 +623,9 @@ pub struct ReportTechnique {
     /// one of its sentences is a correct mention, calibrated on labelled reports (see the README's
     /// `map_report`).
     pub score: f64,
-    /// Sentences (and technique-table rows) behind it: those whose best technique it is or, for a
-    /// parent technique, one of its sub-techniques.
+    /// Sentences (and technique-table rows) behind it: those that name it among their best three
+    /// candidates (scored at least 0.05, or their best) or, for a parent technique, one of its
+    /// sub-techniques.
     pub sentences: usize,
     /// Its best sentence (or row).
     pub sentence: String,
