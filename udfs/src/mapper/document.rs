@@ -581,8 +581,13 @@ pub fn reads_as_prose(s: &str) -> bool {
     is_prose(s) && !looks_like_command(s)
 }
 
-/// A command line: it starts with a program (`powershell.exe`, `/bin/sh`, `cmd /c`) or many of
-/// its words are switches, paths or code.
+/// Words a text needs to read as sentences whatever its first word (see [`looks_like_command`]).
+const SENTENCE_WORDS: usize = 12;
+
+/// A command line: it starts with a program (`powershell.exe`, `/bin/sh`, `cmd /c`) and does not
+/// read as sentences, or many of its words are switches, paths or code. "PowerShell Execution.
+/// PowerShell is a scripting environment …" (a detection's title and description) is prose: at
+/// least [`SENTENCE_WORDS`] words, seven in ten of them plain words.
 fn looks_like_command(s: &str) -> bool {
     let words: Vec<&str> = s.split_whitespace().collect();
     let Some(first) = words.first() else {
@@ -625,7 +630,16 @@ fn looks_like_command(s: &str) -> bool {
                 || w.contains(['\\', '=', '(', ')', '{', '}', '$', '%', '|', ';', '<', '>'])
         })
         .count();
-    program || code * 10 >= words.len() * 3
+    let plain = words
+        .iter()
+        .filter(|w| {
+            let w = w.trim_end_matches(['.', ',', ';', ':', '!', '?', '"', '\'', ')']);
+            let w = w.trim_start_matches(['"', '\'', '(']);
+            !w.is_empty() && w.chars().all(char::is_alphabetic)
+        })
+        .count();
+    let sentences = words.len() >= SENTENCE_WORDS && plain * 10 >= words.len() * 7;
+    program && !sentences || code * 10 >= words.len() * 3
 }
 
 /// Whether a sentence reads as prose: enough words, most of them words rather than indicators,
@@ -749,6 +763,17 @@ mod tests {
         ));
         assert!(reads_as_prose(
             "The attackers dumped credentials from LSASS process memory (with Mimikatz)."
+        ));
+        // A long command line of plain words after the program is still one.
+        assert!(!reads_as_prose(
+            "cmd.exe /c net user backdoor Passw0rd /add && net localgroup administrators backdoor /add && whoami"
+        ));
+        // A detection's title naming the tool, then its description: prose.
+        assert!(reads_as_prose(
+            "Powershell Disable Security Monitoring. The following analytic identifies attempts to disable Windows Defender real-time behavior monitoring via PowerShell commands."
+        ));
+        assert!(reads_as_prose(
+            "Reg.exe called from Command Shell. Registry modifications are often essential in establishing persistence via known Windows mechanisms."
         ));
     }
 
