@@ -42,8 +42,8 @@ pub struct Support {
 /// Candidates of a sentence that count as its report's evidence: its best ones…
 pub const REPORT_CANDIDATES: usize = 3;
 /// …with at least this score (the best one counts whatever its score). A sentence often describes
-/// more than one technique, or one its second candidate names: counting only its best technique
-/// missed a third of a report's labels that a sentence ranked second to fifth.
+/// more than one technique: counting only its best one left a third of the labels of AnnoCTR's dev
+/// reports without any evidence (README, "map_report").
 pub const REPORT_FLOOR: f64 = 0.05;
 
 /// The techniques a report's sentences support, and how many units (sentences and cited table
