@@ -418,7 +418,6 @@ pub fn eval_file(
     let (mut ids, mut labels, mut pairs, mut negatives) = (vec![], vec![], vec![], vec![]);
     // The same, right when the best technique's parent is one of the labels' parents.
     let mut parent_pairs = vec![];
-    let parent = |id: &str| id.split('.').next().unwrap_or(id).to_string();
     for (l, r) in test.iter().zip(&ranked) {
         let top = r.first().map_or(0.0, |x| x.score);
         if l.labels.is_empty() {
@@ -434,7 +433,7 @@ pub fn eval_file(
             top,
             r_ids
                 .first()
-                .is_some_and(|t| l.labels.iter().any(|l| parent(l) == parent(t))),
+                .is_some_and(|t| l.labels.iter().any(|l| eval::parent(l) == eval::parent(t))),
         ));
         ids.push(r_ids);
         labels.push(l.labels.clone());

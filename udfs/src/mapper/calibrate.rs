@@ -493,12 +493,12 @@ pub fn cross_validated_reports(samples: &[ReportSample], folds: u64) -> Vec<f64>
     for f in 0..folds {
         let train: Vec<ReportSample> = samples
             .iter()
-            .filter(|s| s.group % folds != f)
+            .filter(|s| fold_of(s.group, folds, 0) != f)
             .copied()
             .collect();
         let c = fit_reports(&train, 0.0);
         for (o, s) in out.iter_mut().zip(samples) {
-            if s.group % folds == f {
+            if fold_of(s.group, folds, 0) == f {
                 *o = c.probability(s.any);
             }
         }

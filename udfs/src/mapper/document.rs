@@ -630,6 +630,16 @@ fn looks_like_command(s: &str) -> bool {
                 || w.contains(['\\', '=', '(', ')', '{', '}', '$', '%', '|', ';', '<', '>'])
         })
         .count();
+    program && !reads_as_sentences(&words) || code * 10 >= words.len() * 3
+}
+
+/// Whether `words` read as sentences: at least [`SENTENCE_WORDS`] of them, seven in ten plain
+/// words (letters only, punctuation around them aside). Asked only of a text that starts with a
+/// program, so other text does not pay for the pass.
+fn reads_as_sentences(words: &[&str]) -> bool {
+    if words.len() < SENTENCE_WORDS {
+        return false;
+    }
     let plain = words
         .iter()
         .filter(|w| {
@@ -638,8 +648,7 @@ fn looks_like_command(s: &str) -> bool {
             !w.is_empty() && w.chars().all(char::is_alphabetic)
         })
         .count();
-    let sentences = words.len() >= SENTENCE_WORDS && plain * 10 >= words.len() * 7;
-    program && !sentences || code * 10 >= words.len() * 3
+    plain * 10 >= words.len() * 7
 }
 
 /// Whether a sentence reads as prose: enough words, most of them words rather than indicators,

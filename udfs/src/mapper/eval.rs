@@ -25,7 +25,8 @@ pub struct Metrics {
     pub mrr_at_10: f64,
 }
 
-fn parent(id: &str) -> &str {
+/// The parent technique id of a technique id (`T1059.001` → `T1059`; a parent is its own).
+pub fn parent(id: &str) -> &str {
     id.split('.').next().unwrap_or(id)
 }
 
@@ -272,9 +273,7 @@ pub fn document_scores(
 /// parent technique on both sides.
 pub fn parent_set_scores(sets: &[(BTreeSet<String>, &BTreeSet<String>)]) -> (f64, f64, f64) {
     let parents = |ids: &BTreeSet<String>| -> BTreeSet<String> {
-        ids.iter()
-            .map(|id| id.split('.').next().unwrap_or(id).to_string())
-            .collect()
+        ids.iter().map(|id| parent(id).to_string()).collect()
     };
     let (mut tp, mut found, mut labels) = (0usize, 0usize, 0usize);
     for (got, want) in sets {
