@@ -46,9 +46,9 @@ pub const REPORT_CANDIDATES: usize = 3;
 /// reports without any evidence (README, "map_report").
 pub const REPORT_FLOOR: f64 = 0.05;
 
-/// The techniques a report's sentences support, and how many units (sentences and cited table
-/// rows) the report has. A prose sentence is evidence for its best technique and for its next best
-/// ones scored at least [`REPORT_FLOOR`] (up to [`REPORT_CANDIDATES`]), each with its score; a
+/// The techniques a report's sentences support (in technique order), and how many units
+/// (sentences and cited table rows) the report has. A prose sentence is evidence for its best
+/// technique and for its next best ones scored at least [`REPORT_FLOOR`] (up to [`REPORT_CANDIDATES`]), each with its score; a
 /// technique table's row for the techniques it cites by id (scored by the model on the row). A
 /// sub-technique is evidence for its parent too (it implies it). A unit counts once per technique,
 /// with its best score for it.
@@ -117,7 +117,10 @@ pub fn report_support(
             }
         }
     }
-    (support.into_values().collect(), units.len())
+    // In technique order, so what is fitted on it (the report calibration) is the same every run.
+    let mut support: Vec<Support> = support.into_values().collect();
+    support.sort_unstable_by_key(|e| e.technique);
+    (support, units.len())
 }
 
 /// Map a whole report ([`report_support`]). A technique's score is the probability that it is one
