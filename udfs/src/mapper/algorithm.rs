@@ -261,6 +261,10 @@ pub const SHORTLIST: usize = 48;
 /// lowers Splunk's recall@5); clear sub-technique text leads its parent by 9 or more.
 pub const SUB_TECHNIQUE_LEAD: f32 = 3.0;
 
+/// Candidates ranked beyond those asked for, so the best candidate's margin is taken over the best
+/// of another technique family (see [`Model::ranked_logits`]) whatever `k` is.
+const MARGIN_LOOKAHEAD: usize = 2;
+
 /// Distinct tokens a thread remembers before its cache is cleared (bounds memory on hostile input).
 const TOKEN_CACHE_MAX: usize = 50_000;
 
@@ -1273,8 +1277,7 @@ impl Model {
         if k == 0 {
             return vec![];
         }
-        // The calibration reads the second candidate's logit too.
-        let (ranked, text) = self.ranked_logits(wv, input, k.max(2), s);
+        let (ranked, text) = self.ranked_logits(wv, input, k, s);
         let scores: Vec<f64> = match &self.calibration {
             Some(c) => {
                 let candidates: Vec<(f32, Components)> = ranked
@@ -1295,7 +1298,9 @@ impl Model {
 
     /// The best `k` candidates of `input` with their raw (uncalibrated) logits, best first, and
     /// the text's features for the calibration (`prose`: whether the text reads as prose, which also
-    /// decides whether parents lead their sub-techniques).
+    /// decides whether parents lead their sub-techniques). A few candidates beyond `k` are ranked
+    /// too ([`MARGIN_LOOKAHEAD`]): the features read the best logit outside the first candidate's
+    /// family, and the first `k` do not depend on how many are ranked.
     pub fn ranked_logits(
         &self,
         wv: &WordVectors,
@@ -1303,7 +1308,8 @@ impl Model {
         k: usize,
         s: &mut Scratch,
     ) -> (Vec<(usize, f32)>, super::calibrate::TextFeatures) {
-        let k = k.min(self.techniques.len());
+        let want = k.min(self.techniques.len());
+        let k = (want + MARGIN_LOOKAHEAD).min(self.techniques.len());
         self.score_with(wv, input, k, &[], s);
         let mut idx: Vec<usize> = s.cand.iter().map(|t| *t as usize).collect();
         let cmp = |a: &usize, b: &usize| {
@@ -1324,6 +1330,7 @@ impl Model {
             self.parents_lead(&mut ranked, &s.fused);
         }
         let text = self.text_features(&ranked, s, prose);
+        ranked.truncate(want);
         (ranked, text)
     }
 
@@ -1361,9 +1368,18 @@ impl Model {
     ) -> super::calibrate::TextFeatures {
         // Candidates without evidence have logit -inf: bounded here so differences stay finite.
         let z1 = ranked.first().map_or(-30.0, |r| r.1.clamp(-30.0, 30.0));
+        // The runner-up is the best of another family: a sub-technique and its parent are one
+        // answer (the one implies the other), so the margin between them says nothing about
+        // whether the answer is right.
+        let family = |t: usize| self.parent_technique(t).unwrap_or(t);
+        let first = ranked.first().map(|r| family(r.0));
+        let z2 = ranked
+            .iter()
+            .find(|r| Some(family(r.0)) != first)
+            .map_or(z1, |r| r.1.clamp(-30.0, 30.0));
         super::calibrate::TextFeatures {
             z1,
-            z2: ranked.get(1).map_or(z1, |r| r.1.clamp(-30.0, 30.0)),
+            z2,
             tokens: s.n_tokens,
             known: s.n_known,
             prose,
@@ -1401,7 +1417,7 @@ impl Model {
         if !prose {
             return f64::from(sigmoid(z));
         }
-        let text = self.text_features(&ranked[..ranked.len().min(2)], s, prose);
+        let text = self.text_features(&ranked, s, prose);
         let features = |rank: usize| {
             let (t, z) = ranked.get(rank).copied().unwrap_or((t, z));
             super::calibrate::features(z, rank, &text, &self.components(t, s))

@@ -14,15 +14,17 @@ use super::algorithm::Components;
 pub const FEATURES: usize = 13;
 
 /// Version of the calibration's features; a `calibration.json` of another version was fitted on
-/// other features (or another ranking) and must be fitted again.
-pub const FORMAT: u32 = 2;
+/// other features (or another ranking) and must be fitted again (3: the margin is taken over the
+/// best candidate of another technique family).
+pub const FORMAT: u32 = 3;
 
 /// Features of one text's ranking that do not depend on the candidate.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct TextFeatures {
     /// Raw logit of the best candidate.
     pub z1: f32,
-    /// Raw logit of the second candidate (`z1` when there is none).
+    /// Raw logit of the best candidate of another technique family than the first (`z1` when
+    /// there is none): a parent and its sub-technique are one answer.
     pub z2: f32,
     /// Word tokens of the text.
     pub tokens: usize,

@@ -46,8 +46,9 @@ pub enum MapperError {
     },
 }
 
-/// Bumped whenever the on-disk model changes shape.
-pub const FORMAT_VERSION: u32 = 2;
+/// Bumped whenever the on-disk model changes shape, or what its text calibration reads changes so
+/// that the `calibration.json` beside it must be fitted again (3: the margin over another family).
+pub const FORMAT_VERSION: u32 = 3;
 const MODEL_FILE: &str = "model.bin";
 const VECTORS_FILE: &str = "embeddings.fifu";
 const MANIFEST_FILE: &str = "manifest.json";
