@@ -261,10 +261,6 @@ pub const SHORTLIST: usize = 48;
 /// lowers Splunk's recall@5); clear sub-technique text leads its parent by 9 or more.
 pub const SUB_TECHNIQUE_LEAD: f32 = 3.0;
 
-/// Candidates ranked beyond those asked for, so the best candidate's margin is taken over the best
-/// of another technique family (see [`Model::ranked_logits`]) whatever `k` is.
-const MARGIN_LOOKAHEAD: usize = 2;
-
 /// Distinct tokens a thread remembers before its cache is cleared (bounds memory on hostile input).
 const TOKEN_CACHE_MAX: usize = 50_000;
 
@@ -1298,9 +1294,7 @@ impl Model {
 
     /// The best `k` candidates of `input` with their raw (uncalibrated) logits, best first, and
     /// the text's features for the calibration (`prose`: whether the text reads as prose, which also
-    /// decides whether parents lead their sub-techniques). A few candidates beyond `k` are ranked
-    /// too ([`MARGIN_LOOKAHEAD`]): the features read the best logit outside the first candidate's
-    /// family, and the first `k` do not depend on how many are ranked.
+    /// decides whether parents lead their sub-techniques).
     pub fn ranked_logits(
         &self,
         wv: &WordVectors,
@@ -1308,8 +1302,7 @@ impl Model {
         k: usize,
         s: &mut Scratch,
     ) -> (Vec<(usize, f32)>, super::calibrate::TextFeatures) {
-        let want = k.min(self.techniques.len());
-        let k = (want + MARGIN_LOOKAHEAD).min(self.techniques.len());
+        let k = k.min(self.techniques.len());
         self.score_with(wv, input, k, &[], s);
         let mut idx: Vec<usize> = s.cand.iter().map(|t| *t as usize).collect();
         let cmp = |a: &usize, b: &usize| {
@@ -1330,7 +1323,6 @@ impl Model {
             self.parents_lead(&mut ranked, &s.fused);
         }
         let text = self.text_features(&ranked, s, prose);
-        ranked.truncate(want);
         (ranked, text)
     }
 
@@ -1368,15 +1360,20 @@ impl Model {
     ) -> super::calibrate::TextFeatures {
         // Candidates without evidence have logit -inf: bounded here so differences stay finite.
         let z1 = ranked.first().map_or(-30.0, |r| r.1.clamp(-30.0, 30.0));
-        // The runner-up is the best of another family: a sub-technique and its parent are one
-        // answer (the one implies the other), so the margin between them says nothing about
-        // whether the answer is right.
+        // The runner-up is the best scored candidate of another family, ranked or not: a
+        // sub-technique and its parent are one answer (the one implies the other), so the margin
+        // between them says nothing about whether the answer is right.
         let family = |t: usize| self.parent_technique(t).unwrap_or(t);
-        let first = ranked.first().map(|r| family(r.0));
-        let z2 = ranked
-            .iter()
-            .find(|r| Some(family(r.0)) != first)
-            .map_or(z1, |r| r.1.clamp(-30.0, 30.0));
+        let z2 = ranked.first().map_or(z1, |&(first, _)| {
+            s.cand
+                .iter()
+                .map(|c| *c as usize)
+                .filter(|c| family(*c) != family(first))
+                .map(|c| s.fused[c])
+                .filter(|z| z.is_finite())
+                .reduce(f32::max)
+                .map_or(z1, |z| z.clamp(-30.0, 30.0))
+        });
         super::calibrate::TextFeatures {
             z1,
             z2,
