@@ -833,16 +833,7 @@ pub fn calibrate(
             .chain(&partitions)
             .map(|cv| top1_ece(&all, cv, fi))
             .collect();
-        let (lo, hi) = e
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                (lo.min(*v), hi.max(*v))
-            });
-        println!(
-            "{:<28} {:.4} ({lo:.4} – {hi:.4})",
-            name.split(" (").next().unwrap_or(name),
-            e.iter().sum::<f64>() / e.len() as f64
-        );
+        print_spread(name, &e);
     }
     // The abstain threshold: the lowest at which at most 3% of the negatives keep a technique.
     let chosen = cal::choose_threshold(&pos_all, &neg_all, 0.03, 0.0);
@@ -910,6 +901,20 @@ pub fn calibrate(
 /// Draws of the cross-validation's folds `model calibrate` prints the ECE over.
 const PARTITIONS: u64 = 5;
 
+/// One file's line of an ECE spread over the partitions: mean (min – max).
+fn print_spread(name: &str, e: &[f64]) {
+    let (lo, hi) = e
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        });
+    println!(
+        "{:<28} {:.4} ({lo:.4} – {hi:.4})",
+        name.split(" (").next().unwrap_or(name),
+        e.iter().sum::<f64>() / e.len().max(1) as f64
+    );
+}
+
 /// 10-bin ECE of the cross-validated top-1 probabilities `cv` of file `file`'s samples, a
 /// negative's counted as wrong.
 fn top1_ece(
@@ -944,7 +949,7 @@ fn calibrate_reports(
     if samples.is_empty() {
         return None;
     }
-    let cv = cal::cross_validated_reports(&samples, 5);
+    let cv = cal::cross_validated_reports(&samples, 5, 0);
     let labels = |fi: usize| -> usize { reports[fi].iter().map(|(_, l, _)| l.len()).sum() };
     let pairs = |fi: usize, calibrated: bool| -> Vec<(f64, bool)> {
         samples
@@ -983,6 +988,30 @@ fn calibrate_reports(
             cal::set_scores(&before, labels(fi), before_threshold).2,
             cal::set_scores(&after, labels(fi), threshold).2,
         );
+    }
+    // As for the sentences: 16 reports in 5 folds move with the draw, so print the spread.
+    let partitions: Vec<Vec<f64>> = (1..PARTITIONS)
+        .map(|k| cal::cross_validated_reports(&samples, 5, k))
+        .collect();
+    println!();
+    println!("report-score ECE (CV) over {PARTITIONS} partitions into folds: mean (min – max)");
+    for (fi, name) in names.iter().enumerate() {
+        if !samples.iter().any(|s| s.file == fi) {
+            continue;
+        }
+        let e: Vec<f64> = std::iter::once(&cv)
+            .chain(&partitions)
+            .map(|cv| {
+                let pairs: Vec<(f64, bool)> = samples
+                    .iter()
+                    .zip(cv)
+                    .filter(|(s, _)| s.file == fi)
+                    .map(|(s, p)| (*p, s.right))
+                    .collect();
+                eval::reliability(&pairs, 10).ece
+            })
+            .collect();
+        print_spread(name, &e);
     }
     Some(cal::fit_reports(&samples, threshold))
 }

@@ -488,19 +488,19 @@ pub fn fit_reports(samples: &[ReportSample], threshold: f64) -> ReportCalibratio
 }
 
 /// Each report sample's probability from a report calibration fitted without its fold (`folds`
-/// folds by report), in sample order.
-pub fn cross_validated_reports(samples: &[ReportSample], folds: u64) -> Vec<f64> {
+/// folds by report, partition `partition` of [`fold_of`]), in sample order.
+pub fn cross_validated_reports(samples: &[ReportSample], folds: u64, partition: u64) -> Vec<f64> {
     let folds = folds.max(2);
     let mut out = vec![0.0; samples.len()];
     for f in 0..folds {
         let train: Vec<ReportSample> = samples
             .iter()
-            .filter(|s| fold_of(s.group, folds, 0) != f)
+            .filter(|s| fold_of(s.group, folds, partition) != f)
             .copied()
             .collect();
         let c = fit_reports(&train, 0.0);
         for (o, s) in out.iter_mut().zip(samples) {
-            if fold_of(s.group, folds, 0) == f {
+            if fold_of(s.group, folds, partition) == f {
                 *o = c.probability(s.any);
             }
         }
