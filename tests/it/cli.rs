@@ -834,6 +834,11 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
     ]));
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("map_report scores"), "{out}");
+    // The report scores' spread over draws of the folds, as for the sentences.
+    assert!(
+        out.contains("report-score ECE (CV) over 5 partitions into folds"),
+        "{out}"
+    );
     let cal: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("calibration.json")).unwrap()).unwrap();
     let report = &cal["report"];

@@ -417,3 +417,30 @@ fn a_report_sentence_supports_its_next_best_techniques_once_each() {
     assert!(of("T1059").any >= of("T1059.001").any);
     assert_eq!(support.len(), 3, "{support:?}");
 }
+
+#[test]
+fn the_margin_is_taken_over_another_technique_family() {
+    let m = Mapper::build(params(), &set_with_parent(), None).expect("fit");
+    let mut s = Scratch::default();
+    let id = |t: usize| m.model.techniques[t].id.clone();
+    let sentence = "The operators ran an encoded powershell script with invoke and iex to run a command.";
+    let all = m.model.techniques.len();
+    let (ranked, text) = m.model.ranked_logits(&m.vectors, sentence, all, &mut s);
+    let family = |t: usize| id(t).split('.').next().unwrap_or_default().to_string();
+    // The PowerShell family leads: the sub-technique and its parent are the first two.
+    let first_two: Vec<String> = ranked[..2].iter().map(|r| family(r.0)).collect();
+    assert_eq!(first_two, ["T1059", "T1059"], "{ranked:?}");
+    // The runner-up is the best of another family, not the parent of the answer.
+    let other = ranked
+        .iter()
+        .find(|r| family(r.0) != "T1059")
+        .expect("another family")
+        .1;
+    assert_eq!(text.z2, other.clamp(-30.0, 30.0), "{ranked:?}");
+    assert!(text.z2 < ranked[1].1, "{ranked:?}");
+    // However few candidates are asked for, the margin (and so the score) is the same.
+    for k in [1, 2, 5] {
+        let (_, t) = m.model.ranked_logits(&m.vectors, sentence, k, &mut s);
+        assert_eq!((t.z1, t.z2), (text.z1, text.z2), "k = {k}");
+    }
+}
