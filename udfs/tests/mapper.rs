@@ -423,7 +423,8 @@ fn the_margin_is_taken_over_another_technique_family() {
     let m = Mapper::build(params(), &set_with_parent(), None).expect("fit");
     let mut s = Scratch::default();
     let id = |t: usize| m.model.techniques[t].id.clone();
-    let sentence = "The operators ran an encoded powershell script with invoke and iex to run a command.";
+    let sentence =
+        "The operators ran an encoded powershell script with invoke and iex to run a command.";
     let all = m.model.techniques.len();
     let (ranked, text) = m.model.ranked_logits(&m.vectors, sentence, all, &mut s);
     let family = |t: usize| id(t).split('.').next().unwrap_or_default().to_string();
