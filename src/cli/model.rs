@@ -951,14 +951,18 @@ fn calibrate_reports(
     }
     let cv = cal::cross_validated_reports(&samples, 5, 0);
     let labels = |fi: usize| -> usize { reports[fi].iter().map(|(_, l, _)| l.len()).sum() };
-    let pairs = |fi: usize, calibrated: bool| -> Vec<(f64, bool)> {
+    // File `fi`'s supported techniques as `(score, right)`, scored by `scores` (one per sample).
+    let scored = |scores: &[f64], fi: usize| -> Vec<(f64, bool)> {
         samples
             .iter()
-            .zip(&cv)
+            .zip(scores)
             .filter(|(s, _)| s.file == fi)
-            .map(|(s, p)| (if calibrated { *p } else { s.any }, s.right))
+            .map(|(s, p)| (*p, s.right))
             .collect()
     };
+    let uncalibrated: Vec<f64> = samples.iter().map(|s| s.any).collect();
+    let pairs =
+        |fi: usize, calibrated: bool| scored(if calibrated { &cv } else { &uncalibrated }, fi);
     let sets: Vec<(Vec<(f64, bool)>, usize)> = (0..reports.len())
         .map(|fi| (pairs(fi, true), labels(fi)))
         .filter(|(p, _)| !p.is_empty())
@@ -1001,15 +1005,7 @@ fn calibrate_reports(
         }
         let e: Vec<f64> = std::iter::once(&cv)
             .chain(&partitions)
-            .map(|cv| {
-                let pairs: Vec<(f64, bool)> = samples
-                    .iter()
-                    .zip(cv)
-                    .filter(|(s, _)| s.file == fi)
-                    .map(|(s, p)| (*p, s.right))
-                    .collect();
-                eval::reliability(&pairs, 10).ece
-            })
+            .map(|cv| eval::reliability(&scored(cv, fi), 10).ece)
             .collect();
         print_spread(name, &e);
     }

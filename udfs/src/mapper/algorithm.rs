@@ -1121,6 +1121,11 @@ impl Model {
             .map(|p| *p as usize)
     }
 
+    /// The family of technique `t`: its parent, or itself when it has none.
+    fn family(&self, t: usize) -> usize {
+        self.parent_technique(t).unwrap_or(t)
+    }
+
     /// The techniques `input` cites by id (revoked ids as their replacement), in order, once each.
     pub fn cited_techniques(&self, input: &str) -> Vec<usize> {
         let mut out = Vec::new();
@@ -1334,11 +1339,10 @@ impl Model {
     /// follows how people label report and rule text; a command line or code names its tool, and a
     /// sub-technique named there (PowerShell, schtasks) is what it runs.
     fn parents_lead(&self, ranked: &mut [(usize, f32)], fused: &[f32]) {
-        let family = |t: usize| self.parent_technique(t).unwrap_or(t);
         for i in 0..ranked.len() {
             let (t, z) = ranked[i];
-            let parent = family(t);
-            if parent == t || ranked[..i].iter().any(|r| family(r.0) == parent) {
+            let parent = self.family(t);
+            if parent == t || ranked[..i].iter().any(|r| self.family(r.0) == parent) {
                 continue;
             }
             let zp = fused[parent];
@@ -1363,12 +1367,12 @@ impl Model {
         // The runner-up is the best scored candidate of another family, ranked or not: a
         // sub-technique and its parent are one answer (the one implies the other), so the margin
         // between them says nothing about whether the answer is right.
-        let family = |t: usize| self.parent_technique(t).unwrap_or(t);
         let z2 = ranked.first().map_or(z1, |&(first, _)| {
+            let first = self.family(first);
             s.cand
                 .iter()
                 .map(|c| *c as usize)
-                .filter(|c| family(*c) != family(first))
+                .filter(|c| self.family(*c) != first)
                 .map(|c| s.fused[c])
                 .filter(|z| z.is_finite())
                 .reduce(f32::max)

@@ -48,10 +48,10 @@ pub const REPORT_FLOOR: f64 = 0.05;
 
 /// The techniques a report's sentences support (in technique order), and how many units
 /// (sentences and cited table rows) the report has. A prose sentence is evidence for its best
-/// technique and for its next best ones scored at least [`REPORT_FLOOR`] (up to [`REPORT_CANDIDATES`]), each with its score; a
-/// technique table's row for the techniques it cites by id (scored by the model on the row). A
-/// sub-technique is evidence for its parent too (it implies it). A unit counts once per technique,
-/// with its best score for it.
+/// technique and for its next best ones scored at least [`REPORT_FLOOR`] (up to
+/// [`REPORT_CANDIDATES`]), each with its score; a technique table's row for the techniques it
+/// cites by id (scored by the model on the row). A sub-technique is evidence for its parent too
+/// (it implies it). A unit counts once per technique, with its best score for it.
 pub fn report_support(
     m: &super::Mapper,
     text: &str,
