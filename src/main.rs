@@ -239,6 +239,11 @@ enum ModelCommand {
         /// threatlake.
         #[arg(long, value_name = "FILE")]
         samples: Option<PathBuf>,
+        /// Also write every (report, technique) the labelled reports support (its uncalibrated
+        /// report score, supporting sentences, best sentence score, and whether it is a label) as
+        /// JSON lines.
+        #[arg(long, value_name = "FILE")]
+        report_samples: Option<PathBuf>,
         /// Model directory (default: newest for the domain).
         #[arg(long, value_name = "DIR")]
         model: Option<PathBuf>,
@@ -976,6 +981,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             inputs,
             write,
             samples,
+            report_samples,
             model,
             domain,
         }) => cli::model::calibrate(
@@ -986,6 +992,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             cli::model::CalibrateOutputs {
                 write: write.as_deref(),
                 samples: samples.as_deref(),
+                report_samples: report_samples.as_deref(),
             },
         ),
         Command::Model(ModelCommand::Eval {

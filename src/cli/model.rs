@@ -521,8 +521,22 @@ pub fn eval_file(
             pp.precision
         );
     }
+    if let (Some(p), Some(pp)) = (
+        eval::precision_at_coverage(&pairs, GOAL_COVERAGE),
+        eval::precision_at_coverage(&parent_pairs, GOAL_COVERAGE),
+    ) {
+        println!(
+            "precision of the best-scored {:.0}% of labelled texts (at any threshold): {p:.3} (parent {pp:.3})",
+            GOAL_COVERAGE * 100.0
+        );
+    }
     eval_documents(settings, &m, test)
 }
+
+/// The share of labelled texts the default threshold should keep a technique for (with precision
+/// ≥ 0.75): `model eval` and `model calibrate` print the precision the scores give that share at
+/// any threshold, which says how far the ranking is from the goal whatever the threshold.
+const GOAL_COVERAGE: f64 = 0.60;
 
 /// `model eval --from-lake`: the model against the techniques feeds state for their own items (OTX
 /// `attack_ids`, VirusTotal sandbox trees), on the items' real text. Labels the model's domain does not
@@ -728,6 +742,8 @@ pub struct CalibrateOutputs<'a> {
     pub write: Option<&'a Path>,
     /// Every sample's candidates as JSON lines.
     pub samples: Option<&'a Path>,
+    /// Every labelled report's supported techniques as JSON lines.
+    pub report_samples: Option<&'a Path>,
 }
 
 /// `model calibrate`: fit the text calibration on labelled files, report it cross-validated
@@ -768,12 +784,7 @@ pub fn calibrate(
         all.extend(cal::samples(&m, fi, &rows));
     }
     if let Some(path) = outputs.samples {
-        let mut out = String::new();
-        for s in &all {
-            out.push_str(&serde_json::to_string(s)?);
-            out.push('\n');
-        }
-        std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
+        write_json_lines(path, &all)?;
     }
     let cv = cal::cross_validated(&all, 5, 0);
     let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
@@ -871,6 +882,15 @@ pub fn calibrate(
             );
         }
     }
+    println!(
+        "precision of each file's best-scored {:.0}% of labelled texts (cross-validated, at any threshold):",
+        GOAL_COVERAGE * 100.0
+    );
+    for (name, pos, _) in &per_file {
+        if let Some(p) = eval::precision_at_coverage(pos, GOAL_COVERAGE) {
+            println!("{:<28} {p:.3}", name.split(" (").next().unwrap_or(name));
+        }
+    }
     let rows = cal::rows_of(&all.iter().collect::<Vec<_>>());
     let mut c = Calibration::fit(
         &rows,
@@ -883,7 +903,7 @@ pub fn calibrate(
     }
     // The report calibration, on the reports' support under the text calibration just fitted.
     m.model.calibration = Some(c.clone());
-    c.report = calibrate_reports(&m, &names, &reports);
+    c.report = calibrate_reports(&m, &names, &reports, outputs.report_samples)?;
     m.save_calibration(&dir, &c)?;
     println!();
     println!(
@@ -939,15 +959,19 @@ fn calibrate_reports(
     m: &Mapper,
     names: &[String],
     reports: &[Vec<threatlake_udfs::mapper::calibrate::LabelledReport>],
-) -> Option<threatlake_udfs::mapper::calibrate::ReportCalibration> {
+    dump: Option<&Path>,
+) -> Result<Option<threatlake_udfs::mapper::calibrate::ReportCalibration>> {
     use threatlake_udfs::mapper::calibrate as cal;
     let samples: Vec<cal::ReportSample> = reports
         .iter()
         .enumerate()
         .flat_map(|(fi, r)| cal::report_samples(m, fi, r))
         .collect();
+    if let Some(path) = dump {
+        write_json_lines(path, &samples)?;
+    }
     if samples.is_empty() {
-        return None;
+        return Ok(None);
     }
     let cv = cal::cross_validated_reports(&samples, 5, 0);
     let labels = |fi: usize| -> usize { reports[fi].iter().map(|(_, l, _)| l.len()).sum() };
@@ -1009,7 +1033,17 @@ fn calibrate_reports(
             .collect();
         print_spread(name, &e);
     }
-    Some(cal::fit_reports(&samples, threshold))
+    Ok(Some(cal::fit_reports(&samples, threshold)))
+}
+
+/// `rows` as JSON lines in `path` (`model calibrate --samples`, `--report-samples`).
+fn write_json_lines<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&serde_json::to_string(r)?);
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The reports of labelled rows that name their report (`doc`, or a rule's `id`): each report's

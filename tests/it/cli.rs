@@ -824,6 +824,7 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
             .args(["--lake", lake().to_str().unwrap()]);
         c
     };
+    let (samples, report_samples) = (models.join("samples.jsonl"), models.join("reports.out"));
     let (ok, out, err) = common::run(cli().args([
         "model",
         "calibrate",
@@ -831,9 +832,54 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
         dir.to_str().unwrap(),
         "--input",
         labelled.to_str().unwrap(),
+        "--samples",
+        samples.to_str().unwrap(),
+        "--report-samples",
+        report_samples.to_str().unwrap(),
     ]));
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("map_report scores"), "{out}");
+    assert!(
+        out.contains("precision of each file's best-scored 60% of labelled texts"),
+        "{out}"
+    );
+    // One sample per labelled row, its candidates named; a candidate is right exactly when its
+    // id is one of the row's labels.
+    let json_lines = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let rows = json_lines(&samples);
+    assert_eq!(rows.len(), reports.len());
+    for (row, (_, text, label)) in rows.iter().zip(&reports) {
+        let (ids, candidates) = (
+            row["ids"].as_array().unwrap(),
+            row["candidates"].as_array().unwrap(),
+        );
+        assert_eq!(ids.len(), candidates.len(), "{text}");
+        for (id, c) in ids.iter().zip(candidates) {
+            assert_eq!(c[1].as_bool(), Some(id.as_str() == Some(*label)), "{text}");
+        }
+    }
+    // Report samples: the techniques a report supports, each right exactly when a row of that
+    // report is labelled with it.
+    let supported = json_lines(&report_samples);
+    assert!(!supported.is_empty());
+    for s in &supported {
+        let id = s["id"].as_str().unwrap();
+        let group = s["group"].as_u64().unwrap();
+        let labelled = reports.iter().any(|(doc, _, l)| {
+            threatlake_udfs::mapper::calibrate::group_of(doc) == group && *l == id
+        });
+        assert_eq!(s["right"].as_bool(), Some(labelled), "{s}");
+        assert!(s["sentences"].as_u64().unwrap() >= 1 && s["units"].as_u64().unwrap() >= 1);
+        let (best, any) = (s["best"].as_f64().unwrap(), s["any"].as_f64().unwrap());
+        assert!(0.0 < best && best <= any + 1e-12 && any <= 1.0, "{s}");
+    }
+    assert!(supported.iter().any(|s| s["right"].as_bool().unwrap()));
     // The report scores' spread over draws of the folds, as for the sentences.
     assert!(
         out.contains("report-score ECE (CV) over 5 partitions into folds"),

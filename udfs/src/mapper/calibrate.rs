@@ -333,6 +333,8 @@ pub struct Sample {
     /// Its best candidates, best first: features (in [`features`]' order, 7–12 the
     /// candidate's evidence) and whether each is one of the labels.
     pub candidates: Vec<([f64; FEATURES], bool)>,
+    /// The candidates' technique ids, in the same order.
+    pub ids: Vec<String>,
 }
 
 /// Candidates per text used for fitting.
@@ -365,6 +367,10 @@ pub fn samples(
                 positive: !labels.is_empty(),
                 prose: t.prose,
                 candidates,
+                ids: ranked
+                    .iter()
+                    .map(|(tech, _)| m.model.techniques[*tech].id.clone())
+                    .collect(),
             }
         })
         .collect()
@@ -440,7 +446,7 @@ pub fn choose_threshold(
 }
 
 /// One technique a labelled report supports, prepared for the report calibration.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ReportSample {
     /// Index of the file the report came from.
     pub file: usize,
@@ -450,6 +456,14 @@ pub struct ReportSample {
     pub any: f64,
     /// Whether the technique is one of the report's labels.
     pub right: bool,
+    /// The technique's id.
+    pub id: String,
+    /// Its supporting sentences and rows.
+    pub sentences: usize,
+    /// The best one's score.
+    pub best: f64,
+    /// Sentences and rows the report has.
+    pub units: usize,
 }
 
 /// A labelled report: its text, its techniques, its group.
@@ -466,14 +480,21 @@ pub fn report_samples(
     reports
         .par_iter()
         .map_init(super::Scratch::default, |s, (text, labels, group)| {
-            let (support, _) = super::document::report_support(m, text, s);
+            let (support, units) = super::document::report_support(m, text, s);
             support
                 .iter()
-                .map(|e| ReportSample {
-                    file,
-                    group: *group,
-                    any: e.any,
-                    right: labels.contains(&m.model.techniques[e.technique].id),
+                .map(|e| {
+                    let id = &m.model.techniques[e.technique].id;
+                    ReportSample {
+                        file,
+                        group: *group,
+                        any: e.any,
+                        right: labels.contains(id),
+                        id: id.clone(),
+                        sentences: e.sentences,
+                        best: e.best,
+                        units,
+                    }
                 })
                 .collect::<Vec<_>>()
         })
@@ -493,12 +514,12 @@ pub fn cross_validated_reports(samples: &[ReportSample], folds: u64, partition: 
     let folds = folds.max(2);
     let mut out = vec![0.0; samples.len()];
     for f in 0..folds {
-        let train: Vec<ReportSample> = samples
+        let train: Vec<(f64, bool)> = samples
             .iter()
             .filter(|s| fold_of(s.group, folds, partition) != f)
-            .copied()
+            .map(|s| (s.any, s.right))
             .collect();
-        let c = fit_reports(&train, 0.0);
+        let c = ReportCalibration::fit(&train, 0.0);
         for (o, s) in out.iter_mut().zip(samples) {
             if fold_of(s.group, folds, partition) == f {
                 *o = c.probability(s.any);
@@ -617,6 +638,7 @@ mod tests {
                     positive: true,
                     prose: true,
                     candidates: vec![(features(z, 0, &text(z, z - 1.0, 12), &ev), right)],
+                    ids: vec!["T1059".into()],
                 }
             })
             .collect();

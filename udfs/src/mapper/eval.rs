@@ -187,6 +187,21 @@ pub fn operating_points(
         .collect()
 }
 
+/// Precision of the `coverage` share of the labelled texts whose top-1 `(score, correct)` scores
+/// highest (ties broken against the correct ones, so it never flatters): the best precision any
+/// threshold on these scores can give at that coverage — it depends on how the scores order the
+/// texts, not on where the threshold is. `None` without labelled texts.
+pub fn precision_at_coverage(positives: &[(f64, bool)], coverage: f64) -> Option<f64> {
+    if positives.is_empty() {
+        return None;
+    }
+    let mut sorted = positives.to_vec();
+    sorted.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let n = ((positives.len() as f64 * coverage.clamp(0.0, 1.0)).ceil() as usize).max(1);
+    let right = sorted[..n].iter().filter(|(_, c)| *c).count();
+    Some(right as f64 / n as f64)
+}
+
 /// Which of `rows` (text, report key) measure `m` honestly: `false` for every row of a report
 /// (rows sharing a key; a row without one is a report of its own) that the model learnt a sentence
 /// of (labelled examples, workbench feedback): scores there measure memory.
@@ -582,6 +597,26 @@ mod tests {
             operating_points(&pos, &[], &[0.5])[0].negatives_mapped,
             None
         );
+    }
+
+    #[test]
+    fn precision_at_coverage_takes_the_highest_scored_share() {
+        let pos = [
+            (0.9, true),
+            (0.8, false),
+            (0.7, true),
+            (0.2, true),
+            (0.1, false),
+        ];
+        // The best two of five: one right.
+        assert_eq!(precision_at_coverage(&pos, 0.4), Some(0.5));
+        // 60% of five is three: two right.
+        assert!((precision_at_coverage(&pos, 0.6).unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(precision_at_coverage(&pos, 1.0), Some(0.6));
+        // Ties count the wrong ones first; nothing labelled, nothing to say.
+        let tied = [(0.5, true), (0.5, false)];
+        assert_eq!(precision_at_coverage(&tied, 0.5), Some(0.0));
+        assert_eq!(precision_at_coverage(&[], 0.6), None);
     }
 
     #[test]
