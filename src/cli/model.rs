@@ -891,6 +891,9 @@ pub fn calibrate(
             println!("{:<28} {p:.3}", name.split(" (").next().unwrap_or(name));
         }
     }
+    if names.len() > 1 {
+        print_held_out_files(&mut m, &all, &names, &reports);
+    }
     let rows = cal::rows_of(&all.iter().collect::<Vec<_>>());
     let mut c = Calibration::fit(
         &rows,
@@ -916,6 +919,75 @@ pub fn calibrate(
         println!("and to {}", w.display());
     }
     Ok(())
+}
+
+/// Print how the calibrations carry over to a source of text they never saw: each file scored by
+/// a text calibration, and its reports by a report calibration (threshold included), fitted on
+/// the other files only. Leaves `m` without a calibration.
+fn print_held_out_files(
+    m: &mut Mapper,
+    all: &[threatlake_udfs::mapper::calibrate::Sample],
+    names: &[String],
+    reports: &[Vec<threatlake_udfs::mapper::calibrate::LabelledReport>],
+) {
+    use threatlake_udfs::mapper::calibrate::{self as cal, Calibration};
+    let by_file = cal::cross_validated_by_file(all);
+    println!();
+    println!("fitted on the other files only (a source of text the calibrations never saw):");
+    println!(
+        "{:<28} {:>10} {:>10} {:>14} {:>11} {:>10}",
+        "file", "ECE", "with negs", "precision@60%", "report ECE", "report F1"
+    );
+    for (fi, name) in names.iter().enumerate() {
+        let labelled: Vec<(f64, bool)> = all
+            .iter()
+            .zip(&by_file)
+            .filter(|(s, _)| s.file == fi && s.positive)
+            .filter_map(|(s, p)| Some(((*p)?, s.candidates.first()?.1)))
+            .collect();
+        let others: Vec<&cal::Sample> = all.iter().filter(|s| s.file != fi).collect();
+        m.model.calibration = Some(Calibration::fit(&cal::rows_of(&others), vec![], "", ""));
+        let samples: Vec<cal::ReportSample> = reports
+            .iter()
+            .enumerate()
+            .flat_map(|(f, r)| cal::report_samples(m, f, r))
+            .collect();
+        let train: Vec<cal::ReportSample> =
+            samples.iter().filter(|s| s.file != fi).cloned().collect();
+        let rc = cal::fit_reports(&train, 0.0);
+        let labels = |f: usize| -> usize { reports[f].iter().map(|(_, l, _)| l.len()).sum() };
+        let scored = |f: usize| -> Vec<(f64, bool)> {
+            samples
+                .iter()
+                .filter(|s| s.file == f)
+                .map(|s| (rc.probability(s.any), s.right))
+                .collect()
+        };
+        let sets: Vec<(Vec<(f64, bool)>, usize)> = (0..reports.len())
+            .filter(|f| *f != fi)
+            .map(|f| (scored(f), labels(f)))
+            .filter(|(p, _)| !p.is_empty())
+            .collect();
+        let report = samples.iter().any(|s| s.file == fi).then(|| {
+            let held = scored(fi);
+            let t = cal::best_f1_threshold(&sets);
+            (
+                eval::reliability(&held, 10).ece,
+                cal::set_scores(&held, labels(fi), t).2,
+            )
+        });
+        let show = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.4}"));
+        println!(
+            "{:<28} {:>10} {:>10.4} {:>14} {:>11} {:>10}",
+            name.split(" (").next().unwrap_or(name),
+            show((!labelled.is_empty()).then(|| eval::reliability(&labelled, 10).ece)),
+            top1_ece(all, &by_file, fi),
+            show(eval::precision_at_coverage(&labelled, GOAL_COVERAGE)),
+            show(report.map(|r| r.0)),
+            show(report.map(|r| r.1)),
+        );
+    }
+    m.model.calibration = None;
 }
 
 /// Draws of the cross-validation's folds `model calibrate` prints the ECE over.

@@ -809,15 +809,22 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
             "T0878",
         ),
     ];
-    let labelled = models.join("reports.jsonl");
-    let lines: Vec<String> = reports
-        .iter()
-        .map(|(doc, text, label)| {
-            let labels: Vec<&str> = [*label].into_iter().filter(|l| !l.is_empty()).collect();
-            json!({"doc": doc, "text": text, "labels": labels}).to_string()
-        })
-        .collect();
-    std::fs::write(&labelled, lines.join("\n")).unwrap();
+    // Two files (reports r1–r3, r4–r6), so each is also scored by calibrations fitted on the other.
+    let (labelled, other) = (models.join("reports.jsonl"), models.join("more.jsonl"));
+    for (path, docs) in [
+        (&labelled, ["r1", "r2", "r3"]),
+        (&other, ["r4", "r5", "r6"]),
+    ] {
+        let lines: Vec<String> = reports
+            .iter()
+            .filter(|(doc, _, _)| docs.contains(doc))
+            .map(|(doc, text, label)| {
+                let labels: Vec<&str> = [*label].into_iter().filter(|l| !l.is_empty()).collect();
+                json!({"doc": doc, "text": text, "labels": labels}).to_string()
+            })
+            .collect();
+        std::fs::write(path, lines.join("\n")).unwrap();
+    }
     let cli = || {
         let mut c = common::cli();
         c.env("THREATLAKE_LAKE_MODELS", &models)
@@ -832,6 +839,8 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
         dir.to_str().unwrap(),
         "--input",
         labelled.to_str().unwrap(),
+        "--input",
+        other.to_str().unwrap(),
         "--samples",
         samples.to_str().unwrap(),
         "--report-samples",
@@ -843,6 +852,26 @@ fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
         out.contains("precision of each file's best-scored 60% of labelled texts"),
         "{out}"
     );
+    // Each file's line of figures with the calibrations fitted on the other file alone.
+    let held_out = out
+        .split("fitted on the other files only")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{out}"));
+    for file in ["reports.jsonl", "more.jsonl"] {
+        let line = held_out
+            .lines()
+            .find(|l| l.starts_with(file))
+            .unwrap_or_else(|| panic!("{out}"));
+        let figures: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert!(
+            figures.len() == 5 && figures.iter().all(|x| (0.0..=1.0).contains(x)),
+            "{line}"
+        );
+    }
     // One sample per labelled row, its candidates named; a candidate is right exactly when its
     // id is one of the row's labels.
     let json_lines = |p: &std::path::Path| -> Vec<serde_json::Value> {

@@ -405,15 +405,30 @@ pub fn fold_of(group: u64, folds: u64, partition: u64) -> u64 {
 /// no candidate.
 pub fn cross_validated(samples: &[Sample], folds: u64, partition: u64) -> Vec<Option<f64>> {
     let folds = folds.max(2);
+    held_out(samples, folds, |s| fold_of(s.group, folds, partition))
+}
+
+/// The top-1 probability of every sample from a calibration fitted on the other files only: how
+/// the calibration carries over to a source of text it never saw. `None` for a text with no
+/// candidate, and for every text when there is only one file.
+pub fn cross_validated_by_file(samples: &[Sample]) -> Vec<Option<f64>> {
+    let files = samples.iter().map(|s| s.file + 1).max().unwrap_or(0);
+    if files < 2 {
+        return vec![None; samples.len()];
+    }
+    held_out(samples, files as u64, |s| s.file as u64)
+}
+
+/// Each sample's top-1 probability from a calibration fitted on the samples outside its fold
+/// (`fold(sample)` in `0..folds`).
+fn held_out(samples: &[Sample], folds: u64, fold: impl Fn(&Sample) -> u64) -> Vec<Option<f64>> {
     let mut out = vec![None; samples.len()];
     for f in 0..folds {
-        let fold = |s: &Sample| fold_of(s.group, folds, partition) == f;
-        let train: Vec<&Sample> = samples.iter().filter(|s| !fold(s)).collect();
-        let rows = rows_of(&train);
-        let c = Calibration::fit(&rows, vec![], "", "");
-        for (i, s) in samples.iter().enumerate() {
-            if fold(s) {
-                out[i] = s.candidates.first().map(|(x, _)| {
+        let train: Vec<&Sample> = samples.iter().filter(|s| fold(s) != f).collect();
+        let c = Calibration::fit(&rows_of(&train), vec![], "", "");
+        for (o, s) in out.iter_mut().zip(samples) {
+            if fold(s) == f {
+                *o = s.candidates.first().map(|(x, _)| {
                     if s.prose {
                         c.probability(x)
                     } else {
@@ -614,6 +629,50 @@ mod tests {
             &text(3.0, 2.9, 12),
         );
         assert!(ranked.windows(2).all(|w| w[1] <= w[0]), "{ranked:?}");
+    }
+
+    #[test]
+    fn held_out_by_file_fits_on_the_other_files_only() {
+        let e = Components {
+            centroid: 0.3,
+            ..Components::default()
+        };
+        // The same candidates in both files: always right in file 0, never in file 1.
+        let samples: Vec<Sample> = (0..400)
+            .map(|i| {
+                let z = (i % 20) as f32 / 4.0 - 2.5;
+                Sample {
+                    file: (i % 2) as usize,
+                    group: i,
+                    positive: true,
+                    prose: true,
+                    candidates: vec![(features(z, 0, &text(z, z - 1.0, 12), &e), i % 2 == 0)],
+                    ids: vec!["T1059".into()],
+                }
+            })
+            .collect();
+        let mean = |ps: &[Option<f64>], file: usize| {
+            let v: Vec<f64> = samples
+                .iter()
+                .zip(ps)
+                .filter(|(s, _)| s.file == file)
+                .map(|(_, p)| p.expect("a candidate is scored"))
+                .collect();
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        // Held out by file, each file is scored by the other's opposite answer …
+        let by_file = cross_validated_by_file(&samples);
+        assert!(mean(&by_file, 0) < 0.1 && mean(&by_file, 1) > 0.9);
+        // … while folds by group mix both files: about one half either way.
+        let by_group = cross_validated(&samples, 5, 0);
+        assert!(
+            (mean(&by_group, 0) - 0.5).abs() < 0.1,
+            "{}",
+            mean(&by_group, 0)
+        );
+        // One file has no other to fit on.
+        let one: Vec<Sample> = samples.into_iter().filter(|s| s.file == 0).collect();
+        assert!(cross_validated_by_file(&one).iter().all(Option::is_none));
     }
 
     #[test]
