@@ -111,38 +111,34 @@ pub async fn feedback_import(settings: &Settings, input: &Path, who: Option<&str
     Ok(())
 }
 
-/// Read texts from a file: JSON lines with a `text` field (.jsonl/.ndjson/.json), CSV with a `text`
-/// column (.csv), else one text per line.
-pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+/// The texts of an input file, one at a time: JSON lines with a `text` field
+/// (.jsonl/.ndjson/.json), CSV with a `text` column (.csv), else one text per line. A bad line
+/// is an error naming the file and line, where it comes.
+pub fn texts_of(path: &Path) -> Result<Box<dyn Iterator<Item = Result<String>>>> {
     let name = path.to_string_lossy().to_lowercase();
+    let shown = path.display().to_string();
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open input {}", path.display()))?;
     let reader = std::io::BufReader::new(file);
+    let lines = reader.lines().enumerate().map(move |(i, line)| {
+        line.map(|l| (i + 1, l))
+            .with_context(|| format!("{shown} line {}: not UTF-8 text", i + 1))
+    });
     if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json") {
-        let mut out = Vec::new();
-        for (i, line) in reader.lines().enumerate() {
-            let line =
-                line.with_context(|| format!("{} line {}: not UTF-8 text", path.display(), i + 1))?;
-            if line.trim().is_empty() {
-                continue;
-            }
+        let shown = path.display().to_string();
+        let text_of = move |(n, line): (usize, String)| -> Result<String> {
             let v: serde_json::Value = serde_json::from_str(&line).with_context(|| {
-                format!(
-                    "{} line {}: not JSON; expected {{\"text\": \"…\"}} per line",
-                    path.display(),
-                    i + 1
-                )
+                format!("{shown} line {n}: not JSON; expected {{\"text\": \"…\"}} per line")
             })?;
-            let text = v.get("text").and_then(|t| t.as_str()).with_context(|| {
-                format!(
-                    "{} line {}: no string field \"text\"",
-                    path.display(),
-                    i + 1
-                )
-            })?;
-            out.push(text.to_string());
-        }
-        Ok(out)
+            let text = v.get("text").and_then(|t| t.as_str());
+            text.map(str::to_string)
+                .with_context(|| format!("{shown} line {n}: no string field \"text\""))
+        };
+        Ok(Box::new(
+            lines
+                .filter(|l| !matches!(l, Ok((_, l)) if l.trim().is_empty()))
+                .map(move |l| l.and_then(&text_of)),
+        ))
     } else if name.ends_with(".csv") {
         let mut rdr = std::io::BufReader::new(std::fs::File::open(path)?);
         let (schema, _) = arrow::csv::reader::Format::default()
@@ -169,22 +165,45 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
         let csv = arrow::csv::ReaderBuilder::new(schema)
             .with_header(true)
             .build(file)?;
-        let mut out = Vec::new();
-        for b in csv {
-            let b = b.with_context(|| format!("reading {}", path.display()))?;
-            let col = arrow::array::AsArray::as_string::<i32>(b.column(idx));
-            out.extend(col.iter().map(|t| t.unwrap_or("").to_string()));
-        }
-        Ok(out)
+        let shown = path.display().to_string();
+        Ok(Box::new(csv.flat_map(move |b| -> Vec<Result<String>> {
+            match b {
+                Ok(b) => arrow::array::AsArray::as_string::<i32>(b.column(idx))
+                    .iter()
+                    .map(|t| Ok(t.unwrap_or("").to_string()))
+                    .collect(),
+                Err(e) => vec![Err(
+                    anyhow::Error::new(e).context(format!("reading {shown}"))
+                )],
+            }
+        })))
     } else {
-        reader
-            .lines()
-            .enumerate()
-            .map(|(i, l)| {
-                l.with_context(|| format!("{} line {}: not UTF-8 text", path.display(), i + 1))
-            })
-            .collect()
+        Ok(Box::new(lines.map(|l| l.map(|(_, l)| l))))
     }
+}
+
+/// Texts `map` holds at a time: it reads, maps and prints a file a batch at a time, so its
+/// memory is a batch's, not the file's.
+const BATCH_TEXTS: usize = 4096;
+/// Bytes of text in a batch, at most (and at least one text).
+const BATCH_BYTES: usize = 8 << 20;
+
+/// Move the next texts of `source` into the empty `batch`, up to [`BATCH_TEXTS`] and
+/// [`BATCH_BYTES`]; whether it stopped at a limit (more texts may follow).
+fn next_batch(
+    source: &mut dyn Iterator<Item = Result<String>>,
+    batch: &mut Vec<String>,
+) -> Result<bool> {
+    let mut bytes = 0;
+    while batch.len() < BATCH_TEXTS && bytes < BATCH_BYTES {
+        let Some(text) = source.next() else {
+            return Ok(false);
+        };
+        let text = text?;
+        bytes += text.len();
+        batch.push(text);
+    }
+    Ok(true)
 }
 
 /// JSON line of one mapped row, in exactly the documented shape.
@@ -257,36 +276,79 @@ pub fn map(
     } = output;
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load(&dir)?;
-    let texts = match (text, input) {
-        (Some(t), None) => vec![t],
+    let mut source: Box<dyn Iterator<Item = Result<String>>> = match (text, input) {
+        (Some(t), None) => Box::new(std::iter::once(Ok(t))),
         (None, Some(p)) if document && is_whole_document(&p) => {
             let bytes =
                 std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
-            vec![threatlake::extract::report_text(
-                &p.display().to_string(),
-                &bytes,
-            )?]
+            let text = threatlake::extract::report_text(&p.display().to_string(), &bytes)?;
+            Box::new(std::iter::once(Ok(text)))
         }
-        (None, Some(p)) => read_texts(&p)?,
+        (None, Some(p)) => texts_of(&p)?,
         (Some(_), Some(_)) => bail!("give either TEXT or --input FILE, not both"),
         (None, None) => bail!("give a TEXT to map or --input FILE"),
     };
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
-    let configured = settings.mapping.threshold;
-    if document {
+    let printer = Printer {
+        m: &m,
+        top,
+        jsonl,
+        threshold: settings.mapping.threshold,
+    };
+    let (mut batch, mut first, mut several) = (Vec::new(), 0, None);
+    loop {
+        let more = next_batch(&mut *source, &mut batch)?;
+        if batch.is_empty() {
+            break;
+        }
+        // Rows are numbered when the input has more than one text.
+        let several = *several.get_or_insert(more || batch.len() > 1);
+        if document {
+            printer.documents(&batch, first, several, &mut out)?;
+        } else {
+            printer.ranked(&batch, first, several, &mut out)?;
+        }
+        first += batch.len();
+        batch.clear();
+        if !more {
+            break;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// How `map` prints a batch of texts.
+struct Printer<'a> {
+    m: &'a Mapper,
+    top: usize,
+    jsonl: bool,
+    threshold: Option<f64>,
+}
+
+impl Printer<'_> {
+    /// Each text of `texts` (rows `first…`) mapped as a whole report.
+    fn documents(
+        &self,
+        texts: &[String],
+        first: usize,
+        several: bool,
+        out: &mut impl Write,
+    ) -> Result<()> {
+        let m = self.m;
         let docs =
-            threatlake_udfs::mapping_kernels::par_documents(&m, texts.len(), configured, |i| {
+            threatlake_udfs::mapping_kernels::par_documents(m, texts.len(), self.threshold, |i| {
                 Some(texts[i].as_str())
             });
         for (i, found) in docs.into_iter().enumerate() {
-            let found = found.unwrap_or_default();
-            if jsonl {
-                writeln!(out, "{}", document_line(&m, i, &found))?;
+            let (row, found) = (first + i, found.unwrap_or_default());
+            if self.jsonl {
+                writeln!(out, "{}", document_line(m, row, &found))?;
                 continue;
             }
-            if texts.len() > 1 {
-                writeln!(out, "row {i}: {} techniques", found.len())?;
+            if several {
+                writeln!(out, "row {row}: {} techniques", found.len())?;
             }
             for (rank, f) in found.iter().enumerate() {
                 let t = &m.model.techniques[f.technique];
@@ -304,22 +366,34 @@ pub fn map(
                 )?;
             }
         }
-        out.flush()?;
-        return Ok(());
+        Ok(())
     }
-    let rows = threatlake_udfs::mapping_kernels::par_top_k(&m, &texts, top);
-    for (i, ranked) in rows.iter().enumerate() {
-        if jsonl {
-            let r: Vec<(String, f64)> = ranked
-                .iter()
-                .map(|x| (m.model.techniques[x.technique].id.clone(), x.score))
-                .collect();
-            writeln!(out, "{}", jsonl_line(i, &r))?;
-        } else {
-            if texts.len() > 1 {
+
+    /// Each text of `texts` (rows `first…`): its best techniques, and the evidence of the first.
+    fn ranked(
+        &self,
+        texts: &[String],
+        first: usize,
+        several: bool,
+        out: &mut impl Write,
+    ) -> Result<()> {
+        let m = self.m;
+        let rows = threatlake_udfs::mapping_kernels::par_top_k(m, texts, self.top);
+        let mut s = Scratch::default();
+        for (i, ranked) in rows.iter().enumerate() {
+            let row = first + i;
+            if self.jsonl {
+                let r: Vec<(String, f64)> = ranked
+                    .iter()
+                    .map(|x| (m.model.techniques[x.technique].id.clone(), x.score))
+                    .collect();
+                writeln!(out, "{}", jsonl_line(row, &r))?;
+                continue;
+            }
+            if several {
                 writeln!(
                     out,
-                    "row {i}: {}",
+                    "row {row}: {}",
                     texts[i].chars().take(100).collect::<String>()
                 )?;
             }
@@ -335,14 +409,12 @@ pub fn map(
                     t.tactics.join(", ")
                 )?;
             }
-            let mut s = Scratch::default();
-            if let Some(e) = m.explain(&texts[i], configured, &mut s) {
+            if let Some(e) = m.explain(&texts[i], self.threshold, &mut s) {
                 writeln!(out, "    evidence: {e}")?;
             }
         }
+        Ok(())
     }
-    out.flush()?;
-    Ok(())
 }
 
 fn read_labelled(path: &Path) -> Result<Vec<Labelled>> {
@@ -1177,4 +1249,73 @@ fn eval_documents(settings: &Settings, m: &Mapper, rows: Vec<GroupedRow>) -> Res
         d.noise_floor
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_stop_at_the_text_and_byte_limits_and_lose_no_text() {
+        let texts = (0..BATCH_TEXTS * 2 + 7).map(|i| Ok(format!("text {i}")));
+        let mut source: Box<dyn Iterator<Item = Result<String>>> = Box::new(texts);
+        let mut batch = Vec::new();
+        let mut sizes = Vec::new();
+        let mut seen = 0;
+        loop {
+            let more = next_batch(&mut *source, &mut batch).unwrap();
+            sizes.push((batch.len(), more));
+            for (i, t) in batch.iter().enumerate() {
+                assert_eq!(t, &format!("text {}", seen + i));
+            }
+            seen += batch.len();
+            batch.clear();
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(
+            sizes,
+            [(BATCH_TEXTS, true), (BATCH_TEXTS, true), (7, false)]
+        );
+        // Long texts: a batch ends at the first text that takes it to the byte limit.
+        let long = "x".repeat(BATCH_BYTES / 3 + 1);
+        let mut source = std::iter::repeat_n(long, 4).map(Ok);
+        assert!(next_batch(&mut source, &mut batch).unwrap());
+        assert_eq!(batch.len(), 3);
+        // A bad text is an error, where it comes.
+        let mut source = [Ok("a".to_string()), Err(anyhow::anyhow!("line 2: bad"))].into_iter();
+        batch.clear();
+        let e = next_batch(&mut source, &mut batch).unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn texts_of_reads_json_lines_text_lines_and_csv_naming_a_bad_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let all = |p: &Path| texts_of(p).unwrap().collect::<Result<Vec<_>>>();
+        let jsonl = write(
+            "a.jsonl",
+            "{\"text\": \"one\"}\n\n  \n{\"text\": \"two\"}\n",
+        );
+        assert_eq!(all(&jsonl).unwrap(), ["one", "two"]);
+        let bad = write("b.jsonl", "{\"text\": \"one\"}\n{\"title\": \"two\"}\n");
+        let e = all(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("b.jsonl line 2") && e.contains("\"text\""),
+            "{e}"
+        );
+        let lines = write("c.txt", "one\ntwo, three\n");
+        assert_eq!(all(&lines).unwrap(), ["one", "two, three"]);
+        let csv = write("d.csv", "id,text\n1,one\n2,\"two, three\"\n");
+        assert_eq!(all(&csv).unwrap(), ["one", "two, three"]);
+        let no_text = write("e.csv", "id,title\n1,one\n");
+        let e = texts_of(&no_text).err().unwrap().to_string();
+        assert!(e.contains("no \"text\" column"), "{e}");
+    }
 }
