@@ -145,11 +145,8 @@ pub async fn map_intel(
         "SELECT p.item_id, p.item_version, p.source, \
            CASE WHEN character_length(p.text) <= {REPORT_CHARS} THEN map_techniques(p.text, {top_k}) END AS ranked, p.text, \
            CASE WHEN character_length(p.text) > {REPORT_CHARS} THEN map_report(p.text) END AS report \
-         FROM ({pending}) p ORDER BY p.item_id"
+         FROM ({pending}) p"
     );
-    let mut rows: Vec<MappedRow> = Vec::new();
-    let mut items = std::collections::BTreeSet::new();
-    let batches = engine.run(&sql).await?.remove(0).batches;
     let mapper = engine.mapper.get().ok();
     let model = match threshold {
         Some(_) => None,
@@ -180,11 +177,28 @@ pub async fn map_intel(
         mapped_at: at.clone(),
         batch_id: batch.clone(),
     };
-    for b in &batches {
+    // Techniques stated by the sources (ids, no text), by item, resolved to names and tactics
+    // where ATT&CK knows them; each item's go into the commit of its model rows.
+    let mut stated = stated_rows(engine, &pending, &batch, &at).await?;
+    let mut commit = Commit {
+        lake,
+        part: now.format("%Y-%m-%d").to_string(),
+        batch: &batch,
+        at: &at,
+        model_version: &model_version,
+        rows: Vec::new(),
+        items: std::collections::BTreeSet::new(),
+    };
+    // The pending items stream through the mapper and are committed ITEMS_PER_COMMIT at a time:
+    // memory holds one commit's items, not the backlog.
+    let stmt = crate::sql::parse(&sql)?.remove(0);
+    let (_, mut stream) = engine.stream_statement(stmt).await?;
+    while let Some(b) = futures::StreamExt::next(&mut stream).await {
+        let b = b.map_err(crate::sql::SqlError::from)?;
         let (ids, vers, srcs) = (
-            column_strings(b, 0),
-            column_strings(b, 1),
-            column_strings(b, 2),
+            column_strings(&b, 0),
+            column_strings(&b, 1),
+            column_strings(&b, 2),
         );
         // The text as Utf8 whatever string type the views produce (a no-op when it already is).
         let texts =
@@ -199,7 +213,7 @@ pub async fn map_intel(
             let (Some(id), Some(ver), Some(src)) = (&ids[r], &vers[r], &srcs[r]) else {
                 continue;
             };
-            items.insert((id.clone(), ver.clone()));
+            commit.items.insert((id.clone(), ver.clone()));
             if !reports.is_null(r) {
                 // map_report kept the techniques whose report score reached its threshold.
                 let entries = reports.value(r);
@@ -212,7 +226,7 @@ pub async fn map_intel(
                         .get(tid.value(e))
                         .map(|t| t.to_vec())
                         .unwrap_or_default();
-                    rows.push(model_row(
+                    commit.rows.push(model_row(
                         (id, ver, src),
                         tid.value(e),
                         name.value(e),
@@ -246,7 +260,7 @@ pub async fn map_intel(
                     .flatten()
                     .map(str::to_string)
                     .collect();
-                rows.push(model_row(
+                commit.rows.push(model_row(
                     (id, ver, src),
                     tid.value(e),
                     name.value(e),
@@ -255,9 +269,106 @@ pub async fn map_intel(
                 ));
             }
         }
+        if commit.items.len() >= ITEMS_PER_COMMIT {
+            commit.write(&mut stated, &mut report).await?;
+        }
     }
-    report.model_rows = rows.len();
-    // Techniques stated by the sources, resolved to names and tactics where ATT&CK knows them.
+    // Items with stated techniques the stream did not bring (none expected: both read the same
+    // pending items) are committed too.
+    commit.items.extend(stated.keys().cloned());
+    commit.write(&mut stated, &mut report).await?;
+    Ok(report)
+}
+
+/// Pending items `map-intel` maps and commits at a time.
+const ITEMS_PER_COMMIT: usize = 10_000;
+
+/// One commit of `map-intel`: its items and their model rows.
+struct Commit<'a> {
+    lake: &'a Lake,
+    /// The `mapped_date` partition.
+    part: String,
+    batch: &'a str,
+    at: &'a str,
+    model_version: &'a Option<String>,
+    rows: Vec<MappedRow>,
+    items: std::collections::BTreeSet<(String, String)>,
+}
+
+impl Commit<'_> {
+    /// Write the items gathered so far with their model rows and (taken from `stated`) their
+    /// source rows, count them into `report`, and start over.
+    async fn write(
+        &mut self,
+        stated: &mut std::collections::BTreeMap<(String, String), Vec<MappedRow>>,
+        report: &mut MapReport,
+    ) -> Result<(), FeedError> {
+        if self.items.is_empty() {
+            return Ok(());
+        }
+        let mut rows = std::mem::take(&mut self.rows);
+        report.model_rows += rows.len();
+        for item in &self.items {
+            if let Some(s) = stated.remove(item) {
+                report.source_rows += s.len();
+                rows.extend(s);
+            }
+        }
+        report.items += self.items.len();
+        let mut per_item: std::collections::BTreeMap<(String, String), i64> =
+            std::mem::take(&mut self.items)
+                .into_iter()
+                .map(|k| (k, 0))
+                .collect();
+        for r in &rows {
+            *per_item
+                .entry((r.item_id.clone(), r.item_version.clone()))
+                .or_default() += 1;
+        }
+        let done: Vec<MappedItem> = per_item
+            .into_iter()
+            .map(|((item_id, item_version), techniques)| MappedItem {
+                item_id,
+                item_version,
+                techniques,
+                model_version: self.model_version.clone(),
+                mapped_at: self.at.to_string(),
+                batch_id: self.batch.to_string(),
+            })
+            .collect();
+        let part = [("mapped_date", self.part.as_str())];
+        // Evidence first (one commit), then the items (one commit): after a crash in between, the
+        // items with evidence are not pending (see above) and those without are mapped again —
+        // nothing twice.
+        append(
+            self.lake,
+            MAPPED,
+            &mapped_schema(),
+            &part,
+            self.batch,
+            &rows,
+        )
+        .await?;
+        append(
+            self.lake,
+            MAPPED_ITEMS,
+            &mapped_items_schema(),
+            &part,
+            self.batch,
+            &done,
+        )
+        .await
+    }
+}
+
+/// The techniques the sources state for the pending items (`pending`, a query of them): OTX
+/// `attack_ids`, VirusTotal sandbox trees, TAXII attack-pattern references; by item.
+async fn stated_rows(
+    engine: &Engine,
+    pending: &str,
+    batch: &str,
+    at: &str,
+) -> Result<std::collections::BTreeMap<(String, String), Vec<MappedRow>>, FeedError> {
     let stated = format!(
         "WITH pending AS ({pending}), \
          s AS ( \
@@ -275,6 +386,7 @@ pub async fn map_intel(
            LEFT JOIN attack_technique_tactics tt ON tt.technique_id = s.technique_id AND tt.domain = t.domain \
          GROUP BY s.item_id, s.item_version, s.source, s.technique_id ORDER BY 1, 4"
     );
+    let mut out: std::collections::BTreeMap<(String, String), Vec<MappedRow>> = Default::default();
     for b in &engine.run(&stated).await?[0].batches {
         let (ids, vers, srcs, tids, names) = (
             column_strings(b, 0),
@@ -298,58 +410,25 @@ pub async fn map_intel(
                     .flatten()
                     .collect()
             };
-            items.insert((id.clone(), ver.clone()));
-            rows.push(MappedRow {
-                item_id: id.clone(),
-                item_version: ver.clone(),
-                source: src.clone(),
-                technique_id: tid.clone(),
-                technique_name: names[r].clone(),
-                tactic: tl.first().cloned(),
-                tactics: tl,
-                score: 1.0,
-                method: "source",
-                model_version: None,
-                mapped_at: at.clone(),
-                batch_id: batch.clone(),
-            });
+            out.entry((id.clone(), ver.clone()))
+                .or_default()
+                .push(MappedRow {
+                    item_id: id.clone(),
+                    item_version: ver.clone(),
+                    source: src.clone(),
+                    technique_id: tid.clone(),
+                    technique_name: names[r].clone(),
+                    tactic: tl.first().cloned(),
+                    tactics: tl,
+                    score: 1.0,
+                    method: "source",
+                    model_version: None,
+                    mapped_at: at.to_string(),
+                    batch_id: batch.to_string(),
+                });
         }
     }
-    report.source_rows = rows.len() - report.model_rows;
-    report.items = items.len();
-    let date = now.format("%Y-%m-%d").to_string();
-    let mut per_item: std::collections::BTreeMap<(String, String), i64> =
-        items.into_iter().map(|k| (k, 0)).collect();
-    for r in &rows {
-        *per_item
-            .entry((r.item_id.clone(), r.item_version.clone()))
-            .or_default() += 1;
-    }
-    let done: Vec<MappedItem> = per_item
-        .into_iter()
-        .map(|((item_id, item_version), techniques)| MappedItem {
-            item_id,
-            item_version,
-            techniques,
-            model_version: model_version.clone(),
-            mapped_at: at.clone(),
-            batch_id: batch.clone(),
-        })
-        .collect();
-    let part = [("mapped_date", date.as_str())];
-    // Evidence first (one commit), then the items (one commit): after a crash in between, the items
-    // with evidence are not pending (see above) and those without are mapped again — nothing twice.
-    append(lake, MAPPED, &mapped_schema(), &part, &batch, &rows).await?;
-    append(
-        lake,
-        MAPPED_ITEMS,
-        &mapped_items_schema(),
-        &part,
-        &batch,
-        &done,
-    )
-    .await?;
-    Ok(report)
+    Ok(out)
 }
 
 /// Snapshot the threat model from all mapped evidence of the current item versions; returns the run id
