@@ -468,6 +468,14 @@ pub struct MappingSettings {
     /// `{"text", "labels"}`, or null (none).
     #[serde(default)]
     pub examples: Option<String>,
+    /// Items `map-intel` maps and commits at a time (evidence, then the items): memory holds one
+    /// commit's items and results, not the whole backlog; more are fewer, larger commits.
+    #[serde(default = "default_items_per_commit")]
+    pub items_per_commit: usize,
+}
+
+fn default_items_per_commit() -> usize {
+    10_000
 }
 
 /// `reports:` section.

@@ -122,6 +122,7 @@ pub async fn map_intel(
     top_k: usize,
     threshold: Option<f64>,
     model_version: Option<String>,
+    items_per_commit: usize,
 ) -> Result<MapReport, FeedError> {
     // The model (loaded by map_techniques below) decides the threshold per text unless one is
     // configured.
@@ -179,7 +180,7 @@ pub async fn map_intel(
     };
     // Techniques stated by the sources (ids, no text), by item, resolved to names and tactics
     // where ATT&CK knows them; each item's go into the commit of its model rows.
-    let mut stated = stated_rows(engine, &pending, &batch, &at).await?;
+    let mut stated = stated_rows(engine, pending, &batch, &at).await?;
     let mut commit = Commit {
         lake,
         part: now.format("%Y-%m-%d").to_string(),
@@ -189,7 +190,7 @@ pub async fn map_intel(
         rows: Vec::new(),
         items: std::collections::BTreeSet::new(),
     };
-    // The pending items stream through the mapper and are committed ITEMS_PER_COMMIT at a time:
+    // The pending items stream through the mapper and are committed `items_per_commit` at a time:
     // memory holds one commit's items, not the backlog.
     let stmt = crate::sql::parse(&sql)?.remove(0);
     let (_, mut stream) = engine.stream_statement(stmt).await?;
@@ -213,6 +214,9 @@ pub async fn map_intel(
             let (Some(id), Some(ver), Some(src)) = (&ids[r], &vers[r], &srcs[r]) else {
                 continue;
             };
+            if commit.items.len() >= items_per_commit.max(1) {
+                commit.write(&mut stated, &mut report).await?;
+            }
             commit.items.insert((id.clone(), ver.clone()));
             if !reports.is_null(r) {
                 // map_report kept the techniques whose report score reached its threshold.
@@ -269,9 +273,6 @@ pub async fn map_intel(
                 ));
             }
         }
-        if commit.items.len() >= ITEMS_PER_COMMIT {
-            commit.write(&mut stated, &mut report).await?;
-        }
     }
     // Items with stated techniques the stream did not bring (none expected: both read the same
     // pending items) are committed too.
@@ -279,9 +280,6 @@ pub async fn map_intel(
     commit.write(&mut stated, &mut report).await?;
     Ok(report)
 }
-
-/// Pending items `map-intel` maps and commits at a time.
-const ITEMS_PER_COMMIT: usize = 10_000;
 
 /// One commit of `map-intel`: its items and their model rows.
 struct Commit<'a> {

@@ -1119,6 +1119,7 @@ pub async fn map_intel(cx: &Context<'_>) -> Result<intel::MapReport, PipelineErr
             cx.settings.mapping.top_k,
             cx.settings.mapping.threshold,
             version.clone(),
+            cx.settings.mapping.items_per_commit,
         )
         .await?)
     })

@@ -1074,3 +1074,71 @@ async fn offline_run_with_the_shipped_samples() {
         "{err}"
     );
 }
+
+/// `map-intel` commits `mapping.items_per_commit` items at a time (their evidence, then the
+/// items): an item per commit maps exactly what one commit for all does.
+#[test]
+fn map_intel_in_commits_of_one_item_maps_what_one_commit_does() {
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/samples");
+    let prep = common::scratch("intel-commits-prep");
+    let (ok, _, err) = run(common::cli_on(&prep)
+        .args(["ingest", "attack", "--domain", "ics", "--from"])
+        .arg(common::bundle("ics")));
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(common::cli_on(&prep)
+        .env("THREATLAKE_LAKE_MODELS", prep.join("models"))
+        .args(["model", "build", "--domain", "ics", "--no-pretrained"]));
+    assert!(ok, "{err}");
+    let mapped = |per_commit: &str| {
+        let dir = common::scratch(&format!("intel-commits-{per_commit}"));
+        common::copy_dir(&prep, &dir);
+        let (ok, out, err) = run(common::cli_on(&dir)
+            .env("THREATLAKE_LAKE_MODELS", dir.join("models"))
+            .env("THREATLAKE_MAPPING_DOMAIN", "ics")
+            .env("THREATLAKE_MAPPING_ITEMS_PER_COMMIT", per_commit)
+            .env("THREATLAKE_OTX_API_KEY", KEY)
+            .env("THREATLAKE_OTX_BASE_URL", "http://127.0.0.1:9")
+            .args(["run", "--offline", "--samples", "--samples-dir"])
+            .arg(&samples));
+        assert!(ok, "{out}\n{err}");
+        let evidence = sql(
+            &dir,
+            "SELECT item_id, technique_id, method, round(score, 6) AS score FROM mapped_threat_data ORDER BY 1, 2, 3",
+        );
+        let items = sql(
+            &dir,
+            "SELECT item_id, techniques FROM mapped_items ORDER BY 1",
+        );
+        let files = walk(&dir.join("lake/mapped_items"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .count();
+        (evidence, items, files)
+    };
+    let (evidence, items, files) = mapped("10000");
+    let (evidence_1, items_1, files_1) = mapped("1");
+    let n = items.lines().count() - 1;
+    assert!(n >= 6, "{items}");
+    assert!(
+        evidence.contains(",model,") && evidence.contains(",source,"),
+        "{evidence}"
+    );
+    assert_eq!(evidence, evidence_1);
+    assert_eq!(items, items_1);
+    // One commit (one file) for all the items, against one per item.
+    assert_eq!((files, files_1), (1, n));
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
