@@ -180,7 +180,7 @@ pub async fn map_intel(
     };
     // Techniques stated by the sources (ids, no text), by item, resolved to names and tactics
     // where ATT&CK knows them; each item's go into the commit of its model rows.
-    let mut stated = stated_rows(engine, pending, &batch, &at).await?;
+    let mut stated = stated_rows(engine, pending).await?;
     let mut commit = Commit {
         lake,
         part: now.format("%Y-%m-%d").to_string(),
@@ -298,7 +298,7 @@ impl Commit<'_> {
     /// source rows, count them into `report`, and start over.
     async fn write(
         &mut self,
-        stated: &mut std::collections::BTreeMap<(String, String), Vec<MappedRow>>,
+        stated: &mut StatedByItem,
         report: &mut MapReport,
     ) -> Result<(), FeedError> {
         if self.items.is_empty() {
@@ -307,10 +307,24 @@ impl Commit<'_> {
         let mut rows = std::mem::take(&mut self.rows);
         report.model_rows += rows.len();
         for item in &self.items {
-            if let Some(s) = stated.remove(item) {
-                report.source_rows += s.len();
-                rows.extend(s);
-            }
+            let Some(s) = stated.remove(item) else {
+                continue;
+            };
+            report.source_rows += s.len();
+            rows.extend(s.into_iter().map(|s| MappedRow {
+                item_id: item.0.clone(),
+                item_version: item.1.clone(),
+                source: s.source,
+                technique_id: s.technique_id,
+                technique_name: s.name,
+                tactic: s.tactics.first().cloned(),
+                tactics: s.tactics,
+                score: 1.0,
+                method: "source",
+                model_version: None,
+                mapped_at: self.at.to_string(),
+                batch_id: self.batch.to_string(),
+            }));
         }
         report.items += self.items.len();
         let mut per_item: std::collections::BTreeMap<(String, String), i64> =
@@ -359,14 +373,20 @@ impl Commit<'_> {
     }
 }
 
+/// A technique a source states for an item (its row is made at the item's commit).
+struct Stated {
+    source: String,
+    technique_id: String,
+    name: Option<String>,
+    tactics: Vec<String>,
+}
+
+/// Stated techniques by item (id, version).
+type StatedByItem = std::collections::BTreeMap<(String, String), Vec<Stated>>;
+
 /// The techniques the sources state for the pending items (`pending`, a query of them): OTX
 /// `attack_ids`, VirusTotal sandbox trees, TAXII attack-pattern references; by item.
-async fn stated_rows(
-    engine: &Engine,
-    pending: &str,
-    batch: &str,
-    at: &str,
-) -> Result<std::collections::BTreeMap<(String, String), Vec<MappedRow>>, FeedError> {
+async fn stated_rows(engine: &Engine, pending: &str) -> Result<StatedByItem, FeedError> {
     let stated = format!(
         "WITH pending AS ({pending}), \
          s AS ( \
@@ -384,8 +404,13 @@ async fn stated_rows(
            LEFT JOIN attack_technique_tactics tt ON tt.technique_id = s.technique_id AND tt.domain = t.domain \
          GROUP BY s.item_id, s.item_version, s.source, s.technique_id ORDER BY 1, 4"
     );
-    let mut out: std::collections::BTreeMap<(String, String), Vec<MappedRow>> = Default::default();
-    for b in &engine.run(&stated).await?[0].batches {
+    let mut out = StatedByItem::default();
+    // Streamed: the map holds the techniques, not the query's batches as well.
+    let (_, mut stream) = engine
+        .stream_statement(crate::sql::parse(&stated)?.remove(0))
+        .await?;
+    while let Some(b) = futures::StreamExt::next(&mut stream).await {
+        let b = &b.map_err(crate::sql::SqlError::from)?;
         let (ids, vers, srcs, tids, names) = (
             column_strings(b, 0),
             column_strings(b, 1),
@@ -410,19 +435,11 @@ async fn stated_rows(
             };
             out.entry((id.clone(), ver.clone()))
                 .or_default()
-                .push(MappedRow {
-                    item_id: id.clone(),
-                    item_version: ver.clone(),
+                .push(Stated {
                     source: src.clone(),
                     technique_id: tid.clone(),
-                    technique_name: names[r].clone(),
-                    tactic: tl.first().cloned(),
+                    name: names[r].clone(),
                     tactics: tl,
-                    score: 1.0,
-                    method: "source",
-                    model_version: None,
-                    mapped_at: at.to_string(),
-                    batch_id: batch.to_string(),
                 });
         }
     }
