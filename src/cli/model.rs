@@ -296,14 +296,14 @@ pub fn map(
         jsonl,
         threshold: settings.mapping.threshold,
     };
-    let (mut batch, mut first, mut several) = (Vec::new(), 0, None);
+    let (mut batch, mut first, mut numbered) = (Vec::new(), 0, None);
     loop {
         let more = next_batch(&mut *source, &mut batch)?;
         if batch.is_empty() {
             break;
         }
-        // Rows are numbered when the input has more than one text.
-        let several = *several.get_or_insert(more || batch.len() > 1);
+        // Rows are numbered when the input has more than one text (known from the first batch).
+        let several = *numbered.get_or_insert(more || batch.len() > 1);
         if document {
             printer.documents(&batch, first, several, &mut out)?;
         } else {
@@ -1027,7 +1027,7 @@ fn print_held_out_files(
         let train: Vec<cal::ReportSample> =
             samples.iter().filter(|s| s.file != fi).cloned().collect();
         let rc = cal::fit_reports(&train, 0.0);
-        let labels = |f: usize| -> usize { reports[f].iter().map(|(_, l, _)| l.len()).sum() };
+        let labels = |f: usize| report_labels(reports, f);
         let scored = |f: usize| -> Vec<(f64, bool)> {
             samples
                 .iter()
@@ -1060,6 +1060,14 @@ fn print_held_out_files(
         );
     }
     m.model.calibration = None;
+}
+
+/// The labels of file `file`'s reports, counted over the reports.
+fn report_labels(
+    reports: &[Vec<threatlake_udfs::mapper::calibrate::LabelledReport>],
+    file: usize,
+) -> usize {
+    reports[file].iter().map(|(_, l, _)| l.len()).sum()
 }
 
 /// Draws of the cross-validation's folds `model calibrate` prints the ECE over.
@@ -1118,7 +1126,7 @@ fn calibrate_reports(
         return Ok(None);
     }
     let cv = cal::cross_validated_reports(&samples, 5, 0);
-    let labels = |fi: usize| -> usize { reports[fi].iter().map(|(_, l, _)| l.len()).sum() };
+    let labels = |fi: usize| report_labels(reports, fi);
     // File `fi`'s supported techniques as `(score, right)`, scored by `scores` (one per sample).
     let scored = |scores: &[f64], fi: usize| -> Vec<(f64, bool)> {
         samples
