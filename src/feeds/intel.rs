@@ -192,8 +192,7 @@ pub async fn map_intel(
     };
     // The pending items stream through the mapper and are committed `items_per_commit` at a time:
     // memory holds one commit's items, not the backlog.
-    let stmt = crate::sql::parse(&sql)?.remove(0);
-    let (_, mut stream) = engine.stream_statement(stmt).await?;
+    let (_, mut stream) = engine.stream(&sql).await?;
     while let Some(b) = futures::StreamExt::next(&mut stream).await {
         let b = b.map_err(crate::sql::SqlError::from)?;
         let (ids, vers, srcs) = (
@@ -406,9 +405,7 @@ async fn stated_rows(engine: &Engine, pending: &str) -> Result<StatedByItem, Fee
     );
     let mut out = StatedByItem::default();
     // Streamed: the map holds the techniques, not the query's batches as well.
-    let (_, mut stream) = engine
-        .stream_statement(crate::sql::parse(&stated)?.remove(0))
-        .await?;
+    let (_, mut stream) = engine.stream(&stated).await?;
     while let Some(b) = futures::StreamExt::next(&mut stream).await {
         let b = &b.map_err(crate::sql::SqlError::from)?;
         let (ids, vers, srcs, tids, names) = (

@@ -69,8 +69,7 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
     };
     // One row per item with its techniques (best score and name per technique) as a list; the
     // sort by item spills to disk under the report memory pool.
-    let stmt = crate::sql::parse(
-        "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.techniques \
+    let sql = "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.techniques \
          FROM threat_intelligence_data t \
          JOIN (SELECT item_id, item_version, \
                       array_agg(named_struct('technique_id', technique_id, 'name', technique_name, 'score', score)) AS techniques \
@@ -79,10 +78,8 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
                      FROM mapped_threat_data GROUP BY item_id, item_version, technique_id) \
                GROUP BY item_id, item_version) m \
            ON m.item_id = t.item_id AND m.item_version = t.item_version \
-         ORDER BY t.item_id, t.item_version",
-    )
-    .map_err(err)?
-    .remove(0);
+         ORDER BY t.item_id, t.item_version";
+    let (_, mut stream) = engine.stream(sql).await.map_err(err)?;
     // Events of an earlier run that are not current any more go away with it.
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -98,7 +95,6 @@ pub async fn write_feed(engine: &Engine, dir: &Path) -> Result<usize, ReportErro
         events: 0,
         now: chrono::Utc::now(),
     };
-    let (_, mut stream) = engine.stream_statement(stmt).await.map_err(err)?;
     let mut chunk: Vec<Item> = Vec::with_capacity(CHUNK);
     while let Some(b) = stream.next().await {
         let b = b.map_err(|e| err(e.into()))?;

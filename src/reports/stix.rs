@@ -277,7 +277,7 @@ pub async fn for_each_mapped_object(
         // One row per item of the pass with its mappings as a list (no sort holds the items' text).
         // The items are the hash join's build side (its left input): their text takes less memory
         // than the aggregated mapping lists, which failed a 1 GB pool as the build side at 1M items.
-        let stmt = crate::sql::parse(&format!(
+        let sql = format!(
             "SELECT t.item_id, t.item_version, t.source, t.title, t.text, CAST(t.observed_at AS VARCHAR), m.mappings \
              FROM threat_intelligence_data t \
              JOIN (SELECT item_id, item_version, \
@@ -288,10 +288,8 @@ pub async fn for_each_mapped_object(
              WHERE {}",
             pass.filter("item_id"),
             pass.filter("t.item_id")
-        ))
-        .map_err(sql_err)?
-    .remove(0);
-        let (_, mut stream) = engine.stream_statement(stmt).await.map_err(sql_err)?;
+        );
+        let (_, mut stream) = engine.stream(&sql).await.map_err(sql_err)?;
         while let Some(b) = stream.next().await {
             let b = b.map_err(|e| sql_err(e.into()))?;
             let scalars = b

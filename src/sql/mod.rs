@@ -330,6 +330,27 @@ impl Engine {
         Ok(QueryResult { schema, batches })
     }
 
+    /// Run `sql`, exactly one statement, as a stream of record batches (see
+    /// [`Engine::stream_statement`]): for the queries threatlake writes itself.
+    pub async fn stream(
+        &self,
+        sql: &str,
+    ) -> Result<
+        (
+            SchemaRef,
+            datafusion::physical_plan::SendableRecordBatchStream,
+        ),
+        SqlError,
+    > {
+        let mut stmts = parse(sql)?;
+        if stmts.len() != 1 {
+            return Err(SqlError::NotAQuery {
+                what: format!("{} statements", stmts.len()),
+            });
+        }
+        self.stream_statement(stmts.remove(0)).await
+    }
+
     /// Run one parsed statement as a stream of record batches, read as they are produced (a
     /// statement without rows gives an empty stream). Dropping the stream cancels the query.
     /// Statements that write are refused.

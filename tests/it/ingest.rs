@@ -22,6 +22,35 @@ async fn all_counts(lake: &Lake) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn stream_runs_exactly_one_statement_read_only() {
+    let dir = common::scratch("stream-one");
+    let lake = common::ingest(&dir, &["ics"]).await;
+    let e = Engine::open(&lake).await.unwrap();
+    let (schema, stream) = e
+        .stream("SELECT technique_id FROM mitre_attack_techniques WHERE domain = 'ics'")
+        .await
+        .unwrap();
+    assert_eq!(schema.field(0).name(), "technique_id");
+    let batches: Vec<_> = futures::TryStreamExt::try_collect(stream).await.unwrap();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let n = count(
+        &e,
+        "SELECT count(*) FROM mitre_attack_techniques WHERE domain = 'ics'",
+    )
+    .await;
+    assert!(n > 0);
+    assert_eq!(rows as i64, n);
+    for (sql, says) in [
+        ("", "0 statements"),
+        ("SELECT 1; SELECT 2", "2 statements"),
+        ("COPY mitre_attack_techniques TO 'x.csv'", "read-only"),
+    ] {
+        let err = e.stream(sql).await.err().expect(sql).to_string();
+        assert!(err.contains(says), "{sql:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn reingest_is_idempotent() {
     let dir = common::scratch("reingest");
     let lake = common::ingest(&dir, &["ics"]).await;
