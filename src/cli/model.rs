@@ -1002,8 +1002,8 @@ fn print_held_out_files(
     names: &[String],
     reports: &[Vec<threatlake_udfs::mapper::calibrate::LabelledReport>],
 ) {
-    use threatlake_udfs::mapper::calibrate::{self as cal, Calibration};
-    let by_file = cal::cross_validated_by_file(all);
+    use threatlake_udfs::mapper::calibrate as cal;
+    let (by_file, fitted) = cal::cross_validated_by_file(all);
     println!();
     println!("fitted on the other files only (a source of text the calibrations never saw):");
     println!(
@@ -1017,8 +1017,8 @@ fn print_held_out_files(
             .filter(|(s, _)| s.file == fi && s.positive)
             .filter_map(|(s, p)| Some(((*p)?, s.candidates.first()?.1)))
             .collect();
-        let others: Vec<&cal::Sample> = all.iter().filter(|s| s.file != fi).collect();
-        m.model.calibration = Some(Calibration::fit(&cal::rows_of(&others), vec![], "", ""));
+        // The text calibration fitted without this file scores the reports' sentences.
+        m.model.calibration = fitted.get(fi).cloned();
         let samples: Vec<cal::ReportSample> = reports
             .iter()
             .enumerate()

@@ -405,24 +405,30 @@ pub fn fold_of(group: u64, folds: u64, partition: u64) -> u64 {
 /// no candidate.
 pub fn cross_validated(samples: &[Sample], folds: u64, partition: u64) -> Vec<Option<f64>> {
     let folds = folds.max(2);
-    held_out(samples, folds, |s| fold_of(s.group, folds, partition))
+    held_out(samples, folds, |s| fold_of(s.group, folds, partition)).0
 }
 
 /// The top-1 probability of every sample from a calibration fitted on the other files only: how
 /// the calibration carries over to a source of text it never saw. `None` for a text with no
-/// candidate, and for every text when there is only one file.
-pub fn cross_validated_by_file(samples: &[Sample]) -> Vec<Option<f64>> {
+/// candidate, and for every text when there is only one file. Also the calibrations, the `i`th
+/// fitted without file `i` (none when there is only one file).
+pub fn cross_validated_by_file(samples: &[Sample]) -> (Vec<Option<f64>>, Vec<Calibration>) {
     let files = samples.iter().map(|s| s.file + 1).max().unwrap_or(0);
     if files < 2 {
-        return vec![None; samples.len()];
+        return (vec![None; samples.len()], Vec::new());
     }
     held_out(samples, files as u64, |s| s.file as u64)
 }
 
 /// Each sample's top-1 probability from a calibration fitted on the samples outside its fold
-/// (`fold(sample)` in `0..folds`).
-fn held_out(samples: &[Sample], folds: u64, fold: impl Fn(&Sample) -> u64) -> Vec<Option<f64>> {
+/// (`fold(sample)` in `0..folds`), and the calibration of each fold.
+fn held_out(
+    samples: &[Sample],
+    folds: u64,
+    fold: impl Fn(&Sample) -> u64,
+) -> (Vec<Option<f64>>, Vec<Calibration>) {
     let mut out = vec![None; samples.len()];
+    let mut fitted = Vec::with_capacity(folds as usize);
     for f in 0..folds {
         let train: Vec<&Sample> = samples.iter().filter(|s| fold(s) != f).collect();
         let c = Calibration::fit(&rows_of(&train), vec![], "", "");
@@ -437,8 +443,9 @@ fn held_out(samples: &[Sample], folds: u64, fold: impl Fn(&Sample) -> u64) -> Ve
                 });
             }
         }
+        fitted.push(c);
     }
-    out
+    (out, fitted)
 }
 
 /// The lowest threshold (in steps of 0.01) at which at most `max_negatives` of the negatives
@@ -661,7 +668,12 @@ mod tests {
             v.iter().sum::<f64>() / v.len() as f64
         };
         // Held out by file, each file is scored by the other's opposite answer …
-        let by_file = cross_validated_by_file(&samples);
+        let (by_file, fitted) = cross_validated_by_file(&samples);
+        // The `i`th calibration is the one that scored file `i`.
+        assert_eq!(fitted.len(), 2);
+        for (s, p) in samples.iter().zip(&by_file).take(4) {
+            assert_eq!(Some(fitted[s.file].probability(&s.candidates[0].0)), *p);
+        }
         assert!(mean(&by_file, 0) < 0.1 && mean(&by_file, 1) > 0.9);
         // … while folds by group mix both files: about one half either way.
         let by_group = cross_validated(&samples, 5, 0);
@@ -672,7 +684,8 @@ mod tests {
         );
         // One file has no other to fit on.
         let one: Vec<Sample> = samples.into_iter().filter(|s| s.file == 0).collect();
-        assert!(cross_validated_by_file(&one).iter().all(Option::is_none));
+        let (scores, fitted) = cross_validated_by_file(&one);
+        assert!(scores.iter().all(Option::is_none) && fitted.is_empty());
     }
 
     #[test]
