@@ -472,6 +472,11 @@ pub struct MappingSettings {
     /// commit's items and results, not the whole backlog; more are fewer, larger commits.
     #[serde(default = "default_items_per_commit")]
     pub items_per_commit: usize,
+    /// The share of the workbench's labelled reports `model build` keeps out of the model (0 to
+    /// 0.9, whole reports, a stable draw per report), so `model eval` / `model calibrate` on `model
+    /// feedback export` measure the model on the organisation's own text. 0 learns them all.
+    #[serde(default)]
+    pub feedback_holdout: f64,
 }
 
 fn default_items_per_commit() -> usize {

@@ -233,16 +233,53 @@ fn add_labelled(
     sentences
 }
 
+/// What `model build` did with the workbench's labelled sentences.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeedbackLearnt {
+    /// Sentences learnt.
+    pub sentences: usize,
+    /// Labelled sentences held out (`mapping.feedback_holdout`).
+    pub held_out: usize,
+    /// The reports they belong to.
+    pub held_out_reports: usize,
+}
+
+/// Whether the workbench report `doc` is held out of the model at `fraction`
+/// (`mapping.feedback_holdout`): a stable draw per report, so a report stays on its side as
+/// feedback grows, and all its sentences with it (`model eval` leaves out whole reports the model
+/// learnt a sentence of).
+pub fn feedback_held_out(doc: &str, fraction: f64) -> bool {
+    const BUCKETS: u64 = 10_000;
+    let bucket = mapper::calibrate::fold_of(mapper::calibrate::group_of(doc), BUCKETS, 1);
+    (bucket as f64) < fraction * BUCKETS as f64
+}
+
 /// Add the sentences analysts labelled in the mapping workbench (`mapping_feedback`: accepted and
 /// corrected techniques, the newest decision per suggestion) to `set` as procedure examples of
-/// their techniques; returns how many sentences were added. Techniques the domain does not know
-/// are skipped; rejections are not learnt (the mapper has no negative examples).
-pub async fn add_feedback(engine: &Engine, set: &mut TrainingSet) -> Result<usize, MappingError> {
-    let rows = crate::feedback::export(engine)
+/// their techniques, except the reports [`feedback_held_out`] at `holdout`. Techniques the domain
+/// does not know are skipped; rejections are not learnt (the mapper has no negative examples).
+pub async fn add_feedback(
+    engine: &Engine,
+    set: &mut TrainingSet,
+    holdout: f64,
+) -> Result<FeedbackLearnt, MappingError> {
+    let (held, learn): (Vec<_>, Vec<_>) = crate::feedback::export(engine)
         .await?
         .into_iter()
+        .partition(|ex| feedback_held_out(&ex.doc, holdout));
+    let held: Vec<_> = held
+        .into_iter()
+        .filter(|ex| !ex.labels.is_empty())
+        .collect();
+    let reports: HashSet<&str> = held.iter().map(|ex| ex.doc.as_str()).collect();
+    let rows = learn
+        .into_iter()
         .map(|ex| (ex.text, ex.labels, format!("workbench:{}", ex.doc)));
-    Ok(add_labelled(set, rows))
+    Ok(FeedbackLearnt {
+        sentences: add_labelled(set, rows),
+        held_out: held.len(),
+        held_out_reports: reports.len(),
+    })
 }
 
 /// A parent technique's sub-technique that `text` names (its ATT&CK name as written, at word
@@ -320,6 +357,8 @@ pub fn examples_setting(value: &str) -> Result<Vec<crate::feedback::Labelled>, S
 pub struct Learn {
     /// The workbench's accepted and corrected sentences (`mapping_feedback`).
     pub feedback: bool,
+    /// The share of the workbench's reports held out of the model (`mapping.feedback_holdout`).
+    pub feedback_holdout: f64,
     /// Labelled sentences (`mapping.examples`).
     pub examples: Vec<crate::feedback::Labelled>,
 }
@@ -359,6 +398,8 @@ pub struct BuildReport {
     pub timings: Vec<(&'static str, Duration)>,
     /// Bytes on disk.
     pub bytes: u64,
+    /// What it did with the workbench's labelled sentences.
+    pub feedback: FeedbackLearnt,
 }
 
 /// The text calibration shipped with threatlake (`mapping.calibration: builtin`): fitted by
@@ -406,9 +447,9 @@ pub async fn build_model(
     let mut set = training_set(engine, domain).await?;
     let attack_examples = set.examples.len();
     let learnt = if learn.feedback {
-        add_feedback(engine, &mut set).await?
+        add_feedback(engine, &mut set, learn.feedback_holdout).await?
     } else {
-        0
+        FeedbackLearnt::default()
     };
     let named = named_sub_techniques(&set);
     let examples = add_labelled(
@@ -447,7 +488,8 @@ pub async fn build_model(
     let t = Instant::now();
     let dir = mapper::model_dir(models_root, domain.as_str(), &set.attack_version);
     let mut manifest = m.manifest(pretrained.map(|p| p.display().to_string()));
-    manifest.feedback = learnt;
+    manifest.feedback = learnt.sentences;
+    manifest.feedback_held_out = learnt.held_out;
     manifest.examples = examples;
     m.save(&dir, &manifest)?;
     timings.push(("save", t.elapsed()));
@@ -464,6 +506,7 @@ pub async fn build_model(
         manifest,
         timings,
         bytes,
+        feedback: learnt,
     })
 }
 
@@ -524,6 +567,21 @@ pub async fn feed_labelled(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn feedback_holdout_draws_whole_reports_stably_and_in_proportion() {
+        let docs: Vec<String> = (0..2000).map(|i| format!("report-{i}.pdf")).collect();
+        let held = |f: f64| -> Vec<bool> { docs.iter().map(|d| feedback_held_out(d, f)).collect() };
+        assert!(held(0.0).iter().all(|h| !h), "0 learns every report");
+        let share = |h: &[bool]| h.iter().filter(|h| **h).count() as f64 / h.len() as f64;
+        let (fifth, half) = (held(0.2), held(0.5));
+        assert!((share(&fifth) - 0.2).abs() < 0.03, "{}", share(&fifth));
+        assert!((share(&half) - 0.5).abs() < 0.04, "{}", share(&half));
+        // A report held out at 0.2 stays held out at 0.5: raising the share only moves reports out.
+        assert!(fifth.iter().zip(&half).all(|(a, b)| !a || *b));
+        // The same draw at every build.
+        assert_eq!(held(0.2), fifth);
+    }
 
     fn technique(id: &str, name: &str) -> TechniqueInfo {
         TechniqueInfo {

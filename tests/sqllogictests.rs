@@ -144,6 +144,7 @@ fn main() {
             threatlake::mapping::Learn {
                 feedback: false,
                 examples: threatlake::mapping::examples_setting("builtin").unwrap(),
+                ..Default::default()
             },
         )
         .await

@@ -1032,6 +1032,15 @@ pub async fn build_model(
         crate::mapping::examples_setting,
     )?
     .unwrap_or_default();
+    let holdout = settings.mapping.feedback_holdout;
+    if !(0.0..=0.9).contains(&holdout) {
+        return Err(PipelineError::Setting {
+            setting: "mapping.feedback_holdout".into(),
+            message: format!(
+                "{holdout} is not a share of the workbench's reports to hold out; set it from 0 (learn them all) to 0.9, e.g. 0.2"
+            ),
+        });
+    }
     let t = Instant::now();
     let report = crate::mapping::build_model(
         engine,
@@ -1042,6 +1051,7 @@ pub async fn build_model(
         calibration,
         crate::mapping::Learn {
             feedback: !options.no_feedback,
+            feedback_holdout: holdout,
             examples,
         },
     )
@@ -1071,6 +1081,14 @@ pub async fn build_model(
         summary.push_str(&format!(
             "\nlearnt {} sentence(s) analysts labelled in the mapping workbench (mapping_feedback)",
             m.feedback
+        ));
+    }
+    let held = report.feedback;
+    if held.held_out > 0 {
+        summary.push_str(&format!(
+            "\nheld out {} labelled sentence(s) of {} workbench report(s) (mapping.feedback_holdout {holdout}): \
+             `model feedback export` then `model eval --input` measures the model on them",
+            held.held_out, held.held_out_reports
         ));
     }
     if m.examples > 0 {

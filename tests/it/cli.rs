@@ -736,6 +736,103 @@ fn model_build_learns_the_sentences_analysts_labelled() {
 }
 
 #[test]
+fn feedback_holdout_keeps_whole_reports_out_of_the_model_for_model_eval() {
+    let dir = common::scratch("cli-feedback-holdout");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(common::ingest(&dir, &["ics"]));
+    // 12 workbench reports of two labelled sentences each.
+    let reports = 12;
+    let mut lines = String::new();
+    for i in 0..reports {
+        for (text, label) in [
+            (
+                format!("At plant {i} the intruders downloaded a modified program to the PLC."),
+                "T0843",
+            ),
+            (
+                format!("They then changed setpoint {i} of the safety controller."),
+                "T0836",
+            ),
+        ] {
+            let row = json!({"text": text, "labels": [label], "doc": format!("incident-{i}")});
+            lines.push_str(&format!("{row}\n"));
+        }
+    }
+    let labelled = dir.join("labelled.jsonl");
+    std::fs::write(&labelled, lines).unwrap();
+    let (ok, out, err) = common::run(
+        common::ics_cli_on(&dir)
+            .args(["model", "feedback", "import", "--input"])
+            .arg(&labelled),
+    );
+    assert!(ok, "{out}\n{err}");
+    let build = |holdout: &str| {
+        common::run(
+            common::ics_cli_on(&dir)
+                .env("THREATLAKE_MAPPING_FEEDBACK_HOLDOUT", holdout)
+                .args(["model", "build", "--domain", "ics"]),
+        )
+    };
+    let (ok, out, err) = build("0.5");
+    assert!(ok, "{out}\n{err}");
+    // "learnt A sentence(s) …" and "held out B labelled sentence(s) of R workbench report(s) …"
+    let number_after = |prefix: &str| -> usize {
+        let rest = &out[out
+            .find(prefix)
+            .unwrap_or_else(|| panic!("{prefix}: {out}"))
+            + prefix.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let learnt = number_after("learnt ");
+    let held = number_after("held out ");
+    let held_reports = number_after("labelled sentence(s) of ");
+    assert!(learnt > 0 && held > 0, "{out}");
+    assert_eq!(learnt + held, 2 * reports, "{out}");
+    assert_eq!(held, 2 * held_reports, "whole reports are held out: {out}");
+    let manifest = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("models/ics-18.1/manifest.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(manifest()["feedback"], learnt);
+    assert_eq!(manifest()["feedback_held_out"], held);
+
+    // The export holds every decision; `model eval` leaves out the reports the model learnt and
+    // measures it on the held-out ones.
+    let (ok, exported, err) =
+        common::run(common::ics_cli_on(&dir).args(["model", "feedback", "export"]));
+    assert!(ok, "{err}");
+    let export = dir.join("export.jsonl");
+    std::fs::write(&export, exported).unwrap();
+    let (ok, out, err) = common::run(
+        common::ics_cli_on(&dir)
+            .args(["model", "eval", "--domain", "ics", "--input"])
+            .arg(&export),
+    );
+    assert!(ok, "{out}\n{err}");
+    let left_out = format!(
+        "left out {learnt} of {} rows, those of {} report(s) the model learnt sentences of",
+        2 * reports,
+        reports - held_reports
+    );
+    assert!(out.contains(&left_out), "{left_out}\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["n", &held.to_string()]),
+        "evaluated on the {held} held-out sentences: {out}"
+    );
+
+    // A share that is not one is refused, naming the setting, and the model stays as it was.
+    let (ok, out, err) = build("1.5");
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("mapping.feedback_holdout") && err.contains("0.9"),
+        "{err}"
+    );
+    assert_eq!(manifest()["feedback_held_out"], held);
+}
+
+#[test]
 fn model_calibrate_fits_the_report_scores_and_map_document_applies_them() {
     // A copy of the ICS model, calibrated on a handful of labelled ICS reports (rows name their
     // report in `doc`): calibration.json gains a report calibration, and `map --document` scores a

@@ -90,6 +90,10 @@ pub struct Manifest {
     /// Sentences analysts labelled in the mapping workbench, learnt as procedure examples.
     #[serde(default)]
     pub feedback: usize,
+    /// Labelled workbench sentences held out of the model (`mapping.feedback_holdout`: whole
+    /// reports), so `model eval` on `model feedback export` measures the model on them.
+    #[serde(default)]
+    pub feedback_held_out: usize,
     /// Labelled sentences of `mapping.examples` (report sentences labelled by others), learnt as
     /// procedure examples.
     #[serde(default)]
@@ -137,6 +141,7 @@ impl Mapper {
             dims: self.vectors.dims(),
             pretrained,
             feedback: 0,
+            feedback_held_out: 0,
             examples: 0,
         }
     }
