@@ -478,13 +478,7 @@ pub fn eval_file(
 ) -> Result<()> {
     let dir = resolve_model(settings, model, domain)?;
     let m = Mapper::load(&dir)?;
-    let test = unlearnt(&m, read_grouped(input)?, input);
-    if test.is_empty() {
-        bail!(
-            "{}: the model learnt every report of it (mapping.examples or workbench feedback); evaluate on other text",
-            input.display()
-        );
-    }
+    let test = unlearnt(&m, read_grouped(input)?, input)?;
     let texts: Vec<String> = test.iter().map(|l| l.text.clone()).collect();
     let ranked = threatlake_udfs::mapping_kernels::par_top_k(&m, &texts, 10);
     let (mut ids, mut labels, mut pairs, mut negatives) = (vec![], vec![], vec![], vec![]);
@@ -754,8 +748,8 @@ struct GroupedRow {
 
 /// `rows` without the reports (rows of one `doc`/`id`; a row without one is its own) that the model
 /// learnt a sentence of (`mapping.examples`, workbench feedback): scores there measure memory. Says
-/// how many were left out.
-fn unlearnt(m: &Mapper, rows: Vec<GroupedRow>, path: &Path) -> Vec<GroupedRow> {
+/// how many were left out; an error when that is every row.
+fn unlearnt(m: &Mapper, rows: Vec<GroupedRow>, path: &Path) -> Result<Vec<GroupedRow>> {
     let keep = eval::not_learnt(
         m,
         &rows
@@ -764,7 +758,15 @@ fn unlearnt(m: &Mapper, rows: Vec<GroupedRow>, path: &Path) -> Vec<GroupedRow> {
             .collect::<Vec<_>>(),
     );
     if keep.iter().all(|k| *k) {
-        return rows;
+        return Ok(rows);
+    }
+    if !keep.iter().any(|k| *k) {
+        bail!(
+            "{}: the model learnt every report of it (mapping.examples or workbench feedback), so its scores there \
+             measure memory; evaluate on other text, or keep some workbench reports out of the model with \
+             mapping.feedback_holdout (e.g. 0.2) and run `threatlake model build` again",
+            path.display()
+        );
     }
     let n = rows.len();
     // Reports left out: their keys, and each row without one.
@@ -784,7 +786,7 @@ fn unlearnt(m: &Mapper, rows: Vec<GroupedRow>, path: &Path) -> Vec<GroupedRow> {
         path.display(),
         n - kept.len(),
     );
-    kept
+    Ok(kept)
 }
 
 fn read_grouped(path: &Path) -> Result<Vec<GroupedRow>> {
@@ -834,7 +836,7 @@ pub fn calibrate(
     let mut names = Vec::new();
     let mut reports = Vec::new();
     for (fi, p) in inputs.iter().enumerate() {
-        let grouped = unlearnt(&m, read_grouped(p)?, p);
+        let grouped = unlearnt(&m, read_grouped(p)?, p)?;
         reports.push(
             reports_of(grouped.clone())
                 .into_iter()

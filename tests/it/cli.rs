@@ -830,6 +830,22 @@ fn feedback_holdout_keeps_whole_reports_out_of_the_model_for_model_eval() {
         "{err}"
     );
     assert_eq!(manifest()["feedback_held_out"], held);
+
+    // Every report learnt leaves nothing to measure: eval and calibrate say how to hold some out.
+    let (ok, out, err) = build("0");
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(manifest()["feedback"], 2 * reports);
+    for command in ["eval", "calibrate"] {
+        let (ok, out, err) = common::run(
+            common::ics_cli_on(&dir)
+                .args(["model", command, "--domain", "ics", "--input"])
+                .arg(&export),
+        );
+        assert!(
+            !ok && err.contains("learnt every report") && err.contains("mapping.feedback_holdout"),
+            "{command}: {out}\n{err}"
+        );
+    }
 }
 
 #[test]
